@@ -165,15 +165,13 @@ def main():
     p.add_argument("--json", default=None, help="write the results to this JSON file")
     a = p.parse_args()
     try:
+        corpus_text(a.corpus)  # check the corpus before the (slow) model load
         model, tok = M.load(a.ckpt, a.dtype, a.device)
-    except M.CheckpointError as e:
+    except (M.CheckpointError, ValueError, FileNotFoundError) as e:
         raise SystemExit(f"error: {e}")
     if tok is None:
         raise SystemExit("error: the checkpoint has no tokenizer.json")
-    try:
-        tokens = corpus_tokens(a.corpus, tok, "eval")
-    except (ValueError, FileNotFoundError) as e:
-        raise SystemExit(f"error: {e}")
+    tokens = corpus_tokens(a.corpus, tok, "eval")
     res = perplexity(model, tokens, a.seqlen, a.windows, progress=True)
     split = "eval" if a.corpus == "pydoc" else "test"
     print(protocol(a.corpus, split, a.seqlen, res["windows"], res["tokens"]))

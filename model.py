@@ -711,47 +711,49 @@ def load(ckpt: Optional[str] = None, dtype="fp32", device="cpu"):
             raise CheckpointError(f"{path}: expected a directory or a .gguf file")
         meta, args, tensors = read_gguf(path)
         validate(args, {k: v.shape for k, v in tensors.items()}, str(path))
-        model = build(args, lambda name: tensors.pop(name), dtype, device)
+        model = build(args, ((k, tensors.pop(k)) for k in list(tensors)), dtype, device)
         return model, Tokenizer.from_gguf(meta)
     cfg = read_config(path)
     args = ModelArgs.from_hf(cfg)
     if "quantization_config" in cfg and cfg["quantization_config"].get("quant_method") == "mixq":
         raise CheckpointError(f"{path}: a mixq quantized checkpoint; load it with "
                               f"model.load_quantized (coming with the quantization core)")
-    files = checkpoint_index(path)
-    ours = {hf_to_ours(k): f for k, f in files.items() if hf_to_ours(k) is not None}
+    files = checkpoint_index(path)  # hf name -> file
+    wanted = args.expected_shapes()
+    by_file = {}  # file -> {our name: hf name}, only the tensors the model uses
+    for hf, f in files.items():
+        o = hf_to_ours(hf)
+        if o in wanted:
+            by_file.setdefault(f, {})[o] = hf
     shapes = {}
-    for f in sorted(set(ours.values())):
+    for f, names in by_file.items():  # headers only: check everything before reading any data
         with open_safetensors(f) as st:
-            for k in st.keys():
-                o = hf_to_ours(k)
-                if o is not None and ours.get(o) == f:
-                    shapes[o] = st.get_slice(k).get_shape()
+            shapes |= {o: st.get_slice(hf).get_shape() for o, hf in names.items()}
     validate(args, shapes, str(path))
-    handles = {}
 
-    def read(name):
-        f = ours[name]
-        if f not in handles:
-            handles[f] = open_safetensors(f).__enter__()
-        hf = "model." + name if ("model." + name) in files else name
-        try:
-            return handles[f].get_tensor(hf)
-        except Exception as e:
-            raise CheckpointError(f"{f}: cannot read tensor {hf!r} ({e}); the file may be "
-                                  f"truncated") from e
+    def tensors():  # one shard open at a time, one tensor at a time
+        for f, names in by_file.items():
+            with open_safetensors(f) as st:
+                for o, hf in names.items():
+                    try:
+                        t = st.get_tensor(hf)
+                    except Exception as e:
+                        raise CheckpointError(f"{f}: cannot read tensor {hf!r} ({e}); the file "
+                                              f"may be truncated") from e
+                    yield o, t
 
-    model = build(args, read, dtype, device)
-    handles.clear()
+    model = build(args, tensors(), dtype, device)
     return model, load_tokenizer(path, args)
 
 
-def build(args: ModelArgs, read, dtype, device) -> Transformer:
-    """Build on the meta device, then fill each parameter from read(name), one at a time."""
+def build(args: ModelArgs, tensors, dtype, device) -> Transformer:
+    """Build on the meta device, then fill each parameter from the (name, tensor) pairs, one at
+    a time: each is converted and placed before the next is read."""
     with torch.device("meta"):
         model = Transformer(args)
-    for name in args.expected_shapes():
-        set_tensor(model, name, read(name).to(device=device, dtype=dtype))
+    for name, t in tensors:
+        set_tensor(model, name, t.to(device=device, dtype=dtype))
+        del t
     if args.tie_embeddings:
         model.lm_head.weight = model.embed_tokens.weight
     model.inv_freq = rope_frequencies(args).to(device)

@@ -1,0 +1,96 @@
+"""eval.py: corpora, splits and the perplexity protocol."""
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import eval as E
+import model as M
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class CharTokenizer:
+    """Stands in for a Tokenizer in corpus tests: one id per byte."""
+    def encode(self, text, bos=False):
+        return list(text.encode("utf-8"))
+
+
+def test_pydoc_splits_are_disjoint_and_cover_the_corpus():
+    tok = CharTokenizer()
+    all_ = E.corpus_tokens("pydoc", tok, "all")
+    calib, ev = E.corpus_tokens("pydoc", tok, "calib"), E.corpus_tokens("pydoc", tok, "eval")
+    assert torch.equal(torch.cat([calib, ev]), all_)
+    assert len(ev) == len(all_) - int(0.9 * len(all_))
+
+
+def test_text_and_wikitext_corpora(tmp_path):
+    (tmp_path / "a.txt").write_text("hello world")
+    assert E.corpus_tokens(f"text:{tmp_path / 'a.txt'}", CharTokenizer()).tolist() == \
+        list(b"hello world")
+    (tmp_path / "wiki.test.raw").write_text(" = Title = \n test")
+    (tmp_path / "wiki.train.raw").write_text("train text")
+    assert E.corpus_text(f"wikitext2:{tmp_path}", "eval") == " = Title = \n test"
+    assert E.corpus_text(f"wikitext2:{tmp_path}", "calib") == "train text"
+
+
+def test_bad_corpus_specs(tmp_path):
+    with pytest.raises(ValueError, match="unknown corpus 'c4'"):
+        E.corpus_text("c4")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        E.corpus_text(f"text:{tmp_path / 'missing.txt'}")
+    with pytest.raises(FileNotFoundError, match="wiki.test.raw"):
+        E.corpus_text(f"wikitext2:{tmp_path}")
+
+
+def test_perplexity_follows_the_gptq_protocol(tiny_ckpt):
+    d, hf = tiny_ckpt
+    ours, _ = M.load(str(d))
+    tokens = torch.randint(0, 128, (3 * 50 + 17,), generator=torch.Generator().manual_seed(0))
+    res = E.perplexity(ours, tokens, seqlen=50)
+    assert res["windows"] == 3 and res["tokens"] == 3 * 49  # remainder of 17 dropped
+    # the oracle: transformers' mean loss per window (49 predictions each), averaged
+    with torch.no_grad():
+        losses = [hf(tokens[i * 50:(i + 1) * 50][None], labels=tokens[i * 50:(i + 1) * 50][None])
+                  .loss.item() for i in range(3)]
+    assert res["ppl"] == pytest.approx(math.exp(sum(losses) / 3), rel=1e-4)
+    assert E.perplexity(ours, tokens, seqlen=50, windows=2)["windows"] == 2
+    with pytest.raises(ValueError, match="fewer than one window"):
+        E.perplexity(ours, tokens[:40], seqlen=50)
+
+
+def test_speed_reports_both_phases(tiny_ckpt):
+    ours, _ = M.load(str(tiny_ckpt[0]))
+    s = E.speed(ours, prompt_len=16, new_tokens=4, repeats=1)
+    assert s["prefill_tokens_per_s"] > 0 and s["decode_tokens_per_s"] > 0
+
+
+def test_cli_writes_json_on_a_text_file(tmp_path):
+    # a tiny random model with the embedded model's vocabulary and tokenizer
+    from shutil import copy
+    from conftest import tiny_hf_model
+    d = tmp_path / "tiny"
+    tiny_hf_model(vocab_size=49152).save_pretrained(d)
+    copy(M.embedded_checkpoint() / "tokenizer.json", d / "tokenizer.json")
+    text = tmp_path / "t.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 40)
+    out = tmp_path / "r.json"
+    r = subprocess.run([sys.executable, str(ROOT / "eval.py"), "--ckpt", str(d),
+                        "--corpus", f"text:{text}", "--seqlen", "64", "--json", str(out)],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert "ppl protocol" in r.stdout
+    res = json.loads(out.read_text())
+    assert {"ppl", "tokens", "windows", "seqlen", "corpus", "seconds"} <= set(res)
+    assert res["seqlen"] == 64 and res["tokens"] == res["windows"] * 63
+
+
+def test_cli_bad_corpus_is_one_line_error(tmp_path):
+    r = subprocess.run([sys.executable, str(ROOT / "eval.py"), "--corpus", "c4"],
+                       capture_output=True, text=True)
+    assert r.returncode != 0 and "unknown corpus 'c4'" in r.stderr

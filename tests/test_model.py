@@ -1,0 +1,253 @@
+"""model.py against transformers (the oracle), plus loading and generation behaviour."""
+
+import json
+import math
+
+import pytest
+import torch
+from hypothesis import given, strategies as st
+
+import model as M
+from conftest import tiny_hf_model
+
+
+def hf_logits(hf, ids):
+    with torch.no_grad():
+        return hf(ids).logits
+
+
+def test_tiny_gqa_logits_equal_transformers(tiny_ckpt):
+    d, hf = tiny_ckpt
+    ours, _ = M.load(str(d))
+    ids = torch.randint(0, 128, (2, 80), generator=torch.Generator().manual_seed(1))
+    diff = (ours(ids) - hf_logits(hf, ids)).abs().max().item()
+    assert diff < 1e-3, diff
+
+
+def test_llama31_rope_scaling_logits_equal_transformers(tmp_path):
+    # original context 64 so that the wavelengths (6.3, 19.9, 62.8, 199, ...) at head_dim 16 fall
+    # in all three regimes: shorter than 64/4 (kept), longer than 64/1 (divided by 8), between
+    rs = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+          "original_max_position_embeddings": 64}
+    hf = tiny_hf_model(rope_scaling=rs, rope_theta=10000.0)
+    hf.save_pretrained(tmp_path / "t")
+    ours, _ = M.load(str(tmp_path / "t"))
+    assert ours.args.rope_scaling["rope_type"] == "llama3"
+    inv = M.rope_frequencies(ours.args)
+    plain = M.rope_frequencies(M.ModelArgs(**{**vars(ours.args), "rope_scaling": None}))
+    wavelen = 2 * math.pi / plain
+    assert (inv == plain)[wavelen < 16].all() and (inv == plain / 8)[wavelen > 64].all()
+    assert ((inv != plain) & (inv != plain / 8)).any()  # the interpolated band is exercised
+    ids = torch.randint(0, 128, (1, 120), generator=torch.Generator().manual_seed(2))
+    diff = (ours(ids) - hf_logits(hf, ids)).abs().max().item()
+    assert diff < 1e-3, diff
+
+
+def test_tied_embeddings_logits_equal_transformers(tmp_path):
+    hf = tiny_hf_model(tie_word_embeddings=True)
+    hf.save_pretrained(tmp_path / "t")
+    ours, _ = M.load(str(tmp_path / "t"))
+    assert ours.lm_head.weight is ours.embed_tokens.weight
+    ids = torch.randint(0, 128, (1, 64), generator=torch.Generator().manual_seed(3))
+    assert (ours(ids) - hf_logits(hf, ids)).abs().max().item() < 1e-3
+
+
+def test_config_variants_map_the_same():
+    base = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                intermediate_size=160, vocab_size=128)
+    rs = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+          "original_max_position_embeddings": 8192}
+    old = M.ModelArgs.from_hf({**base, "rope_theta": 500000.0, "rope_scaling": rs})
+    new = M.ModelArgs.from_hf({**base, "rope_parameters": {**rs, "rope_theta": 500000.0}})
+    assert old == new and old.rope_theta == 500000.0
+    plain = M.ModelArgs.from_hf({**base, "rope_parameters": {"rope_type": "default",
+                                                             "rope_theta": 1e4}})
+    assert plain.rope_scaling is None and plain.head_dim == 16
+    assert M.ModelArgs.from_hf(M.ModelArgs.from_hf(base).to_hf()) == M.ModelArgs.from_hf(base)
+
+
+def test_embedded_smollm2_logits_equal_transformers(embedded):
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")  # transformers' GGUF loader needs it
+    import eval as E
+    ours, tok = embedded
+    path = M.embedded_gguf()
+    hf = transformers.AutoModelForCausalLM.from_pretrained(
+        str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
+    ids = E.corpus_tokens("pydoc", tok, "all")[:128][None]
+    with torch.no_grad():
+        diff = (ours(ids) - hf(ids).logits).abs().max().item()
+    assert diff < 1e-3, diff
+
+
+@given(st.text(alphabet=st.characters(codec="utf-8"), max_size=60))
+def test_tokenizer_equals_transformers_gguf(embedded_tok_pair, text):
+    ours, theirs = embedded_tok_pair
+    assert ours.encode(text) == theirs(text, add_special_tokens=False)["input_ids"]
+
+
+@pytest.fixture(scope="module")
+def embedded_tok_pair(embedded):
+    transformers = pytest.importorskip("transformers")
+    path = M.embedded_gguf()
+    theirs = transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    return embedded[1], theirs
+
+
+@pytest.mark.parametrize("text", [
+    "Hello  world\n\n\tx = 1234567.89e-3", "naïve café, 日本語, Ελληνικά, emoji 🙂🚀",
+    "def f(x):\n    return x ** 2  # squared\n", "   leading and trailing   ",
+    "<|im_start|>user\nhi<|im_end|>", "don't won't I'm they're 'quoted' \"double\"",
+])
+def test_tokenizer_varied_strings(embedded_tok_pair, text):
+    ours, theirs = embedded_tok_pair
+    ids = ours.encode(text)
+    assert ids == theirs(text, add_special_tokens=False)["input_ids"]
+    assert ours.decode(ids) == text
+
+
+def test_kv_cache_decoding_equals_full_forward(tiny_ckpt):
+    ours, _ = M.load(str(tiny_ckpt[0]))
+    ids = torch.randint(0, 128, (1, 40), generator=torch.Generator().manual_seed(4))
+    full = ours(ids)
+    ours.setup_cache(1, 40)
+    # a 25-token prefill, a 5-token chunk (mask with an offset), then one token at a time
+    parts = [ours(ids[:, :25], 0), ours(ids[:, 25:30], 25)]
+    parts += [ours(ids[:, t:t + 1], t) for t in range(30, 40)]
+    ours.setup_cache(1, None)
+    assert (torch.cat(parts, 1) - full).abs().max().item() < 1e-4
+
+
+def test_greedy_generation_deterministic_and_matches_argmax(tiny_ckpt):
+    ours, _ = M.load(str(tiny_ckpt[0]))
+    prompt = [5, 17, 33, 8]
+    a = ours.generate(prompt, 12, stop_ids=[])
+    assert a == ours.generate(prompt, 12, stop_ids=[]) and len(a) == 12
+    seq = list(prompt)  # the same tokens from full forwards without a cache
+    for _ in range(12):
+        seq.append(int(ours(torch.tensor([seq]))[0, -1].argmax()))
+    assert seq[len(prompt):] == a
+    s1 = ours.generate(prompt, 12, temperature=1.0, top_p=0.9, stop_ids=[], seed=7)
+    assert s1 == ours.generate(prompt, 12, temperature=1.0, top_p=0.9, stop_ids=[], seed=7)
+
+
+def test_top_p_keeps_only_the_nucleus():
+    logits = torch.tensor([5.0, 4.0, -10.0, -10.0])  # p ~ (0.73, 0.27, 0, 0)
+    g = torch.Generator().manual_seed(0)
+    draws = {M.sample(logits, 1.0, 0.5, g) for _ in range(50)}
+    assert draws == {0}
+    draws = {M.sample(logits, 1.0, 0.99, g) for _ in range(200)}
+    assert draws == {0, 1}
+
+
+def test_shards_with_a_straddling_layer_load_equal(tiny_ckpt, tmp_path):
+    ours, _ = M.load(str(tiny_ckpt[0]))
+    names = [("model." + k if not k.startswith("lm_head") else k) for k in ours.state_dict()]
+    M.save_hf(ours, tiny_ckpt[0], tmp_path / "sharded", shards=2, order=names)
+    index = json.loads((tmp_path / "sharded" / "model.safetensors.index.json").read_text())
+    files_of_layer0 = {f for k, f in index["weight_map"].items() if ".layers.0." in k}
+    files_of_layer1 = {f for k, f in index["weight_map"].items() if ".layers.1." in k}
+    assert len(files_of_layer0 | files_of_layer1) == 2
+    assert len(files_of_layer0) == 2 or len(files_of_layer1) == 2  # one layer straddles
+    back, _ = M.load(str(tmp_path / "sharded"))
+    for k, v in ours.state_dict().items():
+        assert torch.equal(v, back.state_dict()[k]), k
+
+
+def test_bf16_load_casts_weights(tiny_ckpt):
+    ours, _ = M.load(str(tiny_ckpt[0]), dtype="bf16")
+    assert ours.layers[0].mlp.up_proj.weight.dtype == torch.bfloat16
+    ids = torch.randint(0, 128, (1, 16))
+    assert torch.isfinite(ours(ids).float()).all()
+
+
+# -- bad input: each gives its own error, in user terms ----------------------------------------
+
+
+def test_missing_shard(tiny_ckpt, tmp_path):
+    ours, _ = M.load(str(tiny_ckpt[0]))
+    M.save_hf(ours, None, tmp_path / "s", shards=2)
+    (tmp_path / "s" / "model-00002-of-00002.safetensors").unlink()
+    with pytest.raises(M.CheckpointError, match="model-00002-of-00002.safetensors.*missing"):
+        M.load(str(tmp_path / "s"))
+
+
+def test_truncated_file(tiny_ckpt):
+    f = tiny_ckpt[0] / "model.safetensors"
+    data = f.read_bytes()
+    f.write_bytes(data[: len(data) // 2])
+    with pytest.raises(M.CheckpointError, match="truncated"):
+        M.load(str(tiny_ckpt[0]))
+
+
+def test_wrong_shape_names_tensor_and_shapes(tiny_ckpt):
+    cfg_path = tiny_ckpt[0] / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["intermediate_size"] = 128  # the tensors hold 160
+    cfg_path.write_text(json.dumps(cfg))
+    with pytest.raises(M.CheckpointError, match=r"gate_proj.weight.*\(160, 64\).*\(128, 64\)"):
+        M.load(str(tiny_ckpt[0]))
+
+
+def test_missing_tensor_is_named(tiny_ckpt):
+    cfg_path = tiny_ckpt[0] / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["num_hidden_layers"] = 3  # the file has only 2 layers
+    cfg_path.write_text(json.dumps(cfg))
+    with pytest.raises(M.CheckpointError, match="layers.2.input_layernorm.weight.*missing"):
+        M.load(str(tiny_ckpt[0]))
+
+
+def test_unknown_rope_type(tiny_ckpt):
+    cfg_path = tiny_ckpt[0] / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["rope_parameters"] = {"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4}
+    cfg_path.write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="unknown rope type 'yarn'"):
+        M.load(str(tiny_ckpt[0]))
+
+
+def test_heads_that_do_not_divide():
+    with pytest.raises(ValueError, match="not a multiple"):
+        M.ModelArgs(n_heads=9, n_kv_heads=2)
+
+
+def test_unknown_short_name_and_missing_checkpoint(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    with pytest.raises(M.CheckpointError, match="unknown checkpoint name 'llama9-1t'"):
+        M.load("llama9-1t")
+    with pytest.raises(M.CheckpointError, match=r"(?s)not found.*checkpoints/llama3-8b.*download"):
+        M.load("llama3-8b")
+    with pytest.raises(M.CheckpointError, match="does not exist"):
+        M.load(str(tmp_path / "nope.gguf"))
+
+
+def test_short_name_found_in_hf_cache_layout(tiny_ckpt, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    snap = tmp_path / "hf" / "hub" / "models--meta-llama--Llama-3.2-1B" / "snapshots" / "abc123"
+    snap.parent.mkdir(parents=True)
+    tiny_ckpt[0].rename(snap)
+    assert M.resolve_ckpt("llama3.2-1b") == snap
+
+
+def test_failed_save_leaves_nothing(tiny_ckpt, tmp_path, monkeypatch):
+    ours, _ = M.load(str(tiny_ckpt[0]))
+    import safetensors.torch
+
+    def boom(*a, **k):
+        raise OSError("disk full")
+    monkeypatch.setattr(safetensors.torch, "save_file", boom)
+    with pytest.raises(OSError, match="disk full"):
+        M.save_hf(ours, None, tmp_path / "out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny"]  # no out/, no temp dir
+
+
+def test_truncated_gguf_is_a_clear_error(tmp_path):
+    src = M.embedded_gguf()
+    bad = tmp_path / "bad.gguf"
+    with open(src, "rb") as f:
+        bad.write_bytes(f.read(1 << 20))
+    with pytest.raises(M.CheckpointError, match="not a readable GGUF"):
+        M.load(str(bad))
