@@ -607,7 +607,7 @@ def gguf_to_hf_dir(gguf_path: Path, out_dir: Path):
     tok = Tokenizer.from_gguf(meta)
     tmp = atomic_dir(out_dir)
     try:
-        save_file({"model." + k if k != "lm_head.weight" else k: v for k, v in tensors.items()},
+        save_file({ours_to_hf(k): v for k, v in tensors.items()},
                   str(tmp.path / "model.safetensors"), metadata={"format": "pt"})
         (tmp.path / "config.json").write_text(json.dumps(args.to_hf(), indent=2))
         tok.tok.save(str(tmp.path / "tokenizer.json"))
@@ -627,6 +627,11 @@ def hf_to_ours(name: str) -> Optional[str]:
     if name.endswith("rotary_emb.inv_freq"):  # old conversions stored it; we recompute it
         return None
     return name[len("model."):] if name.startswith("model.") else name
+
+
+def ours_to_hf(name: str) -> str:
+    """layers.0.mlp.up_proj.weight -> model.layers.0.mlp.up_proj.weight (lm_head stays)."""
+    return name if name.startswith("lm_head") else "model." + name
 
 
 def checkpoint_index(ckpt_dir: Path) -> dict:
@@ -765,8 +770,7 @@ def save_hf(model: Transformer, tokenizer_dir: Optional[Path], out_dir, shards: 
     """Save as an HF checkpoint (used by tests and benchmark scripts), atomically. With shards > 1
     the tensors are split into that many files in `order` (default: the model's own order)."""
     from safetensors.torch import save_file
-    sd = {("model." + k if not k.startswith("lm_head") else k): v.contiguous()
-          for k, v in model.state_dict().items()}
+    sd = {ours_to_hf(k): v.contiguous() for k, v in model.state_dict().items()}
     if model.args.tie_embeddings:
         sd.pop("lm_head.weight", None)
     names = order or list(sd)

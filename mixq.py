@@ -1,0 +1,794 @@
+"""mixq.py: mixed-precision post-training quantization of Llama models.
+
+Every algorithm is a pure function on tensors: a weight W (m out x n in), the layer statistics
+(H = 2 X X^T / N, or Sigma = X X^T / N) and options, returning a `Quantized` (codes on a grid,
+scales, zeros, and any weights kept in 16 bits). The layer-wise pipeline feeds them.
+
+Sections (the spec is ../shared/algorithms.md; section numbers refer to it)
+  1. The grid          uniform asymmetric / symmetric quantizer, min-max or MSE clipping  (§1.1)
+  2. RTN               round to nearest                                                   (§2)
+  3. GPTQ              Frantar et al. 2022, arXiv 2210.17323; IST-DASLab/gptq gptq.py.
+                       With an optional mask of 16-bit weights (TaCQ §6.1.6) and SpQR-style
+                       outliers chosen by an error threshold (§5)
+  4. QuantEase         Behdin et al. 2023, arXiv 2309.01885: coordinate descent on a fixed grid,
+                       and the outlier-aware variant (CD + iterative hard thresholding)   (§4)
+  5. Bit count         one function for every method                                      (§1.3)
+  6. Pipeline          layer-wise, true-sequential, one block at a time                   (§1.2)
+  7. Save              packed codes (the format in kernels.py), atomically
+  8. CLI               python mixq.py [--ckpt X] --method gptq --wbits 3 --groupsize 64 ...
+
+Run `python mixq.py --help` for every option; `python mixq.py` runs the default job (GPTQ W3 g64
+on the embedded SmolLM2-135M-Instruct, calibrated on the pydoc calibration split).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import resource
+import shutil
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+import eval as E
+import kernels
+import model as M
+
+# -----------------------------------------------------------------------------
+# 1. The grid (spec §1.1)
+#
+# One grid per row and group: Q(x) = s * (clamp(round(x/s + z), 0, maxq) - z), maxq = 2^b - 1.
+#   asymmetric: s = (xmax - xmin) / maxq, z = round(-xmin / s)
+#   symmetric:  xmax = max(|xmin|, xmax), xmin = -xmax, z = (maxq + 1) / 2  (unsigned codes)
+# With zero_in_range (the GPTQ convention) the range always contains 0, so 0 is exact.
+# Scales are rounded up to fp16, the precision they are stored in, so the in-memory model and a
+# saved-then-loaded one are the same numbers, and the range is still covered.
+
+
+@dataclass
+class QuantConfig:
+    wbits: int = 3  # bits per weight code, 2-8
+    groupsize: int = -1  # input columns per scale/zero; -1: one group per output row
+    sym: bool = False  # symmetric grid (GPTQ convention: unsigned codes, fixed mid zero)
+    mse: bool = False  # MSE clipping search over shrunken ranges (TaCQ uses it; GPTQ does not)
+    percdamp: float = 0.01  # GPTQ damping: lambda = percdamp * mean(diag H)
+    blocksize: int = 128  # GPTQ / QuantEase lazy-batch width (results do not depend on it)
+    act_order: bool = False  # GPTQ: columns by decreasing diag(H), groups fitted up front
+    iters: int = 10  # QuantEase sweeps
+    init: str = "w"  # QuantEase start: "w" (the weights) or "gptq"
+    relaxed: bool = False  # QuantEase: unrounded sweeps at iterations 1, 4, ..., 25 (the code's)
+    outliers: float = 0.0  # outlier-aware QuantEase: fraction of weights kept in 16 bits
+    outlier_threshold: float = float("inf")  # SpQR-style: relative error threshold (0.2 in SpQR)
+    stat_bits: int = 16  # bits per stored scale and zero; SpQR-style quantizes them to 3
+
+    def __post_init__(self):
+        if not 2 <= self.wbits <= 8:
+            raise ValueError(f"--wbits {self.wbits}: mixq quantizes to 2-8 bits")
+        if self.groupsize != -1 and self.groupsize <= 0:
+            raise ValueError(f"--groupsize {self.groupsize}: use a positive size or -1")
+
+    @property
+    def maxq(self) -> int:
+        return 2 ** self.wbits - 1
+
+
+def round_up_fp16(s: torch.Tensor) -> torch.Tensor:
+    """The smallest fp16 value >= s (s > 0), returned in s's dtype."""
+    h = s.half()
+    h = torch.where(h.to(s.dtype) < s, torch.nextafter(h, torch.full_like(h, math.inf)), h)
+    return h.to(s.dtype)
+
+
+def scale_zero(xmin, xmax, maxq: int, sym: bool):
+    """Scale and zero point of the grid spanning [xmin, xmax] (tensors of the same shape)."""
+    if sym:
+        s = round_up_fp16(2 * xmax / maxq)
+        return s, torch.full_like(s, (maxq + 1) / 2)
+    s = round_up_fp16((xmax - xmin) / maxq)
+    return s, torch.round(-xmin / s)
+
+
+def fake_quant(x, s, z, maxq: int):
+    """Q(x) = s * (clamp(round(x/s + z), 0, maxq) - z): quantize, then dequantize."""
+    return s * (quant_codes(x, s, z, maxq) - z)
+
+
+def quant_codes(x, s, z, maxq: int):
+    """The integer code of each x, in [0, maxq] (as a float tensor)."""
+    return torch.clamp(torch.round(x / s + z), 0, maxq)
+
+
+def fit_grid(w, bits: int, sym=False, mse=False, zero_in_range=True):
+    """Scale and zero of each row of w (m, k) -> s, z each (m, 1). spec §1.1."""
+    maxq = 2 ** bits - 1
+    xmin, xmax = w.min(1, keepdim=True).values, w.max(1, keepdim=True).values
+    if zero_in_range:
+        xmin, xmax = xmin.clamp(max=0), xmax.clamp(min=0)
+    if sym:
+        xmax = torch.maximum(xmin.abs(), xmax)
+        xmin = -xmax
+    flat = xmax == xmin  # an all-equal (e.g. all-zero) row gets a unit range
+    xmin, xmax = torch.where(flat, xmin - 1, xmin), torch.where(flat, xmax + 1, xmax)
+    s, z = scale_zero(xmin, xmax, maxq, sym)
+    if mse:
+        # shrink the range to [p*xmin, p*xmax], p = 1.00 ... 0.21, and keep per row the p with
+        # the smallest sum |Q(x) - x|^2.4 (the GPTQ repo's search; norm 2.4, grid 100, 80 steps)
+        best = (fake_quant(w, s, z, maxq) - w).abs().pow(2.4).sum(1, keepdim=True)
+        for i in range(1, 80):
+            p = 1 - i / 100
+            s1, z1 = scale_zero(p * xmin, p * xmax, maxq, sym)
+            err = (fake_quant(w, s1, z1, maxq) - w).abs().pow(2.4).sum(1, keepdim=True)
+            better = err < best
+            best = torch.where(better, err, best)
+            s, z = torch.where(better, s1, s), torch.where(better, z1, z)
+    return s, z
+
+
+def fill_masked(w, mask):
+    """w with masked entries replaced by the mean of the row's unmasked entries, so a grid fitted
+    on it ignores them (TaCQ and SpQR fit their statistics this way)."""
+    if mask is None or not mask.any():
+        return w
+    keep = (~mask).to(w.dtype)
+    mean = (w * keep).sum(1, keepdim=True) / keep.sum(1, keepdim=True).clamp(min=1)
+    return torch.where(mask, mean, w)
+
+
+def fit_group(w, cfg: QuantConfig, mask=None):
+    """Grid of one group of columns w (m, g), ignoring masked weights; SpQR-style configs
+    (stat_bits < 16) then quantize the statistics themselves (see quantize_stats)."""
+    s, z = fit_grid(fill_masked(w, mask), cfg.wbits, cfg.sym, cfg.mse)
+    if cfg.stat_bits < 16:
+        s, z = quantize_stats(s, cfg.stat_bits), quantize_stats(z, cfg.stat_bits)
+    return s, z
+
+
+def quantize_stats(v, bits: int, group: int = 16):
+    """SpQR's second level (§5.3): a column of first-level statistics v (m, 1) is quantized to
+    `bits` in groups of `group` rows, each group with its own 16-bit scale and zero."""
+    m = v.shape[0]
+    pad = (-m) % group
+    x = torch.cat([v.flatten(), v.flatten()[-1:].expand(pad)]).view(-1, group)  # (m/16, 16)
+    s, z = fit_grid(x, bits, zero_in_range=False)
+    z = z.half().to(x.dtype)  # the second-level zero is stored in 16 bits too
+    vq = fake_quant(x, s, z, 2 ** bits - 1).flatten()[:m].view_as(v)
+    return vq.half().to(v.dtype)  # stored as fp16 in the checkpoint
+
+
+def group_size(cfg: QuantConfig, n: int) -> int:
+    g = n if cfg.groupsize == -1 else cfg.groupsize
+    if n % g:
+        raise ValueError(f"--groupsize {g} does not divide the input dimension {n}; use one that "
+                         f"does (for SmolLM2's 576 and 1536: 32 or 64) or -1 for per-channel")
+    return g
+
+
+@dataclass
+class Quantized:
+    """A quantized weight: W_hat = s * (codes - z) + delta, where delta is nonzero only on `kept`
+    (the weights stored in 16 bits) and holds the kept value minus the dequantized code."""
+    codes: torch.Tensor  # (m, n) integers in [0, 2^bits)
+    scales: torch.Tensor  # (m, n/g)
+    zeros: torch.Tensor  # (m, n/g)
+    bits: int
+    groupsize: int  # g; n for one group per row
+    kept: Optional[torch.Tensor] = None  # (m, n) bool
+    delta: Optional[torch.Tensor] = None  # (m, n), fp16-representable, 0 off `kept`
+    stat_bits: float = 16  # bits per stored scale or zero, second-level statistics included
+    loss: float = float("nan")  # the method's own objective, for progress lines
+
+    def dequantize(self) -> torch.Tensor:
+        s = self.scales.repeat_interleave(self.groupsize, dim=1)  # (m, n)
+        z = self.zeros.repeat_interleave(self.groupsize, dim=1)
+        w = s * (self.codes - z)
+        return w if self.delta is None else w + self.delta
+
+    def n_kept(self) -> int:
+        return 0 if self.kept is None else int(self.kept.sum())
+
+
+def expand(stat, g: int):
+    return stat.repeat_interleave(g, dim=1)
+
+
+# -----------------------------------------------------------------------------
+# 2. RTN (spec §2)
+
+
+def rtn(W: torch.Tensor, cfg: QuantConfig) -> Quantized:
+    """Round to nearest on the grid of each row (and group)."""
+    W = as_work(W)
+    m, n = W.shape
+    g = group_size(cfg, n)
+    stats = [fit_group(W[:, c:c + g], cfg) for c in range(0, n, g)]
+    s, z = torch.cat([t[0] for t in stats], 1), torch.cat([t[1] for t in stats], 1)  # (m, n/g)
+    codes = quant_codes(W, expand(s, g), expand(z, g), cfg.maxq)
+    return Quantized(codes, s, z, cfg.wbits, g, stat_bits=stat_bits(cfg))
+
+
+def as_work(W):
+    """Algorithms work in fp32 (fp64 if given fp64, for exactness tests)."""
+    return W.to(torch.float64 if W.dtype == torch.float64 else torch.float32)
+
+
+def stat_bits(cfg: QuantConfig) -> float:
+    """Bits per stored statistic: 16, or SpQR's b_stat + (16 + 16) / 16 with a second level."""
+    return 16 if cfg.stat_bits >= 16 else cfg.stat_bits + 32 / 16
+
+
+# -----------------------------------------------------------------------------
+# 3. GPTQ (spec §3), with 16-bit masks (TaCQ, §6.1.6) and threshold outliers (SpQR-style, §5)
+#
+# min over the grid of ||W X - Q X||^2 = tr((W - Q) H (W - Q)^T), H = 2 X X^T / N. Columns are
+# quantized one at a time; the error of column i is spread onto the columns not yet quantized
+# through U, the upper Cholesky factor of H^-1:  e_i = (w_i - q_i) / U_ii,  W[:, j>i] -= e_i U_ij.
+
+
+def inverse_cholesky(H, percdamp: float, retries: int = 6):
+    """U with U^T U = (H + lambda I)^-1, lambda = percdamp * mean(diag H). When the Cholesky
+    factorisation fails, raise the damping tenfold and retry, saying so."""
+    lam = percdamp * torch.mean(torch.diag(H))
+    eye = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
+    for attempt in range(retries + 1):
+        try:
+            L = torch.linalg.cholesky(H + lam * eye)
+            Hinv = torch.cholesky_inverse(L)  # (H + lambda I)^-1
+            return torch.linalg.cholesky(Hinv, upper=True), lam
+        except torch.linalg.LinAlgError:
+            if attempt == retries:
+                raise RuntimeError("Cholesky of the Hessian failed even with damping "
+                                   f"{float(lam):.3g}: raise --percdamp (e.g. 0.1) or --nsamples")
+            new = lam * 10 if lam > 0 else 1e-6 * torch.mean(torch.diag(H)).clamp(min=1e-8)
+            print(f"  Cholesky failed with damping {float(lam):.3g}; retrying with "
+                  f"{float(new):.3g}")
+            lam = new
+
+
+def gptq(W: torch.Tensor, H: torch.Tensor, cfg: QuantConfig,
+         mask: Optional[torch.Tensor] = None) -> Quantized:
+    """GPTQ of W (m, n) against H (n, n).
+
+    mask (m, n) bool: weights kept in 16 bits. The grid fit ignores them; at their column they
+    keep their current (error-updated) value, so they inject no error but absorb the updates of
+    earlier columns. With cfg.outlier_threshold < inf, a weight also joins the mask when its
+    quantization error e^2 = ((w - q) / U_ii)^2 exceeds tau = threshold * mean_j Var(W[:, j]) / U_jj^2
+    (SpQR's rule). Result.loss = ||E||^2 = tr((W - Q) H_damped (W - Q)^T)."""
+    W, H = as_work(W).clone(), as_work(H).clone()
+    m, n = W.shape
+    g = group_size(cfg, n)
+    maxq = cfg.maxq
+    mask = torch.zeros_like(W, dtype=torch.bool) if mask is None else mask.clone()
+    # dead inputs (never active in the calibration data): any value is as good, use 0
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1
+    W[:, dead] = 0
+    s_all = torch.zeros(m, n // g, dtype=W.dtype, device=W.device)  # one grid per (row, group)
+    z_all = torch.zeros_like(s_all)
+    if cfg.act_order:  # static groups: every group grid from the original contiguous columns
+        for c in range(0, n, g):
+            s_all[:, c // g:c // g + 1], z_all[:, c // g:c // g + 1] = fit_group(
+                W[:, c:c + g], cfg, mask[:, c:c + g])
+        perm = torch.argsort(torch.diag(H), descending=True)
+    else:
+        perm = torch.arange(n, device=W.device)
+    W, H, mask = W[:, perm], H[perm][:, perm], mask[:, perm]
+    U, _ = inverse_cholesky(H, cfg.percdamp)
+    tau = math.inf
+    if cfg.outlier_threshold < math.inf:
+        tau = cfg.outlier_threshold * (W.var(dim=0) / torch.diag(U) ** 2).mean().item()
+    codes = torch.zeros_like(W)
+    Q = torch.zeros_like(W)
+    Err = torch.zeros_like(W)  # e_i = (w_i - q_i) / U_ii
+    B = cfg.blocksize
+    for i1 in range(0, n, B):
+        i2 = min(i1 + B, n)
+        W1, U1 = W[:, i1:i2].clone(), U[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            j = int(perm[i1 + i])  # original column index
+            if not cfg.act_order and j % g == 0:
+                # refit the group's grid on the current, already updated weights
+                cur = torch.cat([W1[:, i:], W[:, i2:]], dim=1)[:, :g]
+                s_all[:, j // g:j // g + 1], z_all[:, j // g:j // g + 1] = fit_group(
+                    cur, cfg, mask[:, i1 + i:i1 + i + g])
+            s, z = s_all[:, j // g], z_all[:, j // g]
+            w, d = W1[:, i], U1[i, i]
+            c = quant_codes(w, s, z, maxq)
+            q = s * (c - z)
+            mk = mask[:, i1 + i]
+            if tau < math.inf:  # SpQR-style: weights the grid serves too badly stay 16-bit
+                mk = mk | (((w - q) / d) ** 2 > tau)
+                mask[:, i1 + i] = mk
+            # kept weights: the code whose value is 0 (so the stored correction is the weight)
+            c = torch.where(mk, torch.clamp(torch.round(z), 0, maxq), c)
+            q = torch.where(mk, w, q)
+            err = (w - q) / d  # 0 at kept weights
+            W1[:, i:] -= err[:, None] * U1[i, i:][None, :]  # spread the error on later columns
+            codes[:, i1 + i], Q[:, i1 + i], Err[:, i1 + i] = c, q, err
+        W[:, i2:] -= Err[:, i1:i2] @ U[i1:i2, i2:]  # the block's errors, onto later blocks
+    inv = torch.argsort(perm)
+    codes, Q, mask = codes[:, inv], Q[:, inv], mask[:, inv]
+    return with_kept(Quantized(codes, s_all, z_all, cfg.wbits, g, stat_bits=stat_bits(cfg),
+                               loss=float((Err ** 2).sum())), Q, mask)
+
+
+def with_kept(qz: Quantized, Q, mask) -> Quantized:
+    """Attach the 16-bit weights: delta = fp16(Q) - dequantized code on the mask."""
+    if mask is None or not mask.any():
+        return qz
+    base = qz.dequantize()
+    qz.kept = mask
+    # the correction is stored in fp16; base + delta is then exactly what a load gives back
+    qz.delta = torch.where(mask, (Q - base).half().to(Q.dtype), torch.zeros_like(Q))
+    return qz
+
+
+def layer_loss(W, Q, H) -> float:
+    """tr((W - Q) H (W - Q)^T): the layer's output error on the calibration data."""
+    D = as_work(W) - as_work(Q)
+    return float(((D @ as_work(H)) * D).sum())
+
+
+# -----------------------------------------------------------------------------
+# 4. QuantEase (spec §4)
+#
+# f(W_hat) = tr((W - W_hat) S (W - W_hat)^T), S = X X^T, on a grid fixed from the original W.
+# For column j (all rows at once) f is a 1-D convex quadratic whose minimizer is
+#   u_j = w_j + sum_{k != j} (w_k - w_hat_k) S_kj / S_jj
+# and rounding u_j to the nearest grid point is the exact minimizer over the grid, so every
+# rounded coordinate step can only lower f. No matrix is ever inverted.
+
+
+def cd_sweep(What, P, S, s, z, maxq: int, rounded: bool = True, blocksize: int = 128):
+    """One cyclic sweep over the columns of What (m, n), in place.
+    P = T + T S_off (T the target, S_off = S / diag(S) off the diagonal, zero on it), so
+    u_j = P_j - sum_k What_k S_off_kj; s, z (m, n) the fixed grid. Returns What."""
+    n = What.shape[1]
+    Phat = What @ S  # (m, n): sum_k What_k S_off_kj with the values at the sweep's start
+    for b1 in range(0, n, blocksize):
+        b2 = min(b1 + blocksize, n)
+        D = torch.zeros_like(What[:, b1:b2])  # changes made so far in this block
+        for j in range(b1, b2):
+            i = j - b1
+            u = P[:, j] - Phat[:, j] - D[:, :i] @ S[b1:j, j]  # Gauss-Seidel: use the new values
+            new = fake_quant(u, s[:, j], z[:, j], maxq) if rounded else u
+            D[:, i] = new - What[:, j]
+            What[:, j] = new
+        Phat[:, b2:] += D @ S[b1:b2, b2:]  # this block's changes, for the later columns
+    return What
+
+
+def normalized_offdiag(Sigma):
+    """S_off = Sigma / diag(Sigma) per column (S_off[k, j] = Sigma_kj / Sigma_jj), zero diagonal.
+    Dead columns (Sigma_jj = 0) have a zero column: they are simply rounded."""
+    d = torch.diag(Sigma).clone()
+    d[d == 0] = 1
+    S = Sigma / d[None, :]
+    S.fill_diagonal_(0)
+    return S
+
+
+def fixed_grid(W, cfg: QuantConfig, mask=None):
+    """QuantEase's grid: per row and group, fitted once on the original W -> s, z each (m, n)."""
+    n = W.shape[1]
+    g = group_size(cfg, n)
+    stats = [fit_group(W[:, c:c + g], cfg, None if mask is None else mask[:, c:c + g])
+             for c in range(0, n, g)]
+    s, z = torch.cat([t[0] for t in stats], 1), torch.cat([t[1] for t in stats], 1)
+    return s, z, g
+
+
+def quantease(W: torch.Tensor, Sigma: torch.Tensor, cfg: QuantConfig,
+              start: Optional[Quantized] = None, history: Optional[list] = None) -> Quantized:
+    """QuantEase: cfg.iters cyclic CD sweeps on the grid fitted to W, starting from W itself, or
+    from `start` (e.g. a GPTQ result), whose values and grid are then kept, so the result is
+    never worse than the start. With cfg.relaxed, sweeps 1, 4, ..., 25 skip rounding (the
+    released code's schedule); the last always rounds. history receives f after every sweep."""
+    W, Sigma = as_work(W), as_work(Sigma)
+    if start is None:
+        s, z, g = fixed_grid(W, cfg)
+        What = W.clone()
+    else:
+        s, z, g = as_work(start.scales), as_work(start.zeros), start.groupsize
+        What = as_work(start.dequantize()).clone()
+    se, ze = expand(s, g), expand(z, g)
+    S = normalized_offdiag(Sigma)
+    P = W + W @ S  # P_j = w_j + sum_{k != j} w_k S_kj / S_jj
+    for it in range(cfg.iters):
+        rounded = not (cfg.relaxed and it % 3 == 1 and it <= 25 and it < cfg.iters - 1)
+        What = cd_sweep(What, P, S, se, ze, cfg.maxq, rounded, cfg.blocksize)
+        if history is not None:
+            history.append((rounded, layer_loss(W, What, Sigma)))
+    if cfg.iters == 0:  # nothing to sweep: round the start
+        What = fake_quant(What, se, ze, cfg.maxq)
+    codes = quant_codes(What, se, ze, cfg.maxq)
+    return Quantized(codes, s, z, cfg.wbits, g, stat_bits=stat_bits(cfg),
+                     loss=layer_loss(W, What, Sigma))
+
+
+def top_k_mask(x, k: int):
+    """Boolean mask of the k entries of largest |x| (ties broken by position)."""
+    mask = torch.zeros(x.numel(), dtype=torch.bool, device=x.device)
+    if k > 0:
+        mask[torch.topk(x.abs().flatten(), k).indices] = True
+    return mask.view_as(x)
+
+
+def quantease_outliers(W: torch.Tensor, Sigma: torch.Tensor, cfg: QuantConfig,
+                       history: Optional[list] = None) -> Quantized:
+    """Outlier-aware QuantEase (§4.2), from its objective:
+        min  f(W_hat, Hs) = tr((W - W_hat - Hs) S (W - W_hat - Hs)^T)
+        over W_hat on the grid and Hs with at most k = round(outliers * m * n) nonzeros (16-bit).
+    Alternate (a) one rounded CD sweep on W_hat with target W - Hs, and (b) one iterative hard
+    thresholding step on Hs with step 1/L, L = 2 lambda_max(S) the Lipschitz constant of the
+    gradient 2 (W_hat + Hs - W) S:  Hs <- TopK(Hs - (W_hat + Hs - W) S / lambda_max).
+    Both steps never increase f. Start: Hs = the k largest |W|, W_hat = W without them; the grid
+    is fitted ignoring those k weights."""
+    W, Sigma = as_work(W), as_work(Sigma)
+    m, n = W.shape
+    k = int(round(cfg.outliers * m * n))
+    Hs = W * top_k_mask(W, k)
+    s, z, g = fixed_grid(W, cfg, mask=Hs != 0)
+    se, ze = expand(s, g), expand(z, g)
+    S = normalized_offdiag(Sigma)
+    lam = torch.linalg.eigvalsh(Sigma)[-1].clamp(min=1e-12)  # lambda_max(S): a step size, no inverse
+    What = W - Hs
+    for it in range(max(cfg.iters, 1)):
+        T = W - Hs  # (a) the dense part fits what the outliers leave
+        What = cd_sweep(What, T + T @ S, S, se, ze, cfg.maxq, True, cfg.blocksize)
+        if history is not None:
+            history.append(("cd", layer_loss(W, What + Hs, Sigma)))
+        Hs = Hs - (What + Hs - W) @ Sigma / lam  # (b) a gradient step, then keep the top k
+        Hs = Hs * top_k_mask(Hs, k)
+        if history is not None:
+            history.append(("iht", layer_loss(W, What + Hs, Sigma)))
+    codes = quant_codes(What, se, ze, cfg.maxq)
+    qz = Quantized(codes, s, z, cfg.wbits, g, stat_bits=stat_bits(cfg))
+    qz = with_kept(qz, qz.dequantize() + Hs, Hs != 0)
+    qz.loss = layer_loss(W, qz.dequantize(), Sigma)
+    return qz
+
+
+# -----------------------------------------------------------------------------
+# 5. Bit count (spec §1.3): everything stored, for every method
+
+
+def stored_bits(qz: Quantized) -> float:
+    """codes (b each) + per (row, group) scale and zero (stat_bits each, 16 unless SpQR-style) +
+    each weight kept in 16 bits (16-bit value + 16-bit column index, the SpQR/CSR convention)."""
+    m, n = qz.codes.shape
+    return m * n * qz.bits + 2 * m * (n // qz.groupsize) * qz.stat_bits + 32 * qz.n_kept()
+
+
+def average_bits(results: dict) -> float:
+    """Average bits per weight over all quantized linears: sum of stored bits / sum of weights."""
+    bits = sum(r["bits_stored"] for r in results.values())
+    weights = sum(r["numel"] for r in results.values())
+    return bits / weights
+
+
+# -----------------------------------------------------------------------------
+# 6. The layer-wise pipeline (spec §1.2)
+
+SEQUENTIAL = [  # true-sequential groups: each is quantized after the ones before it
+    ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"],
+    ["self_attn.o_proj"],
+    ["mlp.gate_proj", "mlp.up_proj"],
+    ["mlp.down_proj"],
+]
+METHODS = ["rtn", "gptq", "quantease", "spqr"]
+
+
+class StopForward(Exception):
+    """Raised by a hook once every linear of the current group has seen its input."""
+
+
+class InputStats:
+    """Running Sigma = X X^T / N of one linear's inputs (fp32, on the block's device)."""
+
+    def __init__(self, n: int, device):
+        self.sigma = torch.zeros(n, n, device=device)
+        self.count = 0
+
+    def add(self, x):
+        x = x.reshape(-1, x.shape[-1]).float()  # (tokens, n)
+        t = x.shape[0]
+        # running mean: Sigma <- Sigma * N / (N + t) + x^T x / (N + t)
+        self.sigma.mul_(self.count / (self.count + t)).add_(x.T @ x / (self.count + t))
+        self.count += t
+
+
+def solve(method: str, W, sigma, cfg: QuantConfig) -> Quantized:
+    """One linear: dispatch to the algorithm. sigma = X X^T / N; GPTQ's H = 2 sigma."""
+    if method == "rtn":
+        return rtn(W, cfg)
+    if method == "gptq":
+        return gptq(W, 2 * sigma, cfg)
+    if method == "spqr":
+        return gptq(W, 2 * sigma, cfg)  # spqr_config set the groups, threshold and stat bits
+    if method == "quantease":
+        if cfg.outliers > 0:
+            return quantease_outliers(W, sigma, cfg)
+        start = gptq(W, 2 * sigma, cfg) if cfg.init == "gptq" else None
+        return quantease(W, sigma, cfg, start)
+    raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+
+
+def spqr_config(cfg: QuantConfig) -> QuantConfig:
+    """SpQR-style defaults where the user kept the generic ones: groups of 16, 3-bit statistics
+    with a 16-bit second level, outlier threshold 0.2, act-order (static groups)."""
+    return replace(cfg, groupsize=16 if cfg.groupsize == -1 else cfg.groupsize,
+                   stat_bits=3 if cfg.stat_bits == 16 else cfg.stat_bits,
+                   outlier_threshold=0.2 if cfg.outlier_threshold == math.inf
+                   else cfg.outlier_threshold, act_order=True)
+
+
+def calibration_windows(spec: str, tok, nsamples: int, seqlen: int, seed: int) -> torch.Tensor:
+    """(nsamples, seqlen) token windows at random offsets in the calibration text: for pydoc the
+    calibration split (never the evaluation split), for wikitext2:DIR the train file."""
+    tokens = E.corpus_tokens(spec, tok, "calib")
+    if len(tokens) <= seqlen:
+        raise ValueError(f"calibration text {spec} has {len(tokens)} tokens; need > {seqlen}")
+    g = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, len(tokens) - seqlen, (nsamples,), generator=g)
+    return torch.stack([tokens[s:s + seqlen] for s in starts.tolist()])
+
+
+@torch.no_grad()
+def quantize_model(model: M.Transformer, calib: Optional[torch.Tensor], method: str,
+                   cfg: QuantConfig, device=None, log=print) -> dict:
+    """Quantize every linear of every block, in place (the weights become W_hat), one block on
+    `device` at a time. calib (nsamples, seqlen) tokens, None for RTN. Returns, per linear name,
+    the packed tensors for saving plus its stored bits and loss."""
+    if method == "spqr":
+        cfg = spqr_config(cfg)
+    device = torch.device(device or model.device)
+    home = model.device
+    results = {}
+    xs = None
+    if method != "rtn":  # inputs of block 0: the embeddings, kept on the CPU between blocks
+        xs = [model.embed_tokens(c[None].to(home)).cpu() for c in calib]
+        cos, sin = (t.to(device) for t in model.rope(0, calib.shape[1]))
+    t_start = time.perf_counter()
+    for li, block in enumerate(model.layers):
+        t0 = time.perf_counter()
+        block.to(device)
+        losses = {}
+        for group in SEQUENTIAL:
+            stats = collect_input_stats(block, group, xs, cos, sin, device) if xs else {}
+            for name in group:
+                lin = block.get_submodule(name)
+                W = lin.weight.data
+                qz = solve(method, W.to(device), stats[name].sigma if stats else None, cfg)
+                W_hat = qz.dequantize()
+                # relative output error on the calibration data (weight error for RTN)
+                sigma = stats[name].sigma if stats else torch.eye(W.shape[1], device=W.device)
+                rel = layer_loss(W, W_hat, sigma) / max(layer_loss(W, 0 * W, sigma), 1e-30)
+                losses[name.split(".")[-1]] = rel
+                lin.weight.data = W_hat.to(W.dtype)
+                results[f"layers.{li}.{name}"] = {
+                    "tensors": packed_tensors(qz), "bits": qz.bits, "groupsize": qz.groupsize,
+                    "bits_stored": stored_bits(qz), "numel": W.numel(), "kept": qz.n_kept(),
+                    "rel_err": rel}
+        if xs is not None:  # the quantized block's outputs feed the next block
+            xs = [block(x.to(device), cos, sin).cpu() for x in xs]
+        block.to(home)
+        dt = time.perf_counter() - t0
+        eta = (time.perf_counter() - t_start) / (li + 1) * (len(model.layers) - li - 1)
+        errs = " ".join(f"{k} {v:.2e}" for k, v in losses.items())
+        log(f"block {li + 1:2d}/{len(model.layers)}  rel err {errs}  {dt:5.1f}s  ETA {eta:5.0f}s")
+    return results
+
+
+def collect_input_stats(block, group, xs, cos, sin, device) -> dict:
+    """Run the block on every calibration input with hooks that accumulate Sigma for the linears
+    of `group`, stopping each forward as soon as all of them have seen their input."""
+    stats, seen, hooks = {}, set(), []
+    for name in group:
+        lin = block.get_submodule(name)
+        stats[name] = InputStats(lin.in_features, device)
+
+        def hook(mod, inp, out, name=name):
+            stats[name].add(inp[0])
+            seen.add(name)
+            if len(seen) == len(group):
+                raise StopForward
+        hooks.append(lin.register_forward_hook(hook))
+    try:
+        for x in xs:
+            seen.clear()
+            try:
+                block(x.to(device), cos, sin)
+            except StopForward:
+                pass
+    finally:
+        for h in hooks:
+            h.remove()
+    return stats
+
+
+# -----------------------------------------------------------------------------
+# 7. Save: the packed format of kernels.py, written atomically
+
+
+def packed_tensors(qz: Quantized) -> dict:
+    """The stored form of one quantized linear (layout in kernels.py), on the CPU."""
+    codes = qz.codes.to(torch.uint8).T.contiguous().cpu()  # (K=n, N=m)
+    t = kernels.pack_codes(codes, qz.bits)
+    t["scales"] = qz.scales.T.contiguous().half().cpu()  # (n/g, m)
+    t["zeros"] = qz.zeros.T.contiguous().half().cpu()
+    if qz.kept is not None:
+        t |= kernels.to_csr(qz.delta.cpu(), qz.kept.cpu())
+    return t
+
+
+def save_quantized(model: M.Transformer, results: dict, tokenizer_dir, out_dir, qconfig: dict):
+    """A checkpoint directory: config.json with quantization_config, model.safetensors (packed
+    linears + the 16-bit rest), tokenizer files. Written to a temp dir, then renamed."""
+    from safetensors.torch import save_file
+    tensors = {}
+    for name, p in model.state_dict().items():
+        module = name.rsplit(".", 1)[0]
+        if module in results or (name == "lm_head.weight" and model.args.tie_embeddings):
+            continue
+        tensors[M.ours_to_hf(name)] = p.contiguous()
+    for module, r in results.items():
+        for k, v in r["tensors"].items():
+            tensors[M.ours_to_hf(f"{module}.{k}")] = v
+    cfg = model.args.to_hf() | {"quantization_config": qconfig}
+    tmp = M.atomic_dir(Path(out_dir))
+    try:
+        save_file(tensors, str(tmp.path / "model.safetensors"), metadata={"format": "pt"})
+        (tmp.path / "config.json").write_text(json.dumps(cfg, indent=2))
+        for f in ("tokenizer.json", "tokenizer_config.json"):
+            if tokenizer_dir and (Path(tokenizer_dir) / f).exists():
+                shutil.copy(Path(tokenizer_dir) / f, tmp.path / f)
+        tmp.commit()
+    except BaseException:
+        tmp.abort()
+        raise
+
+
+# -----------------------------------------------------------------------------
+# 8. CLI
+
+
+def peak_memory_gb(device) -> float:
+    if str(device).startswith("cuda"):
+        return torch.cuda.max_memory_allocated() / 2 ** 30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # Linux: KiB
+
+
+def evaluate(model, tok, specs, seqlen, windows=None) -> dict:
+    out = {}
+    for spec in specs:
+        tokens = E.corpus_tokens(spec, tok, "eval")
+        r = E.perplexity(model, tokens, seqlen, windows)
+        out[spec] = {"ppl": r["ppl"], "tokens": r["tokens"], "windows": r["windows"],
+                     "seqlen": seqlen}
+        split = "eval" if spec == "pydoc" else "test"
+        print(f"  {E.protocol(spec, split, seqlen, r['windows'], r['tokens'])}: "
+              f"ppl {r['ppl']:.3f}")
+    return out
+
+
+def run(ckpt=None, method="gptq", cfg: QuantConfig = QuantConfig(wbits=3, groupsize=64),
+        calib="pydoc", nsamples=32, seqlen=512, seed=0, evals=("pydoc",), eval_seqlen=512,
+        eval_windows=None, save=None, json_out=None, device="cpu", dtype="fp32") -> dict:
+    """Load, evaluate fp, quantize, evaluate, save. The CLI calls this; so can a notebook."""
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+    for spec in list(evals) + ([calib] if method != "rtn" else []):
+        E.corpus_text(spec)  # fail on a bad spec before any long work
+    model, tok = M.load(ckpt, dtype, device)
+    if tok is None:
+        raise M.CheckpointError("the checkpoint has no tokenizer.json")
+    for n in (model.args.dim, model.args.hidden_dim):
+        group_size(spqr_config(cfg) if method == "spqr" else cfg, n)
+    print(f"mixq: {method} W{cfg.wbits} "
+          f"{'per-channel' if cfg.groupsize == -1 else f'g{cfg.groupsize}'} on "
+          f"{ckpt or M.DEFAULT_MODEL}")
+    print("fp model:")
+    fp = evaluate(model, tok, evals, eval_seqlen, eval_windows)
+    calib_tokens = None
+    if method != "rtn":
+        calib_tokens = calibration_windows(calib, tok, nsamples, seqlen, seed)
+        print(f"calibration: {nsamples} windows of {seqlen} tokens from {calib} (seed {seed})")
+    t0 = time.perf_counter()
+    results = quantize_model(model, calib_tokens, method, cfg, device)
+    quant_seconds = time.perf_counter() - t0
+    avg = average_bits(results)
+    print("quantized model:")
+    quant = evaluate(model, tok, evals, eval_seqlen, eval_windows)
+    used = spqr_config(cfg) if method == "spqr" else cfg
+    summary = {"method": method, "wbits": cfg.wbits, "groupsize": used.groupsize,
+               "avg_bits": avg, "fp": fp, "quant": quant, "quant_seconds": quant_seconds,
+               "peak_memory_gb": peak_memory_gb(device), "config": asdict(used),
+               "calib": None if method == "rtn" else {"spec": calib, "nsamples": nsamples,
+                                                      "seqlen": seqlen, "seed": seed},
+               "kept_weights": sum(r["kept"] for r in results.values()),
+               "ckpt": ckpt or M.DEFAULT_MODEL}
+    print_summary(summary)
+    if save:
+        qconfig = {"quant_method": "mixq", "format": "kernels.py packed v1", "method": method,
+                   "bits": cfg.wbits, "group_size": used.groupsize, "avg_bits": avg,
+                   "options": asdict(used) | {"outlier_threshold": str(used.outlier_threshold)},
+                   "calib": summary["calib"],
+                   "modules": sorted(results)}
+        save_quantized(model, results, M.resolve_ckpt(ckpt) if ckpt else M.embedded_checkpoint(),
+                       save, qconfig)
+        print(f"saved to {save}")
+    if json_out:
+        summary["config"]["outlier_threshold"] = str(used.outlier_threshold)
+        E.write_json(json_out, summary)
+    return summary
+
+
+def print_summary(s: dict):
+    specs = list(s["fp"])
+    head = "| method | avg bits | " + " | ".join(f"{sp} fp ppl | {sp} quant ppl" for sp in specs)
+    print("\n" + head + " | quant s | peak mem GB |")
+    print("|" + "---|" * (4 + 2 * len(specs)))
+    cells = " | ".join(f"{s['fp'][sp]['ppl']:.3f} | {s['quant'][sp]['ppl']:.3f}" for sp in specs)
+    g = "per-channel" if s["groupsize"] == -1 else f"g{s['groupsize']}"
+    print(f"| {s['method']} W{s['wbits']} {g} | {s['avg_bits']:.3f} | {cells} | "
+          f"{s['quant_seconds']:.0f} | {s['peak_memory_gb']:.1f} |")
+
+
+def main():
+    import argparse
+    p = argparse.ArgumentParser(
+        description="Quantize a Llama checkpoint layer by layer and compare perplexity.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--ckpt", default=None, help="short name, HF directory or .gguf file "
+                   "(default: the embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--method", default="gptq", choices=METHODS, help="quantization algorithm")
+    p.add_argument("--wbits", type=int, default=3, help="bits per weight code (2-8)")
+    p.add_argument("--groupsize", type=int, default=64, help="input columns per scale/zero; "
+                   "-1 = per output channel")
+    p.add_argument("--sym", action="store_true", help="symmetric grid")
+    p.add_argument("--mse", action="store_true", help="MSE clipping search for each grid")
+    p.add_argument("--act-order", action="store_true", help="GPTQ: columns by decreasing "
+                   "Hessian diagonal (static groups)")
+    p.add_argument("--percdamp", type=float, default=0.01, help="GPTQ damping, a fraction of "
+                   "mean(diag H); raised automatically when Cholesky fails")
+    p.add_argument("--iters", type=int, default=10, help="QuantEase coordinate-descent sweeps")
+    p.add_argument("--init", default="w", choices=["w", "gptq"], help="QuantEase start")
+    p.add_argument("--relaxed", action="store_true", help="QuantEase: the released code's "
+                   "unrounded sweeps at iterations 1, 4, ..., 25")
+    p.add_argument("--outliers", type=float, default=0.0, help="QuantEase: fraction of weights "
+                   "kept in 16 bits (outlier-aware variant when > 0)")
+    p.add_argument("--outlier-threshold", type=float, default=None, help="SpQR-style: relative "
+                   "error threshold for 16-bit weights (default 0.2)")
+    p.add_argument("--calib", default="pydoc", help="calibration text: pydoc (its calibration "
+                   "split) | text:PATH | wikitext2:DIR (train file)")
+    p.add_argument("--nsamples", type=int, default=32, help="calibration windows")
+    p.add_argument("--seqlen", type=int, default=512, help="calibration window length")
+    p.add_argument("--seed", type=int, default=0, help="calibration sampling seed")
+    p.add_argument("--eval", nargs="*", default=["pydoc"], help="perplexity corpora (eval.py "
+                   "specs); none to skip")
+    p.add_argument("--eval-seqlen", type=int, default=512, help="perplexity window length")
+    p.add_argument("--eval-windows", type=int, default=None, help="evaluate only N windows")
+    p.add_argument("--save", default=None, help="write the quantized checkpoint here")
+    p.add_argument("--json", default=None, help="write the summary here")
+    p.add_argument("--device", default="cpu", help="cpu | cuda")
+    p.add_argument("--dtype", default="fp32", choices=sorted(M.DTYPES), help="model dtype")
+    a = p.parse_args()
+    try:
+        cfg = QuantConfig(wbits=a.wbits, groupsize=a.groupsize, sym=a.sym, mse=a.mse,
+                          percdamp=a.percdamp, act_order=a.act_order, iters=a.iters,
+                          init=a.init, relaxed=a.relaxed, outliers=a.outliers,
+                          outlier_threshold=(math.inf if a.outlier_threshold is None
+                                             else a.outlier_threshold))
+        run(a.ckpt, a.method, cfg, a.calib, a.nsamples, a.seqlen, a.seed, a.eval,
+            a.eval_seqlen, a.eval_windows, a.save, a.json, a.device, a.dtype)
+    except (M.CheckpointError, ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    main()
