@@ -144,7 +144,10 @@ def fit_group(w, cfg: QuantConfig, mask=None):
     (stat_bits < 16) then quantize the statistics themselves (see quantize_stats)."""
     s, z = fit_grid(fill_masked(w, mask), cfg.wbits, cfg.sym, cfg.mse)
     if cfg.stat_bits < 16:
-        s, z = quantize_stats(s, cfg.stat_bits), quantize_stats(z, cfg.stat_bits)
+        # the zero stays an integer (rounding the second-level value costs no storage), so a
+        # kept weight's code still dequantizes to exactly 0
+        s = quantize_stats(s, cfg.stat_bits)
+        z = quantize_stats(z, cfg.stat_bits).round().clamp(0, cfg.maxq)
     return s, z
 
 
@@ -571,7 +574,8 @@ def quantize_model(model: M.Transformer, calib: Optional[torch.Tensor], method: 
                 losses[name.split(".")[-1]] = rel
                 lin.weight.data = W_hat.to(W.dtype)
                 results[f"layers.{li}.{name}"] = {
-                    "tensors": packed_tensors(qz), "bits": qz.bits, "groupsize": qz.groupsize,
+                    "tensors": packed_tensors(qz) if qz.bits in PACKED_BITS else None,
+                    "bits": qz.bits, "groupsize": qz.groupsize,
                     "bits_stored": stored_bits(qz), "numel": W.numel(), "kept": qz.n_kept(),
                     "rel_err": rel}
         if xs is not None:  # the quantized block's outputs feed the next block
@@ -613,6 +617,9 @@ def collect_input_stats(block, group, xs, cos, sin, device) -> dict:
 
 # -----------------------------------------------------------------------------
 # 7. Save: the packed format of kernels.py, written atomically
+
+
+PACKED_BITS = (2, 3, 4, 8)  # the widths the packed format (and the kernel) stores
 
 
 def packed_tensors(qz: Quantized) -> dict:
@@ -682,6 +689,9 @@ def run(ckpt=None, method="gptq", cfg: QuantConfig = QuantConfig(wbits=3, groups
     """Load, evaluate fp, quantize, evaluate, save. The CLI calls this; so can a notebook."""
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+    if save and cfg.wbits not in PACKED_BITS:
+        raise ValueError(f"--save stores {', '.join(map(str, PACKED_BITS))}-bit codes; "
+                         f"--wbits {cfg.wbits} can be evaluated but not saved")
     for spec in list(evals) + ([calib] if method != "rtn" else []):
         E.corpus_text(spec)  # fail on a bad spec before any long work
     model, tok = M.load(ckpt, dtype, device)

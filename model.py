@@ -720,10 +720,10 @@ def load(ckpt: Optional[str] = None, dtype="fp32", device="cpu"):
         return model, Tokenizer.from_gguf(meta)
     cfg = read_config(path)
     args = ModelArgs.from_hf(cfg)
-    if "quantization_config" in cfg and cfg["quantization_config"].get("quant_method") == "mixq":
-        raise CheckpointError(f"{path}: a mixq quantized checkpoint; load it with "
-                              f"model.load_quantized (coming with the quantization core)")
     files = checkpoint_index(path)  # hf name -> file
+    qc = cfg.get("quantization_config") or {}
+    if qc.get("quant_method") == "mixq":
+        return load_quantized(path, args, qc, files, dtype, device), load_tokenizer(path, args)
     wanted = args.expected_shapes()
     by_file = {}  # file -> {our name: hf name}, only the tensors the model uses
     for hf, f in files.items():
@@ -749,6 +749,56 @@ def load(ckpt: Optional[str] = None, dtype="fp32", device="cpu"):
 
     model = build(args, tensors(), dtype, device)
     return model, load_tokenizer(path, args)
+
+
+def load_quantized(path: Path, args: ModelArgs, qc: dict, files: dict, dtype, device):
+    """A mixq checkpoint: the linears named in quantization_config["modules"] become
+    kernels.QuantLinear (packed codes, scales, zeros, 16-bit outliers); the rest as usual."""
+    import kernels  # only quantized checkpoints need it
+    bits, g = qc["bits"], qc["group_size"]
+    quantized = set(qc["modules"])
+    packed = {m: {} for m in quantized}
+    plain = {}
+    for hf, f in files.items():
+        o = hf_to_ours(hf)
+        module, _, leaf = o.rpartition(".")
+        (packed[module] if module in quantized else plain)[leaf if module in quantized else o] = f
+    wanted = {k: v for k, v in args.expected_shapes().items()
+              if k.rpartition(".")[0] not in quantized}
+    shapes = {}
+    for o, f in plain.items():
+        with open_safetensors(f) as st:
+            shapes[o] = st.get_slice(ours_to_hf(o)).get_shape()
+    for name, shape in wanted.items():
+        if name not in shapes or tuple(shapes[name]) != tuple(shape):
+            raise CheckpointError(f"{path}: tensor {name!r} is missing or has shape "
+                                  f"{shapes.get(name)}, expected {shape}")
+
+    def tensors():
+        for o in wanted:
+            with open_safetensors(plain[o]) as st:
+                yield o, st.get_tensor(ours_to_hf(o))
+
+    model = build(args, tensors(), dtype, device)
+    for module in sorted(quantized):
+        parts = {}
+        for leaf, f in packed[module].items():
+            with open_safetensors(f) as st:
+                parts[leaf] = st.get_tensor(ours_to_hf(f"{module}.{leaf}")).to(device)
+        lin = model.get_submodule(module)
+        K, N = lin.in_features, lin.out_features
+        gs = K if g == -1 else g
+        expect = {"qweight": (K * (2 if bits == 3 else bits) // 32, N), "scales": (K // gs, N),
+                  "zeros": (K // gs, N)}
+        for leaf, shape in expect.items():
+            if leaf not in parts or tuple(parts[leaf].shape) != shape:
+                raise CheckpointError(
+                    f"{path}: {module}.{leaf} has shape "
+                    f"{tuple(parts[leaf].shape) if leaf in parts else 'missing'}, expected {shape} "
+                    f"for {bits}-bit codes of a {N}x{K} weight with group size {gs}")
+        parent, _, child = module.rpartition(".")
+        setattr(model.get_submodule(parent), child, kernels.QuantLinear(K, N, bits, g, parts))
+    return model
 
 
 def build(args: ModelArgs, tensors, dtype, device) -> Transformer:

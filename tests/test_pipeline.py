@@ -1,0 +1,107 @@
+"""End to end: the layer-wise pipeline on a tiny random Llama and the CLI on the embedded model."""
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import kernels
+import mixq as Q
+import model as M
+from conftest import tiny_hf_model
+
+ROOT = Path(__file__).resolve().parents[1]
+
+CASES = {  # method -> options (tiny model: hidden 64, MLP 160; groups of 32 divide both)
+    "rtn": Q.QuantConfig(wbits=4, groupsize=32),
+    "gptq": Q.QuantConfig(wbits=3, groupsize=32, act_order=True),
+    "quantease": Q.QuantConfig(wbits=2, groupsize=-1, iters=3, outliers=0.01),
+    "spqr": Q.QuantConfig(wbits=3),
+}
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tiny") / "m"
+    tiny_hf_model().save_pretrained(d)
+    return d
+
+
+@pytest.mark.parametrize("method", list(CASES))
+def test_pipeline_save_load_same_logits(method, tiny_dir, tmp_path):
+    model, _ = M.load(str(tiny_dir))
+    fp = {k: v.clone() for k, v in model.state_dict().items()}
+    calib = torch.randint(0, 128, (4, 48), generator=torch.Generator().manual_seed(0))
+    lines = []
+    res = Q.quantize_model(model, None if method == "rtn" else calib, method, CASES[method],
+                           log=lines.append)
+    assert len(lines) == 2 and all("ETA" in ln for ln in lines)  # one progress line per block
+    assert len(res) == 2 * 7
+    changed = [k for k, v in model.state_dict().items() if not torch.equal(v, fp[k])]
+    assert sorted(k.rsplit(".", 1)[0] for k in changed) == sorted(res)  # only the linears
+    x = torch.randint(0, 128, (1, 30), generator=torch.Generator().manual_seed(1))
+    logits = model(x)
+    gs = res["layers.0.self_attn.q_proj"]["groupsize"] if CASES[method].groupsize != -1 or \
+        method == "spqr" else -1
+    qc = {"quant_method": "mixq", "bits": CASES[method].wbits, "group_size": gs,
+          "modules": sorted(res)}
+    Q.save_quantized(model, res, None, tmp_path / "q", qc)
+    back, _ = M.load(str(tmp_path / "q"))
+    assert isinstance(back.layers[1].mlp.down_proj, kernels.QuantLinear)
+    assert torch.equal(back(x), logits)
+    avg = Q.average_bits(res)
+    if method == "rtn":  # 4 bits + two 16-bit statistics per 32 weights
+        assert avg == 4 + 32 / 32
+    kept = sum(r["kept"] for r in res.values())
+    assert (kept > 0) == (method in ("quantease", "spqr"))
+
+
+def test_calibration_never_touches_the_evaluation_split():
+    class Tok:
+        def encode(self, text, bos=False):
+            return list(text.encode())
+    import eval as E
+    calib = Q.calibration_windows("pydoc", Tok(), 64, 256, seed=0)
+    n_calib = len(E.corpus_tokens("pydoc", Tok(), "calib"))
+    assert calib.shape == (64, 256)
+    # every window lies inside the calibration split: check by position of the last token
+    full = E.corpus_tokens("pydoc", Tok(), "all")
+    g = torch.Generator().manual_seed(0)
+    starts = torch.randint(0, n_calib - 256, (64,), generator=g)
+    assert (starts + 256 <= n_calib).all()
+    assert torch.equal(calib[0], full[starts[0]:starts[0] + 256])
+
+
+def test_cli_rtn_on_embedded_saves_a_checkpoint_eval_reproduces(tmp_path):
+    out, js = tmp_path / "q", tmp_path / "r.json"
+    r = subprocess.run([sys.executable, str(ROOT / "mixq.py"), "--method", "rtn", "--wbits", "4",
+                        "--groupsize", "64", "--eval-windows", "2", "--save", str(out),
+                        "--json", str(js)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert "| rtn W4 g64 |" in r.stdout
+    res = json.loads(js.read_text())
+    assert res["avg_bits"] == 4.5 and res["method"] == "rtn"
+    q_ppl, fp_ppl = res["quant"]["pydoc"]["ppl"], res["fp"]["pydoc"]["ppl"]
+    assert fp_ppl < q_ppl < 2 * fp_ppl  # 4-bit g64 on a model whose weights lie on a 4-bit grid
+    cfg = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert cfg["method"] == "rtn" and cfg["bits"] == 4 and cfg["avg_bits"] == 4.5
+    r = subprocess.run([sys.executable, str(ROOT / "eval.py"), "--ckpt", str(out), "--windows",
+                        "2", "--json", str(tmp_path / "e.json")], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert json.loads((tmp_path / "e.json").read_text())["ppl"] == pytest.approx(q_ppl, rel=1e-6)
+
+
+@pytest.mark.parametrize("args,msg", [
+    (["--method", "awq"], "invalid choice: 'awq'"),
+    (["--groupsize", "100"], "does not divide the input dimension 576"),
+    (["--calib", "text:/nonexistent.txt"], "does not exist"),
+    (["--wbits", "5", "--save", "/tmp/x"], "can be evaluated but not saved"),
+])
+def test_cli_bad_input(args, msg):
+    r = subprocess.run([sys.executable, str(ROOT / "mixq.py")] + args, capture_output=True,
+                       text=True)
+    assert r.returncode != 0 and msg in r.stderr

@@ -1,0 +1,313 @@
+"""The quantization algorithms as pure functions: the invariants of ../shared/algorithms.md §2-§5."""
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, strategies as st
+
+import kernels
+import mixq as Q
+
+DT = torch.float64  # exactness tests run in fp64
+
+
+def fp16_exact(x):
+    """Values that fp16 represents exactly (weights kept in 16 bits are stored in fp16)."""
+    return x.half().to(DT)
+
+
+def random_problem(seed, m=8, n=64, tokens=256, correlated=True):
+    """W (m, n) and Sigma = X X^T / N (n, n) from correlated inputs X = Z A."""
+    g = torch.Generator().manual_seed(seed)
+    W = fp16_exact(torch.randn(m, n, generator=g, dtype=DT))
+    Z = torch.randn(tokens, n, generator=g, dtype=DT)
+    X = Z @ torch.randn(n, n, generator=g, dtype=DT) if correlated else Z
+    return W, X.T @ X / tokens
+
+
+configs = st.builds(Q.QuantConfig, wbits=st.integers(2, 8), groupsize=st.sampled_from([-1, 16, 32]),
+                    sym=st.booleans())
+
+
+# -- grid and RTN (§2) ---------------------------------------------------------------------------
+
+
+@given(cfg=configs, seed=st.integers(0, 10 ** 6))
+def test_rtn_error_at_most_half_a_step_and_on_grid(cfg, seed):
+    W, _ = random_problem(seed)
+    qz = Q.rtn(W, cfg)
+    g = qz.groupsize
+    s = qz.scales.repeat_interleave(g, 1)
+    Wq = qz.dequantize()
+    assert ((W - Wq).abs() <= s / 2 + 1e-12).all()  # |w - Q(w)| <= s/2
+    assert torch.equal(qz.codes, qz.codes.round()) and qz.codes.min() >= 0
+    assert qz.codes.max() <= cfg.maxq  # every entry is s * (integer in [0, maxq] - z)
+    # idempotent with the same grid
+    z = qz.zeros.repeat_interleave(g, 1)
+    assert torch.equal(Q.fake_quant(Wq, s, z, cfg.maxq), Wq)
+
+
+@given(cfg=configs, seed=st.integers(0, 10 ** 6))
+def test_zero_is_exact(cfg, seed):
+    W, _ = random_problem(seed)
+    W[:, ::5] = 0
+    assert (Q.rtn(W, cfg).dequantize()[:, ::5] == 0).all()
+
+
+def test_scales_are_fp16_and_cover_the_range():
+    W, _ = random_problem(0)
+    qz = Q.rtn(W, Q.QuantConfig(wbits=4, groupsize=16))
+    assert torch.equal(qz.scales, qz.scales.half().to(DT))
+
+
+@given(seed=st.integers(0, 10 ** 6), bits=st.integers(2, 4))
+def test_mse_clipping_never_worse_in_its_norm(seed, bits):
+    W, _ = random_problem(seed)
+    err = {}
+    for mse in (False, True):
+        qz = Q.rtn(W, Q.QuantConfig(wbits=bits, mse=mse))
+        err[mse] = ((qz.dequantize() - W).abs() ** 2.4).sum(1)
+    assert (err[True] <= err[False] + 1e-9).all()
+
+
+def test_per_channel_rtn_invariant_to_column_permutation():
+    W, _ = random_problem(1)
+    perm = torch.randperm(W.shape[1], generator=torch.Generator().manual_seed(0))
+    cfg = Q.QuantConfig(wbits=3)
+    assert torch.equal(Q.rtn(W[:, perm], cfg).dequantize(), Q.rtn(W, cfg).dequantize()[:, perm])
+
+
+def test_group_size_that_does_not_divide():
+    W, _ = random_problem(0, n=48)
+    with pytest.raises(ValueError, match="does not divide the input dimension 48"):
+        Q.rtn(W, Q.QuantConfig(groupsize=32))
+    with pytest.raises(ValueError, match="2-8 bits"):
+        Q.QuantConfig(wbits=1)
+
+
+# -- GPTQ (§3) -----------------------------------------------------------------------------------
+
+
+@given(cfg=configs, seed=st.integers(0, 10 ** 6), act_order=st.booleans())
+def test_gptq_loss_identity(cfg, seed, act_order):
+    # tr((W - Q) H_damped (W - Q)^T) = ||E||^2, E the scaled errors
+    W, S = random_problem(seed)
+    H = 2 * S
+    cfg = Q.QuantConfig(**{**vars(cfg), "act_order": act_order})
+    qz = Q.gptq(W, H, cfg)
+    lam = cfg.percdamp * torch.diag(H).mean()
+    Hd = H + lam * torch.eye(H.shape[0], dtype=DT)
+    assert Q.layer_loss(W, qz.dequantize(), Hd) == pytest.approx(qz.loss, rel=1e-8)
+
+
+@given(cfg=configs, seed=st.integers(0, 10 ** 6))
+def test_gptq_with_identity_hessian_is_rtn(cfg, seed):
+    W, _ = random_problem(seed)
+    cfg = Q.QuantConfig(**{**vars(cfg), "percdamp": 0.0})
+    H = torch.eye(W.shape[1], dtype=DT)
+    assert torch.equal(Q.gptq(W, H, cfg).dequantize(), Q.rtn(W, cfg).dequantize())
+
+
+@given(seed=st.integers(0, 10 ** 6), bits=st.integers(2, 4))
+def test_gptq_act_order_is_gptq_on_permuted_columns(seed, bits):
+    W, S = random_problem(seed)
+    cfg = Q.QuantConfig(wbits=bits)
+    perm = torch.argsort(torch.diag(S), descending=True)
+    a = Q.gptq(W, S, Q.QuantConfig(wbits=bits, act_order=True)).dequantize()
+    b = Q.gptq(W[:, perm], S[perm][:, perm], cfg).dequantize()[:, torch.argsort(perm)]
+    assert torch.allclose(a, b, atol=1e-10)
+
+
+@given(cfg=configs, seed=st.integers(0, 10 ** 6))
+def test_gptq_scale_invariance(cfg, seed):
+    W, S = random_problem(seed)
+    assert torch.equal(Q.gptq(W, S, cfg).codes, Q.gptq(W, 4.0 * S, cfg).codes)
+
+
+@given(cfg=configs, seed=st.integers(0, 10 ** 6))
+def test_gptq_mask_all_gives_w_and_empty_mask_gives_gptq(cfg, seed):
+    W, S = random_problem(seed)
+    everything = torch.ones_like(W, dtype=torch.bool)
+    qz = Q.gptq(W, S, cfg, mask=everything)
+    assert torch.equal(qz.dequantize(), W) and qz.n_kept() == W.numel()
+    nothing = torch.zeros_like(W, dtype=torch.bool)
+    assert torch.equal(Q.gptq(W, S, cfg, mask=nothing).dequantize(),
+                       Q.gptq(W, S, cfg).dequantize())
+
+
+@given(seed=st.integers(0, 10 ** 6))
+def test_gptq_mask_kept_weights_and_grid(seed):
+    W, S = random_problem(seed)
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.rand(W.shape, generator=g) < 0.1
+    cfg = Q.QuantConfig(wbits=3)
+    qz = Q.gptq(W, S, cfg, mask=mask)
+    Wq = qz.dequantize()
+    # unmasked entries are on the row grid, fitted ignoring the masked ones (min-max: the row
+    # mean of the unmasked weights lies inside their range, so the fit equals theirs alone)
+    s, z = Q.fit_grid(Q.fill_masked(W, mask), 3)
+    assert torch.equal(qz.scales, s) and torch.equal(qz.zeros, z)
+    on_grid = Q.fake_quant(Wq, s, z, cfg.maxq)
+    assert torch.equal(Wq[~mask], on_grid[~mask])
+    # kept entries hold the error-updated values, not the originals (the first column's are
+    # exact since nothing was spread onto it)
+    assert torch.equal(Wq[:, 0][mask[:, 0]], W[:, 0][mask[:, 0]])
+    assert not torch.equal(Wq[mask], W[mask])
+
+
+def test_gptq_beats_rtn_on_correlated_inputs():
+    wins = 0
+    for seed in range(10):
+        W, S = random_problem(seed, m=16, n=64)
+        cfg = Q.QuantConfig(wbits=3)
+        wins += Q.layer_loss(W, Q.gptq(W, S, cfg).dequantize(), S) < \
+            Q.layer_loss(W, Q.rtn(W, cfg).dequantize(), S)
+    assert wins >= 9
+
+
+def test_gptq_dead_columns_and_cholesky_retry(capsys):
+    W, S = random_problem(3)
+    S[5, :], S[:, 5] = 0, 0  # an input never active
+    qz = Q.gptq(W, S, Q.QuantConfig(wbits=3))
+    assert (qz.dequantize()[:, 5] == 0).all()
+    singular = torch.ones(64, 64, dtype=DT)  # rank 1: needs more damping than 0
+    Q.gptq(W, singular, Q.QuantConfig(wbits=3, percdamp=0.0))
+    assert "Cholesky failed" in capsys.readouterr().out
+
+
+# -- SpQR-style (§5) -----------------------------------------------------------------------------
+
+
+@given(seed=st.integers(0, 10 ** 6))
+def test_spqr_infinite_threshold_is_gptq(seed):
+    W, S = random_problem(seed)
+    cfg = Q.QuantConfig(wbits=3, groupsize=16)
+    assert torch.equal(Q.gptq(W, S, cfg).dequantize(),
+                       Q.gptq(W, S, Q.QuantConfig(wbits=3, groupsize=16,
+                                                  outlier_threshold=math.inf)).dequantize())
+
+
+@given(seed=st.integers(0, 10 ** 6))
+def test_spqr_threshold_outliers(seed):
+    W, S = random_problem(seed)
+    cfg = Q.spqr_config(Q.QuantConfig(wbits=2))
+    qz = Q.gptq(W, S, cfg)
+    assert 0 < qz.n_kept() < W.numel() // 2
+    zero = Q.gptq(W, S, Q.spqr_config(Q.QuantConfig(wbits=2, outlier_threshold=0.0)))
+    assert torch.equal(zero.dequantize(), W)  # every weight with any error becomes an outlier
+    # the statistics are quantized: 3-bit codes of 16 rows each -> few distinct values
+    assert len(torch.unique(qz.scales[:, 0])) <= 8
+
+
+# -- QuantEase (§4) ------------------------------------------------------------------------------
+
+
+@given(cfg=configs, seed=st.integers(0, 10 ** 6), from_gptq=st.booleans())
+def test_quantease_rounded_sweeps_never_increase_the_loss(cfg, seed, from_gptq):
+    W, S = random_problem(seed)
+    cfg = Q.QuantConfig(**{**vars(cfg), "iters": 4})
+    start = Q.gptq(W, 2 * S, cfg) if from_gptq else None
+    hist = []
+    qz = Q.quantease(W, S, cfg, start=start, history=hist)
+    losses = [f for _, f in hist]
+    assert all(b <= a * (1 + 1e-12) for a, b in zip(losses, losses[1:]))
+    if from_gptq:  # never worse than its GPTQ start
+        assert qz.loss <= Q.layer_loss(W, start.dequantize(), S) * (1 + 1e-12)
+
+
+@given(cfg=configs, seed=st.integers(0, 10 ** 6))
+def test_quantease_diagonal_sigma_is_rtn(cfg, seed):
+    W, _ = random_problem(seed)
+    d = torch.rand(W.shape[1], generator=torch.Generator().manual_seed(seed), dtype=DT) + 0.1
+    cfg = Q.QuantConfig(**{**vars(cfg), "iters": 1})
+    assert torch.equal(Q.quantease(W, torch.diag(d), cfg).dequantize(),
+                       Q.rtn(W, cfg).dequantize())
+
+
+@given(seed=st.integers(0, 10 ** 6))
+def test_quantease_fixed_point(seed):
+    W, S = random_problem(seed)
+    one = Q.QuantConfig(wbits=3, iters=1)
+    qz = Q.quantease(W, S, one)
+    for _ in range(100):  # sweep until the codes stop changing: a coordinate-wise minimum
+        nxt = Q.quantease(W, S, one, start=qz)
+        assert nxt.loss <= qz.loss * (1 + 1e-12)
+        if torch.equal(nxt.codes, qz.codes):
+            break
+        qz = nxt
+    else:
+        pytest.fail("no fixed point in 100 sweeps")
+    again = Q.quantease(W, S, one, start=nxt)  # a sweep started there returns it unchanged
+    assert torch.equal(again.dequantize(), nxt.dequantize())
+
+
+def test_quantease_relaxed_sweeps_are_unrounded_but_the_last_rounds():
+    W, S = random_problem(0)
+    hist = []
+    qz = Q.quantease(W, S, Q.QuantConfig(wbits=3, iters=6, relaxed=True), history=hist)
+    assert [r for r, _ in hist] == [True, False, True, True, False, True]
+    hist = []
+    Q.quantease(W, S, Q.QuantConfig(wbits=3, iters=2, relaxed=True), history=hist)
+    assert [r for r, _ in hist] == [True, True]  # the last sweep always rounds
+    assert torch.equal(qz.codes, qz.codes.round())
+
+
+@given(seed=st.integers(0, 10 ** 6), frac=st.sampled_from([0.01, 0.05, 0.2]))
+def test_quantease_outliers_budget_monotone_and_helpful(seed, frac):
+    W, S = random_problem(seed, m=16)
+    cfg = Q.QuantConfig(wbits=2, iters=4, outliers=frac)
+    hist = []
+    qz = Q.quantease_outliers(W, S, cfg, history=hist)
+    assert qz.n_kept() <= round(frac * W.numel())
+    losses = [f for _, f in hist]  # every CD sweep and every IHT step
+    assert all(b <= a * (1 + 1e-9) for a, b in zip(losses, losses[1:]))
+    plain = Q.quantease(W, S, Q.QuantConfig(wbits=2, iters=4))
+    assert qz.loss < plain.loss  # the 16-bit weights buy a lower loss
+
+
+def test_quantease_all_outliers_is_exact():
+    W, S = random_problem(2)
+    qz = Q.quantease_outliers(W, S, Q.QuantConfig(wbits=2, iters=3, outliers=1.0))
+    assert torch.allclose(qz.dequantize(), W, atol=1e-3)
+    assert qz.loss < 1e-6 * Q.layer_loss(W, 0 * W, S)
+
+
+# -- bit count and packing -----------------------------------------------------------------------
+
+
+def test_bit_count_by_hand():
+    m, n = 8, 64
+    codes = torch.zeros(m, n, dtype=DT)
+    qz = Q.Quantized(codes, torch.ones(m, 2), torch.zeros(m, 2), 3, 32)
+    assert Q.stored_bits(qz) == 8 * 64 * 3 + 8 * 2 * 2 * 16  # codes + scale and zero per group
+    qz.kept = torch.zeros(m, n, dtype=torch.bool)
+    qz.kept[0, :5] = True
+    assert Q.stored_bits(qz) == 8 * 64 * 3 + 8 * 2 * 2 * 16 + 5 * 32  # + value and index
+    # SpQR's README configuration: w3, groups of 16, 3-bit statistics in groups of 16 -> 3.625
+    cfg = Q.spqr_config(Q.QuantConfig(wbits=3))
+    qz = Q.Quantized(torch.zeros(16, 64), torch.ones(16, 4), torch.zeros(16, 4), 3, 16,
+                     stat_bits=Q.stat_bits(cfg))
+    assert Q.stored_bits(qz) / (16 * 64) == 3.625
+    r = {"a": {"bits_stored": 300, "numel": 100}, "b": {"bits_stored": 500, "numel": 100}}
+    assert Q.average_bits(r) == 4.0
+
+
+@given(bits=st.sampled_from([1, 2, 3, 4, 8]), words=st.integers(1, 4), N=st.integers(1, 9),
+       seed=st.integers(0, 1000))
+def test_pack_unpack_round_trip(bits, words, N, seed):
+    K = 32 * words
+    codes = torch.randint(0, 2 ** bits, (K, N), generator=torch.Generator().manual_seed(seed))
+    t = kernels.pack_codes(codes, bits)
+    assert t["qweight"].dtype == torch.int32
+    assert torch.equal(kernels.unpack_codes(t, bits, K).long(), codes)
+
+
+@given(seed=st.integers(0, 10 ** 6), cfg=configs.filter(lambda c: c.wbits in Q.PACKED_BITS))
+def test_packed_form_dequantizes_to_the_same_weights(seed, cfg):
+    W, S = random_problem(seed, n=64)
+    mask = torch.rand(W.shape, generator=torch.Generator().manual_seed(seed)) < 0.05
+    qz = Q.gptq(W.float(), S.float(), cfg, mask=mask)
+    t = Q.packed_tensors(qz)
+    back = kernels.dequantize(t, cfg.wbits, qz.groupsize, *W.shape)
+    assert torch.equal(back, qz.dequantize())
