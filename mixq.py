@@ -14,8 +14,10 @@ Sections (the spec is ../shared/algorithms.md; section numbers refer to it)
                        and the outlier-aware variant (CD + iterative hard thresholding)   (§4)
   5. Bit count         one function for every method                                      (§1.3)
   6. Pipeline          layer-wise, true-sequential, one block at a time                   (§1.2)
-  7. Save              packed codes (the format in kernels.py), atomically
-  8. CLI               python mixq.py [--ckpt X] --method gptq --wbits 3 --groupsize 64 ...
+  7. TaCQ              Xiao et al. 2025, arXiv 2504.07389: gradient saliency, a global 16-bit
+                       budget, GPTQ with that mask                                        (§6)
+  8. Save              packed codes (the format in kernels.py), atomically
+  9. CLI               python mixq.py [--ckpt X] --method gptq --wbits 3 --groupsize 64 ...
 
 Run `python mixq.py --help` for every option; `python mixq.py` runs the default job (GPTQ W3 g64
 on the embedded SmolLM2-135M-Instruct, calibrated on the pydoc calibration split).
@@ -483,7 +485,8 @@ SEQUENTIAL = [  # true-sequential groups: each is quantized after the ones befor
     ["mlp.gate_proj", "mlp.up_proj"],
     ["mlp.down_proj"],
 ]
-METHODS = ["rtn", "gptq", "quantease", "spqr"]
+METHODS = ["rtn", "gptq", "quantease", "spqr", "tacq"]
+LINEARS = [name for group in SEQUENTIAL for name in group]
 
 
 class StopForward(Exception):
@@ -505,12 +508,13 @@ class InputStats:
         self.count += t
 
 
-def solve(method: str, W, sigma, cfg: QuantConfig) -> Quantized:
-    """One linear: dispatch to the algorithm. sigma = X X^T / N; GPTQ's H = 2 sigma."""
+def solve(method: str, W, sigma, cfg: QuantConfig, mask=None) -> Quantized:
+    """One linear: dispatch to the algorithm. sigma = X X^T / N; GPTQ's H = 2 sigma; mask: the
+    weights TaCQ keeps in 16 bits."""
     if method == "rtn":
         return rtn(W, cfg)
-    if method == "gptq":
-        return gptq(W, 2 * sigma, cfg)
+    if method in ("gptq", "tacq"):
+        return gptq(W, 2 * sigma, cfg, mask=mask)
     if method == "spqr":
         return gptq(W, 2 * sigma, cfg)  # spqr_config set the groups, threshold and stat bits
     if method == "quantease":
@@ -543,10 +547,11 @@ def calibration_windows(spec: str, tok, nsamples: int, seqlen: int, seed: int) -
 
 @torch.no_grad()
 def quantize_model(model: M.Transformer, calib: Optional[torch.Tensor], method: str,
-                   cfg: QuantConfig, device=None, log=print) -> dict:
+                   cfg: QuantConfig, device=None, log=print, masks: Optional[dict] = None) -> dict:
     """Quantize every linear of every block, in place (the weights become W_hat), one block on
-    `device` at a time. calib (nsamples, seqlen) tokens, None for RTN. Returns, per linear name,
-    the packed tensors for saving plus its stored bits and loss."""
+    `device` at a time. calib (nsamples, seqlen) tokens, None for RTN; masks: per linear name,
+    the weights to keep in 16 bits (TaCQ). Returns, per linear name, the packed tensors for
+    saving plus its stored bits and loss."""
     if method == "spqr":
         cfg = spqr_config(cfg)
     device = torch.device(device or model.device)
@@ -566,7 +571,8 @@ def quantize_model(model: M.Transformer, calib: Optional[torch.Tensor], method: 
             for name in group:
                 lin = block.get_submodule(name)
                 W = lin.weight.data
-                qz = solve(method, W.to(device), stats[name].sigma if stats else None, cfg)
+                mask = None if masks is None else masks[f"layers.{li}.{name}"].to(device)
+                qz = solve(method, W.to(device), stats[name].sigma if stats else None, cfg, mask)
                 W_hat = qz.dequantize()
                 # relative output error on the calibration data (weight error for RTN)
                 sigma = stats[name].sigma if stats else torch.eye(W.shape[1], device=W.device)
@@ -616,7 +622,132 @@ def collect_input_stats(block, group, xs, cos, sin, device) -> dict:
 
 
 # -----------------------------------------------------------------------------
-# 7. Save: the packed format of kernels.py, written atomically
+# 7. TaCQ (spec §6; Xiao et al. 2025, arXiv 2504.07389; The-Inscrutable-X/TACQ)
+#
+# Keep in 16 bits the weights whose quantization would hurt the task most, scored by
+#   S = |W| * |W - Q_ref(W)| * sum_s |dL_s/dW|        (Q_ref: plain GPTQ, same bits and data)
+# with one global top-k over every q/k/v/o/gate/up/down matrix, then GPTQ with that mask.
+
+
+def linear_names(model: M.Transformer) -> list:
+    """Every quantized linear: layers.{i}.self_attn.q_proj ... layers.{i}.mlp.down_proj."""
+    return [f"layers.{i}.{n}" for i in range(len(model.layers)) for n in LINEARS]
+
+
+def next_token_loss(logits, tokens, answer=None):
+    """Mean cross-entropy of each next token; only over answer tokens when `answer` marks them."""
+    nll = torch.nn.functional.cross_entropy(logits[0, :-1].float(), tokens[1:], reduction="none")
+    if answer is None:
+        return nll.mean()
+    target = answer[1:].to(nll.device)  # position t predicts token t+1
+    return (nll * target).sum() / target.sum().clamp(min=1)
+
+
+def gradient_magnitudes(model: M.Transformer, calib, answers=None, loss_scale: float = 1.0,
+                        log=print) -> dict:
+    """G[name] = sum over samples s of |dL_s/dW| for every linear of every block (fp32, batch
+    size 1). A hook adds each gradient into its accumulator and frees it at once, so memory stays
+    near weights + activations + one gradient + the accumulators."""
+    weights = {name: model.get_submodule(name).weight for name in linear_names(model)}
+    acc = {name: torch.zeros_like(w, dtype=torch.float32) for name, w in weights.items()}
+    hooks = []
+    for name, w in weights.items():
+        w.requires_grad_(True)
+
+        def add_and_free(p, name=name):
+            acc[name] += p.grad.abs()  # |dL_s/dW|: absolute value per sample, then the sum
+            p.grad = None
+        hooks.append(w.register_post_accumulate_grad_hook(add_and_free))
+    t0 = time.perf_counter()
+    try:
+        for i, tokens in enumerate(calib):
+            tokens = tokens.to(model.device)
+            loss = next_token_loss(model(tokens[None]), tokens,
+                                   None if answers is None else answers[i])
+            (loss * loss_scale).backward()
+            if (i + 1) % max(1, len(calib) // 4) == 0:
+                log(f"  gradients: {i + 1}/{len(calib)} samples, {time.perf_counter() - t0:.0f}s")
+    finally:
+        for h in hooks:
+            h.remove()
+        for w in weights.values():
+            w.requires_grad_(False)
+            w.grad = None
+    return acc
+
+
+def tacq_score(W, W_ref, G):
+    """S = |W| * |W - Q_ref(W)| * G: zero where W = 0, where quantization does not move W, or
+    where the task loss is insensitive to W."""
+    W, W_ref = W.float(), W_ref.float()
+    return W.abs() * (W - W_ref).abs() * G.float()
+
+
+def global_top_k_masks(scores: dict, ratio: float) -> dict:
+    """Masks of the k = int(ratio * N) highest scores over all matrices together (N = their total
+    size; no per-layer quota). A stable sort makes the mask at a smaller ratio a subset of the
+    mask at a larger one, ties included."""
+    sizes = {name: s.numel() for name, s in scores.items()}
+    k = int(ratio * sum(sizes.values()))
+    flat = torch.cat([s.flatten().cpu() for s in scores.values()])
+    chosen = torch.zeros(flat.numel(), dtype=torch.bool)
+    chosen[torch.sort(flat, descending=True, stable=True).indices[:k]] = True
+    masks, offset = {}, 0
+    for name, s in scores.items():
+        masks[name] = chosen[offset:offset + sizes[name]].view(s.shape)
+        offset += sizes[name]
+    return masks
+
+
+def tacq_scores(model: M.Transformer, calib, answers, cfg: QuantConfig, device=None,
+                log=print) -> dict:
+    """Steps 1-3: gradients on the fp model, the reference GPTQ (no mask), the scores. The
+    model's weights are restored before returning."""
+    t0 = time.perf_counter()
+    G = gradient_magnitudes(model, calib, answers, log=log)
+    log(f"gradient pass: {time.perf_counter() - t0:.0f}s")
+    fp = {name: model.get_submodule(name).weight.data.clone() for name in linear_names(model)}
+    log("reference GPTQ (no mask):")
+    quantize_model(model, calib, "gptq", cfg, device, log)
+    scores = {}
+    for name, W in fp.items():
+        lin = model.get_submodule(name)
+        scores[name] = tacq_score(W, lin.weight.data, G.pop(name)).cpu()
+        lin.weight.data = W  # back to the fp weights
+    return scores
+
+
+def cached_tacq_scores(model, calib, answers, cfg, fingerprint: dict, scores_dir=None,
+                       device=None, log=print) -> dict:
+    """tacq_scores, cached in scores_dir (safetensors + a JSON fingerprint of the model, the
+    calibration data and the options), so another ratio costs no new gradients."""
+    from safetensors.torch import load_file, save_file
+    if scores_dir is None:
+        return tacq_scores(model, calib, answers, cfg, device, log)
+    d = Path(scores_dir)
+    if (d / "scores.json").exists():
+        saved = json.loads((d / "scores.json").read_text())
+        if saved != fingerprint:
+            diff = sorted(k for k in set(saved) | set(fingerprint)
+                          if saved.get(k) != fingerprint.get(k))
+            raise ValueError(f"--scores {d} holds scores for other settings (differs in: "
+                             f"{', '.join(diff)}); use another directory")
+        log(f"scores: reusing {d}")
+        return load_file(str(d / "scores.safetensors"))
+    scores = tacq_scores(model, calib, answers, cfg, device, log)
+    tmp = M.atomic_dir(d)
+    try:
+        save_file(scores, str(tmp.path / "scores.safetensors"))
+        (tmp.path / "scores.json").write_text(json.dumps(fingerprint, indent=2))
+        tmp.commit()
+    except BaseException:
+        tmp.abort()
+        raise
+    return scores
+
+
+# -----------------------------------------------------------------------------
+# 8. Save: the packed format of kernels.py, written atomically
 
 
 PACKED_BITS = (2, 3, 4, 8)  # the widths the packed format (and the kernel) stores
@@ -661,7 +792,7 @@ def save_quantized(model: M.Transformer, results: dict, tokenizer_dir, out_dir, 
 
 
 # -----------------------------------------------------------------------------
-# 8. CLI
+# 9. CLI
 
 
 def peak_memory_gb(device) -> float:
