@@ -5,7 +5,9 @@ Sections
   2. Perplexity   the GPTQ protocol: tokenize once without BOS, non-overlapping windows of seqlen,
                   drop the remainder, ppl = exp(mean NLL over every predicted token)
   3. Speed        prefill and decode tokens/s
-  4. CLI          python eval.py [--ckpt X] [--corpus pydoc] [--seqlen 512] [--windows N] [--json OUT]
+  4. Tasks        built-in tasks (capitals, compare, arith) and jsonl files; multiple choice by
+                  log-likelihood (acc, acc_norm), generation by greedy exact match
+  5. CLI          python eval.py [--ckpt X] [--corpus pydoc] [--seqlen 512] [--windows N] [--json OUT]
 
 Imports flow one way: this file imports only model.py.
 """
@@ -15,7 +17,9 @@ from __future__ import annotations
 import json
 import math
 import os
+import random
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -138,7 +142,196 @@ def speed(model: M.Transformer, prompt_len: int = 512, new_tokens: int = 32, rep
 
 
 # -----------------------------------------------------------------------------
-# 4. CLI
+# 4. Tasks: multiple choice and generation, scored as lm-eval does
+#
+# An item is {"question", "choices", "answer": index} (multiple choice), {"question", "answer"}
+# (generation; GSM8K's "... #### 42" allowed) or {"text"} (plain text, calibration only).
+# Prompt: "{fewshot}Question: {question}\nAnswer:"; a choice or answer follows after one space.
+
+CAPITALS = {  # country -> capital, for the built-in `capitals` task
+    "Afghanistan": "Kabul", "Algeria": "Algiers", "Argentina": "Buenos Aires",
+    "Australia": "Canberra", "Austria": "Vienna", "Bangladesh": "Dhaka", "Belgium": "Brussels",
+    "Bolivia": "La Paz", "Brazil": "Brasilia", "Bulgaria": "Sofia", "Cambodia": "Phnom Penh",
+    "Canada": "Ottawa", "Chile": "Santiago", "China": "Beijing", "Colombia": "Bogota",
+    "Croatia": "Zagreb", "Cuba": "Havana", "Czech Republic": "Prague", "Denmark": "Copenhagen",
+    "Ecuador": "Quito", "Egypt": "Cairo", "England": "London", "Estonia": "Tallinn",
+    "Ethiopia": "Addis Ababa", "Finland": "Helsinki", "France": "Paris", "Germany": "Berlin",
+    "Ghana": "Accra", "Greece": "Athens", "Hungary": "Budapest", "Iceland": "Reykjavik",
+    "India": "New Delhi", "Indonesia": "Jakarta", "Iran": "Tehran", "Iraq": "Baghdad",
+    "Ireland": "Dublin", "Israel": "Jerusalem", "Italy": "Rome", "Jamaica": "Kingston",
+    "Japan": "Tokyo", "Jordan": "Amman", "Kenya": "Nairobi", "Latvia": "Riga",
+    "Lebanon": "Beirut", "Lithuania": "Vilnius", "Malaysia": "Kuala Lumpur", "Mexico": "Mexico City",
+    "Mongolia": "Ulaanbaatar", "Morocco": "Rabat", "Nepal": "Kathmandu",
+    "Netherlands": "Amsterdam", "New Zealand": "Wellington", "Nigeria": "Abuja",
+    "North Korea": "Pyongyang", "Norway": "Oslo", "Pakistan": "Islamabad", "Peru": "Lima",
+    "Philippines": "Manila", "Poland": "Warsaw", "Portugal": "Lisbon", "Romania": "Bucharest",
+    "Russia": "Moscow", "Saudi Arabia": "Riyadh", "Scotland": "Edinburgh", "Senegal": "Dakar",
+    "Serbia": "Belgrade", "Singapore": "Singapore", "Slovakia": "Bratislava",
+    "South Korea": "Seoul", "Spain": "Madrid", "Sweden": "Stockholm", "Switzerland": "Bern",
+    "Syria": "Damascus", "Taiwan": "Taipei", "Thailand": "Bangkok", "Tunisia": "Tunis",
+    "Turkey": "Ankara", "Uganda": "Kampala", "Ukraine": "Kyiv", "United States": "Washington",
+    "Uruguay": "Montevideo", "Venezuela": "Caracas", "Vietnam": "Hanoi", "Zimbabwe": "Harare",
+}
+
+
+@dataclass
+class Task:
+    name: str
+    kind: str  # "mc" (multiple choice), "gen" (generation) or "text"
+    items: list
+    fewshot: str = ""  # prepended to every prompt
+
+
+def _split(items: list, split: str, seed: int) -> list:
+    """A fixed shuffle, then the first half calibrates and the second half tests."""
+    items = list(items)
+    random.Random(seed).shuffle(items)
+    half = len(items) // 2
+    return items[:half] if split == "calib" else items[half:]
+
+
+def task_capitals(split: str) -> Task:
+    """Multiple choice, 4 choices (chance 25%): the capital of a country; the three wrong choices
+    are other capitals drawn with a fixed seed. Zero-shot."""
+    countries = _split(sorted(CAPITALS), split, seed=0)
+    rng, items = random.Random(1), []
+    for c in countries:
+        wrong = rng.sample(sorted(v for k, v in CAPITALS.items() if k != c), 3)
+        choices = wrong + [CAPITALS[c]]
+        rng.shuffle(choices)
+        items.append({"question": f"What is the capital of {c}?", "choices": choices,
+                      "answer": choices.index(CAPITALS[c])})
+    return Task("capitals", "mc", items)
+
+
+def task_compare(split: str) -> Task:
+    """Multiple choice, 2 choices (chance 50%): the larger of two two-digit numbers, 400 distinct
+    pairs drawn with a fixed seed. Zero-shot."""
+    rng, items = random.Random(2), []
+    pairs = [(a, b) for a in range(10, 100) for b in range(a + 1, 100)]
+    for a, b in rng.sample(pairs, 400):  # 400 distinct pairs, the larger first or second
+        a, b = (a, b) if rng.random() < 0.5 else (b, a)
+        items.append({"question": f"Which number is larger, {a} or {b}?",
+                      "choices": [str(a), str(b)], "answer": 0 if a > b else 1})
+    return Task("compare", "mc", _split(items, split, seed=3))
+
+
+def task_arith(split: str) -> Task:
+    """Generation, exact match: a + b for a in 1..19, b in 1..9 (171 sums), two-shot, greedy."""
+    items = [{"question": f"What is {a} + {b}?", "answer": str(a + b)}
+             for a in range(1, 20) for b in range(1, 10)]
+    shots = "Question: What is 2 + 3?\nAnswer: 5\n\nQuestion: What is 4 + 1?\nAnswer: 5\n\n"
+    return Task("arith", "gen", _split(items, split, seed=4), fewshot=shots)
+
+
+TASKS = {"capitals": task_capitals, "compare": task_compare, "arith": task_arith}
+
+
+def load_task(spec: str, split: str = "eval") -> Task:
+    """task:NAME (built-in; split 'calib' or 'eval') or jsonl:PATH (one item per line; the kind
+    is read off the first item's fields)."""
+    kind, _, arg = spec.partition(":")
+    if kind == "task":
+        if arg not in TASKS:
+            raise ValueError(f"unknown task {arg!r}; built-in tasks: {', '.join(TASKS)}")
+        return TASKS[arg](split)
+    if kind == "jsonl":
+        path = Path(arg).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(f"task file {path} does not exist")
+        items = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        if not items:
+            raise ValueError(f"{path} holds no items")
+        first = items[0]
+        kind = "mc" if "choices" in first else "gen" if "answer" in first else \
+            "text" if "text" in first else None
+        if kind is None:
+            raise ValueError(f"{path}: items need question/choices/answer, question/answer or "
+                             f"text fields")
+        return Task(path.stem, kind, items)
+    raise ValueError(f"unknown task spec {spec!r}: use task:NAME or jsonl:PATH")
+
+
+def is_task(spec: str) -> bool:
+    return spec.startswith(("task:", "jsonl:"))
+
+
+def prompt(task: Task, item: dict) -> str:
+    return f"{task.fewshot}Question: {item['question']}\nAnswer:"
+
+
+def gold_answer(item: dict) -> str:
+    """The reference answer text; GSM8K-style "reasoning #### 42" gives "42"."""
+    return str(item["answer"]).split("####")[-1].strip()
+
+
+def calibration_text(task: Task, item: dict) -> tuple:
+    """(context, answer) texts of one item for calibration: the answer is what the loss scores."""
+    if task.kind == "text":
+        return "", item["text"]
+    ans = item["choices"][item["answer"]] if task.kind == "mc" else str(item["answer"])
+    return prompt(task, item), " " + ans
+
+
+@torch.no_grad()
+def continuation_logprobs(model, tokenizer, context: str, continuations: list) -> list:
+    """log p(continuation | context) for each continuation: tokenize context + continuation
+    together and score only the continuation's tokens (so the boundary token is the one the model
+    would see). One batch, right-padded: causal attention keeps the padding out of the scores."""
+    ctx_len = len(tokenizer.encode(context))
+    seqs = [tokenizer.encode(context + c) for c in continuations]
+    T = max(len(s) for s in seqs)
+    x = torch.tensor([s + [0] * (T - len(s)) for s in seqs], device=model.device)  # (C, T)
+    logp = torch.log_softmax(model(x).float(), dim=-1)  # (C, T, vocab)
+    return [sum(logp[i, t - 1, s[t]].item() for t in range(ctx_len, len(s)))
+            for i, s in enumerate(seqs)]
+
+
+def multiple_choice(model, tokenizer, task: Task, limit=None) -> dict:
+    """acc: argmax of log p(" " + choice); acc_norm: argmax of that / len(choice) in characters."""
+    acc = acc_norm = 0
+    items = task.items[:limit]
+    for item in items:
+        lls = continuation_logprobs(model, tokenizer, prompt(task, item),
+                                    [" " + c for c in item["choices"]])
+        norm = [ll / len(" " + c) for ll, c in zip(lls, item["choices"])]
+        acc += max(range(len(lls)), key=lls.__getitem__) == item["answer"]
+        acc_norm += max(range(len(norm)), key=norm.__getitem__) == item["answer"]
+    return {"acc": acc / len(items), "acc_norm": acc_norm / len(items), "n": len(items)}
+
+
+def generation(model, tokenizer, task: Task, max_new_tokens: int = 8, limit=None) -> dict:
+    """Greedy continuation up to a newline; exact match of its stripped first line (after any
+    "####") with the reference answer."""
+    newline = tokenizer.encode("\n")
+    stop = tokenizer.stop_ids() + (newline if len(newline) == 1 else [])
+    hits, items = 0, task.items[:limit]
+    for item in items:
+        ids = tokenizer.encode(prompt(task, item))
+        out = model.generate(ids, max_new_tokens, stop_ids=stop)
+        text = tokenizer.decode(out).split("\n")[0].split("####")[-1].strip()
+        hits += text == gold_answer(item)
+    return {"exact_match": hits / len(items), "n": len(items)}
+
+
+def task_accuracy(model, tokenizer, spec: str, limit=None) -> dict:
+    task = load_task(spec, "eval")
+    if task.kind == "mc":
+        return multiple_choice(model, tokenizer, task, limit)
+    if task.kind == "gen":
+        return generation(model, tokenizer, task, limit=limit)
+    raise ValueError(f"{spec}: plain-text items have nothing to score; use it for calibration")
+
+
+def task_protocol(spec: str, res: dict) -> str:
+    if "acc" in res:
+        return (f"{spec}: {res['n']} test items, multiple choice by log-likelihood of ' choice' "
+                f"(acc; acc_norm divides by its length in characters)")
+    return (f"{spec}: {res['n']} test items, greedy generation to the first newline, exact match")
+
+
+# -----------------------------------------------------------------------------
+# 5. CLI
 
 
 def write_json(path, obj):

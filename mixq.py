@@ -19,8 +19,9 @@ Sections (the spec is ../shared/algorithms.md; section numbers refer to it)
   8. Save              packed codes (the format in kernels.py), atomically
   9. CLI               python mixq.py [--ckpt X] --method gptq --wbits 3 --groupsize 64 ...
 
-Run `python mixq.py --help` for every option; `python mixq.py` runs the default job (GPTQ W3 g64
-on the embedded SmolLM2-135M-Instruct, calibrated on the pydoc calibration split).
+Run `python mixq.py --help` for every option; `python mixq.py` runs the default job (TaCQ, 3 bits
+per channel, ratio 0.0035, on the embedded SmolLM2-135M-Instruct, calibrated on the pydoc
+calibration split).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import random
 import resource
 import shutil
 import time
@@ -67,6 +69,7 @@ class QuantConfig:
     outliers: float = 0.0  # outlier-aware QuantEase: fraction of weights kept in 16 bits
     outlier_threshold: float = float("inf")  # SpQR-style: relative error threshold (0.2 in SpQR)
     stat_bits: int = 16  # bits per stored scale and zero; SpQR-style quantizes them to 3
+    ratio: float = 0.0035  # TaCQ: fraction of all linear weights kept in 16 bits
 
     def __post_init__(self):
         if not 2 <= self.wbits <= 8:
@@ -549,7 +552,8 @@ def calibration_windows(spec: str, tok, nsamples: int, seqlen: int, seed: int) -
 def quantize_model(model: M.Transformer, calib: Optional[torch.Tensor], method: str,
                    cfg: QuantConfig, device=None, log=print, masks: Optional[dict] = None) -> dict:
     """Quantize every linear of every block, in place (the weights become W_hat), one block on
-    `device` at a time. calib (nsamples, seqlen) tokens, None for RTN; masks: per linear name,
+    `device` at a time. calib: token sequences (a (nsamples, seqlen) tensor or a list of 1-D
+    tensors of any lengths), None for RTN; masks: per linear name,
     the weights to keep in 16 bits (TaCQ). Returns, per linear name, the packed tensors for
     saving plus its stored bits and loss."""
     if method == "spqr":
@@ -559,15 +563,21 @@ def quantize_model(model: M.Transformer, calib: Optional[torch.Tensor], method: 
     results = {}
     xs = None
     if method != "rtn":  # inputs of block 0: the embeddings, kept on the CPU between blocks
-        xs = [model.embed_tokens(c[None].to(home)).cpu() for c in calib]
-        cos, sin = (t.to(device) for t in model.rope(0, calib.shape[1]))
+        xs = [model.embed_tokens(c[None].to(home)).cpu() for c in calib]  # each (1, T, dim)
+    ropes = {}
+
+    def rope(x):  # cos, sin for a sample's length (samples may differ in length)
+        T = x.shape[1]
+        if T not in ropes:
+            ropes[T] = tuple(t.to(device) for t in model.rope(0, T))
+        return ropes[T]
     t_start = time.perf_counter()
     for li, block in enumerate(model.layers):
         t0 = time.perf_counter()
         block.to(device)
         losses = {}
         for group in SEQUENTIAL:
-            stats = collect_input_stats(block, group, xs, cos, sin, device) if xs else {}
+            stats = collect_input_stats(block, group, xs, rope, device) if xs else {}
             for name in group:
                 lin = block.get_submodule(name)
                 W = lin.weight.data
@@ -585,7 +595,7 @@ def quantize_model(model: M.Transformer, calib: Optional[torch.Tensor], method: 
                     "bits_stored": stored_bits(qz), "numel": W.numel(), "kept": qz.n_kept(),
                     "rel_err": rel}
         if xs is not None:  # the quantized block's outputs feed the next block
-            xs = [block(x.to(device), cos, sin).cpu() for x in xs]
+            xs = [block(x.to(device), *rope(x)).cpu() for x in xs]
         block.to(home)
         dt = time.perf_counter() - t0
         eta = (time.perf_counter() - t_start) / (li + 1) * (len(model.layers) - li - 1)
@@ -594,7 +604,7 @@ def quantize_model(model: M.Transformer, calib: Optional[torch.Tensor], method: 
     return results
 
 
-def collect_input_stats(block, group, xs, cos, sin, device) -> dict:
+def collect_input_stats(block, group, xs, rope, device) -> dict:
     """Run the block on every calibration input with hooks that accumulate Sigma for the linears
     of `group`, stopping each forward as soon as all of them have seen their input."""
     stats, seen, hooks = {}, set(), []
@@ -612,7 +622,7 @@ def collect_input_stats(block, group, xs, cos, sin, device) -> dict:
         for x in xs:
             seen.clear()
             try:
-                block(x.to(device), cos, sin)
+                block(x.to(device), *rope(x))
             except StopForward:
                 pass
     finally:
@@ -801,11 +811,21 @@ def peak_memory_gb(device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # Linux: KiB
 
 
-def evaluate(model, tok, specs, seqlen, windows=None) -> dict:
+def check_spec(spec: str, split: str):
+    """Fail on a bad corpus or task spec before any long work."""
+    E.load_task(spec, split) if E.is_task(spec) else E.corpus_text(spec, split)
+
+
+def evaluate(model, tok, specs, seqlen, windows=None, task_limit=None) -> dict:
+    """Perplexity for corpus specs, accuracy for task specs; each printed with its protocol."""
     out = {}
     for spec in specs:
-        tokens = E.corpus_tokens(spec, tok, "eval")
-        r = E.perplexity(model, tokens, seqlen, windows)
+        if E.is_task(spec):
+            out[spec] = r = E.task_accuracy(model, tok, spec, task_limit)
+            score = " ".join(f"{k} {v:.3f}" for k, v in r.items() if k != "n")
+            print(f"  {E.task_protocol(spec, r)}: {score}")
+            continue
+        r = E.perplexity(model, E.corpus_tokens(spec, tok, "eval"), seqlen, windows)
         out[spec] = {"ppl": r["ppl"], "tokens": r["tokens"], "windows": r["windows"],
                      "seqlen": seqlen}
         split = "eval" if spec == "pydoc" else "test"
@@ -814,41 +834,89 @@ def evaluate(model, tok, specs, seqlen, windows=None) -> dict:
     return out
 
 
-def run(ckpt=None, method="gptq", cfg: QuantConfig = QuantConfig(wbits=3, groupsize=64),
-        calib="pydoc", nsamples=32, seqlen=512, seed=0, evals=("pydoc",), eval_seqlen=512,
-        eval_windows=None, save=None, json_out=None, device="cpu", dtype="fp32") -> dict:
+def calibration_data(spec: str, tok, nsamples: int, seqlen: int, seed: int):
+    """(token windows, answer masks or None). Corpora: random windows (calibration_windows).
+    Tasks: the calibration items, "prompt answer" joined by blank lines in a seeded order, cut
+    into consecutive windows of seqlen (fewer than nsamples if the items run out); the masks mark
+    the answer tokens, which TaCQ's loss scores."""
+    if not E.is_task(spec):
+        return calibration_windows(spec, tok, nsamples, seqlen, seed), None
+    task = E.load_task(spec, "calib")
+    items = list(task.items)
+    random.Random(seed).shuffle(items)
+    ids, answer = [], []
+    for item in items:
+        context, ans = E.calibration_text(task, item)
+        a, b = tok.encode(context), tok.encode(context + ans + "\n\n")
+        n_ans = len(tok.encode(context + ans)) - len(a)
+        ids += b
+        answer += [False] * len(a) + [True] * n_ans + [False] * (len(b) - len(a) - n_ans)
+    ids, answer = torch.tensor(ids), torch.tensor(answer)
+    n = max(1, min(nsamples, len(ids) // seqlen))
+    L = min(seqlen, len(ids))
+    return [ids[i * L:(i + 1) * L] for i in range(n)], [answer[i * L:(i + 1) * L] for i in range(n)]
+
+
+def method_config(method: str, cfg: QuantConfig) -> QuantConfig:
+    """The options a method actually runs with."""
+    if method == "spqr":
+        return spqr_config(cfg)
+    if method == "tacq":  # TaCQ's GPTQ settings: asymmetric with MSE clipping (§6.1 step 2)
+        return replace(cfg, mse=True)
+    return cfg
+
+
+def run(ckpt=None, method="tacq", cfg: QuantConfig = QuantConfig(wbits=3, groupsize=-1),
+        calib="pydoc", nsamples=32, seqlen=512, seed=0, evals=("pydoc", "task:capitals"),
+        eval_seqlen=512, eval_windows=None, task_limit=None, scores_dir=None, save=None,
+        json_out=None, device="cpu", dtype="fp32") -> dict:
     """Load, evaluate fp, quantize, evaluate, save. The CLI calls this; so can a notebook."""
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
     if save and cfg.wbits not in PACKED_BITS:
         raise ValueError(f"--save stores {', '.join(map(str, PACKED_BITS))}-bit codes; "
                          f"--wbits {cfg.wbits} can be evaluated but not saved")
-    for spec in list(evals) + ([calib] if method != "rtn" else []):
-        E.corpus_text(spec)  # fail on a bad spec before any long work
+    for spec in evals:
+        check_spec(spec, "eval")
+    if method != "rtn":
+        check_spec(calib, "calib")
+    used = method_config(method, cfg)
     model, tok = M.load(ckpt, dtype, device)
     if tok is None:
         raise M.CheckpointError("the checkpoint has no tokenizer.json")
     for n in (model.args.dim, model.args.hidden_dim):
-        group_size(spqr_config(cfg) if method == "spqr" else cfg, n)
-    print(f"mixq: {method} W{cfg.wbits} "
-          f"{'per-channel' if cfg.groupsize == -1 else f'g{cfg.groupsize}'} on "
-          f"{ckpt or M.DEFAULT_MODEL}")
+        group_size(used, n)
+    g = "per-channel" if used.groupsize == -1 else f"g{used.groupsize}"
+    print(f"mixq: {method} W{cfg.wbits} {g} on {ckpt or M.DEFAULT_MODEL}")
     print("fp model:")
-    fp = evaluate(model, tok, evals, eval_seqlen, eval_windows)
-    calib_tokens = None
+    fp = evaluate(model, tok, evals, eval_seqlen, eval_windows, task_limit)
+    calib_tokens = answers = None
     if method != "rtn":
-        calib_tokens = calibration_windows(calib, tok, nsamples, seqlen, seed)
-        print(f"calibration: {nsamples} windows of {seqlen} tokens from {calib} (seed {seed})")
+        calib_tokens, answers = calibration_data(calib, tok, nsamples, seqlen, seed)
+        print(f"calibration: {len(calib_tokens)} windows of {len(calib_tokens[0])} tokens from "
+              f"{calib} (seed {seed})")
     t0 = time.perf_counter()
-    results = quantize_model(model, calib_tokens, method, cfg, device)
+    masks = None
+    if method == "tacq":
+        fingerprint = {"ckpt": str(ckpt or M.DEFAULT_MODEL), "wbits": used.wbits,
+                       "groupsize": used.groupsize, "mse": used.mse, "sym": used.sym,
+                       "percdamp": used.percdamp, "calib": calib, "nsamples": nsamples,
+                       "seqlen": seqlen, "seed": seed}
+        scores = cached_tacq_scores(model, calib_tokens, answers, used, fingerprint, scores_dir,
+                                    device)
+        masks = global_top_k_masks(scores, used.ratio)
+        del scores
+        print(f"TaCQ: keeping {sum(int(m.sum()) for m in masks.values()):,} weights in 16 bits "
+              f"(ratio {used.ratio}); final GPTQ with that mask:")
+    results = quantize_model(model, calib_tokens, method, used, device, masks=masks)
     quant_seconds = time.perf_counter() - t0
     avg = average_bits(results)
     print("quantized model:")
-    quant = evaluate(model, tok, evals, eval_seqlen, eval_windows)
-    used = spqr_config(cfg) if method == "spqr" else cfg
+    quant = evaluate(model, tok, evals, eval_seqlen, eval_windows, task_limit)
+    options = asdict(used) | {"outlier_threshold": str(used.outlier_threshold)}
     summary = {"method": method, "wbits": cfg.wbits, "groupsize": used.groupsize,
                "avg_bits": avg, "fp": fp, "quant": quant, "quant_seconds": quant_seconds,
-               "peak_memory_gb": peak_memory_gb(device), "config": asdict(used),
+               "peak_memory_gb": peak_memory_gb(device), "config": options,
                "calib": None if method == "rtn" else {"spec": calib, "nsamples": nsamples,
                                                       "seqlen": seqlen, "seed": seed},
                "kept_weights": sum(r["kept"] for r in results.values()),
@@ -857,24 +925,31 @@ def run(ckpt=None, method="gptq", cfg: QuantConfig = QuantConfig(wbits=3, groups
     if save:
         qconfig = {"quant_method": "mixq", "format": "kernels.py packed v1", "method": method,
                    "bits": cfg.wbits, "group_size": used.groupsize, "avg_bits": avg,
-                   "options": asdict(used) | {"outlier_threshold": str(used.outlier_threshold)},
-                   "calib": summary["calib"],
-                   "modules": sorted(results)}
+                   "options": options, "calib": summary["calib"], "modules": sorted(results)}
         save_quantized(model, results, M.resolve_ckpt(ckpt) if ckpt else M.embedded_checkpoint(),
                        save, qconfig)
         print(f"saved to {save}")
     if json_out:
-        summary["config"]["outlier_threshold"] = str(used.outlier_threshold)
         E.write_json(json_out, summary)
     return summary
 
 
+def headline(metrics: dict) -> str:
+    """The number a table shows for one eval spec: ppl, acc or exact match."""
+    for k in ("ppl", "acc", "exact_match"):
+        if k in metrics:
+            return f"{metrics[k]:.3f}"
+    return "-"
+
+
 def print_summary(s: dict):
     specs = list(s["fp"])
-    head = "| method | avg bits | " + " | ".join(f"{sp} fp ppl | {sp} quant ppl" for sp in specs)
+    names = [f"{sp} {'ppl' if 'ppl' in s['fp'][sp] else 'acc' if 'acc' in s['fp'][sp] else 'em'}"
+             for sp in specs]
+    head = "| method | avg bits | " + " | ".join(f"{n} fp | {n} quant" for n in names)
     print("\n" + head + " | quant s | peak mem GB |")
     print("|" + "---|" * (4 + 2 * len(specs)))
-    cells = " | ".join(f"{s['fp'][sp]['ppl']:.3f} | {s['quant'][sp]['ppl']:.3f}" for sp in specs)
+    cells = " | ".join(f"{headline(s['fp'][sp])} | {headline(s['quant'][sp])}" for sp in specs)
     g = "per-channel" if s["groupsize"] == -1 else f"g{s['groupsize']}"
     print(f"| {s['method']} W{s['wbits']} {g} | {s['avg_bits']:.3f} | {cells} | "
           f"{s['quant_seconds']:.0f} | {s['peak_memory_gb']:.1f} |")
@@ -883,16 +958,19 @@ def print_summary(s: dict):
 def main():
     import argparse
     p = argparse.ArgumentParser(
-        description="Quantize a Llama checkpoint layer by layer and compare perplexity.",
+        description="Quantize a Llama checkpoint layer by layer and compare perplexity and task "
+                    "accuracy. With no arguments: TaCQ, 3 bits per channel, ratio 0.0035, "
+                    "calibrated on pydoc, on the embedded SmolLM2-135M-Instruct.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--ckpt", default=None, help="short name, HF directory or .gguf file "
                    "(default: the embedded SmolLM2-135M-Instruct)")
-    p.add_argument("--method", default="gptq", choices=METHODS, help="quantization algorithm")
+    p.add_argument("--method", default="tacq", choices=METHODS, help="quantization algorithm")
     p.add_argument("--wbits", type=int, default=3, help="bits per weight code (2-8)")
-    p.add_argument("--groupsize", type=int, default=64, help="input columns per scale/zero; "
+    p.add_argument("--groupsize", type=int, default=-1, help="input columns per scale/zero; "
                    "-1 = per output channel")
     p.add_argument("--sym", action="store_true", help="symmetric grid")
-    p.add_argument("--mse", action="store_true", help="MSE clipping search for each grid")
+    p.add_argument("--mse", action="store_true", help="MSE clipping search for each grid "
+                   "(always on for tacq)")
     p.add_argument("--act-order", action="store_true", help="GPTQ: columns by decreasing "
                    "Hessian diagonal (static groups)")
     p.add_argument("--percdamp", type=float, default=0.01, help="GPTQ damping, a fraction of "
@@ -905,15 +983,21 @@ def main():
                    "kept in 16 bits (outlier-aware variant when > 0)")
     p.add_argument("--outlier-threshold", type=float, default=None, help="SpQR-style: relative "
                    "error threshold for 16-bit weights (default 0.2)")
-    p.add_argument("--calib", default="pydoc", help="calibration text: pydoc (its calibration "
-                   "split) | text:PATH | wikitext2:DIR (train file)")
+    p.add_argument("--ratio", type=float, default=0.0035, help="TaCQ: fraction of all linear "
+                   "weights kept in 16 bits (global top-k of the saliency score)")
+    p.add_argument("--scores", default=None, help="TaCQ: cache the scores in this directory "
+                   "(another --ratio then needs no new gradients)")
+    p.add_argument("--calib", default="pydoc", help="calibration data: pydoc (its calibration "
+                   "split) | text:PATH | wikitext2:DIR (train file) | task:NAME | jsonl:PATH")
     p.add_argument("--nsamples", type=int, default=32, help="calibration windows")
     p.add_argument("--seqlen", type=int, default=512, help="calibration window length")
     p.add_argument("--seed", type=int, default=0, help="calibration sampling seed")
-    p.add_argument("--eval", nargs="*", default=["pydoc"], help="perplexity corpora (eval.py "
-                   "specs); none to skip")
+    p.add_argument("--eval", nargs="*", default=["pydoc", "task:capitals"],
+                   help="perplexity corpora (pydoc, text:PATH, wikitext2:DIR) and tasks "
+                   f"(task:{{{','.join(E.TASKS)}}}, jsonl:PATH); none to skip")
     p.add_argument("--eval-seqlen", type=int, default=512, help="perplexity window length")
     p.add_argument("--eval-windows", type=int, default=None, help="evaluate only N windows")
+    p.add_argument("--task-limit", type=int, default=None, help="score only N task items")
     p.add_argument("--save", default=None, help="write the quantized checkpoint here")
     p.add_argument("--json", default=None, help="write the summary here")
     p.add_argument("--device", default="cpu", help="cpu | cuda")
@@ -924,9 +1008,10 @@ def main():
                           percdamp=a.percdamp, act_order=a.act_order, iters=a.iters,
                           init=a.init, relaxed=a.relaxed, outliers=a.outliers,
                           outlier_threshold=(math.inf if a.outlier_threshold is None
-                                             else a.outlier_threshold))
+                                             else a.outlier_threshold), ratio=a.ratio)
         run(a.ckpt, a.method, cfg, a.calib, a.nsamples, a.seqlen, a.seed, a.eval,
-            a.eval_seqlen, a.eval_windows, a.save, a.json, a.device, a.dtype)
+            a.eval_seqlen, a.eval_windows, a.task_limit, a.scores, a.save, a.json, a.device,
+            a.dtype)
     except (M.CheckpointError, ValueError, FileNotFoundError) as e:
         raise SystemExit(f"error: {e}")
 

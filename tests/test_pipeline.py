@@ -79,7 +79,7 @@ def test_calibration_never_touches_the_evaluation_split():
 def test_cli_rtn_on_embedded_saves_a_checkpoint_eval_reproduces(tmp_path):
     out, js = tmp_path / "q", tmp_path / "r.json"
     r = subprocess.run([sys.executable, str(ROOT / "mixq.py"), "--method", "rtn", "--wbits", "4",
-                        "--groupsize", "64", "--eval-windows", "2", "--save", str(out),
+                        "--groupsize", "64", "--eval", "pydoc", "--eval-windows", "2", "--save", str(out),
                         "--json", str(js)], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert "| rtn W4 g64 |" in r.stdout

@@ -1,0 +1,91 @@
+"""Tasks: built-in generators, jsonl files, lm-eval-style scoring, task calibration data."""
+
+import json
+
+import pytest
+import torch
+
+import eval as E
+import mixq as Q
+import model as M
+
+
+@pytest.mark.parametrize("name", list(E.TASKS))
+def test_builtin_tasks_are_deterministic_with_disjoint_splits(name):
+    a, b = E.load_task(f"task:{name}", "eval"), E.load_task(f"task:{name}", "eval")
+    assert a.items == b.items and len(a.items) >= 40
+    calib = E.load_task(f"task:{name}", "calib").items
+    questions = {i["question"] for i in a.items}
+    assert not questions & {i["question"] for i in calib}
+    for item in a.items:
+        if a.kind == "mc":
+            assert 0 <= item["answer"] < len(item["choices"])
+            assert len(set(item["choices"])) == len(item["choices"])
+
+
+def test_jsonl_formats_and_errors(tmp_path):
+    mc = tmp_path / "mc.jsonl"
+    mc.write_text(json.dumps({"question": "2+2?", "choices": ["3", "4"], "answer": 1}) + "\n")
+    assert E.load_task(f"jsonl:{mc}").kind == "mc"
+    gen = tmp_path / "gen.jsonl"
+    gen.write_text(json.dumps({"question": "q", "answer": "so 6 * 7 = 42 #### 42"}) + "\n")
+    t = E.load_task(f"jsonl:{gen}")
+    assert t.kind == "gen" and E.gold_answer(t.items[0]) == "42"
+    txt = tmp_path / "t.jsonl"
+    txt.write_text(json.dumps({"text": "hello"}) + "\n")
+    assert E.load_task(f"jsonl:{txt}").kind == "text"
+    with pytest.raises(FileNotFoundError):
+        E.load_task(f"jsonl:{tmp_path / 'none.jsonl'}")
+    with pytest.raises(ValueError, match="unknown task 'mmlu'"):
+        E.load_task("task:mmlu")
+
+
+@pytest.fixture(scope="module")
+def tiny_with_tokenizer(tmp_path_factory):
+    from shutil import copy
+    from conftest import tiny_hf_model
+    d = tmp_path_factory.mktemp("t") / "m"
+    tiny_hf_model(vocab_size=49152).save_pretrained(d)
+    copy(M.embedded_checkpoint() / "tokenizer.json", d / "tokenizer.json")
+    return M.load(str(d))
+
+
+def test_batched_choice_scores_equal_one_at_a_time(tiny_with_tokenizer):
+    model, tok = tiny_with_tokenizer
+    ctx, choices = "Question: What is the capital of Peru?\nAnswer:", [" Lima", " Buenos Aires"]
+    batched = E.continuation_logprobs(model, tok, ctx, choices)
+    for c, got in zip(choices, batched):
+        ids, n = tok.encode(ctx + c), len(tok.encode(ctx))
+        with torch.no_grad():
+            logp = torch.log_softmax(model(torch.tensor([ids]))[0], -1)
+        want = sum(logp[t - 1, ids[t]].item() for t in range(n, len(ids)))
+        assert got == pytest.approx(want, abs=1e-4)
+
+
+def test_multiple_choice_and_generation_scoring(tiny_with_tokenizer, tmp_path):
+    model, tok = tiny_with_tokenizer
+    q = "Which?"
+    prompt = f"Question: {q}\nAnswer:"
+    lls = E.continuation_logprobs(model, tok, prompt, [" alpha", " b"])
+    f = tmp_path / "mc.jsonl"
+    f.write_text(json.dumps({"question": q, "choices": ["alpha", "b"],
+                             "answer": int(lls[1] > lls[0])}) + "\n")
+    assert E.task_accuracy(model, tok, f"jsonl:{f}")["acc"] == 1.0
+    out = model.generate(tok.encode(prompt), 8, stop_ids=tok.stop_ids() + tok.encode("\n"))
+    greedy = tok.decode(out).split("\n")[0].strip()
+    g = tmp_path / "gen.jsonl"
+    lines = [{"question": q, "answer": greedy}, {"question": q, "answer": greedy + "x"}]
+    g.write_text("\n".join(json.dumps(x) for x in lines))
+    assert E.task_accuracy(model, tok, f"jsonl:{g}")["exact_match"] == 0.5
+
+
+def test_task_calibration_marks_the_answer_tokens():
+    _, tok = M.load()
+    windows, answers = Q.calibration_data("task:capitals", tok, 4, 64, seed=0)
+    assert len(windows) == 4 and all(len(w) == 64 for w in windows)
+    task = E.load_task("task:capitals", "calib")
+    capitals = {i["choices"][i["answer"]] for i in task.items}
+    for w, a in zip(windows, answers):
+        assert a.any() and not a.all()
+        marked = tok.decode(w[a].tolist())
+        assert any(c in marked for c in capitals) and "Question" not in marked
