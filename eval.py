@@ -352,13 +352,17 @@ def main():
     p.add_argument("--corpus", default="pydoc", help="pydoc | text:PATH | wikitext2:DIR")
     p.add_argument("--seqlen", type=int, default=512, help="window length")
     p.add_argument("--windows", type=int, default=None, help="evaluate only the first N windows")
+    p.add_argument("--tasks", nargs="*", default=[], help="task accuracy too: task:NAME "
+                   f"({', '.join(TASKS)}) or jsonl:PATH")
     p.add_argument("--speed", action="store_true", help="also measure prefill/decode tokens/s")
     p.add_argument("--dtype", default="fp32", choices=sorted(M.DTYPES), help="weights dtype")
     p.add_argument("--device", default="cpu", help="cpu, cuda, ...")
     p.add_argument("--json", default=None, help="write the results to this JSON file")
     a = p.parse_args()
     try:
-        corpus_text(a.corpus)  # check the corpus before the (slow) model load
+        corpus_text(a.corpus)  # check the specs before the (slow) model load
+        for spec in a.tasks:
+            load_task(spec)
         model, tok = M.load(a.ckpt, a.dtype, a.device)
     except (M.CheckpointError, ValueError, FileNotFoundError) as e:
         raise SystemExit(f"error: {e}")
@@ -372,6 +376,11 @@ def main():
           f"{res['windows'] * a.seqlen / res['seconds']:.0f} tokens/s)")
     res |= {"corpus": a.corpus, "split": split, "ckpt": a.ckpt or M.DEFAULT_MODEL,
             "dtype": a.dtype, "device": a.device}
+    for spec in a.tasks:
+        r = task_accuracy(model, tok, spec)
+        print(f"{task_protocol(spec, r)}: " + " ".join(f"{k} {v:.3f}" for k, v in r.items()
+                                                        if k != "n"))
+        res.setdefault("tasks", {})[spec] = r
     if a.speed:
         s = speed(model)
         print(f"speed: prefill {s['prefill_tokens_per_s']:.0f} tokens/s ({s['prompt_len']} tokens), "

@@ -28,10 +28,8 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
 import resource
-import shutil
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -745,14 +743,9 @@ def cached_tacq_scores(model, calib, answers, cfg, fingerprint: dict, scores_dir
         log(f"scores: reusing {d}")
         return load_file(str(d / "scores.safetensors"))
     scores = tacq_scores(model, calib, answers, cfg, device, log)
-    tmp = M.atomic_dir(d)
-    try:
-        save_file(scores, str(tmp.path / "scores.safetensors"))
-        (tmp.path / "scores.json").write_text(json.dumps(fingerprint, indent=2))
-        tmp.commit()
-    except BaseException:
-        tmp.abort()
-        raise
+    with M.atomic_dir(d) as tmp:
+        save_file(scores, str(tmp / "scores.safetensors"))
+        (tmp / "scores.json").write_text(json.dumps(fingerprint, indent=2))
     return scores
 
 
@@ -788,17 +781,10 @@ def save_quantized(model: M.Transformer, results: dict, tokenizer_dir, out_dir, 
         for k, v in r["tensors"].items():
             tensors[M.ours_to_hf(f"{module}.{k}")] = v
     cfg = model.args.to_hf() | {"quantization_config": qconfig}
-    tmp = M.atomic_dir(Path(out_dir))
-    try:
-        save_file(tensors, str(tmp.path / "model.safetensors"), metadata={"format": "pt"})
-        (tmp.path / "config.json").write_text(json.dumps(cfg, indent=2))
-        for f in ("tokenizer.json", "tokenizer_config.json"):
-            if tokenizer_dir and (Path(tokenizer_dir) / f).exists():
-                shutil.copy(Path(tokenizer_dir) / f, tmp.path / f)
-        tmp.commit()
-    except BaseException:
-        tmp.abort()
-        raise
+    with M.atomic_dir(out_dir) as tmp:
+        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
+        M.copy_tokenizer(tokenizer_dir, tmp)
 
 
 # -----------------------------------------------------------------------------

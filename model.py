@@ -29,7 +29,8 @@ import os
 import shutil
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
@@ -514,24 +515,29 @@ def embedded_checkpoint() -> Path:
     return cache
 
 
-def atomic_dir(final: Path):
-    """A temp directory next to `final`; call `.commit()` to rename it into place. Nothing
-    half-written is ever visible at `final`."""
+@contextmanager
+def atomic_dir(final):
+    """with atomic_dir(final) as tmp: write files into tmp; on success tmp is renamed to `final`
+    (replacing it), on any error it is removed: nothing half-written is ever visible at final."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    tmp.chmod(0o755)
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
 
-    class _Tmp:
-        path = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
 
-        def commit(self):
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(self.path, final)
-
-        def abort(self):
-            shutil.rmtree(self.path, ignore_errors=True)
-
-    return _Tmp()
+def copy_tokenizer(src_dir, dst_dir):
+    """tokenizer.json and tokenizer_config.json, where src_dir has them."""
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        if src_dir and (Path(src_dir) / f).exists():
+            shutil.copy(Path(src_dir) / f, Path(dst_dir) / f)
 
 
 # -- GGUF ---------------------------------------------------------------------
@@ -605,18 +611,13 @@ def gguf_to_hf_dir(gguf_path: Path, out_dir: Path):
     from safetensors.torch import save_file
     meta, args, tensors = read_gguf(gguf_path)
     tok = Tokenizer.from_gguf(meta)
-    tmp = atomic_dir(out_dir)
-    try:
+    with atomic_dir(out_dir) as tmp:
         save_file({ours_to_hf(k): v for k, v in tensors.items()},
-                  str(tmp.path / "model.safetensors"), metadata={"format": "pt"})
-        (tmp.path / "config.json").write_text(json.dumps(args.to_hf(), indent=2))
-        tok.tok.save(str(tmp.path / "tokenizer.json"))
-        (tmp.path / "tokenizer_config.json").write_text(json.dumps(
+                  str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        (tmp / "config.json").write_text(json.dumps(args.to_hf(), indent=2))
+        tok.tok.save(str(tmp / "tokenizer.json"))
+        (tmp / "tokenizer_config.json").write_text(json.dumps(
             {"chat_template": tok.chat_template, "source": str(gguf_path)}, indent=2))
-        tmp.commit()
-    except BaseException:
-        tmp.abort()
-        raise
 
 
 # -- HF directories -------------------------------------------------------------
@@ -647,7 +648,6 @@ def checkpoint_index(ckpt_dir: Path) -> dict:
     single = ckpt_dir / "model.safetensors"
     if not single.exists():
         raise CheckpointError(f"{ckpt_dir}: no model.safetensors or model.safetensors.index.json")
-    from safetensors import safe_open
     with open_safetensors(single) as f:
         return {k: single for k in f.keys()}
 
@@ -824,29 +824,22 @@ def save_hf(model: Transformer, tokenizer_dir: Optional[Path], out_dir, shards: 
     if model.args.tie_embeddings:
         sd.pop("lm_head.weight", None)
     names = order or list(sd)
-    tmp = atomic_dir(Path(out_dir))
-    try:
-        (tmp.path / "config.json").write_text(json.dumps(model.args.to_hf(), indent=2))
+    with atomic_dir(out_dir) as tmp:
+        (tmp / "config.json").write_text(json.dumps(model.args.to_hf(), indent=2))
         if shards == 1:
-            save_file(sd, str(tmp.path / "model.safetensors"), metadata={"format": "pt"})
+            save_file(sd, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         else:
             per = math.ceil(len(names) / shards)
             weight_map = {}
             for s in range(shards):
                 fname = f"model-{s + 1:05d}-of-{shards:05d}.safetensors"
                 part = {n: sd[n] for n in names[s * per:(s + 1) * per]}
-                save_file(part, str(tmp.path / fname), metadata={"format": "pt"})
+                save_file(part, str(tmp / fname), metadata={"format": "pt"})
                 weight_map |= {n: fname for n in part}
             total = sum(v.numel() * v.element_size() for v in sd.values())
-            (tmp.path / "model.safetensors.index.json").write_text(json.dumps(
+            (tmp / "model.safetensors.index.json").write_text(json.dumps(
                 {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
-        for f in ("tokenizer.json", "tokenizer_config.json"):
-            if tokenizer_dir and (Path(tokenizer_dir) / f).exists():
-                shutil.copy(Path(tokenizer_dir) / f, tmp.path / f)
-        tmp.commit()
-    except BaseException:
-        tmp.abort()
-        raise
+        copy_tokenizer(tokenizer_dir, tmp)
 
 
 # -----------------------------------------------------------------------------

@@ -10,7 +10,6 @@ Prints one markdown row per run as it finishes, then the whole table.
 """
 
 import argparse
-import json
 import math
 import sys
 import time

@@ -1,7 +1,6 @@
 """End to end: the layer-wise pipeline on a tiny random Llama and the CLI on the embedded model."""
 
 import json
-import math
 import subprocess
 import sys
 from pathlib import Path
