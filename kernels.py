@@ -1,8 +1,10 @@
-"""kernels.py: the packed low-bit weight format of mixq and y = x @ dequant(Wq)^T.
+"""kernels.py: the packed low-bit weight format of mixq and y = x @ dequant(Wq)^T in Triton.
 
-This file imports torch (and, for the GPU kernel, triton) and nothing of ours, so it can be copied
-alone. This version holds the format and the plain torch path that every device can run; the
-Triton GEMM (issue: kernels.py) plugs into `QuantLinear.forward` on CUDA.
+This file imports torch and triton and nothing of ours, so it can be copied alone. It holds the
+format (pack/unpack, dequantize), a plain torch path every device runs, the Triton kernels
+(quant_matmul: dequantize-in-tile GEMM with split-K for small M, plus a CSR outlier kernel) and
+QuantLinear, which model.py swaps in for a quantized nn.Linear. Tests run the kernels on the CPU
+with TRITON_INTERPRET=1; `scripts/bench_kernels.py` times them on a GPU.
 
 The format, one quantized nn.Linear of weight W (N out_features x K in_features), g = group size
 (g = K for one group per output channel):
@@ -30,9 +32,18 @@ K must be a multiple of 32 (every Llama size is).
 
 from __future__ import annotations
 
+import os
+from typing import Optional
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+try:  # the torch path below needs only torch; the GPU path needs triton
+    import triton
+    import triton.language as tl
+except ImportError:
+    triton = None
 
 # -----------------------------------------------------------------------------
 # Packing
@@ -106,14 +117,118 @@ def dequantize(t: dict, bits: int, groupsize: int, N: int, K: int) -> torch.Tens
 
 
 # -----------------------------------------------------------------------------
+# Triton: y = x @ dequant(Wq)^T, then + the sparse outliers
+#
+# One kernel for every M: program (pid_m, pid_n, pid_k) owns a BLOCK_M x BLOCK_N tile of y and
+# one of SPLIT_K slices of K. For each BLOCK_K rows of K it unpacks the codes of a
+# (BLOCK_K, BLOCK_N) weight tile, dequantizes w = (q - z) * s with the tile's group statistics,
+# and accumulates x_tile @ w in fp32 (tl.dot). With SPLIT_K > 1 the partial tiles are added with
+# fp32 atomics into a zeroed fp32 output (split-K: many programs share a skinny GEMM's K).
+# Activations in bf16 are converted at the load: no arithmetic is done in bf16.
+
+if triton is not None:
+
+    @triton.jit
+    def _unpack_tile(qw_ptr, offs_k, offs_n, N, BITS: tl.constexpr, k_mask, n_mask):
+        """Codes (BLOCK_K, BLOCK_N) of rows offs_k, columns offs_n from a plane packed along K."""
+        PER: tl.constexpr = 32 // BITS  # codes per int32 word
+        word = tl.load(qw_ptr + (offs_k // PER)[:, None] * N + offs_n[None, :],
+                       mask=k_mask[:, None] & n_mask[None, :], other=0)
+        shift = ((offs_k % PER) * BITS)[:, None]
+        return (word >> shift) & ((1 << BITS) - 1)  # mask after >>: int32 >> sign-extends
+
+    @triton.jit
+    def _quant_matmul_kernel(x_ptr, qw_ptr, qhi_ptr, s_ptr, z_ptr, y_ptr, M, N, K, G,
+                             BITS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                             BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
+        pid_m, pid_n, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        m_mask, n_mask = offs_m < M, offs_n < N
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        k_per_split = tl.cdiv(tl.cdiv(K, SPLIT_K), BLOCK_K) * BLOCK_K
+        k_start = pid_k * k_per_split
+        for k0 in range(k_start, tl.minimum(k_start + k_per_split, K), BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            k_mask = offs_k < K
+            x = tl.load(x_ptr + offs_m[:, None] * K + offs_k[None, :],
+                        mask=m_mask[:, None] & k_mask[None, :], other=0.0).to(tl.float32)
+            if BITS == 3:  # two planes: the low 2 bits and the high bit
+                q = _unpack_tile(qw_ptr, offs_k, offs_n, N, 2, k_mask, n_mask) | \
+                    (_unpack_tile(qhi_ptr, offs_k, offs_n, N, 1, k_mask, n_mask) << 2)
+            else:
+                q = _unpack_tile(qw_ptr, offs_k, offs_n, N, BITS, k_mask, n_mask)
+            stat = (offs_k // G)[:, None] * N + offs_n[None, :]  # (BLOCK_K, BLOCK_N)
+            kn_mask = k_mask[:, None] & n_mask[None, :]
+            s = tl.load(s_ptr + stat, mask=kn_mask, other=0.0).to(tl.float32)
+            z = tl.load(z_ptr + stat, mask=kn_mask, other=0.0).to(tl.float32)
+            w = (q.to(tl.float32) - z) * s  # (BLOCK_K, BLOCK_N), 0 outside K and N
+            acc += tl.dot(x, w, input_precision="ieee")
+        y = y_ptr + offs_m[:, None] * N + offs_n[None, :]
+        mn_mask = m_mask[:, None] & n_mask[None, :]
+        if SPLIT_K == 1:
+            tl.store(y, acc, mask=mn_mask)
+        else:
+            tl.atomic_add(y, acc, mask=mn_mask)
+
+    @triton.jit
+    def _outliers_kernel(x_ptr, rowptr_ptr, cols_ptr, vals_ptr, y_ptr, M, N, K,
+                         BLOCK: tl.constexpr):
+        """y[m, n] += sum over the CSR entries (n, k, v) of v * x[m, k]; one program per row n."""
+        n = tl.program_id(0)
+        start, end = tl.load(rowptr_ptr + n), tl.load(rowptr_ptr + n + 1)
+        for m in range(M):
+            acc = tl.zeros((BLOCK,), dtype=tl.float32)
+            for i0 in range(start, end, BLOCK):
+                offs = i0 + tl.arange(0, BLOCK)
+                mask = offs < end
+                col = tl.load(cols_ptr + offs, mask=mask, other=0).to(tl.int32) & 0xFFFF
+                v = tl.load(vals_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+                acc += v * tl.load(x_ptr + m * K + col, mask=mask, other=0.0).to(tl.float32)
+            tl.store(y_ptr + m * N + n, tl.load(y_ptr + m * N + n) + tl.sum(acc))
+
+
+def config_for(M: int, N: int, K: int) -> dict:
+    """Tile sizes by M: a skinny GEMM (decode) splits K across programs; a wide one does not."""
+    if M <= 16:
+        return dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=64, SPLIT_K=max(1, min(8, K // 512)))
+    return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, SPLIT_K=1)
+
+
+def quant_matmul(x: torch.Tensor, t: dict, bits: int, groupsize: int, N: int, K: int,
+                 config: Optional[dict] = None) -> torch.Tensor:
+    """y = x @ W^T for W in the packed format, with the Triton kernels; x (..., K) fp16, bf16 or
+    fp32, y in x's dtype. On a CPU this runs under TRITON_INTERPRET=1 (tests)."""
+    if triton is None:
+        raise RuntimeError("the Triton path needs the triton package: pip install triton")
+    shape = x.shape
+    x2 = x.reshape(-1, K).contiguous()
+    M = x2.shape[0]
+    cfg = config or config_for(M, N, K)
+    g = K if groupsize in (-1, None) else groupsize
+    # split-K programs add into zeros; a single program per tile stores into NaN, so any element
+    # a kernel failed to write shows up
+    fill = 0.0 if cfg["SPLIT_K"] > 1 else float("nan")
+    y = torch.full((M, N), fill, device=x.device, dtype=torch.float32)
+    grid = (triton.cdiv(M, cfg["BLOCK_M"]), triton.cdiv(N, cfg["BLOCK_N"]), cfg["SPLIT_K"])
+    qhi = t.get("qweight_hi", t["qweight"])
+    _quant_matmul_kernel[grid](x2, t["qweight"], qhi, t["scales"], t["zeros"], y, M, N, K, g,
+                               BITS=bits, **cfg)
+    if "outlier_vals" in t and t["outlier_vals"].numel():
+        _outliers_kernel[(N,)](x2, t["outlier_rowptr"], t["outlier_cols"], t["outlier_vals"], y,
+                               M, N, K, BLOCK=64)
+    return y.to(x.dtype).reshape(*shape[:-1], N)
+
+
+# -----------------------------------------------------------------------------
 # The module model.py swaps in for a quantized nn.Linear
 
 
 class QuantLinear(nn.Module):
     """y = x @ W^T with W stored in the packed format above.
 
-    On the CPU (and until the Triton kernel is used) the weight is dequantized to the activation
-    dtype on every call and multiplied with F.linear: simple and exact, not fast."""
+    On CUDA it runs the Triton kernels (quant_matmul); elsewhere the weight is dequantized on
+    every call and multiplied with F.linear: the same numbers up to summation order, not fast."""
 
     def __init__(self, in_features, out_features, bits, groupsize, tensors: dict):
         super().__init__()
@@ -131,6 +246,9 @@ class QuantLinear(nn.Module):
                           self.in_features)
 
     def forward(self, x):
+        if x.is_cuda and triton is not None and not os.environ.get("MIXQ_TORCH_PATH"):
+            return quant_matmul(x, self.stored(), self.bits, self.groupsize, self.out_features,
+                                self.in_features)
         return F.linear(x, self.dequantized_weight().to(x.dtype))
 
     def extra_repr(self):

@@ -4,6 +4,11 @@ import os
 import sys
 from pathlib import Path
 
+# Triton kernels run on the CPU interpreter in tests (set before triton is first imported);
+# MIXQ_TEST_GPU=1 runs them on a GPU instead
+if not os.environ.get("MIXQ_TEST_GPU"):
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 import pytest
 import torch
 from hypothesis import settings
