@@ -16,8 +16,10 @@ Sections (the spec is ../shared/algorithms.md; section numbers refer to it)
   6. Pipeline          layer-wise, true-sequential, one block at a time                   (§1.2)
   7. TaCQ              Xiao et al. 2025, arXiv 2504.07389: gradient saliency, a global 16-bit
                        budget, GPTQ with that mask                                        (§6)
-  8. Save              packed codes (the format in kernels.py), atomically
-  9. CLI               python mixq.py [--ckpt X] --method gptq --wbits 3 --groupsize 64 ...
+  8. ResQ (part 1)     Saxena et al. 2024, arXiv 2412.14363: norm folding, PCA bases, random
+                       rotations, fused into the weights; online key rotation and Hadamard (§7)
+  9. Save              packed codes (the format in kernels.py), atomically
+  10. CLI              python mixq.py [--ckpt X] --method gptq --wbits 3 --groupsize 64 ...
 
 Run `python mixq.py --help` for every option; `python mixq.py` runs the default job (TaCQ, 3 bits
 per channel, ratio 0.0035, on the embedded SmolLM2-135M-Instruct, calibrated on the pydoc
@@ -750,7 +752,201 @@ def cached_tacq_scores(model, calib, answers, cfg, fingerprint: dict, scores_dir
 
 
 # -----------------------------------------------------------------------------
-# 8. Save: the packed format of kernels.py, written atomically
+# 8. ResQ, part 1: the exact transformations (spec §7; Saxena et al. 2024, arXiv 2412.14363)
+#
+# In an orthogonal basis U = [U_l | U_h] of the activations, X W^T = (X U)(W U)^T exactly. ResQ
+# takes U_h = the top r = d/8 eigen-directions of E[x x^T] (where the energy is, kept at 8 bits)
+# and rotates randomly inside each subspace (spreads outliers, keeps the energies). Every change
+# of basis here leaves the fp logits unchanged; quantization comes on top (not yet in mixq).
+
+
+def fold_norms(model: M.Transformer):
+    """Fold each RMSNorm weight g into the linears it feeds and set g = 1. Exact:
+    (x / rms(x) * g) W^T = (x / rms(x)) (W diag(g))^T. Unties a tied lm_head first."""
+    if model.lm_head.weight is model.embed_tokens.weight:
+        model.lm_head.weight = torch.nn.Parameter(model.embed_tokens.weight.data.clone(),
+                                                  requires_grad=False)
+    pairs = [(model.norm, [model.lm_head])]
+    for b in model.layers:
+        pairs += [(b.input_layernorm, [b.self_attn.q_proj, b.self_attn.k_proj, b.self_attn.v_proj]),
+                  (b.post_attention_layernorm, [b.mlp.gate_proj, b.mlp.up_proj])]
+    for norm, linears in pairs:
+        for lin in linears:
+            lin.weight.data = lin.weight.data * norm.weight.data[None, :]  # W diag(g)
+        norm.weight.data = torch.ones_like(norm.weight.data)
+
+
+@torch.no_grad()
+def resq_covariances(model: M.Transformer, calib) -> dict:
+    """Uncentred second moments in fp64 (spec §7.2): "resid" (d, d) over the inputs of q/k/v and
+    of gate/up in every layer; per layer "value" (n_kv, hd, hd) of each KV head's v_proj outputs
+    and "key" (hd, hd) of the keys after RoPE, summed over KV heads. Each divided by its count."""
+    a = model.args
+    L, hd = a.n_layers, a.head_dim
+    cov = {"resid": torch.zeros(a.dim, a.dim, dtype=torch.float64),
+           "value": torch.zeros(L, a.n_kv_heads, hd, hd, dtype=torch.float64),
+           "key": torch.zeros(L, hd, hd, dtype=torch.float64)}
+    count = {"resid": 0, "kv": 0}
+    for tokens in calib:
+        x = model.embed_tokens(tokens[None].to(model.device))  # (1, T, d)
+        T = x.shape[1]
+        cos, sin = model.rope(0, T)
+        for li, b in enumerate(model.layers):
+            h = b.input_layernorm(x)
+            g = b.post_attention_layernorm(x + b.self_attn(h, cos, sin))
+            for inp in (h, g):
+                f = inp.reshape(-1, a.dim).double().cpu()
+                cov["resid"] += f.T @ f
+            v = b.self_attn.v_proj(h).view(T, a.n_kv_heads, hd).double().cpu()  # (T, Hkv, hd)
+            cov["value"][li] += torch.einsum("thi,thj->hij", v, v)
+            k = b.self_attn.k_proj(h).view(1, T, a.n_kv_heads, hd).transpose(1, 2)
+            k = M.apply_rope(k, cos, sin)[0].double().cpu()  # (Hkv, T, hd)
+            cov["key"][li] += torch.einsum("hti,htj->ij", k, k)
+            x = b(x, cos, sin)
+        count["resid"] += 2 * L * T
+        count["kv"] += T
+    cov["resid"] /= count["resid"]
+    cov["value"] /= count["kv"]
+    cov["key"] /= count["kv"] * a.n_kv_heads
+    return cov
+
+
+def pca_basis(cov: torch.Tensor, percdamp: float = 0.01) -> torch.Tensor:
+    """Eigenvectors of cov (+ percdamp * mean diag, as ResQ), as columns in ascending eigenvalue
+    order: the last r columns span the top-r subspace, the most energy of any rank-r subspace."""
+    n = cov.shape[-1]
+    damp = percdamp * torch.diagonal(cov, dim1=-2, dim2=-1).mean(-1)[..., None, None]
+    _, vecs = torch.linalg.eigh(cov + damp * torch.eye(n, dtype=cov.dtype))
+    return vecs
+
+
+def random_orthogonal(n: int, gen: torch.Generator) -> torch.Tensor:
+    """A Haar-random orthogonal matrix: QR of a Gaussian, signs fixed by diag(R)."""
+    Q, R = torch.linalg.qr(torch.randn(n, n, generator=gen, dtype=torch.float64))
+    return Q * torch.sign(torch.diagonal(R))[None, :]
+
+
+def subspace_rotation(P: torch.Tensor, r: int, gen: torch.Generator) -> torch.Tensor:
+    """U = P blockdiag(R_low, R_high): a random rotation inside each subspace of the basis P."""
+    n = P.shape[-1]
+    R = torch.block_diag(random_orthogonal(n - r, gen), random_orthogonal(r, gen)) if r else \
+        random_orthogonal(n, gen)
+    return P @ R
+
+
+def hadamard_transform(x: torch.Tensor, odd: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """x H along the last axis, H orthonormal. n = 2^k: the fast Walsh-Hadamard transform
+    (log2 n butterflies, x/sqrt(n)). n = m * 2^k with m odd (1536 = 3 * 512, 14336 = 7 * 2048):
+    H = Q_m (Kronecker) H_{2^k} with Q_m a random orthogonal m x m matrix (`odd`), applied as
+    a reshape (m, 2^k), the FWHT on the last axis, then Q_m on the first."""
+    n = x.shape[-1]
+    m = odd.shape[0] if odd is not None else 1
+    p = n // m
+    lead = (*x.shape[:-1], m)
+    y = x.reshape(*lead, p)
+    h = 1
+    while h < p:  # butterflies: (a, b) -> (a + b, a - b) on pairs h apart
+        y = y.reshape(*lead, p // (2 * h), 2, h)
+        a, b = y[..., 0, :], y[..., 1, :]
+        y = torch.stack([a + b, a - b], dim=-2).reshape(*lead, p)
+        h *= 2
+    y = y / math.sqrt(p)
+    if odd is not None:
+        y = torch.einsum("...ip,ij->...jp", y, odd.to(y.dtype))  # Q_m on the odd factor
+    return y.reshape(x.shape)
+
+
+def odd_factor(n: int, gen: torch.Generator) -> Optional[torch.Tensor]:
+    """The random orthogonal m x m matrix for n = m * 2^k, m odd > 1 (None if n is 2^k)."""
+    m = n
+    while m % 2 == 0:
+        m //= 2
+    return None if m == 1 else random_orthogonal(m, gen)
+
+
+@dataclass
+class ResQBases:
+    U_A: torch.Tensor  # (d, d) the residual stream's basis, shared by all layers
+    U_V: torch.Tensor  # (L, n_kv, hd, hd) per layer and KV head, for values
+    U_K: torch.Tensor  # (L, hd, hd) per layer, for keys after RoPE (applied online)
+    hadamard: bool  # an online Hadamard transform before down_proj
+    odd: Optional[torch.Tensor]  # its odd factor (None when hidden_dim is a power of two)
+
+
+def resq_bases(cov: dict, args: M.ModelArgs, high_fraction: float = 0.125,
+               rotation: str = "pca", seed: int = 0) -> ResQBases:
+    """rotation "pca" (ResQ: PCA, then random rotations inside each subspace), "random"
+    (QuaRot-style: one random rotation, no subspaces), "none" (identity)."""
+    gen = torch.Generator().manual_seed(seed)
+    L = args.n_layers
+
+    def basis(c):
+        n = c.shape[-1]
+        if rotation == "none":
+            return torch.eye(n, dtype=torch.float64)
+        if rotation == "random":
+            return random_orthogonal(n, gen)
+        return subspace_rotation(pca_basis(c), int(high_fraction * n), gen)
+    U_V = torch.stack([torch.stack([basis(cov["value"][li, h]) for h in range(args.n_kv_heads)])
+                       for li in range(L)])
+    return ResQBases(basis(cov["resid"]), U_V, torch.stack([basis(cov["key"][li])
+                                                            for li in range(L)]),
+                     rotation != "none", odd_factor(args.hidden_dim, gen))
+
+
+class KeyRotation:
+    """Attention.post_rope for one layer: q <- q U_K, k <- k U_K (q k^T is unchanged), then an
+    optional quantizer of the keys (the KV cache)."""
+
+    def __init__(self, U_K, quantize_keys=None):
+        self.U_K, self.quantize_keys = U_K, quantize_keys
+
+    def __call__(self, q, k):
+        U = self.U_K.to(q.device, torch.float32)
+        q, k = (q.float() @ U).to(q.dtype), (k.float() @ U).to(k.dtype)
+        return q, (k if self.quantize_keys is None else self.quantize_keys(k))
+
+
+@torch.no_grad()
+def fuse_resq(model: M.Transformer, bases: ResQBases):
+    """Fold the norms, then write every fixed change of basis into the weights (x W^T with
+    x -> x U is W -> W U on the input side; W -> U^T W on the output side), and install the two
+    online ones: the key rotation after RoPE and the Hadamard before down_proj."""
+    fold_norms(model)
+    a = model.args
+    hd, rep = a.head_dim, a.n_heads // a.n_kv_heads
+    U = bases.U_A.float()
+
+    def w(lin):
+        return lin.weight.data.float()
+    model.embed_tokens.weight.data = (w(model.embed_tokens) @ U).to(model.embed_tokens.weight.dtype)
+    model.lm_head.weight.data = (w(model.lm_head) @ U).to(model.lm_head.weight.dtype)
+    for li, b in enumerate(model.layers):
+        att, mlp = b.self_attn, b.mlp
+        for lin in (att.q_proj, att.k_proj, att.v_proj, mlp.gate_proj, mlp.up_proj):
+            lin.weight.data = (w(lin) @ U).to(lin.weight.dtype)  # inputs in the U_A basis
+        for lin in (att.o_proj, mlp.down_proj):
+            lin.weight.data = (U.T @ w(lin)).to(lin.weight.dtype)  # outputs into it
+        Wv, Wo = w(att.v_proj), w(att.o_proj)
+        for h in range(a.n_kv_heads):  # values of KV head h in its U_V basis; o_proj undoes it
+            UV = bases.U_V[li, h].float()
+            Wv[h * hd:(h + 1) * hd] = UV.T @ Wv[h * hd:(h + 1) * hd]
+            for j in range(h * rep, (h + 1) * rep):  # the query heads that read KV head h
+                Wo[:, j * hd:(j + 1) * hd] = Wo[:, j * hd:(j + 1) * hd] @ UV
+        att.v_proj.weight.data, att.o_proj.weight.data = Wv.to(att.v_proj.weight.dtype), \
+            Wo.to(att.o_proj.weight.dtype)
+        att.post_rope = KeyRotation(bases.U_K[li])
+        if not bases.hadamard:
+            continue
+        # down_proj(h) = (h H)(W H)^T for orthonormal H: fuse W H, transform h online
+        Wd = w(mlp.down_proj)
+        mlp.down_proj.weight.data = hadamard_transform(Wd, bases.odd).to(mlp.down_proj.weight.dtype)
+        mlp.down_proj.register_forward_pre_hook(
+            lambda mod, args, odd=bases.odd: (hadamard_transform(args[0], odd),))
+
+
+# -----------------------------------------------------------------------------
+# 9. Save: the packed format of kernels.py, written atomically
 
 
 PACKED_BITS = (2, 3, 4, 8)  # the widths the packed format (and the kernel) stores
@@ -788,7 +984,7 @@ def save_quantized(model: M.Transformer, results: dict, tokenizer_dir, out_dir, 
 
 
 # -----------------------------------------------------------------------------
-# 9. CLI
+# 10. CLI
 
 
 def peak_memory_gb(device) -> float:

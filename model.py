@@ -248,6 +248,9 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
         self.o_proj = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
         self.cache: Optional[KVCache] = None  # set by Transformer.setup_cache for generation
+        # optional f(q, k) -> (q, k) after RoPE, before the cache (ResQ's online key rotation and
+        # KV-cache quantization live there); None: nothing
+        self.post_rope = None
 
     def forward(self, x, cos, sin, start_pos: int = 0):
         B, T, _ = x.shape
@@ -255,6 +258,8 @@ class Attention(nn.Module):
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, hd)
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if self.post_rope is not None:
+            q, k = self.post_rope(q, k)
         if self.cache is not None:
             k, v = self.cache.update(start_pos, k, v)  # (B, Hkv, start_pos + T, hd)
         # grouped-query attention: each key/value head serves n_heads / n_kv_heads query heads

@@ -1,0 +1,99 @@
+"""ResQ's exact transformations (spec §7.4): every change of basis leaves the fp logits alone."""
+
+import pytest
+import torch
+from hypothesis import given, strategies as st
+
+import mixq as Q
+import model as M
+from conftest import tiny_hf_model
+
+
+def tiny(tmp_path, **over):
+    tiny_hf_model(**over).save_pretrained(tmp_path / "m")
+    return M.load(str(tmp_path / "m"))[0]
+
+
+def rel_diff(a, b):
+    return float((a - b).abs().max() / b.abs().max())
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_fold_norms_is_exact(tmp_path, tied):
+    model = tiny(tmp_path, tie_word_embeddings=tied)
+    x = torch.randint(0, 128, (1, 40))
+    before = model(x)
+    Q.fold_norms(model)
+    assert all((b.input_layernorm.weight == 1).all() for b in model.layers)
+    assert rel_diff(model(x), before) < 1e-5
+
+
+@pytest.mark.parametrize("rotation", ["pca", "random", "none"])
+def test_fused_bases_leave_logits_unchanged(tmp_path, rotation):
+    # hidden_dim 160 = 5 * 32: the online Hadamard uses its odd factor
+    model = tiny(tmp_path, tie_word_embeddings=True)
+    x = torch.randint(0, 128, (2, 48), generator=torch.Generator().manual_seed(0))
+    before = model(x)
+    down = model.layers[0].mlp.down_proj.weight.clone()
+    cov = Q.resq_covariances(model, torch.randint(0, 128, (3, 32)))
+    bases = Q.resq_bases(cov, model.args, rotation=rotation)
+    Q.fuse_resq(model, bases)
+    assert rel_diff(model(x), before) < 1e-4
+    # the weights really changed (or not, without rotations)
+    assert torch.equal(model.layers[0].mlp.down_proj.weight, down) == (rotation == "none")
+
+
+def test_fused_bases_on_the_embedded_model(embedded):
+    import copy
+    import eval as E
+    model = copy.deepcopy(embedded[0])
+    ids = E.corpus_tokens("pydoc", embedded[1], "all")[:64][None]
+    before = model(ids)
+    cov = Q.resq_covariances(model, [E.corpus_tokens("pydoc", embedded[1], "calib")[:128]])
+    Q.fuse_resq(model, Q.resq_bases(cov, model.args))
+    assert rel_diff(model(ids), before) < 1e-4
+
+
+def test_bases_are_orthogonal(tmp_path):
+    model = tiny(tmp_path)
+    cov = Q.resq_covariances(model, torch.randint(0, 128, (2, 32)))
+    b = Q.resq_bases(cov, model.args)
+    eye = torch.eye(64, dtype=torch.float64)
+    assert torch.allclose(b.U_A.T @ b.U_A, eye, atol=1e-10)
+    hd = model.args.head_dim
+    for U in list(b.U_V.reshape(-1, hd, hd)) + list(b.U_K):
+        assert torch.allclose(U.T @ U, torch.eye(hd, dtype=torch.float64), atol=1e-10)
+
+
+def test_key_rotation_keeps_attention_scores():
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(1, 4, 10, 16, generator=g), torch.randn(1, 4, 10, 16, generator=g)
+    U = Q.random_orthogonal(16, g)
+    q2, k2 = Q.KeyRotation(U)(q, k)
+    assert torch.allclose(q2 @ k2.transpose(-1, -2), q @ k.transpose(-1, -2), atol=1e-5)
+
+
+@given(seed=st.integers(0, 10 ** 6), n=st.sampled_from([8, 12, 20]))
+def test_pca_subspace_has_the_most_energy(seed, n):
+    # Ky Fan: ||X P_h||^2 >= ||X V||^2 for any orthonormal V with r columns
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(200, n, generator=g, dtype=torch.float64) * torch.rand(n, generator=g,
+                                                                            dtype=torch.float64)
+    cov = X.T @ X / 200
+    r = max(1, n // 4)
+    P = Q.pca_basis(cov, percdamp=0.0)[:, -r:]
+    V = Q.random_orthogonal(n, g)[:, :r]
+    assert (X @ P).pow(2).sum() >= (X @ V).pow(2).sum() - 1e-9
+    # the rotation inside the subspace keeps its energy
+    U = Q.subspace_rotation(Q.pca_basis(cov, percdamp=0.0), r, g)[:, -r:]
+    assert torch.isclose((X @ U).pow(2).sum(), (X @ P).pow(2).sum())
+
+
+@pytest.mark.parametrize("n", [16, 96, 160])
+def test_hadamard_transform_is_orthogonal(n):
+    g = torch.Generator().manual_seed(n)
+    odd = Q.odd_factor(n, g)
+    H = Q.hadamard_transform(torch.eye(n, dtype=torch.float64), odd)  # rows: e_i H
+    assert torch.allclose(H @ H.T, torch.eye(n, dtype=torch.float64), atol=1e-10)
+    if odd is None:  # a power of two: the Sylvester Hadamard matrix / sqrt(n)
+        assert torch.allclose(H.abs(), torch.full((n, n), n ** -0.5, dtype=torch.float64))
