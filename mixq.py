@@ -70,6 +70,12 @@ class QuantConfig:
     outlier_threshold: float = float("inf")  # SpQR-style: relative error threshold (0.2 in SpQR)
     stat_bits: int = 16  # bits per stored scale and zero; SpQR-style quantizes them to 3
     ratio: float = 0.0035  # TaCQ: fraction of all linear weights kept in 16 bits
+    abits: int = 16  # ResQ: activation bits (the low slice), per token; 16 = not quantized
+    kvbits: int = 16  # ResQ: KV-cache bits (the low slice), per token and head
+    high_bits: int = 8  # ResQ: bits of the high-variance slice (weights and activations)
+    high_fraction: float = 0.125  # ResQ: fraction of channels in the high slice
+    rotation: str = "pca"  # ResQ: "pca" (ResQ), "random" (QuaRot-style), "none" (plain RTN/GPTQ)
+    w_rtn: bool = False  # ResQ: round the weights to nearest instead of GPTQ
 
     def __post_init__(self):
         if not 2 <= self.wbits <= 8:
@@ -189,10 +195,14 @@ class Quantized:
     delta: Optional[torch.Tensor] = None  # (m, n), fp16-representable, 0 off `kept`
     stat_bits: float = 16  # bits per stored scale or zero, second-level statistics included
     loss: float = float("nan")  # the method's own objective, for progress lines
+    col_group: Optional[torch.Tensor] = None  # (n,) grid of each column, if not column // g
+    col_bits: Optional[torch.Tensor] = None  # (n,) bits of each column, if not all `bits`
 
     def dequantize(self) -> torch.Tensor:
-        s = self.scales.repeat_interleave(self.groupsize, dim=1)  # (m, n)
-        z = self.zeros.repeat_interleave(self.groupsize, dim=1)
+        n = self.codes.shape[1]
+        idx = self.col_group if self.col_group is not None else \
+            torch.arange(n, device=self.codes.device) // self.groupsize
+        s, z = self.scales[:, idx], self.zeros[:, idx]  # (m, n): each column's grid
         w = s * (self.codes - z)
         return w if self.delta is None else w + self.delta
 
@@ -258,14 +268,16 @@ def inverse_cholesky(H, percdamp: float, retries: int = 6):
 
 
 def gptq(W: torch.Tensor, H: torch.Tensor, cfg: QuantConfig,
-         mask: Optional[torch.Tensor] = None) -> Quantized:
+         mask: Optional[torch.Tensor] = None, high: Optional[torch.Tensor] = None) -> Quantized:
     """GPTQ of W (m, n) against H (n, n).
 
     mask (m, n) bool: weights kept in 16 bits. The grid fit ignores them; at their column they
     keep their current (error-updated) value, so they inject no error but absorb the updates of
     earlier columns. With cfg.outlier_threshold < inf, a weight also joins the mask when its
     quantization error e^2 = ((w - q) / U_ii)^2 exceeds tau = threshold * mean_j Var(W[:, j]) / U_jj^2
-    (SpQR's rule). Result.loss = ||E||^2 = tr((W - Q) H_damped (W - Q)^T)."""
+    (SpQR's rule). high (n,) bool: ResQ's high-precision input columns, with their own per-row
+    grid at cfg.high_bits (the others at cfg.wbits), both fitted once on the original W, in one
+    GPTQ pass. Result.loss = ||E||^2 = tr((W - Q) H_damped (W - Q)^T)."""
     W, H = as_work(W).clone(), as_work(H).clone()
     m, n = W.shape
     g = group_size(cfg, n)
@@ -275,15 +287,24 @@ def gptq(W: torch.Tensor, H: torch.Tensor, cfg: QuantConfig,
     dead = torch.diag(H) == 0
     H[dead, dead] = 1
     W[:, dead] = 0
-    s_all = torch.zeros(m, n // g, dtype=W.dtype, device=W.device)  # one grid per (row, group)
-    z_all = torch.zeros_like(s_all)
-    if cfg.act_order:  # static groups: every group grid from the original contiguous columns
+    group = torch.arange(n, device=W.device) // g  # the grid of each column
+    maxqs = [maxq] * (n // g)
+    if high is not None:  # ResQ: two static per-row grids, low columns and high columns
+        if cfg.groupsize != -1:
+            raise ValueError("ResQ's split grids are per channel: use --groupsize -1")
+        group, maxqs = high.long(), [maxq, 2 ** cfg.high_bits - 1]
+        lo, hi = fit_group(W[:, ~high], cfg), fit_grid(W[:, high], cfg.high_bits, cfg.sym, cfg.mse)
+        s_all, z_all = torch.cat([lo[0], hi[0]], 1), torch.cat([lo[1], hi[1]], 1)  # (m, 2)
+    else:
+        s_all = torch.zeros(m, n // g, dtype=W.dtype, device=W.device)  # a grid per (row, group)
+        z_all = torch.zeros_like(s_all)
+    static = cfg.act_order or high is not None
+    if cfg.act_order and high is None:  # static groups: fitted on the original contiguous columns
         for c in range(0, n, g):
             s_all[:, c // g:c // g + 1], z_all[:, c // g:c // g + 1] = fit_group(
                 W[:, c:c + g], cfg, mask[:, c:c + g])
-        perm = torch.argsort(torch.diag(H), descending=True)
-    else:
-        perm = torch.arange(n, device=W.device)
+    perm = torch.argsort(torch.diag(H), descending=True) if cfg.act_order else \
+        torch.arange(n, device=W.device)
     W, H, mask = W[:, perm], H[perm][:, perm], mask[:, perm]
     U, _ = inverse_cholesky(H, cfg.percdamp)
     tau = math.inf
@@ -298,12 +319,13 @@ def gptq(W: torch.Tensor, H: torch.Tensor, cfg: QuantConfig,
         W1, U1 = W[:, i1:i2].clone(), U[i1:i2, i1:i2]
         for i in range(i2 - i1):
             j = int(perm[i1 + i])  # original column index
-            if not cfg.act_order and j % g == 0:
+            k = int(group[j])
+            if not static and j % g == 0:
                 # refit the group's grid on the current, already updated weights
                 cur = torch.cat([W1[:, i:], W[:, i2:]], dim=1)[:, :g]
-                s_all[:, j // g:j // g + 1], z_all[:, j // g:j // g + 1] = fit_group(
+                s_all[:, k:k + 1], z_all[:, k:k + 1] = fit_group(
                     cur, cfg, mask[:, i1 + i:i1 + i + g])
-            s, z = s_all[:, j // g], z_all[:, j // g]
+            s, z, maxq = s_all[:, k], z_all[:, k], maxqs[k]
             w, d = W1[:, i], U1[i, i]
             c = quant_codes(w, s, z, maxq)
             q = s * (c - z)
@@ -320,8 +342,12 @@ def gptq(W: torch.Tensor, H: torch.Tensor, cfg: QuantConfig,
         W[:, i2:] -= Err[:, i1:i2] @ U[i1:i2, i2:]  # the block's errors, onto later blocks
     inv = torch.argsort(perm)
     codes, Q, mask = codes[:, inv], Q[:, inv], mask[:, inv]
-    return with_kept(Quantized(codes, s_all, z_all, cfg.wbits, g, stat_bits=stat_bits(cfg),
-                               loss=float((Err ** 2).sum())), Q, mask)
+    qz = Quantized(codes, s_all, z_all, cfg.wbits, g, stat_bits=stat_bits(cfg),
+                   loss=float((Err ** 2).sum()))
+    if high is not None:
+        qz.col_group = group
+        qz.col_bits = torch.where(high, cfg.high_bits, cfg.wbits)
+    return with_kept(qz, Q, mask)
 
 
 def with_kept(qz: Quantized, Q, mask) -> Quantized:
@@ -469,7 +495,8 @@ def stored_bits(qz: Quantized) -> float:
     """codes (b each) + per (row, group) scale and zero (stat_bits each, 16 unless SpQR-style) +
     each weight kept in 16 bits (16-bit value + 16-bit column index, the SpQR/CSR convention)."""
     m, n = qz.codes.shape
-    return m * n * qz.bits + 2 * m * (n // qz.groupsize) * qz.stat_bits + 32 * qz.n_kept()
+    code_bits = m * (n * qz.bits if qz.col_bits is None else int(qz.col_bits.sum()))
+    return code_bits + 2 * m * qz.scales.shape[1] * qz.stat_bits + 32 * qz.n_kept()
 
 
 def average_bits(results: dict) -> float:
@@ -488,7 +515,7 @@ SEQUENTIAL = [  # true-sequential groups: each is quantized after the ones befor
     ["mlp.gate_proj", "mlp.up_proj"],
     ["mlp.down_proj"],
 ]
-METHODS = ["rtn", "gptq", "quantease", "spqr", "tacq"]
+METHODS = ["rtn", "gptq", "quantease", "spqr", "tacq", "resq"]
 LINEARS = [name for group in SEQUENTIAL for name in group]
 
 
@@ -511,13 +538,18 @@ class InputStats:
         self.count += t
 
 
-def solve(method: str, W, sigma, cfg: QuantConfig, mask=None) -> Quantized:
+def solve(method: str, W, sigma, cfg: QuantConfig, mask=None, high=None) -> Quantized:
     """One linear: dispatch to the algorithm. sigma = X X^T / N; GPTQ's H = 2 sigma; mask: the
     weights TaCQ keeps in 16 bits."""
     if method == "rtn":
         return rtn(W, cfg)
     if method in ("gptq", "tacq"):
         return gptq(W, 2 * sigma, cfg, mask=mask)
+    if method == "resq":  # --w-rtn: GPTQ with H = I and no damping is exactly RTN
+        if cfg.w_rtn:
+            return gptq(W, torch.eye(W.shape[1], device=W.device), replace(cfg, percdamp=0.0),
+                        high=high)
+        return gptq(W, 2 * sigma, cfg, high=high)
     if method == "spqr":
         return gptq(W, 2 * sigma, cfg)  # spqr_config set the groups, threshold and stat bits
     if method == "quantease":
@@ -582,7 +614,9 @@ def quantize_model(model: M.Transformer, calib: Optional[torch.Tensor], method: 
                 lin = block.get_submodule(name)
                 W = lin.weight.data
                 mask = None if masks is None else masks[f"layers.{li}.{name}"].to(device)
-                qz = solve(method, W.to(device), stats[name].sigma if stats else None, cfg, mask)
+                high = resq_high_columns(name, model.args, cfg) if method == "resq" else None
+                qz = solve(method, W.to(device), stats[name].sigma if stats else None, cfg, mask,
+                           None if high is None else high.to(device))
                 W_hat = qz.dequantize()
                 # relative output error on the calibration data (weight error for RTN)
                 sigma = stats[name].sigma if stats else torch.eye(W.shape[1], device=W.device)
@@ -946,6 +980,104 @@ def fuse_resq(model: M.Transformer, bases: ResQBases):
 
 
 # -----------------------------------------------------------------------------
+# 8b. ResQ, part 2: W4A4KV4 fake quantization on the fused model (spec §7.3)
+#
+# Activations per token, asymmetric, the low slice at abits and the high slice (the last
+# r channels: the top-r PCA directions) at high_bits; o_proj inputs and the KV cache per head
+# with the same split; down_proj inputs (after the Hadamard) uniform at abits; lm_head 16-bit.
+# Weights: GPTQ per channel, symmetric, MSE clipping, high columns on their own 8-bit grid.
+
+
+def quantize_activations(x, bits: int, high_bits: int = 8, r: int = 0):
+    """Fake-quantize each row of x (..., n) on its own: channels [0, n - r) at `bits`, the last r
+    at `high_bits`, each slice with its own asymmetric min-max grid (0 inside). bits >= 16 or
+    high_bits >= 16 leave that slice exact. Rows never see each other: batch-independent."""
+    n = x.shape[-1]
+    f = x.reshape(-1, n).float()
+    parts = []
+    for sl, b in ((f[:, :n - r], bits), (f[:, n - r:], high_bits)):
+        if sl.shape[1] == 0 or b >= 16:
+            parts.append(sl)
+            continue
+        s, z = fit_grid(sl, b)
+        parts.append(fake_quant(sl, s, z, 2 ** b - 1))
+    return torch.cat(parts, dim=1).reshape(x.shape).to(x.dtype)
+
+
+def per_head(fn, hd: int):
+    """fn applied to each head slice of hd channels of the last axis."""
+    def apply(x):
+        return fn(x.reshape(*x.shape[:-1], -1, hd)).reshape(x.shape)
+    return apply
+
+
+def resq_high_columns(name: str, args: M.ModelArgs, cfg: QuantConfig):
+    """The input columns a linear keeps on the 8-bit grid (None: all at wbits): the last r of the
+    residual basis for q/k/v/gate/up, the last hd/8 of every head for o_proj, none for down."""
+    if cfg.rotation != "pca" or cfg.high_fraction == 0:
+        return None
+    hd = args.head_dim
+    if name.endswith("o_proj"):
+        r = int(cfg.high_fraction * hd)
+        return (torch.arange(args.n_heads * hd) % hd) >= hd - r
+    if name.endswith("down_proj"):
+        return None
+    r = int(cfg.high_fraction * args.dim)
+    return torch.arange(args.dim) >= args.dim - r
+
+
+def install_resq_quantizers(model: M.Transformer, cfg: QuantConfig) -> list:
+    """Forward hooks that fake-quantize activations and the KV cache as ResQ does."""
+    a = model.args
+    pca = cfg.rotation == "pca"
+    r_res = int(cfg.high_fraction * a.dim) if pca else 0
+    r_head = int(cfg.high_fraction * a.head_dim) if pca else 0
+    act = lambda bits, r: (lambda mod, args: (quantize_activations(args[0], bits,  # noqa: E731
+                                                                   cfg.high_bits, r),))
+    hooks = []
+    for b in model.layers:
+        att, mlp = b.self_attn, b.mlp
+        if cfg.abits < 16:
+            for lin in (att.q_proj, att.k_proj, att.v_proj, mlp.gate_proj, mlp.up_proj):
+                hooks.append(lin.register_forward_pre_hook(act(cfg.abits, r_res)))
+            heads = per_head(lambda x: quantize_activations(x, cfg.abits, cfg.high_bits, r_head),
+                             a.head_dim)
+            hooks.append(att.o_proj.register_forward_pre_hook(lambda mod, args, f=heads:
+                                                              (f(args[0]),)))
+            hooks.append(mlp.down_proj.register_forward_pre_hook(act(cfg.abits, 0)))
+        if cfg.kvbits < 16:
+            kv = per_head(lambda x: quantize_activations(x, cfg.kvbits, cfg.high_bits, r_head),
+                          a.head_dim)
+            hooks.append(att.v_proj.register_forward_hook(lambda mod, args, out, f=kv: f(out)))
+            if att.post_rope is None:
+                att.post_rope = KeyRotation(torch.eye(a.head_dim))
+            att.post_rope.quantize_keys = kv
+    return hooks
+
+
+def activation_bits(args: M.ModelArgs, cfg: QuantConfig) -> float:
+    """Average activation bits over the inputs of the seven linears (per input channel)."""
+    if cfg.abits >= 16:
+        return 16.0
+    f = cfg.high_fraction if cfg.rotation == "pca" else 0.0
+    mixed = cfg.abits * (1 - f) + cfg.high_bits * f
+    d, ff = args.dim, args.hidden_dim
+    widths = {"mixed": 5 * d + args.n_heads * args.head_dim, "low": ff}
+    return (mixed * widths["mixed"] + cfg.abits * widths["low"]) / sum(widths.values())
+
+
+@torch.no_grad()
+def resq_prepare(model: M.Transformer, calib, cfg: QuantConfig, seed: int = 0, log=print):
+    """Covariances, bases and fusion: the model is still fp, in the new bases."""
+    t0 = time.perf_counter()
+    cov = resq_covariances(model, calib)
+    hf = cfg.high_fraction if cfg.rotation == "pca" else 0.0
+    fuse_resq(model, resq_bases(cov, model.args, hf, cfg.rotation, seed))
+    log(f"ResQ bases ({cfg.rotation}, high fraction {hf}) fused in "
+        f"{time.perf_counter() - t0:.0f}s")
+
+
+# -----------------------------------------------------------------------------
 # 9. Save: the packed format of kernels.py, written atomically
 
 
@@ -1045,6 +1177,8 @@ def method_config(method: str, cfg: QuantConfig) -> QuantConfig:
         return spqr_config(cfg)
     if method == "tacq":  # TaCQ's GPTQ settings: asymmetric with MSE clipping (§6.1 step 2)
         return replace(cfg, mse=True)
+    if method == "resq":  # ResQ's weights: per channel, symmetric, MSE clipping (§7.3)
+        return replace(cfg, groupsize=-1, sym=True, mse=True)
     return cfg
 
 
@@ -1055,6 +1189,9 @@ def run(ckpt=None, method="tacq", cfg: QuantConfig = QuantConfig(wbits=3, groups
     """Load, evaluate fp, quantize, evaluate, save. The CLI calls this; so can a notebook."""
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+    if save and method == "resq":
+        raise ValueError("ResQ is fake quantization (W4A4 needs activation-quantized kernels); "
+                         "it can be evaluated but not saved")
     if save and cfg.wbits not in PACKED_BITS:
         raise ValueError(f"--save stores {', '.join(map(str, PACKED_BITS))}-bit codes; "
                          f"--wbits {cfg.wbits} can be evaluated but not saved")
@@ -1090,14 +1227,18 @@ def run(ckpt=None, method="tacq", cfg: QuantConfig = QuantConfig(wbits=3, groups
         del scores
         print(f"TaCQ: keeping {sum(int(m.sum()) for m in masks.values()):,} weights in 16 bits "
               f"(ratio {used.ratio}); final GPTQ with that mask:")
+    if method == "resq":
+        resq_prepare(model, calib_tokens, used, seed)
     results = quantize_model(model, calib_tokens, method, used, device, masks=masks)
+    if method == "resq":
+        install_resq_quantizers(model, used)
     quant_seconds = time.perf_counter() - t0
     avg = average_bits(results)
     print("quantized model:")
     quant = evaluate(model, tok, evals, eval_seqlen, eval_windows, task_limit)
     options = asdict(used) | {"outlier_threshold": str(used.outlier_threshold)}
     summary = {"method": method, "wbits": cfg.wbits, "groupsize": used.groupsize,
-               "avg_bits": avg, "fp": fp, "quant": quant, "quant_seconds": quant_seconds,
+               "avg_bits": avg, "act_bits": activation_bits(model.args, used), "fp": fp, "quant": quant, "quant_seconds": quant_seconds,
                "peak_memory_gb": peak_memory_gb(device), "config": options,
                "calib": None if method == "rtn" else {"spec": calib, "nsamples": nsamples,
                                                       "seqlen": seqlen, "seed": seed},
@@ -1128,13 +1269,14 @@ def print_summary(s: dict):
     specs = list(s["fp"])
     names = [f"{sp} {'ppl' if 'ppl' in s['fp'][sp] else 'acc' if 'acc' in s['fp'][sp] else 'em'}"
              for sp in specs]
-    head = "| method | avg bits | " + " | ".join(f"{n} fp | {n} quant" for n in names)
+    head = "| method | avg W bits | avg A bits | " + " | ".join(f"{n} fp | {n} quant"
+                                                          for n in names)
     print("\n" + head + " | quant s | peak mem GB |")
-    print("|" + "---|" * (4 + 2 * len(specs)))
+    print("|" + "---|" * (5 + 2 * len(specs)))
     cells = " | ".join(f"{headline(s['fp'][sp])} | {headline(s['quant'][sp])}" for sp in specs)
     g = "per-channel" if s["groupsize"] == -1 else f"g{s['groupsize']}"
-    print(f"| {s['method']} W{s['wbits']} {g} | {s['avg_bits']:.3f} | {cells} | "
-          f"{s['quant_seconds']:.0f} | {s['peak_memory_gb']:.1f} |")
+    print(f"| {s['method']} W{s['wbits']} {g} | {s['avg_bits']:.3f} | {s['act_bits']:.2f} | "
+          f"{cells} | {s['quant_seconds']:.0f} | {s['peak_memory_gb']:.1f} |")
 
 
 def main():
@@ -1169,6 +1311,15 @@ def main():
                    "weights kept in 16 bits (global top-k of the saliency score)")
     p.add_argument("--scores", default=None, help="TaCQ: cache the scores in this directory "
                    "(another --ratio then needs no new gradients)")
+    p.add_argument("--abits", type=int, default=4, help="ResQ: activation bits (low slice); "
+                   "16 for weight-only")
+    p.add_argument("--kvbits", type=int, default=4, help="ResQ: KV-cache bits (low slice)")
+    p.add_argument("--high-fraction", type=float, default=0.125, help="ResQ: fraction of "
+                   "channels in the high-precision (PCA) slice")
+    p.add_argument("--high-bits", type=int, default=8, help="ResQ: bits of the high slice")
+    p.add_argument("--rotation", default="pca", choices=["pca", "random", "none"],
+                   help="ResQ: pca (ResQ), random (QuaRot-style), none (no rotation)")
+    p.add_argument("--w-rtn", action="store_true", help="ResQ: round weights to nearest")
     p.add_argument("--calib", default="pydoc", help="calibration data: pydoc (its calibration "
                    "split) | text:PATH | wikitext2:DIR (train file) | task:NAME | jsonl:PATH")
     p.add_argument("--nsamples", type=int, default=32, help="calibration windows")
@@ -1190,7 +1341,11 @@ def main():
                           percdamp=a.percdamp, act_order=a.act_order, iters=a.iters,
                           init=a.init, relaxed=a.relaxed, outliers=a.outliers,
                           outlier_threshold=(math.inf if a.outlier_threshold is None
-                                             else a.outlier_threshold), ratio=a.ratio)
+                                             else a.outlier_threshold), ratio=a.ratio,
+                          abits=a.abits if a.method == "resq" else 16,
+                          kvbits=a.kvbits if a.method == "resq" else 16,
+                          high_bits=a.high_bits, high_fraction=a.high_fraction,
+                          rotation=a.rotation, w_rtn=a.w_rtn)
         run(a.ckpt, a.method, cfg, a.calib, a.nsamples, a.seqlen, a.seed, a.eval,
             a.eval_seqlen, a.eval_windows, a.task_limit, a.scores, a.save, a.json, a.device,
             a.dtype)

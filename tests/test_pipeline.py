@@ -81,7 +81,7 @@ def test_cli_rtn_on_embedded_saves_a_checkpoint_eval_reproduces(tmp_path):
                         "--groupsize", "64", "--eval", "pydoc", "--eval-windows", "2", "--save", str(out),
                         "--json", str(js)], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
-    assert "| rtn W4 g64 |" in r.stdout
+    assert "| rtn W4 g64 | 4.500 | 16.00 |" in r.stdout
     res = json.loads(js.read_text())
     assert res["avg_bits"] == 4.5 and res["method"] == "rtn"
     q_ppl, fp_ppl = res["quant"]["pydoc"]["ppl"], res["fp"]["pydoc"]["ppl"]

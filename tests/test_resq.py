@@ -97,3 +97,65 @@ def test_hadamard_transform_is_orthogonal(n):
     assert torch.allclose(H @ H.T, torch.eye(n, dtype=torch.float64), atol=1e-10)
     if odd is None:  # a power of two: the Sylvester Hadamard matrix / sqrt(n)
         assert torch.allclose(H.abs(), torch.full((n, n), n ** -0.5, dtype=torch.float64))
+
+
+# -- part 2: the quantizers -----------------------------------------------------------------------
+
+
+@given(seed=st.integers(0, 10 ** 6), bits=st.sampled_from([2, 4, 8]), r=st.sampled_from([0, 4]))
+def test_activation_error_at_most_half_a_step_and_batch_independent(seed, bits, r):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(6, 32, generator=g) * torch.rand(32, generator=g) * 10
+    xq = Q.quantize_activations(x, bits, 8, r)
+    for sl, b in ((slice(0, 32 - r), bits), (slice(32 - r, 32), 8)):
+        part = x[:, sl]
+        if part.shape[1] == 0:
+            continue
+        s, _ = Q.fit_grid(part, b)  # the slice's own per-token scale
+        assert ((xq[:, sl] - part).abs() <= s / 2 + 1e-6).all()
+    # each token alone gives the same numbers as the batch
+    assert torch.equal(torch.cat([Q.quantize_activations(x[i:i + 1], bits, 8, r)
+                                  for i in range(6)]), xq)
+    assert torch.equal(Q.quantize_activations(x, 16, 16, r), x)  # 16 bits: exact
+
+
+@given(seed=st.integers(0, 10 ** 6))
+def test_gptq_high_columns_get_their_own_grid(seed):
+    g = torch.Generator().manual_seed(seed)
+    W = torch.randn(8, 32, generator=g, dtype=torch.float64)
+    high = torch.arange(32) >= 28
+    cfg = Q.QuantConfig(wbits=4, sym=True, high_bits=8)
+    qz = Q.gptq(W, torch.eye(32, dtype=torch.float64), Q.QuantConfig(**{**vars(cfg),
+                                                                        "percdamp": 0.0}),
+                high=high)
+    assert qz.codes[:, ~high].max() <= 15 and qz.codes[:, high].max() <= 255
+    # with H = I nothing propagates: each slice is RTN on its own grid
+    for cols, b in ((~high, 4), (high, 8)):
+        s, z = Q.fit_grid(W[:, cols], b, sym=True)
+        assert torch.equal(qz.dequantize()[:, cols], Q.fake_quant(W[:, cols], s, z, 2 ** b - 1))
+    assert Q.stored_bits(qz) == 8 * (28 * 4 + 4 * 8) + 2 * 8 * 2 * 16
+
+
+@pytest.mark.parametrize("rotation,abits", [("pca", 4), ("pca", 16), ("random", 4),
+                                            ("none", 4)])
+def test_resq_pipeline_on_a_tiny_model(tmp_path, rotation, abits):
+    model = tiny(tmp_path)
+    x = torch.randint(0, 128, (1, 40), generator=torch.Generator().manual_seed(3))
+    fp = model(x)
+    calib = torch.randint(0, 128, (4, 32), generator=torch.Generator().manual_seed(4))
+    cfg = Q.method_config("resq", Q.QuantConfig(wbits=4, abits=abits, kvbits=abits,
+                                                rotation=rotation))
+    Q.resq_prepare(model, calib, cfg, log=lambda s: None)
+    res = Q.quantize_model(model, calib, "resq", cfg, log=lambda s: None)
+    w4 = model(x)
+    Q.install_resq_quantizers(model, cfg)
+    out = model(x)
+    assert torch.isfinite(out).all() and not torch.equal(out, fp)
+    assert torch.equal(out, w4) == (abits == 16)  # A16: the quantizers change nothing
+    q = res["layers.0.self_attn.q_proj"]
+    if rotation == "pca":  # 1/8 of q's input columns on the 8-bit grid
+        assert q["bits_stored"] == 64 * (56 * 4 + 8 * 8) + 2 * 64 * 2 * 16
+        if abits < 16:  # the 8-bit slices raise the average above 4
+            assert abits < Q.activation_bits(model.args, cfg) < 4.5
+    else:
+        assert q["bits_stored"] == 64 * 64 * 4 + 2 * 64 * 1 * 16
