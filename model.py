@@ -766,8 +766,13 @@ def load_quantized(path: Path, args: ModelArgs, qc: dict, files: dict, dtype, de
     plain = {}
     for hf, f in files.items():
         o = hf_to_ours(hf)
+        if o is None:
+            continue
         module, _, leaf = o.rpartition(".")
-        (packed[module] if module in quantized else plain)[leaf if module in quantized else o] = f
+        if module in quantized:
+            packed[module][leaf] = f  # qweight, scales, zeros, outlier_* of one linear
+        else:
+            plain[o] = f
     wanted = {k: v for k, v in args.expected_shapes().items()
               if k.rpartition(".")[0] not in quantized}
     shapes = {}

@@ -159,3 +159,21 @@ def test_resq_pipeline_on_a_tiny_model(tmp_path, rotation, abits):
             assert abits < Q.activation_bits(model.args, cfg) < 4.5
     else:
         assert q["bits_stored"] == 64 * 64 * 4 + 2 * 64 * 1 * 16
+
+
+def test_high_fraction_zero_is_the_quarot_style_path(tmp_path):
+    model = tiny(tmp_path)
+    pca0 = Q.method_config("resq", Q.QuantConfig(wbits=4, abits=4, kvbits=4, high_fraction=0.0))
+    quarot = Q.method_config("resq", Q.QuantConfig(wbits=4, abits=4, kvbits=4,
+                                                   rotation="random"))
+    for cfg in (pca0, quarot):  # no 8-bit columns, no 8-bit activation slice
+        assert all(Q.resq_high_columns(n, model.args, cfg) is None
+                   for n in ("layers.0.self_attn.q_proj", "layers.0.self_attn.o_proj"))
+        assert Q.activation_bits(model.args, cfg) == 4
+    cov = Q.resq_covariances(model, torch.randint(0, 128, (2, 16)))
+    U = Q.resq_bases(cov, model.args, high_fraction=0.0, rotation="pca").U_A
+    # one Haar rotation of the whole space after the PCA basis: no subspace structure is kept
+    P = Q.pca_basis(cov["resid"])
+    R = P.T @ U
+    assert torch.allclose(R.T @ R, torch.eye(64, dtype=torch.float64), atol=1e-10)
+    assert R[:-8, -8:].abs().max() > 1e-3  # the top-8 directions mix with the rest

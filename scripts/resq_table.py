@@ -1,0 +1,56 @@
+"""The ResQ table: fp, RTN W4A4KV4 (no rotation), QuaRot-style W4A4KV4 (random rotations, no
+high slice), ResQ W4A4KV4 and ResQ W4A16, perplexity on the pydoc evaluation split.
+
+    python scripts/resq_table.py [--nsamples 32] [--runs rtn quarot resq resq-w4a16]
+
+Calibration: --nsamples windows of 512 tokens from the pydoc calibration split (seed 0), used for
+the bases and for GPTQ.
+"""
+
+import argparse
+import resource
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import eval as E  # noqa: E402
+import mixq as Q  # noqa: E402
+import model as M  # noqa: E402
+
+RUNS = {  # name -> ResQ options (W4, per channel, symmetric, MSE clipping)
+    "rtn": dict(rotation="none", w_rtn=True, abits=4, kvbits=4),
+    "quarot": dict(rotation="random", abits=4, kvbits=4),
+    "resq": dict(rotation="pca", abits=4, kvbits=4),
+    "resq-w4a16": dict(rotation="pca", abits=16, kvbits=16),
+}
+
+
+def main():
+    p = argparse.ArgumentParser(formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--nsamples", type=int, default=32)
+    p.add_argument("--runs", nargs="+", default=list(RUNS), choices=list(RUNS))
+    a = p.parse_args()
+    model, tok = M.load()
+    ev = E.corpus_tokens("pydoc", tok, "eval")
+    fp = E.perplexity(model, ev, 512)
+    calib = Q.calibration_windows("pydoc", tok, a.nsamples, 512, seed=0)
+    print(E.protocol("pydoc", "eval", 512, fp["windows"], fp["tokens"]))
+    print("| run | W bits | A bits | ppl | seconds | peak RSS GB |\n|---|---|---|---|---|---|")
+    print(f"| fp | 16 | 16 | {fp['ppl']:.2f} | - | - |", flush=True)
+    for name in a.runs:
+        cfg = Q.method_config("resq", Q.QuantConfig(wbits=4, **RUNS[name]))
+        model, _ = M.load()
+        t0 = time.perf_counter()
+        Q.resq_prepare(model, calib, cfg, log=lambda s: None)
+        res = Q.quantize_model(model, calib, "resq", cfg, log=lambda s: None)
+        Q.install_resq_quantizers(model, cfg)
+        secs = time.perf_counter() - t0
+        ppl = E.perplexity(model, ev, 512)["ppl"]
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
+        print(f"| {name} | {Q.average_bits(res):.3f} | {Q.activation_bits(model.args, cfg):.2f} "
+              f"| {ppl:.2f} | {secs:.0f} | {rss:.1f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
