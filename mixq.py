@@ -929,15 +929,17 @@ def resq_bases(cov: dict, args: M.ModelArgs, high_fraction: float = 0.125,
 
 
 class KeyRotation:
-    """Attention.post_rope for one layer: q <- q U_K, k <- k U_K (q k^T is unchanged), then an
-    optional quantizer of the keys (the KV cache)."""
+    """Attention.post_rope for one layer: q <- q U_K, k <- k U_K (q k^T is unchanged), then
+    optional quantizers of the queries and of the keys (the KV cache)."""
 
-    def __init__(self, U_K, quantize_keys=None):
-        self.U_K, self.quantize_keys = U_K, quantize_keys
+    def __init__(self, U_K, quantize_queries=None, quantize_keys=None):
+        self.U_K, self.quantize_queries, self.quantize_keys = U_K, quantize_queries, quantize_keys
 
     def __call__(self, q, k):
         U = self.U_K.to(q.device, torch.float32)
         q, k = (q.float() @ U).to(q.dtype), (k.float() @ U).to(k.dtype)
+        if self.quantize_queries is not None:
+            q = self.quantize_queries(q)
         return q, (k if self.quantize_keys is None else self.quantize_keys(k))
 
 
@@ -984,7 +986,8 @@ def fuse_resq(model: M.Transformer, bases: ResQBases):
 #
 # Activations per token, asymmetric, the low slice at abits and the high slice (the last
 # r channels: the top-r PCA directions) at high_bits; o_proj inputs and the KV cache per head
-# with the same split; down_proj inputs (after the Hadamard) uniform at abits; lm_head 16-bit.
+# with the same split; queries per head at high_bits; down_proj inputs (after the Hadamard)
+# uniform at abits; lm_head 16-bit.
 # Weights: GPTQ per channel, symmetric, MSE clipping, high columns on their own 8-bit grid.
 
 
@@ -1045,6 +1048,11 @@ def install_resq_quantizers(model: M.Transformer, cfg: QuantConfig) -> list:
             hooks.append(att.o_proj.register_forward_pre_hook(lambda mod, args, f=heads:
                                                               (f(args[0]),)))
             hooks.append(mlp.down_proj.register_forward_pre_hook(act(cfg.abits, 0)))
+            if att.post_rope is None:
+                att.post_rope = KeyRotation(torch.eye(a.head_dim))
+            # queries: per (token, head) at the high bits, as ResQ does before q k^T
+            att.post_rope.quantize_queries = lambda q: quantize_activations(q, cfg.high_bits,
+                                                                            cfg.high_bits)
         if cfg.kvbits < 16:
             kv = per_head(lambda x: quantize_activations(x, cfg.kvbits, cfg.high_bits, r_head),
                           a.head_dim)
