@@ -28,8 +28,10 @@ calibration split).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+import os
 import random
 import resource
 import time
@@ -582,16 +584,19 @@ def calibration_windows(spec: str, tok, nsamples: int, seqlen: int, seed: int) -
 
 @torch.no_grad()
 def quantize_model(model: M.Transformer, calib: Optional[torch.Tensor], method: str,
-                   cfg: QuantConfig, device=None, log=print, masks: Optional[dict] = None) -> dict:
+                   cfg: QuantConfig, device=None, log=print, masks: Optional[dict] = None,
+                   resume: Optional[str] = None, fingerprint: Optional[dict] = None) -> dict:
     """Quantize every linear of every block, in place (the weights become W_hat), one block on
     `device` at a time. calib: token sequences (a (nsamples, seqlen) tensor or a list of 1-D
-    tensors of any lengths), None for RTN; masks: per linear name,
-    the weights to keep in 16 bits (TaCQ). Returns, per linear name, the packed tensors for
-    saving plus its stored bits and loss."""
+    tensors of any lengths), None for RTN; masks: per linear name, the weights to keep in 16 bits
+    (TaCQ). resume: a directory where each finished block is saved with `fingerprint`; a later
+    call with the same directory and fingerprint continues after the last finished block.
+    Returns, per linear name, the packed tensors for saving plus its stored bits and loss."""
     if method == "spqr":
         cfg = spqr_config(cfg)
     device = torch.device(device or model.device)
     home = model.device
+    done = resume_state(resume, fingerprint) if resume else 0
     results = {}
     xs = None
     if method != "rtn":  # inputs of block 0: the embeddings, kept on the CPU between blocks
@@ -607,34 +612,103 @@ def quantize_model(model: M.Transformer, calib: Optional[torch.Tensor], method: 
     for li, block in enumerate(model.layers):
         t0 = time.perf_counter()
         block.to(device)
-        losses = {}
-        for group in SEQUENTIAL:
-            stats = collect_input_stats(block, group, xs, rope, device) if xs else {}
-            for name in group:
-                lin = block.get_submodule(name)
-                W = lin.weight.data
-                mask = None if masks is None else masks[f"layers.{li}.{name}"].to(device)
-                high = resq_high_columns(name, model.args, cfg) if method == "resq" else None
-                qz = solve(method, W.to(device), stats[name].sigma if stats else None, cfg, mask,
-                           None if high is None else high.to(device))
-                W_hat = qz.dequantize()
-                # relative output error on the calibration data (weight error for RTN)
-                sigma = stats[name].sigma if stats else torch.eye(W.shape[1], device=W.device)
-                rel = layer_loss(W, W_hat, sigma) / max(layer_loss(W, 0 * W, sigma), 1e-30)
-                losses[name.split(".")[-1]] = rel
-                lin.weight.data = W_hat.to(W.dtype)
-                results[f"layers.{li}.{name}"] = {
-                    "tensors": packed_tensors(qz) if qz.bits in PACKED_BITS else None,
-                    "bits": qz.bits, "groupsize": qz.groupsize,
-                    "bits_stored": stored_bits(qz), "numel": W.numel(), "kept": qz.n_kept(),
-                    "rel_err": rel}
+        if li < done:  # finished by an earlier run: weights and results from its state
+            block_results = load_block(resume, li, block)
+        else:
+            block_results = quantize_block(model, li, xs, rope, method, cfg, device, masks)
+            if resume:
+                save_block(resume, li, block, block_results, fingerprint)
+        results |= block_results
         if xs is not None:  # the quantized block's outputs feed the next block
             xs = [block(x.to(device), *rope(x)).cpu() for x in xs]
         block.to(home)
         dt = time.perf_counter() - t0
-        eta = (time.perf_counter() - t_start) / (li + 1) * (len(model.layers) - li - 1)
-        errs = " ".join(f"{k} {v:.2e}" for k, v in losses.items())
-        log(f"block {li + 1:2d}/{len(model.layers)}  rel err {errs}  {dt:5.1f}s  ETA {eta:5.0f}s")
+        eta = (time.perf_counter() - t_start) / (li + 1 - min(done, li)) * (
+            len(model.layers) - li - 1)
+        errs = " ".join(f"{k.rsplit('.', 1)[1]} {r['rel_err']:.2e}"
+                        for k, r in block_results.items())
+        log(f"block {li + 1:2d}/{len(model.layers)}  rel err {errs}  {dt:5.1f}s  ETA {eta:5.0f}s"
+            + ("  (resumed)" if li < done else ""))
+    return results
+
+
+def quantize_block(model, li: int, xs, rope, method: str, cfg: QuantConfig, device,
+                   masks=None) -> dict:
+    """The linears of block li, group by group (true sequential), in place."""
+    block = model.layers[li]
+    results = {}
+    for group in SEQUENTIAL:
+        stats = collect_input_stats(block, group, xs, rope, device) if xs else {}
+        for name in group:
+            lin = block.get_submodule(name)
+            W = lin.weight.data
+            mask = None if masks is None else masks[f"layers.{li}.{name}"].to(device)
+            high = resq_high_columns(name, model.args, cfg) if method == "resq" else None
+            qz = solve(method, W.to(device), stats[name].sigma if stats else None, cfg, mask,
+                       None if high is None else high.to(device))
+            W_hat = qz.dequantize()
+            # relative output error on the calibration data (weight error for RTN)
+            sigma = stats[name].sigma if stats else torch.eye(W.shape[1], device=W.device)
+            rel = layer_loss(W, W_hat, sigma) / max(layer_loss(W, 0 * W, sigma), 1e-30)
+            lin.weight.data = W_hat.to(W.dtype)
+            results[f"layers.{li}.{name}"] = {
+                "tensors": packed_tensors(qz) if qz.bits in PACKED_BITS and qz.col_bits is None
+                else None,
+                "bits": qz.bits, "groupsize": qz.groupsize, "bits_stored": stored_bits(qz),
+                "numel": W.numel(), "kept": qz.n_kept(), "rel_err": rel}
+    return results
+
+
+# -- resume: every finished block on disk, with a fingerprint of what produced it --------------
+
+
+def resume_state(resume: str, fingerprint: dict) -> int:
+    """How many blocks an earlier run with the same fingerprint finished (0 for a new dir)."""
+    path = Path(resume) / "state.json"
+    if not path.exists():
+        return 0
+    state = json.loads(path.read_text())
+    if state["fingerprint"] != fingerprint:
+        diff = sorted(k for k in set(state["fingerprint"]) | set(fingerprint)
+                      if state["fingerprint"].get(k) != fingerprint.get(k))
+        raise ValueError(f"--resume {resume} holds a run with other settings (differs in: "
+                         f"{', '.join(diff)}); use another directory or delete it")
+    return state["blocks_done"]
+
+
+def save_block(resume: str, li: int, block, block_results: dict, fingerprint: dict):
+    """Block li's quantized weights and results, then state.json; each file written to a temp
+    name and renamed, so a kill at any moment leaves the last complete state."""
+    from safetensors.torch import save_file
+    d = Path(resume)
+    d.mkdir(parents=True, exist_ok=True)
+    tensors, meta = {}, {}
+    for name, r in block_results.items():
+        short = name.split(".", 2)[2]  # self_attn.q_proj
+        tensors[f"{short}.weight"] = block.get_submodule(short).weight.data.contiguous().cpu()
+        for k, v in (r["tensors"] or {}).items():
+            tensors[f"{short}.{k}"] = v
+        meta[name] = {k: v for k, v in r.items() if k != "tensors"}
+    tmp = d / f".block-{li:04d}.tmp"
+    save_file(tensors, str(tmp), metadata={"results": json.dumps(meta)})
+    os.replace(tmp, d / f"block-{li:04d}.safetensors")
+    E.write_json(d / "state.json", {"fingerprint": fingerprint, "blocks_done": li + 1})
+
+
+def load_block(resume: str, li: int, block) -> dict:
+    """Put block li's saved weights back and return its results."""
+    from safetensors import safe_open
+    with safe_open(str(Path(resume) / f"block-{li:04d}.safetensors"), framework="pt") as f:
+        meta = json.loads(f.metadata()["results"])
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    results = {}
+    for name, r in meta.items():
+        short = name.split(".", 2)[2]
+        lin = block.get_submodule(short)
+        lin.weight.data = tensors[f"{short}.weight"].to(lin.weight.device)
+        packed = {k.rsplit(".", 1)[1]: v for k, v in tensors.items()
+                  if k.startswith(short + ".") and not k.endswith(".weight")}
+        results[name] = r | {"tensors": packed or None}
     return results
 
 
@@ -1193,7 +1267,7 @@ def method_config(method: str, cfg: QuantConfig) -> QuantConfig:
 def run(ckpt=None, method="tacq", cfg: QuantConfig = QuantConfig(wbits=3, groupsize=-1),
         calib="pydoc", nsamples=32, seqlen=512, seed=0, evals=("pydoc", "task:capitals"),
         eval_seqlen=512, eval_windows=None, task_limit=None, scores_dir=None, save=None,
-        json_out=None, device="cpu", dtype="fp32") -> dict:
+        json_out=None, device="cpu", dtype="fp32", resume=None) -> dict:
     """Load, evaluate fp, quantize, evaluate, save. The CLI calls this; so can a notebook."""
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
@@ -1237,7 +1311,9 @@ def run(ckpt=None, method="tacq", cfg: QuantConfig = QuantConfig(wbits=3, groups
               f"(ratio {used.ratio}); final GPTQ with that mask:")
     if method == "resq":
         resq_prepare(model, calib_tokens, used, seed)
-    results = quantize_model(model, calib_tokens, method, used, device, masks=masks)
+    fingerprint = run_fingerprint(ckpt, model, method, used, calib, calib_tokens, seed)
+    results = quantize_model(model, calib_tokens, method, used, device, masks=masks,
+                             resume=resume, fingerprint=fingerprint)
     if method == "resq":
         install_resq_quantizers(model, used)
     quant_seconds = time.perf_counter() - t0
@@ -1263,6 +1339,18 @@ def run(ckpt=None, method="tacq", cfg: QuantConfig = QuantConfig(wbits=3, groups
     if json_out:
         E.write_json(json_out, summary)
     return summary
+
+
+def run_fingerprint(ckpt, model, method, cfg: QuantConfig, calib_spec, calib_tokens, seed):
+    """What a resumed run must share with the run that saved the blocks: the model, the method
+    and every option, the calibration data (a hash of its tokens) and the seed."""
+    digest = hashlib.sha256()
+    for t in calib_tokens if calib_tokens is not None else []:
+        digest.update(t.to(torch.int64).numpy().tobytes())
+    return {"ckpt": str(ckpt or M.DEFAULT_MODEL), "model": json.dumps(model.args.to_hf()),
+            "method": method, "options": json.dumps(asdict(cfg) | {
+                "outlier_threshold": str(cfg.outlier_threshold)}),
+            "calib": calib_spec, "calib_sha256": digest.hexdigest(), "seed": seed}
 
 
 def headline(metrics: dict) -> str:
@@ -1340,6 +1428,8 @@ def main():
     p.add_argument("--eval-windows", type=int, default=None, help="evaluate only N windows")
     p.add_argument("--task-limit", type=int, default=None, help="score only N task items")
     p.add_argument("--save", default=None, help="write the quantized checkpoint here")
+    p.add_argument("--resume", default=None, help="save every finished block in this directory "
+                   "and, if it holds an interrupted run with the same settings, continue it")
     p.add_argument("--json", default=None, help="write the summary here")
     p.add_argument("--device", default="cpu", help="cpu | cuda")
     p.add_argument("--dtype", default="fp32", choices=sorted(M.DTYPES), help="model dtype")
@@ -1356,7 +1446,7 @@ def main():
                           rotation=a.rotation, w_rtn=a.w_rtn)
         run(a.ckpt, a.method, cfg, a.calib, a.nsamples, a.seqlen, a.seed, a.eval,
             a.eval_seqlen, a.eval_windows, a.task_limit, a.scores, a.save, a.json, a.device,
-            a.dtype)
+            a.dtype, a.resume)
     except (M.CheckpointError, ValueError, FileNotFoundError) as e:
         raise SystemExit(f"error: {e}")
 

@@ -104,3 +104,45 @@ def test_cli_bad_input(args, msg):
     r = subprocess.run([sys.executable, str(ROOT / "mixq.py")] + args, capture_output=True,
                        text=True)
     assert r.returncode != 0 and msg in r.stderr
+
+
+def test_resume_after_a_kill_reproduces_the_uninterrupted_run(tiny_dir, tmp_path):
+    cfg = Q.QuantConfig(wbits=3, groupsize=32)
+    calib = torch.randint(0, 128, (4, 48), generator=torch.Generator().manual_seed(0))
+    fp = {"run": 1}
+    whole, _ = M.load(str(tiny_dir))
+    ref = Q.quantize_model(whole, calib, "gptq", cfg, log=lambda s: None)
+
+    def killed_after_first_block(line):
+        if line.startswith("block  1/"):
+            raise KeyboardInterrupt  # as if the process were killed once block 0 was saved
+
+    model, _ = M.load(str(tiny_dir))
+    with pytest.raises(KeyboardInterrupt):
+        Q.quantize_model(model, calib, "gptq", cfg, log=killed_after_first_block,
+                         resume=str(tmp_path / "st"), fingerprint=fp)
+    assert (tmp_path / "st" / "block-0000.safetensors").exists()
+    assert not (tmp_path / "st" / "block-0001.safetensors").exists()
+    lines = []
+    model, _ = M.load(str(tiny_dir))  # a fresh process: the fp model again
+    res = Q.quantize_model(model, calib, "gptq", cfg, log=lines.append,
+                           resume=str(tmp_path / "st"), fingerprint=fp)
+    assert "(resumed)" in lines[0] and "(resumed)" not in lines[1]
+    for k, v in whole.state_dict().items():
+        assert torch.equal(model.state_dict()[k], v), k
+    for name in ref:
+        for t in ref[name]["tensors"]:
+            assert torch.equal(res[name]["tensors"][t], ref[name]["tensors"][t])
+    with pytest.raises(ValueError, match="other settings.*run"):
+        Q.quantize_model(model, calib, "gptq", cfg, log=lambda s: None,
+                         resume=str(tmp_path / "st"), fingerprint={"run": 2})
+
+
+def test_cli_resume_refuses_other_settings(tmp_path):
+    st = tmp_path / "st"
+    st.mkdir()
+    (st / "state.json").write_text(json.dumps({"fingerprint": {"method": "rtn"},
+                                               "blocks_done": 3}))
+    r = subprocess.run([sys.executable, str(ROOT / "mixq.py"), "--method", "rtn", "--eval",
+                        "--resume", str(st)], capture_output=True, text=True)
+    assert r.returncode != 0 and "holds a run with other settings" in r.stderr
