@@ -294,7 +294,7 @@ def multiple_choice(model, tokenizer, task: Task, limit=None) -> dict:
     for item in items:
         lls = continuation_logprobs(model, tokenizer, prompt(task, item),
                                     [" " + c for c in item["choices"]])
-        norm = [ll / len(" " + c) for ll, c in zip(lls, item["choices"])]
+        norm = [ll / len(c) for ll, c in zip(lls, item["choices"])]  # lm-eval: the choice text
         acc += max(range(len(lls)), key=lls.__getitem__) == item["answer"]
         acc_norm += max(range(len(norm)), key=norm.__getitem__) == item["answer"]
     return {"acc": acc / len(items), "acc_norm": acc_norm / len(items), "n": len(items)}
