@@ -592,8 +592,7 @@ def quantize_model(model: M.Transformer, calib: Optional[torch.Tensor], method: 
     (TaCQ). resume: a directory where each finished block is saved with `fingerprint`; a later
     call with the same directory and fingerprint continues after the last finished block.
     Returns, per linear name, the packed tensors for saving plus its stored bits and loss."""
-    if method == "spqr":
-        cfg = spqr_config(cfg)
+    cfg = method_config(method, cfg)  # e.g. SpQR-style's groups of 16 (idempotent)
     device = torch.device(device or model.device)
     home = model.device
     done = resume_state(resume, fingerprint) if resume else 0
