@@ -16,8 +16,9 @@ Sections (the spec is ../shared/algorithms.md; section numbers refer to it)
   6. Pipeline          layer-wise, true-sequential, one block at a time                   (§1.2)
   7. TaCQ              Xiao et al. 2025, arXiv 2504.07389: gradient saliency, a global 16-bit
                        budget, GPTQ with that mask                                        (§6)
-  8. ResQ (part 1)     Saxena et al. 2024, arXiv 2412.14363: norm folding, PCA bases, random
-                       rotations, fused into the weights; online key rotation and Hadamard (§7)
+  8. ResQ              Saxena et al. 2024, arXiv 2412.14363: norm folding, PCA bases, random
+                       rotations fused into the weights, online key rotation and Hadamard;
+                       then W4A4KV4 fake quantization with an 8-bit high slice           (§7)
   9. Save              packed codes (the format in kernels.py), atomically
   10. CLI              python mixq.py [--ckpt X] --method gptq --wbits 3 --groupsize 64 ...
 
@@ -184,6 +185,14 @@ def group_size(cfg: QuantConfig, n: int) -> int:
     return g
 
 
+def fit_groups(W, cfg: QuantConfig, mask=None):
+    """The grid of every row and group of W (m, n), fitted once -> s, z each (m, n/g), and g."""
+    g = group_size(cfg, W.shape[1])
+    stats = [fit_group(W[:, c:c + g], cfg, None if mask is None else mask[:, c:c + g])
+             for c in range(0, W.shape[1], g)]
+    return torch.cat([t[0] for t in stats], 1), torch.cat([t[1] for t in stats], 1), g
+
+
 @dataclass
 class Quantized:
     """A quantized weight: W_hat = s * (codes - z) + delta, where delta is nonzero only on `kept`
@@ -223,10 +232,7 @@ def expand(stat, g: int):
 def rtn(W: torch.Tensor, cfg: QuantConfig) -> Quantized:
     """Round to nearest on the grid of each row (and group)."""
     W = as_work(W)
-    m, n = W.shape
-    g = group_size(cfg, n)
-    stats = [fit_group(W[:, c:c + g], cfg) for c in range(0, n, g)]
-    s, z = torch.cat([t[0] for t in stats], 1), torch.cat([t[1] for t in stats], 1)  # (m, n/g)
+    s, z, g = fit_groups(W, cfg)  # (m, n/g) each
     codes = quant_codes(W, expand(s, g), expand(z, g), cfg.maxq)
     return Quantized(codes, s, z, cfg.wbits, g, stat_bits=stat_bits(cfg))
 
@@ -408,16 +414,6 @@ def normalized_offdiag(Sigma):
     return S
 
 
-def fixed_grid(W, cfg: QuantConfig, mask=None):
-    """QuantEase's grid: per row and group, fitted once on the original W -> s, z each (m, n)."""
-    n = W.shape[1]
-    g = group_size(cfg, n)
-    stats = [fit_group(W[:, c:c + g], cfg, None if mask is None else mask[:, c:c + g])
-             for c in range(0, n, g)]
-    s, z = torch.cat([t[0] for t in stats], 1), torch.cat([t[1] for t in stats], 1)
-    return s, z, g
-
-
 def quantease(W: torch.Tensor, Sigma: torch.Tensor, cfg: QuantConfig,
               start: Optional[Quantized] = None, history: Optional[list] = None) -> Quantized:
     """QuantEase: cfg.iters cyclic CD sweeps on the grid fitted to W, starting from W itself, or
@@ -426,7 +422,7 @@ def quantease(W: torch.Tensor, Sigma: torch.Tensor, cfg: QuantConfig,
     released code's schedule); the last always rounds. history receives f after every sweep."""
     W, Sigma = as_work(W), as_work(Sigma)
     if start is None:
-        s, z, g = fixed_grid(W, cfg)
+        s, z, g = fit_groups(W, cfg)  # QuantEase's grid: fixed from the original W
         What = W.clone()
     else:
         s, z, g = as_work(start.scales), as_work(start.zeros), start.groupsize
@@ -468,7 +464,7 @@ def quantease_outliers(W: torch.Tensor, Sigma: torch.Tensor, cfg: QuantConfig,
     m, n = W.shape
     k = int(round(cfg.outliers * m * n))
     Hs = W * top_k_mask(W, k)
-    s, z, g = fixed_grid(W, cfg, mask=Hs != 0)
+    s, z, g = fit_groups(W, cfg, mask=Hs != 0)
     se, ze = expand(s, g), expand(z, g)
     S = normalized_offdiag(Sigma)
     lam = torch.linalg.eigvalsh(Sigma)[-1].clamp(min=1e-12)  # lambda_max(S): a step size, no inverse
@@ -661,6 +657,11 @@ def quantize_block(model, li: int, xs, rope, method: str, cfg: QuantConfig, devi
 # -- resume: every finished block on disk, with a fingerprint of what produced it --------------
 
 
+def differing_keys(a: dict, b: dict) -> str:
+    """The keys on which two fingerprints disagree, for an error message."""
+    return ", ".join(sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k)))
+
+
 def resume_state(resume: str, fingerprint: dict) -> int:
     """How many blocks an earlier run with the same fingerprint finished (0 for a new dir)."""
     path = Path(resume) / "state.json"
@@ -668,10 +669,9 @@ def resume_state(resume: str, fingerprint: dict) -> int:
         return 0
     state = json.loads(path.read_text())
     if state["fingerprint"] != fingerprint:
-        diff = sorted(k for k in set(state["fingerprint"]) | set(fingerprint)
-                      if state["fingerprint"].get(k) != fingerprint.get(k))
         raise ValueError(f"--resume {resume} holds a run with other settings (differs in: "
-                         f"{', '.join(diff)}); use another directory or delete it")
+                         f"{differing_keys(state['fingerprint'], fingerprint)}); use another "
+                         f"directory or delete it")
     return state["blocks_done"]
 
 
@@ -845,10 +845,8 @@ def cached_tacq_scores(model, calib, answers, cfg, fingerprint: dict, scores_dir
     if (d / "scores.json").exists():
         saved = json.loads((d / "scores.json").read_text())
         if saved != fingerprint:
-            diff = sorted(k for k in set(saved) | set(fingerprint)
-                          if saved.get(k) != fingerprint.get(k))
             raise ValueError(f"--scores {d} holds scores for other settings (differs in: "
-                             f"{', '.join(diff)}); use another directory")
+                             f"{differing_keys(saved, fingerprint)}); use another directory")
         log(f"scores: reusing {d}")
         return load_file(str(d / "scores.safetensors"))
     scores = tacq_scores(model, calib, answers, cfg, device, log)
