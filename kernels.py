@@ -117,30 +117,104 @@ def dequantize(t: dict, bits: int, groupsize: int, N: int, K: int) -> torch.Tens
 
 
 # -----------------------------------------------------------------------------
-# Triton: y = x @ dequant(Wq)^T, then + the sparse outliers
+# Triton: y = x @ dequant(Wq)^T (+ the sparse outliers), three paths chosen by M (rows of x)
 #
-# One kernel for every M: program (pid_m, pid_n, pid_k) owns a BLOCK_M x BLOCK_N tile of y and
-# one of SPLIT_K slices of K. For each BLOCK_K rows of K it unpacks the codes of a
-# (BLOCK_K, BLOCK_N) weight tile, dequantizes w = (q - z) * s with the tile's group statistics,
-# and accumulates x_tile @ w in fp32 (tl.dot). With SPLIT_K > 1 the partial tiles are added with
-# fp32 atomics into a zeroed fp32 output (split-K: many programs share a skinny GEMM's K).
-# Activations in bf16 are converted at the load: no arithmetic is done in bf16.
+#   M = 1       _gemv_kernel: no tensor cores. Program (pid_n, pid_k) owns BLOCK_N outputs and
+#               ITERS * BLOCK_K rows of K (split-K: many programs stream one matrix), adds its
+#               partial sums into y with atomics. When a K-tile lies inside one group the
+#               statistics factor out of the sum:  sum_k x_k s (q_kn - z) = s (sum_k x_k q_kn - z sum_k x_k)
+#   2..64       _gemm_kernel: dequantize a (BLOCK_K, BLOCK_N) weight tile in registers and
+#               multiply on the tensor cores (tl.dot, fp32 accumulation), split-K as above.
+#   > 64        _dequant_kernel writes W^T (K, N) in x's dtype once, then cuBLAS (torch.matmul):
+#               compute-bound sizes, where a dequantize-in-tile GEMM loses to cuBLAS.
+#   outliers    y[m, r] += v * x[m, c] over the CSR entries (r, c, v): fused into the GEMV (a
+#               tile's rows shared out over its split-K programs); after the GEMM a kernel of
+#               its own; added into W^T on the M > 64 path.
+#
+# Codes are read as words: a (BLOCK_K*b/32, BLOCK_N) tile of int32, each expanded by a
+# broadcast shift into its 32/b codes, so every word is loaded once. Activations in bf16 are
+# converted at the load; arithmetic is fp32 (fp16/bf16 only as tl.dot inputs).
 
 if triton is not None:
 
     @triton.jit
-    def _unpack_tile(qw_ptr, offs_k, offs_n, N, BITS: tl.constexpr, k_mask, n_mask):
-        """Codes (BLOCK_K, BLOCK_N) of rows offs_k, columns offs_n from a plane packed along K."""
+    def _plane(qw_ptr, k0, offs_n, N, K, BITS: tl.constexpr, BLOCK_K: tl.constexpr,
+               n_mask):
+        """Codes (BLOCK_K, BLOCK_N) of rows k0 .. k0+BLOCK_K-1 from one plane packed along K."""
         PER: tl.constexpr = 32 // BITS  # codes per int32 word
-        word = tl.load(qw_ptr + (offs_k // PER)[:, None] * N + offs_n[None, :],
-                       mask=k_mask[:, None] & n_mask[None, :], other=0)
-        shift = ((offs_k % PER) * BITS)[:, None]
-        return (word >> shift) & ((1 << BITS) - 1)  # mask after >>: int32 >> sign-extends
+        rows = k0 // PER + tl.arange(0, BLOCK_K // PER)
+        words = tl.load(qw_ptr + rows[:, None] * N + offs_n[None, :],
+                        mask=(rows < K // PER)[:, None] & n_mask[None, :], other=0)
+        shifts = tl.arange(0, PER) * BITS
+        codes = (words[:, None, :] >> shifts[None, :, None]) & ((1 << BITS) - 1)  # mask after
+        return tl.reshape(codes, (BLOCK_K, words.shape[1]))  # >>: int32 >> sign-extends
 
     @triton.jit
-    def _quant_matmul_kernel(x_ptr, qw_ptr, qhi_ptr, s_ptr, z_ptr, y_ptr, M, N, K, G,
-                             BITS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                             BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
+    def _codes(qw_ptr, qhi_ptr, k0, offs_n, N, K, BITS: tl.constexpr, BLOCK_K: tl.constexpr,
+               n_mask):
+        if BITS == 3:  # two planes: the low 2 bits and the high bit
+            q = _plane(qw_ptr, k0, offs_n, N, K, 2, BLOCK_K, n_mask) | \
+                (_plane(qhi_ptr, k0, offs_n, N, K, 1, BLOCK_K, n_mask) << 2)
+        else:  # (an if/else, not an early return: the compiler would still build the rest)
+            q = _plane(qw_ptr, k0, offs_n, N, K, BITS, BLOCK_K, n_mask)
+        return q
+
+    @triton.jit
+    def _weights(qw_ptr, qhi_ptr, s_ptr, z_ptr, k0, offs_n, N, K, G, BITS: tl.constexpr,
+                 BLOCK_K: tl.constexpr, ROW_STATS: tl.constexpr, n_mask):
+        """w = s * (q - z), (BLOCK_K, BLOCK_N) fp32; 0 outside K and N."""
+        q = _codes(qw_ptr, qhi_ptr, k0, offs_n, N, K, BITS, BLOCK_K, n_mask).to(tl.float32)
+        if ROW_STATS:  # the tile lies in one group: one row of statistics
+            stat = (k0 // G) * N + offs_n[None, :]
+            kn_mask = n_mask[None, :] & (k0 + 0 * offs_n[None, :] < K)  # a tensor, not a bool
+        else:  # groups smaller than the tile: statistics per element
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            stat = (offs_k // G)[:, None] * N + offs_n[None, :]
+            kn_mask = (offs_k < K)[:, None] & n_mask[None, :]
+        s = tl.load(s_ptr + stat, mask=kn_mask, other=0.0).to(tl.float32)
+        z = tl.load(z_ptr + stat, mask=kn_mask, other=0.0).to(tl.float32)
+        return (q - z) * s
+
+    @triton.jit
+    def _gemv_kernel(x_ptr, qw_ptr, qhi_ptr, s_ptr, z_ptr, rowptr_ptr, cols_ptr, vals_ptr, y_ptr,
+                     N, K, G, BITS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                     ITERS: tl.constexpr, ROW_STATS: tl.constexpr, OUT_ROWS: tl.constexpr):
+        pid_n, pid_k = tl.program_id(0), tl.program_id(1)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_mask = offs_n < N
+        acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        for it in tl.static_range(ITERS):  # unrolled: the loads of all tiles go out together
+            k0 = (pid_k * ITERS + it) * BLOCK_K
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            x = tl.load(x_ptr + offs_k, mask=offs_k < K, other=0.0).to(tl.float32)
+            if ROW_STATS:  # y_n += s_n * (sum_k x_k q_kn - z_n * sum_k x_k)
+                q = _codes(qw_ptr, qhi_ptr, k0, offs_n, N, K, BITS, BLOCK_K, n_mask)
+                stat_mask = n_mask & (k0 + 0 * offs_n < K)  # a tensor, not a Python bool
+                s = tl.load(s_ptr + (k0 // G) * N + offs_n, mask=stat_mask, other=0.0)
+                z = tl.load(z_ptr + (k0 // G) * N + offs_n, mask=stat_mask, other=0.0)
+                xq = tl.sum(x[:, None] * q.to(tl.float32), axis=0)  # (BLOCK_N,)
+                acc += s.to(tl.float32) * (xq - z.to(tl.float32) * tl.sum(x, axis=0))
+            else:
+                w = _weights(qw_ptr, qhi_ptr, s_ptr, z_ptr, k0, offs_n, N, K, G, BITS,
+                             BLOCK_K, False, n_mask)
+                acc += tl.sum(x[:, None] * w, axis=0)
+        tl.atomic_add(y_ptr + offs_n, acc.to(y_ptr.dtype.element_ty), mask=n_mask)
+        if OUT_ROWS > 0:  # the outliers of the tile's rows, OUT_ROWS rows per split-K program
+            r0 = tl.minimum(pid_n * BLOCK_N + pid_k * OUT_ROWS, N)
+            r_end = tl.minimum(tl.minimum(r0 + OUT_ROWS, pid_n * BLOCK_N + BLOCK_N), N)
+            r0 = tl.minimum(r0, r_end)
+            one = tl.arange(0, 16)  # x as a 16-row block (tl.dot's minimum), row 0 real
+            sums = _outlier_sums(x_ptr, rowptr_ptr, cols_ptr, vals_ptr, one, one < 1, K, r0,
+                                 r_end, OUT_ROWS, 64)
+            offs_r = r0 + tl.arange(0, OUT_ROWS)
+            tl.atomic_add(y_ptr + offs_r, tl.sum(sums, axis=0).to(y_ptr.dtype.element_ty),
+                          mask=offs_r < r_end)
+
+    @triton.jit
+    def _gemm_kernel(x_ptr, qw_ptr, qhi_ptr, s_ptr, z_ptr, y_ptr, M, N, K, G,
+                     BITS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                     BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, ROW_STATS: tl.constexpr,
+                     DOT: tl.constexpr):
         pid_m, pid_n, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -150,49 +224,89 @@ if triton is not None:
         k_start = pid_k * k_per_split
         for k0 in range(k_start, tl.minimum(k_start + k_per_split, K), BLOCK_K):
             offs_k = k0 + tl.arange(0, BLOCK_K)
-            k_mask = offs_k < K
             x = tl.load(x_ptr + offs_m[:, None] * K + offs_k[None, :],
-                        mask=m_mask[:, None] & k_mask[None, :], other=0.0).to(tl.float32)
-            if BITS == 3:  # two planes: the low 2 bits and the high bit
-                q = _unpack_tile(qw_ptr, offs_k, offs_n, N, 2, k_mask, n_mask) | \
-                    (_unpack_tile(qhi_ptr, offs_k, offs_n, N, 1, k_mask, n_mask) << 2)
-            else:
-                q = _unpack_tile(qw_ptr, offs_k, offs_n, N, BITS, k_mask, n_mask)
-            stat = (offs_k // G)[:, None] * N + offs_n[None, :]  # (BLOCK_K, BLOCK_N)
-            kn_mask = k_mask[:, None] & n_mask[None, :]
-            s = tl.load(s_ptr + stat, mask=kn_mask, other=0.0).to(tl.float32)
-            z = tl.load(z_ptr + stat, mask=kn_mask, other=0.0).to(tl.float32)
-            w = (q.to(tl.float32) - z) * s  # (BLOCK_K, BLOCK_N), 0 outside K and N
-            acc += tl.dot(x, w, input_precision="ieee")
+                        mask=m_mask[:, None] & (offs_k < K)[None, :], other=0.0)
+            w = _weights(qw_ptr, qhi_ptr, s_ptr, z_ptr, k0, offs_n, N, K, G, BITS, BLOCK_K,
+                         ROW_STATS, n_mask)
+            if DOT == tl.float32:  # fp32 activations: exact fp32 products, no tf32
+                acc += tl.dot(x.to(tl.float32), w, input_precision="ieee")
+            else:  # fp16 / bf16 tensor cores, fp32 accumulation
+                acc += tl.dot(x.to(DOT), w.to(DOT))
         y = y_ptr + offs_m[:, None] * N + offs_n[None, :]
         mn_mask = m_mask[:, None] & n_mask[None, :]
         if SPLIT_K == 1:
-            tl.store(y, acc, mask=mn_mask)
+            tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=mn_mask)
         else:
-            tl.atomic_add(y, acc, mask=mn_mask)
+            tl.atomic_add(y, acc.to(y_ptr.dtype.element_ty), mask=mn_mask)
+
+    @triton.jit
+    def _dequant_kernel(qw_ptr, qhi_ptr, s_ptr, z_ptr, wt_ptr, N, K, G, BITS: tl.constexpr,
+                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ROW_STATS: tl.constexpr):
+        """W^T (K, N) in wt's dtype, one (BLOCK_K, BLOCK_N) tile per program."""
+        offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        k0 = tl.program_id(1) * BLOCK_K
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        n_mask = offs_n < N
+        w = _weights(qw_ptr, qhi_ptr, s_ptr, z_ptr, k0, offs_n, N, K, G, BITS, BLOCK_K,
+                     ROW_STATS, n_mask)
+        tl.store(wt_ptr + offs_k[:, None] * N + offs_n[None, :], w.to(wt_ptr.dtype.element_ty),
+                 mask=(offs_k < K)[:, None] & n_mask[None, :])
+
+    @triton.jit
+    def _outlier_sums(x_ptr, rowptr_ptr, cols_ptr, vals_ptr, offs_m, m_mask, K, r0, r_end,
+                      ROWS: tl.constexpr, BLOCK: tl.constexpr):
+        """(BLOCK_M, ROWS) fp32: sum of v * x[m, c] over the CSR entries (c, v) of each row
+        r0 .. r_end-1 (at most ROWS consecutive rows), BLOCK entries at a time."""
+        offs_r = r0 + tl.arange(0, ROWS)
+        r_mask = offs_r < r_end
+        start, end = tl.load(rowptr_ptr + r0), tl.load(rowptr_ptr + r_end)
+        row_end = tl.load(rowptr_ptr + 1 + offs_r, mask=r_mask, other=end)  # (ROWS,)
+        acc = tl.zeros((offs_m.shape[0], ROWS), dtype=tl.float32)
+        for i0 in range(start, end, BLOCK):
+            offs = i0 + tl.arange(0, BLOCK)
+            mask = offs < end
+            col = tl.load(cols_ptr + offs, mask=mask, other=0).to(tl.int32) & 0xFFFF  # int16
+            v = tl.load(vals_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            xv = tl.load(x_ptr + offs_m[:, None] * K + col[None, :],
+                         mask=m_mask[:, None] & mask[None, :], other=0.0).to(tl.float32)
+            # row of entry i within the tile: how many of the rows' ends are <= i
+            row = tl.sum((offs[:, None] >= row_end[None, :]).to(tl.int32), axis=1)  # (BLOCK,)
+            hit = (row[:, None] == tl.arange(0, ROWS)[None, :]).to(tl.float32)  # one-hot
+            acc += tl.dot(xv * v[None, :], hit, input_precision="ieee")  # (BLOCK_M, ROWS)
+        return acc
 
     @triton.jit
     def _outliers_kernel(x_ptr, rowptr_ptr, cols_ptr, vals_ptr, y_ptr, M, N, K,
-                         BLOCK: tl.constexpr):
-        """y[m, n] += sum over the CSR entries (n, k, v) of v * x[m, k]; one program per row n."""
-        n = tl.program_id(0)
-        start, end = tl.load(rowptr_ptr + n), tl.load(rowptr_ptr + n + 1)
-        for m in range(M):
-            acc = tl.zeros((BLOCK,), dtype=tl.float32)
-            for i0 in range(start, end, BLOCK):
-                offs = i0 + tl.arange(0, BLOCK)
-                mask = offs < end
-                col = tl.load(cols_ptr + offs, mask=mask, other=0).to(tl.int32) & 0xFFFF
-                v = tl.load(vals_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-                acc += v * tl.load(x_ptr + m * K + col, mask=mask, other=0.0).to(tl.float32)
-            tl.store(y_ptr + m * N + n, tl.load(y_ptr + m * N + n) + tl.sum(acc))
+                         BLOCK_M: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr):
+        """y[m, r] += the outlier sums of rows r, after the GEMM (each program owns its tile of
+        y, so no atomics)."""
+        offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        r0 = tl.program_id(1) * ROWS
+        acc = _outlier_sums(x_ptr, rowptr_ptr, cols_ptr, vals_ptr, offs_m, offs_m < M, K, r0,
+                            tl.minimum(r0 + ROWS, N), ROWS, BLOCK)
+        offs_r = r0 + tl.arange(0, ROWS)
+        y = y_ptr + offs_m[:, None] * N + offs_r[None, :]
+        mask = (offs_m < M)[:, None] & (offs_r < N)[None, :]
+        tl.store(y, (tl.load(y, mask=mask, other=0.0).to(tl.float32) + acc).to(
+            y_ptr.dtype.element_ty), mask=mask)
 
 
-def config_for(M: int, N: int, K: int) -> dict:
-    """Tile sizes by M: a skinny GEMM (decode) splits K across programs; a wide one does not."""
-    if M <= 16:
-        return dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=64, SPLIT_K=max(1, min(8, K // 512)))
-    return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, SPLIT_K=1)
+def config_for(M: int, N: int, K: int, G: int) -> dict:
+    """Tile sizes by M (measured on an H100: `python kernels.py --bench --tune`). BLOCK_K is at
+    least 32 (a 1-bit plane packs 32 codes per word) and stays inside one group when it can."""
+    bk = lambda want: next((b for b in (want, 64, 32) if b <= want and G % b == 0), 32)
+    if M == 1:
+        return dict(path="gemv", BLOCK_N=256, BLOCK_K=bk(32), ITERS=2, num_warps=4)
+    if M <= 64:
+        return dict(path="gemm", BLOCK_M=16 if M <= 16 else 64, BLOCK_N=64, BLOCK_K=bk(64),
+                    SPLIT_K=max(1, min(8, K // 512)), num_warps=4, num_stages=3)
+    return dict(path="dequant", BLOCK_N=64, BLOCK_K=bk(64), num_warps=4)
+
+
+def coo_rows(rowptr: torch.Tensor, nnz: int) -> torch.Tensor:
+    """The row of every CSR entry, int32 (what the outlier kernel reads)."""
+    n = torch.arange(rowptr.numel() - 1, device=rowptr.device, dtype=torch.int32)
+    return torch.repeat_interleave(n, (rowptr[1:] - rowptr[:-1]).long(), output_size=nnz)
 
 
 def quant_matmul(x: torch.Tensor, t: dict, bits: int, groupsize: int, N: int, K: int,
@@ -204,19 +318,47 @@ def quant_matmul(x: torch.Tensor, t: dict, bits: int, groupsize: int, N: int, K:
     shape = x.shape
     x2 = x.reshape(-1, K).contiguous()
     M = x2.shape[0]
-    cfg = config or config_for(M, N, K)
     g = K if groupsize in (-1, None) else groupsize
-    # split-K programs add into zeros; a single program per tile stores into NaN, so any element
-    # a kernel failed to write shows up
-    fill = 0.0 if cfg["SPLIT_K"] > 1 else float("nan")
-    y = torch.full((M, N), fill, device=x.device, dtype=torch.float32)
-    grid = (triton.cdiv(M, cfg["BLOCK_M"]), triton.cdiv(N, cfg["BLOCK_N"]), cfg["SPLIT_K"])
+    cfg = dict(config or config_for(M, N, K, g))
+    path = cfg.pop("path")
+    row_stats = g % cfg["BLOCK_K"] == 0  # every K-tile inside one group
+    nnz = t["outlier_vals"].numel() if "outlier_vals" in t else 0
     qhi = t.get("qweight_hi", t["qweight"])
-    _quant_matmul_kernel[grid](x2, t["qweight"], qhi, t["scales"], t["zeros"], y, M, N, K, g,
-                               BITS=bits, **cfg)
-    if "outlier_vals" in t and t["outlier_vals"].numel():
-        _outliers_kernel[(N,)](x2, t["outlier_rowptr"], t["outlier_cols"], t["outlier_vals"], y,
-                               M, N, K, BLOCK=64)
+    args = (t["qweight"], qhi, t["scales"], t["zeros"])
+    if path == "dequant":  # W^T once in x's dtype (+ outliers), then cuBLAS
+        wt = torch.empty(K, N, device=x.device, dtype=x.dtype)
+        grid = (triton.cdiv(N, cfg["BLOCK_N"]), triton.cdiv(K, cfg["BLOCK_K"]))
+        _dequant_kernel[grid](*args, wt, N, K, g, BITS=bits, ROW_STATS=row_stats, **cfg)
+        if nnz:
+            rows = coo_rows(t["outlier_rowptr"], nnz)
+            cols = t["outlier_cols"].long() & 0xFFFF
+            wt.index_put_((cols, rows.long()), t["outlier_vals"].to(x.dtype), accumulate=True)
+        return (x2 @ wt).reshape(*shape[:-1], N)
+    # split-K programs add into zeros (fp16 atomics when x is fp16, else fp32); a single program
+    # per tile stores into NaN, so any element a kernel failed to write shows up
+    acc_dtype = torch.float16 if x.dtype == torch.float16 else torch.float32
+    split = path == "gemv" or cfg["SPLIT_K"] > 1
+    y = torch.full((M, N), 0.0 if split else float("nan"), device=x.device,
+                   dtype=acc_dtype if split else torch.float32)
+    csr = (t["outlier_rowptr"], t["outlier_cols"], t["outlier_vals"]) if nnz else (y, y, y)
+    if path == "gemv":
+        grid = (triton.cdiv(N, cfg["BLOCK_N"]), triton.cdiv(K, cfg["BLOCK_K"] * cfg["ITERS"]))
+        # outliers fused: each of a tile's grid[1] split-K programs takes OUT_ROWS of its rows
+        rows = max(16, triton.next_power_of_2(triton.cdiv(cfg["BLOCK_N"], grid[1])))
+        _gemv_kernel[grid](x2, *args, *csr, y, N, K, g, BITS=bits, ROW_STATS=row_stats,
+                           OUT_ROWS=rows if nnz else 0, **cfg)
+        return y.to(x.dtype).reshape(*shape[:-1], N)
+    else:
+        dot = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}.get(x.dtype, tl.float32)
+        if os.environ.get("TRITON_INTERPRET") and dot == tl.bfloat16:
+            dot = tl.float32  # the CPU interpreter has no bf16 arithmetic
+        grid = (triton.cdiv(M, cfg["BLOCK_M"]), triton.cdiv(N, cfg["BLOCK_N"]), cfg["SPLIT_K"])
+        _gemm_kernel[grid](x2, *args, y, M, N, K, g, BITS=bits, ROW_STATS=row_stats, DOT=dot,
+                           **cfg)
+    if nnz:
+        BM = 16 if M <= 16 else 64
+        grid = (triton.cdiv(M, BM), triton.cdiv(N, 16))
+        _outliers_kernel[grid](x2, *csr, y, M, N, K, BLOCK_M=BM, ROWS=16, BLOCK=64)
     return y.to(x.dtype).reshape(*shape[:-1], N)
 
 
@@ -259,69 +401,129 @@ class QuantLinear(nn.Module):
 
 
 # -----------------------------------------------------------------------------
-# Benchmark: python kernels.py --bench   (a CUDA GPU; prints a markdown table)
+# Benchmark: python kernels.py --bench [--tune]   (a CUDA GPU; prints markdown tables)
 
 
-def _bench(shapes, Ms, bit_widths, outlier_share=0.0035, groupsize=128, copies=8):
-    """Time quant_matmul against torch's fp16 matmul (cuBLAS) in the same run: CUDA events after
-    warm-up, median of 50 calls, cycling through `copies` weight copies so L2 does not flatter
-    the numbers. GB/s counts the weight bytes moved (codes, statistics, outliers)."""
-    dev = "cuda"
-
-    def timed(fn, args_list):
-        for a in args_list[:2]:
-            fn(*a)
+def _graph_time(fn, args_list, reps=3):
+    """Seconds per call of fn: calls cycling through args_list captured in a CUDA graph (no
+    Python or launch overhead), replayed after warm-up, timed with CUDA events, median of 7."""
+    for a in args_list:
+        fn(*a)  # compile and warm up
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(reps):
+            for a in args_list:
+                fn(*a)
+    graph.replay()
+    times = []
+    for _ in range(7):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
         torch.cuda.synchronize()
-        times = []
-        for i in range(50):
-            a = args_list[i % len(args_list)]
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn(*a)
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end) / 1e3)
-        return sorted(times)[len(times) // 2]
+        times.append(start.elapsed_time(end) / 1e3 / (reps * len(args_list)))
+    return sorted(times)[len(times) // 2]
 
-    big = torch.empty(2 ** 28, dtype=torch.uint8, device=dev)  # 256 MiB device copy bandwidth
-    copy_s = timed(lambda: big.clone(), [()])
-    peak = 2 * big.numel() / copy_s / 1e9
-    print(f"device copy bandwidth: {peak:.0f} GB/s (read + write of 256 MiB)")
-    print("| N x K | M | bits | outliers | us | fp16 us | speedup | GB/s | % of copy bw |")
-    print("|---|---|---|---|---|---|---|---|---|")
+
+def _random_weights(N, K, bits, groupsize, outlier_share, copies, dev):
+    """`copies` random packed weights (so L2, 50 MB on an H100, cannot hold the working set)."""
+    out = []
+    for c in range(copies):
+        g = torch.Generator(dev).manual_seed(c)
+        t = pack_codes(torch.randint(0, 2 ** bits, (K, N), generator=g, device=dev), bits)
+        t["scales"] = (torch.rand(K // groupsize, N, generator=g, device=dev) * 0.01).half()
+        t["zeros"] = torch.full((K // groupsize, N), 2.0 ** (bits - 1), device=dev).half()
+        if outlier_share:
+            mask = torch.rand(N, K, generator=g, device=dev) < outlier_share
+            t |= to_csr(torch.randn(N, K, generator=g, device=dev) * 0.01, mask)
+        out.append(t)
+    return out
+
+
+def _tune_candidates(M, G):
+    if M == 1:
+        return [dict(path="gemv", BLOCK_N=bn, BLOCK_K=bk, ITERS=it, num_warps=w)
+                for bn, bk, it, w in [(128, 32, 2, 2), (256, 32, 2, 4), (256, 32, 4, 4),
+                                      (256, 64, 2, 4), (512, 32, 2, 8), (128, 64, 4, 4),
+                                      (512, 64, 1, 8), (256, 128, 1, 8)] if G % bk == 0]
+    if M <= 64:
+        return [dict(path="gemm", BLOCK_M=max(16, min(M, 64)), BLOCK_N=bn, BLOCK_K=bk,
+                     SPLIT_K=sk, num_warps=4, num_stages=st)
+                for bn, bk, sk, st in [(64, 64, 4, 3), (64, 128, 4, 3), (128, 64, 4, 3),
+                                       (64, 64, 8, 3), (128, 128, 2, 3), (64, 64, 1, 4)]]
+    return [dict(path="dequant", BLOCK_N=bn, BLOCK_K=bk, num_warps=4)
+            for bn, bk in [(64, 64), (128, 64), (128, 128)]] + \
+        [dict(path="gemm", BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=64, SPLIT_K=1, num_warps=8,
+              num_stages=3) for bm, bn in [(128, 128), (64, 256)]]
+
+
+def _bench(shapes, Ms, bit_widths, outlier_share=0.0035, groupsize=128, copies=8, tune=False):
+    """Time quant_matmul against torch's fp16 matmul (cuBLAS) in the same run, both inside CUDA
+    graphs, cycling through `copies` weight copies. GB/s counts the weight bytes moved (codes,
+    statistics, outliers) and % compares it with the device's copy bandwidth. --tune times
+    every candidate tile config and prints the fastest (for config_for)."""
+    dev = "cuda"
+    big = torch.empty(2 ** 30, dtype=torch.uint8, device=dev)  # 1 GiB copy: read + write
+    peak = 2 * big.numel() / _graph_time(lambda: big.clone(), [()], reps=2) / 1e9
+    del big
+    print(f"device copy bandwidth: {peak:.0f} GB/s (read + write of 1 GiB); "
+          f"{torch.cuda.get_device_name()}, triton {triton.__version__}, torch {torch.__version__}")
+    print(f"groups of {groupsize}, fp16 activations, {copies} weight copies, CUDA-graph timing")
+    print("| N x K | M | bits | outliers | us | fp16 us | speedup | GB/s | % of copy bw | config |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for N, K in shapes:
-        for M in Ms:
-            x = torch.randn(M, K, device=dev, dtype=torch.float16)
-            ws = [torch.randn(N, K, device=dev, dtype=torch.float16) for _ in range(copies)]
-            t16 = timed(lambda w: x @ w.T, [(w,) for w in ws])
-            for bits in bit_widths:
-                for share in (0.0, outlier_share):
-                    ts = []
-                    for c in range(copies):
-                        g = torch.Generator().manual_seed(c)
-                        t = pack_codes(torch.randint(0, 2 ** bits, (K, N), generator=g), bits)
-                        t["scales"] = torch.rand(K // groupsize, N, generator=g).half() * 0.01
-                        t["zeros"] = torch.full((K // groupsize, N), 2.0 ** (bits - 1)).half()
-                        if share:
-                            mask = torch.rand(N, K, generator=g) < share
-                            t |= to_csr(torch.randn(N, K, generator=g) * 0.01, mask)
-                        ts.append({k: v.to(dev) for k, v in t.items()})
-                    sec = timed(lambda t: quant_matmul(x, t, bits, groupsize, N, K),
+        xs = {M: torch.randn(M, K, device=dev, dtype=torch.float16) for M in Ms}
+        ws = [torch.randn(N, K, device=dev, dtype=torch.float16) for _ in range(copies)]
+        t16 = {M: _graph_time(lambda w: xs[M] @ w.T, [(w,) for w in ws]) for M in Ms}
+        del ws
+        for bits in bit_widths:
+            for share in (0.0, outlier_share):
+                ts = _random_weights(N, K, bits, groupsize, share, copies, dev)
+                nbytes = sum(v.numel() * v.element_size() for v in ts[0].values())
+                for M in Ms:
+                    x = xs[M]
+                    cands = _tune_candidates(M, groupsize) if tune else \
+                        [config_for(M, N, K, groupsize)]
+                    best = None
+                    for cfg in cands:
+                        try:
+                            sec = _graph_time(
+                                lambda t: quant_matmul(x, t, bits, groupsize, N, K, cfg),
                                 [(t,) for t in ts])
-                    nbytes = sum(v.numel() * v.element_size() for v in ts[0].values())
+                        except Exception as e:  # a tile that does not compile: say so, go on
+                            print(f"  config {cfg}: {type(e).__name__}: {str(e)[-400:]}")
+                            continue
+                        if best is None or sec < best[0]:
+                            best = (sec, cfg)
+                    if best is None:
+                        continue
+                    sec, cfg = best
+                    ref = x.float() @ dequantize(ts[0], bits, groupsize, N, K).T
+                    err = (quant_matmul(x, ts[0], bits, groupsize, N, K, cfg).float() - ref
+                           ).abs().max() / ref.abs().max()
+                    assert err < 1e-2, f"wrong result: relative error {err:.2e}"
+                    c = " ".join(f"{k}={v}" for k, v in cfg.items())
                     print(f"| {N}x{K} | {M} | {bits} | {share:.2%} | {sec * 1e6:.1f} | "
-                          f"{t16 * 1e6:.1f} | {t16 / sec:.2f}x | {nbytes / sec / 1e9:.0f} | "
-                          f"{100 * nbytes / sec / 1e9 / peak:.0f}% |", flush=True)
+                          f"{t16[M] * 1e6:.1f} | {t16[M] / sec:.2f}x | {nbytes / sec / 1e9:.0f} | "
+                          f"{100 * nbytes / sec / 1e9 / peak:.0f}% | {c} |", flush=True)
+                del ts
 
 
 if __name__ == "__main__":
     import argparse
     p = argparse.ArgumentParser(description="Benchmark the packed low-bit GEMM on a CUDA GPU.")
     p.add_argument("--bench", action="store_true", help="run the Llama-3-8B shape table")
+    p.add_argument("--tune", action="store_true", help="try candidate tile configs, print best")
     p.add_argument("--groupsize", type=int, default=128)
+    p.add_argument("--M", type=int, nargs="+", default=[1, 16, 64, 256])
+    p.add_argument("--bits", type=int, nargs="+", default=[4, 3, 2])
+    p.add_argument("--shapes", nargs="+", default=["4096x4096", "1024x4096", "14336x4096",
+                                                    "4096x14336"], help="N x K")
     a = p.parse_args()
     if a.bench:
         if not torch.cuda.is_available() or triton is None:
             raise SystemExit("error: --bench needs a CUDA GPU and triton")
-        _bench([(4096, 4096), (1024, 4096), (14336, 4096), (4096, 14336)], [1, 16, 64, 256],
-               [4, 3, 2], groupsize=a.groupsize)
+        shapes = [tuple(map(int, s.split("x"))) for s in a.shapes]
+        _bench(shapes, a.M, a.bits, groupsize=a.groupsize, tune=a.tune)

@@ -1,5 +1,6 @@
 """Load a checkpoint and measure: load seconds, peak host memory (max RSS) against the checkpoint
-size, prefill and decode tokens/s. Run it once per implementation, each in a fresh process:
+size, prefill and decode tokens/s (after one short warm-up generation). Run it once per
+implementation, each in a fresh process:
 
     python scripts/bench_load.py --ckpt checkpoints/random-llama3-8b --dtype bf16 [--device cuda]
     python scripts/bench_load.py --ckpt checkpoints/random-llama3-8b --dtype bf16 --impl transformers
@@ -53,7 +54,7 @@ def main():
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
     p.add_argument("--device", default="cpu")
     p.add_argument("--prompt-len", type=int, default=64)
-    p.add_argument("--new-tokens", type=int, default=8)
+    p.add_argument("--new-tokens", type=int, default=32)
     a = p.parse_args()
     path = M.resolve_ckpt(a.ckpt)
     t0 = time.perf_counter()
@@ -71,11 +72,15 @@ def main():
         model = transformers.LlamaForCausalLM.from_pretrained(str(path), dtype=dtype,
                                                               device_map=a.device).eval()
         load_s = time.perf_counter() - t0
-        cache = transformers.DynamicCache(config=model.config)
+        cache = None
 
         def forward(ids, start):
+            nonlocal cache
+            if start == 0:  # a new sequence
+                cache = transformers.DynamicCache(config=model.config)
             return model(ids, past_key_values=cache, use_cache=True).logits[:, -1]
         vocab = model.config.vocab_size
+    time_generation(forward, a.prompt_len, 2, vocab, a.device)  # warm-up (kernel selection)
     pre, dec = time_generation(forward, a.prompt_len, a.new_tokens, vocab, a.device)
     size = checkpoint_bytes(path)
     res = {"impl": a.impl, "ckpt": str(path), "device": a.device, "dtype": a.dtype,

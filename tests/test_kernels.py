@@ -51,12 +51,19 @@ def test_kernel_dtypes(bits, dtype):
     check(bits, 3, 48, 128, 64, 0.01, dtype, seed=bits)
 
 
-@pytest.mark.parametrize("M", [1, 17])
-def test_split_k_and_wide_paths(M):
-    # split-K with atomics (small M) and the single-split path (large M), forced on small shapes
-    for split in (1, 3):
-        check(4, M, 40, 192, 32, 0.02, torch.float16, seed=M,
-              config=dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, SPLIT_K=split))
+@pytest.mark.parametrize("groupsize", [16, 64])
+@pytest.mark.parametrize("config", [
+    dict(path="gemv", BLOCK_N=32, BLOCK_K=32, ITERS=1),
+    dict(path="gemv", BLOCK_N=64, BLOCK_K=64, ITERS=2),
+    dict(path="gemm", BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, SPLIT_K=1),
+    dict(path="gemm", BLOCK_M=16, BLOCK_N=32, BLOCK_K=64, SPLIT_K=3),
+    dict(path="dequant", BLOCK_N=32, BLOCK_K=64)], ids=lambda c: "-".join(map(str, c.values())))
+def test_every_path(config, groupsize):
+    # each path forced on a small shape; groups of 16 are smaller than every K-tile (statistics
+    # per element), groups of 64 hold whole tiles (one row of statistics per tile)
+    M = 1 if config["path"] == "gemv" else 17
+    for bits in (3, 4):
+        check(bits, M, 40, 192, groupsize, 0.02, torch.float16, seed=M + bits, config=config)
 
 
 def test_quantized_linear_triton_path_equals_torch_path():

@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Every GPU measurement in the README, in the order they were taken (one H100 through the
+# device tool; the machine has torch and triton but not gguf, so nothing here needs the
+# embedded SmolLM2). Writes logs under ${OUT:-out/gpu}.
+#   bash scripts/run_on_gpu.sh kernels   # kernel tests on the GPU, the kernel table
+#   bash scripts/run_on_gpu.sh load      # random Llama-3-8B: load, prefill/decode, 4-bit decode
+#   bash scripts/run_on_gpu.sh quantize  # random Llama-3-8B: each method's time and memory
+set -o pipefail
+export PYTHONUNBUFFERED=1
+OUT=${OUT:-out/gpu}; mkdir -p "$OUT"
+CKPT=checkpoints/random-llama3-8b
+case "$1" in
+kernels)
+  MIXQ_TEST_GPU=1 python3 -m pytest -q -rf tests/test_kernels.py > "$OUT/gpu_tests.txt" 2>&1
+  tail -1 "$OUT/gpu_tests.txt"
+  python3 kernels.py --bench 2>&1 | tee "$OUT/bench_kernels.txt" ;;
+load)
+  [ -f $CKPT/model.safetensors.index.json ] || python3 scripts/make_random_llama3_8b.py > /dev/null
+  for impl in mixq transformers; do
+    python3 scripts/bench_load.py --ckpt $CKPT --device cuda --impl $impl 2>&1 | tail -1
+  done | tee "$OUT/bench_load.txt"
+  python3 scripts/bench_8b.py --ckpt $CKPT --device cuda --decode 2>&1 | tail -7 \
+    | tee "$OUT/decode.txt" ;;
+quantize)
+  [ -f $CKPT/model.safetensors.index.json ] || python3 scripts/make_random_llama3_8b.py > /dev/null
+  python3 scripts/bench_8b.py --ckpt $CKPT --device cuda --methods rtn gptq quantease spqr \
+    --nsamples 128 --seqlen 2048 --layers ${LAYERS:-2} 2>&1 | tee "$OUT/bench_8b.txt" | grep "^|"
+  python3 scripts/bench_8b.py --ckpt $CKPT --device cuda --resume-check --layers 4 \
+    --nsamples 8 2>&1 | tail -2 | tee "$OUT/resume.txt" ;;
+*) echo "usage: bash scripts/run_on_gpu.sh kernels|load|quantize"; exit 2 ;;
+esac
