@@ -127,9 +127,10 @@ def dequantize(t: dict, bits: int, groupsize: int, N: int, K: int) -> torch.Tens
 #               multiply on the tensor cores (tl.dot, fp32 accumulation), split-K as above.
 #   > 64        _dequant_kernel writes W^T (K, N) in x's dtype once, then cuBLAS (torch.matmul):
 #               compute-bound sizes, where a dequantize-in-tile GEMM loses to cuBLAS.
-#   outliers    y[m, r] += v * x[m, c] over the CSR entries (r, c, v): fused into the GEMV (a
-#               tile's rows shared out over its split-K programs); after the GEMM a kernel of
-#               its own; added into W^T on the M > 64 path.
+#   outliers    _outliers_kernel, after the GEMV/GEMM: a program per 16 output rows walks their
+#               CSR entries, y[m, r] += v * x[m, c] (no atomics: it owns those rows of y).
+#               (Fusing them into the GEMV's split-K
+#               programs measured slower on the H100: the programs with outliers became the tail.)
 #
 # Codes are read as words: a (BLOCK_K*b/32, BLOCK_N) tile of int32, each expanded by a
 # broadcast shift into its 32/b codes, so every word is loaded once. Activations in bf16 are
@@ -176,9 +177,9 @@ if triton is not None:
         return (q - z) * s
 
     @triton.jit
-    def _gemv_kernel(x_ptr, qw_ptr, qhi_ptr, s_ptr, z_ptr, rowptr_ptr, cols_ptr, vals_ptr, y_ptr,
-                     N, K, G, BITS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                     ITERS: tl.constexpr, ROW_STATS: tl.constexpr, OUT_ROWS: tl.constexpr):
+    def _gemv_kernel(x_ptr, qw_ptr, qhi_ptr, s_ptr, z_ptr, y_ptr, N, K, G,
+                     BITS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                     ITERS: tl.constexpr, ROW_STATS: tl.constexpr):
         pid_n, pid_k = tl.program_id(0), tl.program_id(1)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         n_mask = offs_n < N
@@ -199,16 +200,6 @@ if triton is not None:
                              BLOCK_K, False, n_mask)
                 acc += tl.sum(x[:, None] * w, axis=0)
         tl.atomic_add(y_ptr + offs_n, acc.to(y_ptr.dtype.element_ty), mask=n_mask)
-        if OUT_ROWS > 0:  # the outliers of the tile's rows, OUT_ROWS rows per split-K program
-            r0 = tl.minimum(pid_n * BLOCK_N + pid_k * OUT_ROWS, N)
-            r_end = tl.minimum(tl.minimum(r0 + OUT_ROWS, pid_n * BLOCK_N + BLOCK_N), N)
-            r0 = tl.minimum(r0, r_end)
-            one = tl.arange(0, 16)  # x as a 16-row block (tl.dot's minimum), row 0 real
-            sums = _outlier_sums(x_ptr, rowptr_ptr, cols_ptr, vals_ptr, one, one < 1, K, r0,
-                                 r_end, OUT_ROWS, 64)
-            offs_r = r0 + tl.arange(0, OUT_ROWS)
-            tl.atomic_add(y_ptr + offs_r, tl.sum(sums, axis=0).to(y_ptr.dtype.element_ty),
-                          mask=offs_r < r_end)
 
     @triton.jit
     def _gemm_kernel(x_ptr, qw_ptr, qhi_ptr, s_ptr, z_ptr, y_ptr, M, N, K, G,
@@ -303,12 +294,6 @@ def config_for(M: int, N: int, K: int, G: int) -> dict:
     return dict(path="dequant", BLOCK_N=64, BLOCK_K=bk(64), num_warps=4)
 
 
-def coo_rows(rowptr: torch.Tensor, nnz: int) -> torch.Tensor:
-    """The row of every CSR entry, int32 (what the outlier kernel reads)."""
-    n = torch.arange(rowptr.numel() - 1, device=rowptr.device, dtype=torch.int32)
-    return torch.repeat_interleave(n, (rowptr[1:] - rowptr[:-1]).long(), output_size=nnz)
-
-
 def quant_matmul(x: torch.Tensor, t: dict, bits: int, groupsize: int, N: int, K: int,
                  config: Optional[dict] = None) -> torch.Tensor:
     """y = x @ W^T for W in the packed format, with the Triton kernels; x (..., K) fp16, bf16 or
@@ -325,30 +310,21 @@ def quant_matmul(x: torch.Tensor, t: dict, bits: int, groupsize: int, N: int, K:
     nnz = t["outlier_vals"].numel() if "outlier_vals" in t else 0
     qhi = t.get("qweight_hi", t["qweight"])
     args = (t["qweight"], qhi, t["scales"], t["zeros"])
-    if path == "dequant":  # W^T once in x's dtype (+ outliers), then cuBLAS
+    if path == "dequant":  # W^T once in x's dtype, then cuBLAS
         wt = torch.empty(K, N, device=x.device, dtype=x.dtype)
         grid = (triton.cdiv(N, cfg["BLOCK_N"]), triton.cdiv(K, cfg["BLOCK_K"]))
         _dequant_kernel[grid](*args, wt, N, K, g, BITS=bits, ROW_STATS=row_stats, **cfg)
-        if nnz:
-            rows = coo_rows(t["outlier_rowptr"], nnz)
-            cols = t["outlier_cols"].long() & 0xFFFF
-            wt.index_put_((cols, rows.long()), t["outlier_vals"].to(x.dtype), accumulate=True)
-        return (x2 @ wt).reshape(*shape[:-1], N)
-    # split-K programs add into zeros (fp16 atomics when x is fp16, else fp32); a single program
-    # per tile stores into NaN, so any element a kernel failed to write shows up
-    acc_dtype = torch.float16 if x.dtype == torch.float16 else torch.float32
-    split = path == "gemv" or cfg["SPLIT_K"] > 1
-    y = torch.full((M, N), 0.0 if split else float("nan"), device=x.device,
-                   dtype=acc_dtype if split else torch.float32)
-    csr = (t["outlier_rowptr"], t["outlier_cols"], t["outlier_vals"]) if nnz else (y, y, y)
+        y = x2 @ wt
+    else:
+        # split-K programs add into zeros (fp16 atomics when x is fp16, else fp32); a single
+        # program per tile stores into NaN, so any element a kernel failed to write shows up
+        split = path == "gemv" or cfg["SPLIT_K"] > 1
+        acc_dtype = torch.float16 if x.dtype == torch.float16 and split else torch.float32
+        y = torch.full((M, N), 0.0 if split else float("nan"), device=x.device, dtype=acc_dtype)
     if path == "gemv":
         grid = (triton.cdiv(N, cfg["BLOCK_N"]), triton.cdiv(K, cfg["BLOCK_K"] * cfg["ITERS"]))
-        # outliers fused: each of a tile's grid[1] split-K programs takes OUT_ROWS of its rows
-        rows = max(16, triton.next_power_of_2(triton.cdiv(cfg["BLOCK_N"], grid[1])))
-        _gemv_kernel[grid](x2, *args, *csr, y, N, K, g, BITS=bits, ROW_STATS=row_stats,
-                           OUT_ROWS=rows if nnz else 0, **cfg)
-        return y.to(x.dtype).reshape(*shape[:-1], N)
-    else:
+        _gemv_kernel[grid](x2, *args, y, N, K, g, BITS=bits, ROW_STATS=row_stats, **cfg)
+    elif path == "gemm":
         dot = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}.get(x.dtype, tl.float32)
         if os.environ.get("TRITON_INTERPRET") and dot == tl.bfloat16:
             dot = tl.float32  # the CPU interpreter has no bf16 arithmetic
@@ -358,7 +334,8 @@ def quant_matmul(x: torch.Tensor, t: dict, bits: int, groupsize: int, N: int, K:
     if nnz:
         BM = 16 if M <= 16 else 64
         grid = (triton.cdiv(M, BM), triton.cdiv(N, 16))
-        _outliers_kernel[grid](x2, *csr, y, M, N, K, BLOCK_M=BM, ROWS=16, BLOCK=64)
+        _outliers_kernel[grid](x2, t["outlier_rowptr"], t["outlier_cols"], t["outlier_vals"], y,
+                               M, N, K, BLOCK_M=BM, ROWS=16, BLOCK=64)
     return y.to(x.dtype).reshape(*shape[:-1], N)
 
 
