@@ -128,7 +128,8 @@ def dequantize(t: dict, bits: int, groupsize: int, N: int, K: int) -> torch.Tens
 #   > 64        _dequant_kernel writes W^T (K, N) in x's dtype once, then cuBLAS (torch.matmul):
 #               compute-bound sizes, where a dequantize-in-tile GEMM loses to cuBLAS.
 #   outliers    _outliers_kernel, after the GEMV/GEMM: a program per 16 output rows walks their
-#               CSR entries, y[m, r] += v * x[m, c] (no atomics: it owns those rows of y).
+#               CSR entries, y[m, r] += v * x[m, c] (no atomics: it owns those rows of y); the
+#               M > 64 path adds them into W^T before cuBLAS (_add_outliers_kernel).
 #               (Fusing them into the GEMV's split-K
 #               programs measured slower on the H100: the programs with outliers became the tail.)
 #
@@ -244,42 +245,61 @@ if triton is not None:
                  mask=(offs_k < K)[:, None] & n_mask[None, :])
 
     @triton.jit
-    def _outlier_sums(x_ptr, rowptr_ptr, cols_ptr, vals_ptr, offs_m, m_mask, K, r0, r_end,
-                      ROWS: tl.constexpr, BLOCK: tl.constexpr):
-        """(BLOCK_M, ROWS) fp32: sum of v * x[m, c] over the CSR entries (c, v) of each row
-        r0 .. r_end-1 (at most ROWS consecutive rows), BLOCK entries at a time."""
+    def _row_block(rowptr_ptr, N, ROWS: tl.constexpr):
+        """Rows r0 .. r_end-1 of this program, their CSR entries start .. end-1, and where
+        each row's entries end."""
+        r0 = tl.program_id(1) * ROWS
+        r_end = tl.minimum(r0 + ROWS, N)
         offs_r = r0 + tl.arange(0, ROWS)
-        r_mask = offs_r < r_end
         start, end = tl.load(rowptr_ptr + r0), tl.load(rowptr_ptr + r_end)
-        row_end = tl.load(rowptr_ptr + 1 + offs_r, mask=r_mask, other=end)  # (ROWS,)
-        acc = tl.zeros((offs_m.shape[0], ROWS), dtype=tl.float32)
+        row_end = tl.load(rowptr_ptr + 1 + offs_r, mask=offs_r < r_end, other=end)  # (ROWS,)
+        return r0, offs_r, offs_r < r_end, start, end, row_end
+
+    @triton.jit
+    def _outliers_kernel(x_ptr, rowptr_ptr, cols_ptr, vals_ptr, y_ptr, M, N, K,
+                         BLOCK_M: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr):
+        """y[m, r] += sum of v * x[m, c] over the CSR entries (c, v) of row r, for BLOCK_M rows
+        of x and ROWS rows of W per program. Runs after the GEMM; each program owns its tile of
+        y, so no atomics."""
+        offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        m_mask = offs_m < M
+        r0, offs_r, r_mask, start, end, row_end = _row_block(rowptr_ptr, N, ROWS)
+        acc = tl.zeros((BLOCK_M, ROWS), dtype=tl.float32)
         for i0 in range(start, end, BLOCK):
             offs = i0 + tl.arange(0, BLOCK)
             mask = offs < end
             col = tl.load(cols_ptr + offs, mask=mask, other=0).to(tl.int32) & 0xFFFF  # int16
             v = tl.load(vals_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            # the row of entry i within the block: how many rows end at or before i
+            row = tl.sum((offs[:, None] >= row_end[None, :]).to(tl.int32), axis=1)  # (BLOCK,)
+            hit = row[:, None] == tl.arange(0, ROWS)[None, :]  # (BLOCK, ROWS) one-hot
             xv = tl.load(x_ptr + offs_m[:, None] * K + col[None, :],
                          mask=m_mask[:, None] & mask[None, :], other=0.0).to(tl.float32)
-            # row of entry i within the tile: how many of the rows' ends are <= i
-            row = tl.sum((offs[:, None] >= row_end[None, :]).to(tl.int32), axis=1)  # (BLOCK,)
-            hit = (row[:, None] == tl.arange(0, ROWS)[None, :]).to(tl.float32)  # one-hot
-            acc += tl.dot(xv * v[None, :], hit, input_precision="ieee")  # (BLOCK_M, ROWS)
-        return acc
-
-    @triton.jit
-    def _outliers_kernel(x_ptr, rowptr_ptr, cols_ptr, vals_ptr, y_ptr, M, N, K,
-                         BLOCK_M: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr):
-        """y[m, r] += the outlier sums of rows r, after the GEMM (each program owns its tile of
-        y, so no atomics)."""
-        offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-        r0 = tl.program_id(1) * ROWS
-        acc = _outlier_sums(x_ptr, rowptr_ptr, cols_ptr, vals_ptr, offs_m, offs_m < M, K, r0,
-                            tl.minimum(r0 + ROWS, N), ROWS, BLOCK)
-        offs_r = r0 + tl.arange(0, ROWS)
+            if BLOCK_M == 1:  # decode: a masked sum
+                acc += tl.sum(tl.where(hit, (xv * v[None, :]).reshape(BLOCK, 1), 0.0),
+                              axis=0)[None, :]
+            else:  # (BLOCK_M, BLOCK) @ (BLOCK, ROWS) on the tensor cores' fp32 path
+                acc += tl.dot(xv * v[None, :], hit.to(tl.float32), input_precision="ieee")
         y = y_ptr + offs_m[:, None] * N + offs_r[None, :]
-        mask = (offs_m < M)[:, None] & (offs_r < N)[None, :]
+        mask = m_mask[:, None] & r_mask[None, :]
         tl.store(y, (tl.load(y, mask=mask, other=0.0).to(tl.float32) + acc).to(
             y_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _add_outliers_kernel(rowptr_ptr, cols_ptr, vals_ptr, wt_ptr, N,
+                             ROWS: tl.constexpr, BLOCK: tl.constexpr):
+        """W^T[c, r] += v for the CSR entries (c, v) of ROWS rows r per program (each (r, c)
+        once, so no atomics): the outliers of the dequantize-then-cuBLAS path."""
+        r0, offs_r, r_mask, start, end, row_end = _row_block(rowptr_ptr, N, ROWS)
+        for i0 in range(start, end, BLOCK):
+            offs = i0 + tl.arange(0, BLOCK)
+            mask = offs < end
+            col = tl.load(cols_ptr + offs, mask=mask, other=0).to(tl.int32) & 0xFFFF
+            v = tl.load(vals_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            row = r0 + tl.sum((offs[:, None] >= row_end[None, :]).to(tl.int32), axis=1)
+            w = wt_ptr + col * N + row
+            tl.store(w, (tl.load(w, mask=mask, other=0.0).to(tl.float32) + v).to(
+                wt_ptr.dtype.element_ty), mask=mask)
 
 
 def config_for(M: int, N: int, K: int, G: int) -> dict:
@@ -314,6 +334,10 @@ def quant_matmul(x: torch.Tensor, t: dict, bits: int, groupsize: int, N: int, K:
         wt = torch.empty(K, N, device=x.device, dtype=x.dtype)
         grid = (triton.cdiv(N, cfg["BLOCK_N"]), triton.cdiv(K, cfg["BLOCK_K"]))
         _dequant_kernel[grid](*args, wt, N, K, g, BITS=bits, ROW_STATS=row_stats, **cfg)
+        if nnz:
+            _add_outliers_kernel[(1, triton.cdiv(N, 16))](
+                t["outlier_rowptr"], t["outlier_cols"], t["outlier_vals"], wt, N, ROWS=16,
+                BLOCK=128)
         y = x2 @ wt
     else:
         # split-K programs add into zeros (fp16 atomics when x is fp16, else fp32); a single
@@ -331,11 +355,11 @@ def quant_matmul(x: torch.Tensor, t: dict, bits: int, groupsize: int, N: int, K:
         grid = (triton.cdiv(M, cfg["BLOCK_M"]), triton.cdiv(N, cfg["BLOCK_N"]), cfg["SPLIT_K"])
         _gemm_kernel[grid](x2, *args, y, M, N, K, g, BITS=bits, ROW_STATS=row_stats, DOT=dot,
                            **cfg)
-    if nnz:
-        BM = 16 if M <= 16 else 64
+    if nnz and path != "dequant":
+        BM = 1 if M == 1 else 16 if M <= 16 else 64
         grid = (triton.cdiv(M, BM), triton.cdiv(N, 16))
         _outliers_kernel[grid](x2, t["outlier_rowptr"], t["outlier_cols"], t["outlier_vals"], y,
-                               M, N, K, BLOCK_M=BM, ROWS=16, BLOCK=64)
+                               M, N, K, BLOCK_M=BM, ROWS=16, BLOCK=128 if BM == 1 else 64)
     return y.to(x.dtype).reshape(*shape[:-1], N)
 
 
