@@ -1,5 +1,5 @@
 """Load a checkpoint and measure: load seconds, peak host memory (max RSS) against the checkpoint
-size, prefill and decode tokens/s (after one short warm-up generation). Run it once per
+size, prefill and decode tokens/s (after one short warm-up generation unless --warmup 0). Run it once per
 implementation, each in a fresh process:
 
     python scripts/bench_load.py --ckpt checkpoints/random-llama3-8b --dtype bf16 [--device cuda]
@@ -55,6 +55,7 @@ def main():
     p.add_argument("--device", default="cpu")
     p.add_argument("--prompt-len", type=int, default=64)
     p.add_argument("--new-tokens", type=int, default=32)
+    p.add_argument("--warmup", type=int, default=1, help="0: time the very first generation")
     a = p.parse_args()
     path = M.resolve_ckpt(a.ckpt)
     t0 = time.perf_counter()
@@ -80,7 +81,8 @@ def main():
                 cache = transformers.DynamicCache(config=model.config)
             return model(ids, past_key_values=cache, use_cache=True).logits[:, -1]
         vocab = model.config.vocab_size
-    time_generation(forward, a.prompt_len, 2, vocab, a.device)  # warm-up (kernel selection)
+    if a.warmup:  # one short generation first: the GPU's first calls pick and load kernels
+        time_generation(forward, a.prompt_len, 2, vocab, a.device)
     pre, dec = time_generation(forward, a.prompt_len, a.new_tokens, vocab, a.device)
     size = checkpoint_bytes(path)
     res = {"impl": a.impl, "ckpt": str(path), "device": a.device, "dtype": a.dtype,
