@@ -29,6 +29,7 @@ calibration split).
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import math
@@ -763,34 +764,43 @@ def next_token_loss(logits, tokens, answer=None):
 def gradient_magnitudes(model: M.Transformer, calib, answers=None, loss_scale: float = 1.0,
                         log=print) -> dict:
     """G[name] = sum over samples s of |dL_s/dW| for every linear of every block (fp32, batch
-    size 1). A hook adds each gradient into its accumulator and frees it at once, so memory stays
-    near weights + activations + one gradient + the accumulators."""
-    weights = {name: model.get_submodule(name).weight for name in linear_names(model)}
-    acc = {name: torch.zeros_like(w, dtype=torch.float32) for name, w in weights.items()}
-    hooks = []
-    for name, w in weights.items():
-        w.requires_grad_(True)
-
-        def add_and_free(p, name=name):
-            acc[name] += p.grad.abs()  # |dL_s/dW|: absolute value per sample, then the sum
-            p.grad = None
-        hooks.append(w.register_post_accumulate_grad_hook(add_and_free))
+    size 1), by backpropagation written out one block at a time (gradient checkpointing per
+    block): a forward pass without a graph keeps each block's input; the head gives dL/dh at the
+    top; then, from the last block down, an fp32 copy of the block is run again on its input
+    with autograd, which gives the block's weight gradients (added into G at once) and dL/d(its
+    input) for the block below. Memory: the model + G + one sample's block inputs + one block in
+    fp32 and its activations; a bf16 model still gets fp32 gradients."""
+    names = linear_names(model)
+    G = {name: torch.zeros(model.get_submodule(name).weight.shape, device=model.device)
+         for name in names}
+    head = copy.deepcopy(torch.nn.ModuleDict({"norm": model.norm, "lm_head": model.lm_head}))
+    head.float()  # the final norm and lm_head in fp32, once
     t0 = time.perf_counter()
-    try:
-        for i, tokens in enumerate(calib):
-            tokens = tokens.to(model.device)
-            loss = next_token_loss(model(tokens[None]), tokens,
+    for i, tokens in enumerate(calib):
+        tokens = tokens.to(model.device)
+        cos, sin = model.rope(0, len(tokens))  # fp32
+        with torch.no_grad():  # forward, keeping each block's input h_l  (1, T, dim)
+            h, inputs = model.embed_tokens(tokens[None]), []
+            for block in model.layers:
+                inputs.append(h)
+                h = block(h, cos.to(h.dtype), sin.to(h.dtype))
+        h = h.float().requires_grad_(True)
+        with torch.enable_grad():
+            loss = next_token_loss(head["lm_head"](head["norm"](h)), tokens,
                                    None if answers is None else answers[i])
-            (loss * loss_scale).backward()
-            if (i + 1) % max(1, len(calib) // 4) == 0:
-                log(f"  gradients: {i + 1}/{len(calib)} samples, {time.perf_counter() - t0:.0f}s")
-    finally:
-        for h in hooks:
-            h.remove()
-        for w in weights.values():
-            w.requires_grad_(False)
-            w.grad = None
-    return acc
+            (dh,) = torch.autograd.grad(loss * loss_scale, h)  # dL/dh_L
+        for li in reversed(range(len(model.layers))):  # dL/dh_{l+1} -> weight grads, dL/dh_l
+            block = copy.deepcopy(model.layers[li]).float()
+            ws = [block.get_submodule(n).weight.requires_grad_(True) for n in LINEARS]
+            x = inputs.pop().float().requires_grad_(True)
+            with torch.enable_grad():
+                dh, *dws = torch.autograd.grad(block(x, cos, sin), [x, *ws], grad_outputs=dh)
+            for n, dw in zip(LINEARS, dws):
+                G[f"layers.{li}.{n}"] += dw.abs()  # |dL_s/dW|: per sample, then the sum
+            del block, ws, dws
+        if (i + 1) % max(1, len(calib) // 4) == 0:
+            log(f"  gradients: {i + 1}/{len(calib)} samples, {time.perf_counter() - t0:.0f}s")
+    return G
 
 
 def tacq_score(W, W_ref, G):

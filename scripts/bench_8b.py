@@ -51,17 +51,26 @@ def gpu_gb(device, peak=False):
 
 def child_method(a):
     """Load on the CPU, quantize block by block on a.device (quantize_model) -> the row."""
-    model, n_all = load(a)
+    # TaCQ's gradient pass runs on the model's device: the whole model goes to the GPU
+    model, n_all = load(a, a.device if a.one == "tacq" else "cpu")
     g = torch.Generator().manual_seed(0)
     calib = None if a.one == "rtn" else torch.randint(0, model.args.vocab_size,
                                                       (a.nsamples, a.seqlen), generator=g)
     cfg = Q.method_config(a.one, Q.QuantConfig(wbits=a.wbits, groupsize=a.groupsize,
-                                               iters=a.iters))
+                                               iters=a.iters, ratio=a.ratio))
     fp = Q.run_fingerprint(a.ckpt, model, a.one, cfg, "random-tokens", calib, 0) | {
         "layers": len(model.layers)} if a.resume_dir else None
+    log = lambda s: print("   ", s, flush=True)  # noqa: E731
     t0 = time.perf_counter()
-    res = Q.quantize_model(model, calib, a.one, cfg, device=a.device, resume=a.resume_dir,
-                           fingerprint=fp, log=lambda s: print("   ", s, flush=True))
+    masks = None
+    if a.one == "tacq":  # gradients, reference GPTQ, scores, global top-k (logged with times)
+        masks = Q.global_top_k_masks(Q.tacq_scores(model, calib, None, cfg, a.device, log),
+                                     cfg.ratio)
+        log(f"TaCQ scores and mask: {time.perf_counter() - t0:.1f}s, peak GPU "
+            f"{fmt(gpu_gb(a.device, True), '{:.2f}')} GiB")
+    res = Q.quantize_model(model, calib, "gptq" if a.one == "tacq" else a.one, cfg,
+                           device=a.device, resume=a.resume_dir, fingerprint=fp, log=log,
+                           masks=masks)
     secs, n = time.perf_counter() - t0, len(model.layers)
     row = {"method": a.one, "wbits": cfg.wbits, "groupsize": cfg.groupsize, "blocks": n,
            "blocks_total": n_all, "calib": None if a.one == "rtn" else [a.nsamples, a.seqlen],
@@ -201,12 +210,13 @@ def main():
     p = argparse.ArgumentParser(formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--ckpt", default="checkpoints/random-llama3-8b")
     p.add_argument("--methods", nargs="+", default=["rtn", "gptq", "quantease", "spqr"],
-                   choices=["rtn", "gptq", "quantease", "spqr"])
+                   choices=["rtn", "gptq", "quantease", "spqr", "tacq"])
     p.add_argument("--nsamples", type=int, default=128)
     p.add_argument("--seqlen", type=int, default=2048)
     p.add_argument("--layers", type=int, default=0, help="first N blocks only; 0: all")
     p.add_argument("--wbits", type=int, default=4)
     p.add_argument("--groupsize", type=int, default=128)
+    p.add_argument("--ratio", type=float, default=0.0035, help="TaCQ's 16-bit share")
     p.add_argument("--iters", type=int, default=Q.QuantConfig.iters, help="QuantEase sweeps")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--json", default=None)
