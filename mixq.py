@@ -812,17 +812,30 @@ def tacq_score(W, W_ref, G):
 
 def global_top_k_masks(scores: dict, ratio: float) -> dict:
     """Masks of the k = int(ratio * N) highest scores over all matrices together (N = their total
-    size; no per-layer quota). A stable sort makes the mask at a smaller ratio a subset of the
-    mask at a larger one, ties included."""
-    sizes = {name: s.numel() for name, s in scores.items()}
-    k = int(ratio * sum(sizes.values()))
-    flat = torch.cat([s.flatten().cpu() for s in scores.values()])
-    chosen = torch.zeros(flat.numel(), dtype=torch.bool)
-    chosen[torch.sort(flat, descending=True, stable=True).indices[:k]] = True
-    masks, offset = {}, 0
-    for name, s in scores.items():
-        masks[name] = chosen[offset:offset + sizes[name]].view(s.shape)
-        offset += sizes[name]
+    size; no per-layer quota), without sorting N numbers (N is 7e9 for an 8B model): a binary
+    search finds the k-th largest score t on the scores' bit patterns (int32 order = float order
+    for non-negative floats); every score > t is kept and, of those equal to t, the first in
+    matrix then index order. So exactly k are kept, and the mask at a smaller ratio is a subset
+    of the mask at a larger one, ties included (the order of a stable sort)."""
+    k = int(ratio * sum(s.numel() for s in scores.values()))
+    if k == 0:
+        return {name: torch.zeros(s.shape, dtype=torch.bool) for name, s in scores.items()}
+    keys = {name: s.float().view(torch.int32) for name, s in scores.items()}  # scores >= 0
+
+    def count_at_least(t):  # how many scores have bit pattern >= t
+        return sum(int((b >= t).sum()) for b in keys.values())
+    lo, hi = 0, 2 ** 31 - 1  # the largest t with count_at_least(t) >= k
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if count_at_least(mid) >= k else (lo, mid - 1)
+    ties_left = k - count_at_least(lo + 1)  # every score > t is in; this many ties join
+    masks = {}
+    for name, b in keys.items():
+        tie = (b == lo).flatten()
+        take = tie & (torch.cumsum(tie, 0) <= ties_left)  # the first ties_left ties
+        ties_left -= int(take.sum())
+        above = (b > lo).flatten()
+        masks[name] = (above | take).view(b.shape).cpu()
     return masks
 
 
@@ -833,13 +846,17 @@ def tacq_scores(model: M.Transformer, calib, answers, cfg: QuantConfig, device=N
     t0 = time.perf_counter()
     G = gradient_magnitudes(model, calib, answers, log=log)
     log(f"gradient pass: {time.perf_counter() - t0:.0f}s")
-    fp = {name: model.get_submodule(name).weight.data.clone() for name in linear_names(model)}
+    # the fp weights wait on the host while GPTQ overwrites them (on a GPU, the model, G and the
+    # scores that replace G one by one are what it holds)
+    fp = {name: model.get_submodule(name).weight.data.to("cpu", copy=True)
+          for name in linear_names(model)}
     log("reference GPTQ (no mask):")
     quantize_model(model, calib, "gptq", cfg, device, log)
     scores = {}
     for name, W in fp.items():
         lin = model.get_submodule(name)
-        scores[name] = tacq_score(W, lin.weight.data, G.pop(name)).cpu()
+        W = W.to(lin.weight.device)
+        scores[name] = tacq_score(W, lin.weight.data, G.pop(name))  # on the model's device
         lin.weight.data = W  # back to the fp weights
     return scores
 
@@ -861,7 +878,7 @@ def cached_tacq_scores(model, calib, answers, cfg, fingerprint: dict, scores_dir
         return load_file(str(d / "scores.safetensors"))
     scores = tacq_scores(model, calib, answers, cfg, device, log)
     with M.atomic_dir(d) as tmp:
-        save_file(scores, str(tmp / "scores.safetensors"))
+        save_file({k: v.cpu() for k, v in scores.items()}, str(tmp / "scores.safetensors"))
         (tmp / "scores.json").write_text(json.dumps(fingerprint, indent=2))
     return scores
 

@@ -27,6 +27,18 @@ def random_scores(seed, shapes=((8, 16), (4, 16), (16, 8))):
 
 
 @given(seed=st.integers(0, 10 ** 6), ratio=st.floats(0, 1))
+def test_mask_is_the_stable_sort_selection(seed, ratio):
+    # the threshold search keeps exactly what a stable descending sort of all scores would
+    scores = random_scores(seed)
+    k = int(ratio * sum(s.numel() for s in scores.values()))
+    flat = torch.cat([s.flatten() for s in scores.values()])
+    chosen = torch.zeros(flat.numel(), dtype=torch.bool)
+    chosen[torch.sort(flat, descending=True, stable=True).indices[:k]] = True
+    got = torch.cat([m.flatten() for m in Q.global_top_k_masks(scores, ratio).values()])
+    assert torch.equal(got, chosen)
+
+
+@given(seed=st.integers(0, 10 ** 6), ratio=st.floats(0, 1))
 def test_budget_is_exact_and_global(seed, ratio):
     scores = random_scores(seed)
     masks = Q.global_top_k_masks(scores, ratio)
