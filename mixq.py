@@ -783,7 +783,7 @@ def gradient_magnitudes(model: M.Transformer, calib, answers=None, loss_scale: f
             h, inputs = model.embed_tokens(tokens[None]), []
             for block in model.layers:
                 inputs.append(h)
-                h = block(h, cos.to(h.dtype), sin.to(h.dtype))
+                h = block(h, cos, sin)  # exactly as model.forward runs it
         h = h.float().requires_grad_(True)
         with torch.enable_grad():
             loss = next_token_loss(head["lm_head"](head["norm"](h)), tokens,
