@@ -323,12 +323,13 @@ def gptq(W: torch.Tensor, H: torch.Tensor, cfg: QuantConfig,
     Q = torch.zeros_like(W)
     Err = torch.zeros_like(W)  # e_i = (w_i - q_i) / U_ii
     B = cfg.blocksize
+    cols, groups = perm.tolist(), group.tolist()  # host lists: no device sync per column
     for i1 in range(0, n, B):
         i2 = min(i1 + B, n)
         W1, U1 = W[:, i1:i2].clone(), U[i1:i2, i1:i2]
         for i in range(i2 - i1):
-            j = int(perm[i1 + i])  # original column index
-            k = int(group[j])
+            j = cols[i1 + i]  # original column index
+            k = groups[j]
             if not static and j % g == 0:
                 # refit the group's grid on the current, already updated weights
                 cur = torch.cat([W1[:, i:], W[:, i2:]], dim=1)[:, :g]
