@@ -150,8 +150,9 @@ if triton is not None:
         words = tl.load(qw_ptr + rows[:, None] * N + offs_n[None, :],
                         mask=(rows < K // PER)[:, None] & n_mask[None, :], other=0)
         shifts = tl.arange(0, PER) * BITS
-        codes = (words[:, None, :] >> shifts[None, :, None]) & ((1 << BITS) - 1)  # mask after
-        return tl.reshape(codes, (BLOCK_K, words.shape[1]))  # >>: int32 >> sign-extends
+        # (words/PER, PER, BLOCK_N); mask after the shift: int32 >> sign-extends
+        codes = (words[:, None, :] >> shifts[None, :, None]) & ((1 << BITS) - 1)
+        return tl.reshape(codes, (BLOCK_K, words.shape[1]))  # row k0 + r*PER + i = code i of word r
 
     @triton.jit
     def _codes(qw_ptr, qhi_ptr, k0, offs_n, N, K, BITS: tl.constexpr, BLOCK_K: tl.constexpr,
