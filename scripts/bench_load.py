@@ -1,6 +1,6 @@
 """Load a checkpoint and measure: load seconds, peak host memory (max RSS) against the checkpoint
-size, prefill and decode tokens/s (after one short warm-up generation unless --warmup 0). Run it once per
-implementation, each in a fresh process:
+size, prefill and decode tokens/s (after one short warm-up generation unless --warmup 0). Run it
+once per implementation, each in a fresh process:
 
     python scripts/bench_load.py --ckpt checkpoints/random-llama3-8b --dtype bf16 [--device cuda]
     python scripts/bench_load.py --ckpt checkpoints/random-llama3-8b --dtype bf16 --impl transformers
