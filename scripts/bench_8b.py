@@ -26,10 +26,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import kernels  # noqa: E402
 import mixq as Q  # noqa: E402
 import model as M  # noqa: E402
 from bench_load import checkpoint_bytes, peak_rss_gb, time_generation  # noqa: E402
+from e2e_gpu import swap_in_quant_linears  # noqa: E402
 
 HEADER = ("| method | wbits | groupsize | blocks | calibration | quantize s | s/block | "
           "peak GPU GiB | peak host GiB | host / ckpt | avg bits |\n" + "|---" * 11 + "|")
@@ -104,13 +104,8 @@ def child_decode(a):
     out = {"bf16_tok_s": decode_speed(model, a), "bf16_gpu_gb": gpu_gb(a.device)}
     cfg = Q.QuantConfig(wbits=a.wbits, groupsize=a.groupsize)
     res = Q.quantize_model(model, None, "rtn", cfg, device=a.device, log=lambda s: None)
-    for name, r in res.items():
-        lin = model.get_submodule(name)
-        parent, _, child = name.rpartition(".")
-        parts = {k: v.to(a.device) for k, v in r["tensors"].items()}
-        setattr(model.get_submodule(parent), child, kernels.QuantLinear(
-            lin.in_features, lin.out_features, r["bits"], cfg.groupsize, parts))
-    del lin, res
+    swap_in_quant_linears(model, res, cfg.groupsize)
+    del res
     torch.cuda.empty_cache()  # a no-op without CUDA
     out |= {"q_tok_s": decode_speed(model, a), "q_gpu_gb": gpu_gb(a.device)}
     # the same greedy continuation through the Triton kernels and through the torch path?
