@@ -59,6 +59,28 @@ def test_pipeline_save_load_same_logits(method, tiny_dir, tmp_path):
     assert (kept > 0) == (method in ("quantease", "spqr"))
 
 
+@pytest.mark.parametrize("group", Q.SEQUENTIAL)
+def test_input_stats_are_x_xt_over_n_shared_by_linears_that_read_one_input(group, tiny_dir):
+    model, _ = M.load(str(tiny_dir))
+    block = model.layers[1]
+    xs = [torch.randn(1, T, model.args.dim, generator=torch.Generator().manual_seed(T))
+          for T in (7, 12)]
+    inputs = {name: [] for name in group}  # what each linear really reads, captured directly
+    hooks = [block.get_submodule(n).register_forward_hook(
+        lambda m, i, o, n=n: inputs[n].append(i[0].reshape(-1, i[0].shape[-1])))
+        for n in group]
+    for x in xs:
+        block(x, *model.rope(0, x.shape[1]))
+    for h in hooks:
+        h.remove()
+    stats = Q.collect_input_stats(block, group, xs, lambda x: model.rope(0, x.shape[1]), "cpu")
+    for name in group:
+        X = torch.cat(inputs[name])  # (N, n)
+        torch.testing.assert_close(stats[name].sigma, X.T @ X / len(X), rtol=1e-5, atol=1e-6)
+        assert stats[name].count == len(X)
+    assert len({id(s) for s in stats.values()}) == 1  # q, k, v (gate, up): one Sigma
+
+
 def test_calibration_never_touches_the_evaluation_split():
     class Tok:
         def encode(self, text, bos=False):
