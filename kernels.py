@@ -393,7 +393,7 @@ class QuantLinear(nn.Module):
                           self.in_features)
 
     def forward(self, x):
-        if x.is_cuda and triton is not None and not os.environ.get("MIXQ_TORCH_PATH"):
+        if use_triton(x):
             return quant_matmul(x, self.stored(), self.bits, self.groupsize, self.out_features,
                                 self.in_features)
         return F.linear(x, self.dequantized_weight().to(x.dtype))
@@ -403,6 +403,76 @@ class QuantLinear(nn.Module):
         nnz = self.outlier_vals.numel() if hasattr(self, "outlier_vals") else 0
         return (f"in={self.in_features}, out={self.out_features}, {self.bits}-bit {g}, "
                 f"{nnz} outliers")
+
+
+# -----------------------------------------------------------------------------
+# QuantEase's inner loop on the GPU (mixq.cd_block is the readable torch version, same numbers)
+#
+# One block of columns b1 <= j < b2 of a coordinate-descent sweep, every row at once. Column j
+# (i = j - b1) gets  u = R_i - sum_{l < i} D_l S[b1 + l, j]  (R = the block's P - Phat, D the
+# changes made so far in the block) rounded to its row's grid: s * (clamp(round(u/s + z), 0,
+# maxq) - z). In torch that is a dozen tiny kernels per column, so a GPU spends its time
+# launching them; here one launch does the block: each program keeps BLOCK_R rows of the
+# block's columns in registers and walks the columns in order.
+
+if triton is not None:
+
+    @triton.jit
+    def _round_half_even(x):
+        """torch.round: to the nearest integer, ties to even (x small enough to be exact)."""
+        r = tl.floor(x + 0.5)
+        odd = r - 2 * tl.floor(r * 0.5) == 1
+        return tl.where((r - x == 0.5) & odd, r - 1, r)
+
+    @triton.jit
+    def _cd_block_kernel(What, R, S, Sc, Z, D, m, n, b1, width, maxq,
+                         ROUNDED: tl.constexpr, B: tl.constexpr, BLOCK_R: tl.constexpr):
+        rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+        cols = tl.arange(0, B)
+        inside = (rows[:, None] < m) & (cols[None, :] < width)
+        full = rows[:, None].to(tl.int64) * n + b1 + cols[None, :]  # in the (m, n) matrices
+        blk = rows[:, None].to(tl.int64) * width + cols[None, :]  # in the (m, width) ones
+        w = tl.load(What + full, mask=inside, other=0.0)  # (BLOCK_R, B) current values
+        r = tl.load(R + blk, mask=inside, other=0.0)
+        s = tl.load(Sc + full, mask=inside, other=1.0)  # the fixed grid
+        z = tl.load(Z + full, mask=inside, other=0.0)
+        d = tl.zeros((BLOCK_R, B), dtype=w.dtype)  # changes so far; 0 from column j on
+        for j in range(0, width):
+            at_j = cols[None, :] == j
+            s_col = tl.load(S + (b1 + cols).to(tl.int64) * n + b1 + j, mask=cols < width,
+                            other=0.0)  # S[b1 + l, b1 + j] over l
+            u = tl.sum(tl.where(at_j, r, 0.0), 1) - tl.sum(d * s_col[None, :], 1)
+            if ROUNDED:
+                s_j, z_j = tl.sum(tl.where(at_j, s, 0.0), 1), tl.sum(tl.where(at_j, z, 0.0), 1)
+                c = tl.minimum(tl.maximum(u / s_j + z_j, -1.0), maxq + 1.0)
+                u = s_j * (tl.minimum(tl.maximum(_round_half_even(c), 0.0), maxq) - z_j)
+            w_j = tl.sum(tl.where(at_j, w, 0.0), 1)
+            d = tl.where(at_j, (u - w_j)[:, None], d)
+            w = tl.where(at_j, u[:, None], w)
+        tl.store(What + full, w, mask=inside)
+        tl.store(D + blk, d, mask=inside)
+
+
+def use_triton(x: torch.Tensor) -> bool:
+    """The Triton kernels run for CUDA tensors, unless MIXQ_TORCH_PATH is set."""
+    return x.is_cuda and triton is not None and not os.environ.get("MIXQ_TORCH_PATH")
+
+
+def cd_block(What, R, S, s, z, b1: int, b2: int, maxq: int, rounded: bool = True):
+    """Columns b1..b2-1 of a QuantEase sweep, in place on What (m, n); R = (P - Phat)[:, b1:b2],
+    S (n, n) the normalized off-diagonal, s, z (m, n) the grid. Returns D (m, b2 - b1), the
+    changes made (for the torch GEMM that carries them to the later columns)."""
+    m, n = What.shape
+    width = b2 - b1
+    assert What.is_contiguous() and S.is_contiguous() and s.is_contiguous() and z.is_contiguous()
+    R = R.contiguous()
+    D = torch.empty_like(R)
+    B = max(16, triton.next_power_of_2(width))
+    BLOCK_R = 16
+    _cd_block_kernel[(triton.cdiv(m, BLOCK_R),)](What, R, S, s, z, D, m, n, b1, width,
+                                                 float(maxq), ROUNDED=rounded, B=B,
+                                                 BLOCK_R=BLOCK_R)
+    return D
 
 
 # -----------------------------------------------------------------------------

@@ -387,21 +387,33 @@ def layer_loss(W, Q, H) -> float:
 # rounded coordinate step can only lower f. No matrix is ever inverted.
 
 
+def cd_block(What, R, S, s, z, b1: int, b2: int, maxq: int, rounded: bool = True):
+    """Columns b1..b2-1 of a sweep, in place on What (m, n). R = P - Phat on these columns, with
+    Phat = sum_k What_k S_kj from before the block; D (m, b2 - b1) the changes made so far, so
+        u_j = R_j - sum_{b1 <= l < j} D_l S_lj     (Gauss-Seidel: the new values of this block)
+    Returns D. (kernels.cd_block is the same loop in one GPU launch.)"""
+    D = torch.zeros_like(R)
+    for j in range(b1, b2):
+        i = j - b1
+        u = R[:, i] - D[:, :i] @ S[b1:j, j]
+        new = fake_quant(u, s[:, j], z[:, j], maxq) if rounded else u
+        D[:, i] = new - What[:, j]
+        What[:, j] = new
+    return D
+
+
 def cd_sweep(What, P, S, s, z, maxq: int, rounded: bool = True, blocksize: int = 128):
-    """One cyclic sweep over the columns of What (m, n), in place.
+    """One cyclic sweep over the columns of What (m, n), in place, a block of columns at a time.
     P = T + T S_off (T the target, S_off = S / diag(S) off the diagonal, zero on it), so
     u_j = P_j - sum_k What_k S_off_kj; s, z (m, n) the fixed grid. Returns What."""
     n = What.shape[1]
+    block = cd_block
+    if kernels.use_triton(What):  # the same loop as one GPU launch per block (<= 128 columns)
+        block, blocksize = kernels.cd_block, min(blocksize, 128)
     Phat = What @ S  # (m, n): sum_k What_k S_off_kj with the values at the sweep's start
     for b1 in range(0, n, blocksize):
         b2 = min(b1 + blocksize, n)
-        D = torch.zeros_like(What[:, b1:b2])  # changes made so far in this block
-        for j in range(b1, b2):
-            i = j - b1
-            u = P[:, j] - Phat[:, j] - D[:, :i] @ S[b1:j, j]  # Gauss-Seidel: use the new values
-            new = fake_quant(u, s[:, j], z[:, j], maxq) if rounded else u
-            D[:, i] = new - What[:, j]
-            What[:, j] = new
+        D = block(What, P[:, b1:b2] - Phat[:, b1:b2], S, s, z, b1, b2, maxq, rounded)
         Phat[:, b2:] += D @ S[b1:b2, b2:]  # this block's changes, for the later columns
     return What
 

@@ -77,3 +77,44 @@ def test_quantized_linear_triton_path_equals_torch_path():
     via_triton = K.quant_matmul(x, lin.stored(), 3, 32, 48, 128)
     assert via_triton.shape == (2, 5, 48)
     assert torch.allclose(via_triton, via_torch, rtol=1e-4, atol=1e-4)
+
+
+@given(m=st.integers(1, 40), n=st.integers(2, 70), data=st.data(), bits=st.sampled_from([2, 3, 4]),
+       rounded=st.booleans(), dtype=st.sampled_from([torch.float32, torch.float64]),
+       seed=st.integers(0, 1000))
+def test_quantease_block_kernel_equals_the_torch_loop(m, n, data, bits, rounded, dtype, seed):
+    # one block of a QuantEase sweep, at an offset and of a width that is not a power of two
+    b1 = data.draw(st.integers(0, n - 1))
+    b2 = data.draw(st.integers(b1 + 1, min(n, b1 + 128)))
+    g = torch.Generator().manual_seed(seed)
+    W = torch.randn(m, n, generator=g, dtype=dtype)
+    X = torch.randn(n, 3 * n, generator=g, dtype=dtype)
+    S = Q.normalized_offdiag(X @ X.T)
+    s, z, gs = Q.fit_groups(W, Q.QuantConfig(wbits=bits))
+    s, z = Q.expand(s, gs), Q.expand(z, gs)
+    What = W + 0.1 * torch.randn(m, n, generator=g, dtype=dtype)
+    R = (W + W @ S - What @ S)[:, b1:b2]
+    ref = What.clone()
+    D_ref = Q.cd_block(ref, R, S, s, z, b1, b2, 2 ** bits - 1, rounded)
+    out = What.clone().to(DEVICE)
+    D = K.cd_block(out, R.to(DEVICE), S.to(DEVICE), s.to(DEVICE), z.to(DEVICE), b1, b2,
+                   2 ** bits - 1, rounded)
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-12)
+    if rounded and dtype == torch.float32:  # summation order may flip a rare rounding
+        assert (out.cpu() != ref).float().mean() < 0.02
+    else:
+        torch.testing.assert_close(out.cpu(), ref, **tol)
+        torch.testing.assert_close(D.cpu(), D_ref, **tol)
+    assert torch.equal(out[:, :b1].cpu(), What[:, :b1])  # outside the block: untouched
+    assert torch.equal(out[:, b2:].cpu(), What[:, b2:])
+
+
+def test_quantease_block_kernel_rounds_ties_to_even_like_torch():
+    # S = 0: u = R, so the block is plain rounding; R on exact half-steps of the grid
+    R = torch.arange(-2, 18, dtype=torch.float32).view(1, -1) * 0.25 + 0.125  # halves of s = 0.25
+    m, n = R.shape
+    s, z = torch.full((m, n), 0.25), torch.full((m, n), 1.0)
+    out = torch.zeros(m, n).to(DEVICE)
+    K.cd_block(out, R.to(DEVICE), torch.zeros(n, n).to(DEVICE), s.to(DEVICE), z.to(DEVICE),
+               0, n, 3)
+    assert torch.equal(out.cpu(), Q.fake_quant(R, s, z, 3))
