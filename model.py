@@ -231,8 +231,15 @@ class KVCache(nn.Module):
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
-    def update(self, start: int, k, v):
-        """Write positions [start, start+T) and return every key/value up to start+T."""
+    def update(self, start, k, v):
+        """Write positions [start, start+T) and return every key/value up to start+T; with start
+        a 0-d tensor (static shapes, for CUDA graphs) return the whole cache, the attention mask
+        hiding the positions not yet written."""
+        if torch.is_tensor(start):
+            pos = start + torch.arange(k.shape[2], device=k.device)
+            self.k.index_copy_(2, pos, k)
+            self.v.index_copy_(2, pos, v)
+            return self.k, self.v
         end = start + k.shape[2]
         self.k[:, :, start:end] = k
         self.v[:, :, start:end] = v
@@ -268,8 +275,9 @@ class Attention(nn.Module):
         S = k.shape[2]
         if T == S:  # no past: plain causal mask
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        else:  # T new queries after S - T cached positions: query t sees keys <= S - T + t
-            mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(diagonal=S - T)
+        else:  # T new queries at positions start_pos + t: query t sees the keys up to there
+            query_pos = start_pos + torch.arange(T, device=x.device)
+            mask = torch.arange(S, device=x.device)[None, :] <= query_pos[:, None]  # (T, S)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, T, H * hd)
         return self.o_proj(y)
@@ -317,9 +325,10 @@ class Transformer(nn.Module):
     def device(self):
         return self.embed_tokens.weight.device
 
-    def rope(self, start_pos: int, T: int):
-        """cos, sin for positions [start_pos, start_pos + T), each (T, head_dim), fp32."""
-        pos = torch.arange(start_pos, start_pos + T, device=self.inv_freq.device)
+    def rope(self, start_pos, T: int):
+        """cos, sin for positions [start_pos, start_pos + T), each (T, head_dim), fp32.
+        start_pos: an int, or a 0-d tensor on the model's device (static decoding)."""
+        pos = start_pos + torch.arange(T, device=self.inv_freq.device)
         return rope_cos_sin(self.inv_freq, pos)
 
     def forward(self, tokens: torch.Tensor, start_pos: int = 0, last_only: bool = False):
@@ -343,20 +352,62 @@ class Transformer(nn.Module):
                 batch, self.args.n_kv_heads, max_len, self.args.head_dim,
                 self.embed_tokens.weight.dtype, self.device)
 
+    def static_decoder(self):
+        """f(token id, position) -> logits (1, 1, vocab) of one decoding step with static shapes:
+        the token and position live in fixed device tensors and attention reads the whole cache
+        under a mask, so every step launches the same kernels on the same buffers. On a GPU
+        those launches are captured once as a CUDA graph and replayed: one launch per token
+        instead of ~20 per layer, which is what bounds batch-1 decoding in eager PyTorch. On a
+        CPU the same step runs eagerly (so tests can compare it with the dynamic one)."""
+        token = torch.zeros(1, 1, dtype=torch.long, device=self.device)
+        pos = torch.zeros((), dtype=torch.long, device=self.device)
+
+        def feed(t, p: int):  # t: an int, or a one-element tensor already on the device
+            token.copy_(t.view(1, 1)) if torch.is_tensor(t) else token.fill_(t)
+            pos.fill_(p)
+        if self.device.type != "cuda":
+            def step(t, p: int):
+                feed(t, p)
+                return self(token, start_pos=pos, last_only=True)
+            return step
+        # warm up on a side stream (lazy initialisation must not happen during the capture);
+        # it writes position 0 of the cache, which the prompt then overwrites
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                self(token, start_pos=pos, last_only=True)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            logits = self(token, start_pos=pos, last_only=True)
+
+        def replay(t, p: int):
+            feed(t, p)
+            graph.replay()
+            return logits
+        return replay
+
     @torch.no_grad()
     def generate(self, prompt: list, max_new_tokens: int, temperature: float = 0.0,
-                 top_p: float = 1.0, stop_ids=None, seed: Optional[int] = None) -> list:
+                 top_p: float = 1.0, stop_ids=None, seed: Optional[int] = None,
+                 static: bool = False) -> list:
         """Continue one prompt (token ids). temperature 0: greedy; else sample from the
-        smallest set of tokens whose probability reaches top_p. Returns the new ids."""
+        smallest set of tokens whose probability reaches top_p. Returns the new ids.
+        static: decode with static_decoder (a CUDA graph on a GPU); the prompt runs eagerly."""
         stop_ids = set(self.args.eos_ids if stop_ids is None else stop_ids)
         gen = torch.Generator().manual_seed(seed) if seed is not None else None
         max_len = min(len(prompt) + max_new_tokens, self.args.max_seq_len)
         self.setup_cache(1, max_len)
         try:
+            step = self.static_decoder() if static else None
             tokens = torch.tensor([prompt], device=self.device)
             pos, out = 0, []
             while pos + tokens.shape[1] <= max_len and len(out) < max_new_tokens:
-                logits = self(tokens, start_pos=pos, last_only=True)[0, -1].float()  # (vocab,)
+                if step is not None and pos > 0:
+                    logits = step(out[-1], pos)[0, -1].float()
+                else:
+                    logits = self(tokens, start_pos=pos, last_only=True)[0, -1].float()  # (vocab,)
                 pos += tokens.shape[1]
                 nxt = sample(logits, temperature, top_p, gen)
                 out.append(nxt)

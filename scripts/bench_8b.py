@@ -84,11 +84,15 @@ def child_method(a):
     return row
 
 
-def decode_speed(model, a):
-    """Greedy decode tokens/s at batch 1 after a warm-up (bench_load.time_generation)."""
+def decode_speed(model, a, static=False):
+    """Greedy decode tokens/s at batch 1 after a warm-up (bench_load.time_generation); static:
+    the decoding steps replay a CUDA graph (model.static_decoder)."""
     model.setup_cache(1, a.prompt_len + a.new_tokens)
+    step = model.static_decoder() if static else None
 
     def forward(ids, start):
+        if step is not None and start > 0:
+            return step(ids, start)[:, -1]
         return model(ids, start_pos=start, last_only=True)[:, -1]
     time_generation(forward, a.prompt_len, min(8, a.new_tokens), model.args.vocab_size, a.device)
     _, dec = time_generation(forward, a.prompt_len, a.new_tokens, model.args.vocab_size,
@@ -101,17 +105,20 @@ def child_decode(a):
     """bf16 on a.device, then the same model RTN-quantized in place with its linears swapped for
     kernels.QuantLinear (as model.load_quantized does), timed the same way."""
     model, _ = load(a, a.device)
-    out = {"bf16_tok_s": decode_speed(model, a), "bf16_gpu_gb": gpu_gb(a.device)}
+    out = {"bf16_tok_s": decode_speed(model, a), "bf16_graph_tok_s": decode_speed(model, a, True),
+           "bf16_gpu_gb": gpu_gb(a.device)}
     cfg = Q.QuantConfig(wbits=a.wbits, groupsize=a.groupsize)
     res = Q.quantize_model(model, None, "rtn", cfg, device=a.device, log=lambda s: None)
     swap_in_quant_linears(model, res, cfg.groupsize)
     del res
     torch.cuda.empty_cache()  # a no-op without CUDA
-    out |= {"q_tok_s": decode_speed(model, a), "q_gpu_gb": gpu_gb(a.device)}
-    # the same greedy continuation through the Triton kernels and through the torch path?
+    out |= {"q_tok_s": decode_speed(model, a), "q_graph_tok_s": decode_speed(model, a, True),
+            "q_gpu_gb": gpu_gb(a.device)}
+    # the same greedy continuation through the Triton kernels (in a CUDA graph) and through the
+    # torch path (eager)?
     prompt = torch.randint(0, model.args.vocab_size, (a.prompt_len,),
                            generator=torch.Generator().manual_seed(1)).tolist()
-    via_kernel = model.generate(prompt, a.new_tokens, stop_ids=[])
+    via_kernel = model.generate(prompt, a.new_tokens, stop_ids=[], static=True)
     os.environ["MIXQ_TORCH_PATH"] = "1"
     via_torch = model.generate(prompt, a.new_tokens, stop_ids=[])
     del os.environ["MIXQ_TORCH_PATH"]
@@ -150,11 +157,14 @@ def decode_line(a, d):
         return f"decode failed (exit {d['failed']})"
     gb = "{:.2f} GiB allocated on the GPU"
     return (f"decode, batch 1, prompt {a.prompt_len}, {a.new_tokens} new tokens, greedy:\n"
-            f"  bf16: {d['bf16_tok_s']:.1f} tok/s ({fmt(d['bf16_gpu_gb'], gb)})\n"
-            f"  W{a.wbits} g{a.groupsize} QuantLinear: {d['q_tok_s']:.1f} tok/s "
-            f"({fmt(d['q_gpu_gb'], gb)})\n  ratio 4-bit / bf16: "
-            f"{d['q_tok_s'] / d['bf16_tok_s']:.2f}x\n  greedy tokens equal, kernel path vs "
-            f"torch path: first {d['greedy_same_prefix']} of {d['greedy_tokens']}")
+            f"  bf16: {d['bf16_tok_s']:.1f} tok/s eager, {d['bf16_graph_tok_s']:.1f} CUDA graph "
+            f"({fmt(d['bf16_gpu_gb'], gb)})\n"
+            f"  W{a.wbits} g{a.groupsize} QuantLinear: {d['q_tok_s']:.1f} tok/s eager, "
+            f"{d['q_graph_tok_s']:.1f} CUDA graph ({fmt(d['q_gpu_gb'], gb)})\n"
+            f"  ratio 4-bit / bf16: {d['q_tok_s'] / d['bf16_tok_s']:.2f}x eager, "
+            f"{d['q_graph_tok_s'] / d['bf16_graph_tok_s']:.2f}x CUDA graph\n"
+            f"  greedy tokens equal, kernel path (graph) vs torch path (eager): first "
+            f"{d['greedy_same_prefix']} of {d['greedy_tokens']}")
 
 
 def blocks_done(state: Path) -> int:

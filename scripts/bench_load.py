@@ -56,6 +56,8 @@ def main():
     p.add_argument("--prompt-len", type=int, default=64)
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--warmup", type=int, default=1, help="0: time the very first generation")
+    p.add_argument("--static", action="store_true",
+                   help="mixq: decode with static shapes, a CUDA graph on a GPU")
     a = p.parse_args()
     path = M.resolve_ckpt(a.ckpt)
     t0 = time.perf_counter()
@@ -63,8 +65,11 @@ def main():
         model, _ = M.load(str(path), a.dtype, a.device)
         load_s = time.perf_counter() - t0
         model.setup_cache(1, a.prompt_len + a.new_tokens)
+        step = model.static_decoder() if a.static else None
 
         def forward(ids, start):
+            if step is not None and start > 0:  # a CUDA graph replay per token
+                return step(ids, start)[:, -1]
             return model(ids, start_pos=start, last_only=True)[:, -1]
         vocab = model.args.vocab_size
     else:
@@ -89,7 +94,7 @@ def main():
            "load_s": load_s, "peak_rss_gb": peak_rss_gb(), "ckpt_gb": size / 2 ** 30,
            "peak_over_ckpt": peak_rss_gb() * 2 ** 30 / size,
            "prefill_tok_s": pre, "decode_tok_s": dec, "prompt_len": a.prompt_len,
-           "new_tokens": a.new_tokens}
+           "new_tokens": a.new_tokens, "static": a.static}
     if a.device.startswith("cuda"):
         res["peak_gpu_gb"] = torch.cuda.max_memory_allocated() / 2 ** 30
     print(json.dumps(res))

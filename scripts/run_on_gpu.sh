@@ -19,7 +19,9 @@ load)
   for impl in mixq transformers; do
     python3 scripts/bench_load.py --ckpt $CKPT --device cuda --impl $impl 2>&1 | tail -1
   done | tee "$OUT/bench_load.txt"
-  python3 scripts/bench_8b.py --ckpt $CKPT --device cuda --decode 2>&1 | tail -7 \
+  python3 scripts/bench_load.py --ckpt $CKPT --device cuda --static 2>&1 | tail -1 \
+    | tee -a "$OUT/bench_load.txt"
+  python3 scripts/bench_8b.py --ckpt $CKPT --device cuda --decode 2>&1 | tail -8 \
     | tee "$OUT/decode.txt" ;;
 quantize)
   [ -f $CKPT/model.safetensors.index.json ] || python3 scripts/make_random_llama3_8b.py > /dev/null

@@ -118,6 +118,21 @@ def test_kv_cache_decoding_equals_full_forward(tiny_ckpt):
     assert (torch.cat(parts, 1) - full).abs().max().item() < 1e-4
 
 
+def test_static_decoding_step_equals_full_forward(tiny_ckpt):
+    # the CUDA-graph step's computation (0-d position tensor, whole cache under a mask), eagerly
+    ours, _ = M.load(str(tiny_ckpt[0]))
+    ids = torch.randint(0, 128, (1, 24), generator=torch.Generator().manual_seed(5))
+    full = ours(ids)
+    ours.setup_cache(1, 32)  # longer than used: the unwritten positions must stay masked
+    step = ours.static_decoder()
+    parts = [ours(ids[:, :10], 0)] + [step(int(ids[0, t]), t).clone() for t in range(10, 24)]
+    ours.setup_cache(1, None)
+    assert (torch.cat(parts, 1) - full).abs().max().item() < 1e-4
+    prompt = [5, 17, 33, 8]
+    assert ours.generate(prompt, 12, stop_ids=[], static=True) == \
+        ours.generate(prompt, 12, stop_ids=[])
+
+
 def test_greedy_generation_deterministic_and_matches_argmax(tiny_ckpt):
     ours, _ = M.load(str(tiny_ckpt[0]))
     prompt = [5, 17, 33, 8]
