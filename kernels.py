@@ -3,8 +3,9 @@
 This file imports torch and triton and nothing of ours, so it can be copied alone. It holds the
 format (pack/unpack, dequantize), a plain torch path every device runs, the Triton kernels
 (quant_matmul: a GEMV for decode, a dequantize-in-tile GEMM for small batches, dequantize +
-cuBLAS for prefill, and a CSR outlier kernel) and QuantLinear, which model.py swaps in for a
-quantized nn.Linear. Tests run the kernels on the CPU with TRITON_INTERPRET=1;
+cuBLAS for prefill, and a CSR outlier kernel), QuantLinear, which model.py swaps in for a
+quantized nn.Linear, and the column loops of GPTQ and QuantEase that mixq.py runs on a GPU
+(one launch per block of columns). Tests run the kernels on the CPU with TRITON_INTERPRET=1;
 `python kernels.py --bench` times them on a GPU.
 
 The format, one quantized nn.Linear of weight W (N out_features x K in_features), g = group size
@@ -406,14 +407,20 @@ class QuantLinear(nn.Module):
 
 
 # -----------------------------------------------------------------------------
-# QuantEase's inner loop on the GPU (mixq.cd_block is the readable torch version, same numbers)
+# Calibration on the GPU: the column loops of QuantEase and GPTQ (mixq.cd_block and
+# mixq.gptq_block are the readable torch versions of the same numbers)
 #
-# One block of columns b1 <= j < b2 of a coordinate-descent sweep, every row at once. Column j
+# Both algorithms walk the columns of a block one at a time, every row at once; in torch each
+# column is a dozen tiny kernels, so a GPU spends its time launching them. Here one launch does
+# a block: each program keeps BLOCK_R rows of the block's columns in registers and walks the
+# columns in order. Extracting column j of a register tile is a masked sum (exact: one nonzero).
+#
+# QuantEase: one block of columns b1 <= j < b2 of a coordinate-descent sweep. Column j
 # (i = j - b1) gets  u = R_i - sum_{l < i} D_l S[b1 + l, j]  (R = the block's P - Phat, D the
 # changes made so far in the block) rounded to its row's grid: s * (clamp(round(u/s + z), 0,
-# maxq) - z). In torch that is a dozen tiny kernels per column, so a GPU spends its time
-# launching them; here one launch does the block: each program keeps BLOCK_R rows of the
-# block's columns in registers and walks the columns in order.
+# maxq) - z).
+# GPTQ: column i of a block is rounded to its grid (or kept, TaCQ/SpQR), and its scaled error
+# e_i = (w_i - q_i) / U_ii is spread onto the block's later columns: W[:, j > i] -= e_i U_ij.
 
 if triton is not None:
 
@@ -453,6 +460,49 @@ if triton is not None:
         tl.store(D + blk, d, mask=inside)
 
 
+    @triton.jit
+    def _gptq_block_kernel(W1, U1, Sc, Z, Maxq, Keep, Codes, Qv, Err, m, width, tau,
+                           SPQR: tl.constexpr, B: tl.constexpr, BLOCK_R: tl.constexpr):
+        rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+        cols = tl.arange(0, B)
+        inside = (rows[:, None] < m) & (cols[None, :] < width)
+        offs = rows[:, None].to(tl.int64) * width + cols[None, :]  # every tensor is (m, width)
+        w = tl.load(W1 + offs, mask=inside, other=0.0)  # (BLOCK_R, B), updated column by column
+        s = tl.load(Sc + offs, mask=inside, other=1.0)
+        z = tl.load(Z + offs, mask=inside, other=0.0)
+        keep = tl.load(Keep + offs, mask=inside, other=0)
+        maxq = tl.load(Maxq + cols, mask=cols < width, other=0.0)
+        codes = tl.zeros((BLOCK_R, B), dtype=w.dtype)
+        qv = tl.zeros((BLOCK_R, B), dtype=w.dtype)
+        err = tl.zeros((BLOCK_R, B), dtype=w.dtype)
+        for i in range(0, width):
+            at_i = cols[None, :] == i
+            w_i = tl.sum(tl.where(at_i, w, 0.0), 1)
+            s_i, z_i = tl.sum(tl.where(at_i, s, 0.0), 1), tl.sum(tl.where(at_i, z, 0.0), 1)
+            maxq_i = tl.sum(tl.where(cols == i, maxq, 0.0), 0)
+            d = tl.load(U1 + i * width + i)  # U_ii
+            c = tl.minimum(tl.maximum(w_i / s_i + z_i, -1.0), maxq_i + 1.0)
+            c = tl.minimum(tl.maximum(_round_half_even(c), 0.0), maxq_i)
+            q = s_i * (c - z_i)
+            k_i = tl.sum(tl.where(at_i, keep, 0), 1) != 0
+            if SPQR:  # the grid serves this weight too badly: keep it in 16 bits
+                e = (w_i - q) / d
+                k_i = k_i | (e * e > tau)
+                keep = tl.where(at_i, k_i.to(keep.dtype)[:, None], keep)
+            c = tl.where(k_i, tl.minimum(tl.maximum(_round_half_even(z_i), 0.0), maxq_i), c)
+            q = tl.where(k_i, w_i, q)
+            e = (w_i - q) / d
+            u_row = tl.load(U1 + i * width + cols, mask=cols < width, other=0.0)  # 0 left of i
+            w = w - e[:, None] * u_row[None, :]  # W[:, j >= i] -= e_i U_ij
+            codes = tl.where(at_i, c[:, None], codes)
+            qv = tl.where(at_i, q[:, None], qv)
+            err = tl.where(at_i, e[:, None], err)
+        tl.store(Codes + offs, codes, mask=inside)
+        tl.store(Qv + offs, qv, mask=inside)
+        tl.store(Err + offs, err, mask=inside)
+        tl.store(Keep + offs, keep, mask=inside)
+
+
 def use_triton(x: torch.Tensor) -> bool:
     """The Triton kernels run for CUDA tensors, unless MIXQ_TORCH_PATH is set."""
     return x.is_cuda and triton is not None and not os.environ.get("MIXQ_TORCH_PATH")
@@ -473,6 +523,22 @@ def cd_block(What, R, S, s, z, b1: int, b2: int, maxq: int, rounded: bool = True
                                                  float(maxq), ROUNDED=rounded, B=B,
                                                  BLOCK_R=BLOCK_R)
     return D
+
+
+def gptq_block(W1, U1, s, z, maxq, mask, tau: float):
+    """One block of GPTQ's columns (mixq.gptq_block, same arguments and results) in one launch:
+    each program keeps BLOCK_R rows of the block in registers and quantizes the columns in
+    order, spreading each column's error on the later ones through U1's row."""
+    m, width = W1.shape
+    W1, U1, s, z = W1.contiguous(), U1.contiguous(), s.contiguous(), z.contiguous()
+    keep = mask.to(torch.uint8)  # updated in place by SpQR's rule
+    codes, Q, Err = torch.empty_like(W1), torch.empty_like(W1), torch.empty_like(W1)
+    BLOCK_R = 16
+    _gptq_block_kernel[(triton.cdiv(m, BLOCK_R),)](
+        W1, U1, s, z, maxq.to(W1.dtype).contiguous(), keep, codes, Q, Err, m, width,
+        float(min(tau, 3e38)), SPQR=tau < float("inf"), B=max(16, triton.next_power_of_2(width)),
+        BLOCK_R=BLOCK_R)
+    return codes, Q, Err, keep.bool()
 
 
 # -----------------------------------------------------------------------------

@@ -254,6 +254,8 @@ def stat_bits(cfg: QuantConfig) -> float:
 # min over the grid of ||W X - Q X||^2 = tr((W - Q) H (W - Q)^T), H = 2 X X^T / N. Columns are
 # quantized one at a time; the error of column i is spread onto the columns not yet quantized
 # through U, the upper Cholesky factor of H^-1:  e_i = (w_i - q_i) / U_ii,  W[:, j>i] -= e_i U_ij.
+# Lazy batches: inside a block of B columns the updates are applied column by column
+# (gptq_block); the block's errors reach the later blocks in one matrix product.
 
 
 def inverse_cholesky(H, percdamp: float, retries: int = 6):
@@ -315,6 +317,8 @@ def gptq(W: torch.Tensor, H: torch.Tensor, cfg: QuantConfig,
     perm = torch.argsort(torch.diag(H), descending=True) if cfg.act_order else \
         torch.arange(n, device=W.device)
     W, H, mask = W[:, perm], H[perm][:, perm], mask[:, perm]
+    group = group[perm]  # the grid of each column, in quantization order
+    col_maxq = torch.tensor(maxqs, dtype=W.dtype, device=W.device)[group]
     U, _ = inverse_cholesky(H, cfg.percdamp)
     tau = math.inf
     if cfg.outlier_threshold < math.inf:
@@ -323,41 +327,53 @@ def gptq(W: torch.Tensor, H: torch.Tensor, cfg: QuantConfig,
     Q = torch.zeros_like(W)
     Err = torch.zeros_like(W)  # e_i = (w_i - q_i) / U_ii
     B = cfg.blocksize
-    cols, groups = perm.tolist(), group.tolist()  # host lists: no device sync per column
+    if not static and g < n:  # every group's grid is refitted at the start of a block
+        B = math.gcd(B, g)
+    block = kernels.gptq_block if kernels.use_triton(W) and B <= 128 else gptq_block
     for i1 in range(0, n, B):
         i2 = min(i1 + B, n)
-        W1, U1 = W[:, i1:i2].clone(), U[i1:i2, i1:i2]
-        for i in range(i2 - i1):
-            j = cols[i1 + i]  # original column index
-            k = groups[j]
-            if not static and j % g == 0:
-                # refit the group's grid on the current, already updated weights
-                cur = torch.cat([W1[:, i:], W[:, i2:]], dim=1)[:, :g]
-                s_all[:, k:k + 1], z_all[:, k:k + 1] = fit_group(
-                    cur, cfg, mask[:, i1 + i:i1 + i + g])
-            s, z, maxq = s_all[:, k], z_all[:, k], maxqs[k]
-            w, d = W1[:, i], U1[i, i]
-            c = quant_codes(w, s, z, maxq)
-            q = s * (c - z)
-            mk = mask[:, i1 + i]
-            if tau < math.inf:  # SpQR-style: weights the grid serves too badly stay 16-bit
-                mk = mk | (((w - q) / d) ** 2 > tau)
-                mask[:, i1 + i] = mk
-            # kept weights: the code whose value is 0 (so the stored correction is the weight)
-            c = torch.where(mk, torch.clamp(torch.round(z), 0, maxq), c)
-            q = torch.where(mk, w, q)
-            err = (w - q) / d  # 0 at kept weights
-            W1[:, i:] -= err[:, None] * U1[i, i:][None, :]  # spread the error on later columns
-            codes[:, i1 + i], Q[:, i1 + i], Err[:, i1 + i] = c, q, err
+        if not static and i1 % g == 0:
+            # refit the group's grid on the current weights (updated by the earlier columns)
+            k = i1 // g
+            s_all[:, k:k + 1], z_all[:, k:k + 1] = fit_group(W[:, i1:i1 + g], cfg,
+                                                             mask[:, i1:i1 + g])
+        cols = group[i1:i2]
+        codes[:, i1:i2], Q[:, i1:i2], Err[:, i1:i2], mask[:, i1:i2] = block(
+            W[:, i1:i2].clone(), U[i1:i2, i1:i2], s_all[:, cols], z_all[:, cols],
+            col_maxq[i1:i2], mask[:, i1:i2], tau)
         W[:, i2:] -= Err[:, i1:i2] @ U[i1:i2, i2:]  # the block's errors, onto later blocks
     inv = torch.argsort(perm)
-    codes, Q, mask = codes[:, inv], Q[:, inv], mask[:, inv]
+    codes, Q, mask, group = codes[:, inv], Q[:, inv], mask[:, inv], group[inv]
     qz = Quantized(codes, s_all, z_all, cfg.wbits, g, stat_bits=stat_bits(cfg),
                    loss=float((Err ** 2).sum()))
     if high is not None:
         qz.col_group = group
         qz.col_bits = torch.where(high, cfg.high_bits, cfg.wbits)
     return with_kept(qz, Q, mask)
+
+
+def gptq_block(W1, U1, s, z, maxq, mask, tau: float):
+    """One block of GPTQ's columns, in order: W1 (m, B) the block's current weights (updated in
+    place), U1 (B, B) its part of U, s, z (m, B) and maxq (B,) the grid of each column, mask
+    (m, B) the weights kept in 16 bits, tau SpQR's outlier threshold (inf: none).
+    Returns codes, Q (the dequantized values), Err (the scaled errors) and the mask, each (m, B).
+    (kernels.gptq_block is the same loop in one GPU launch.)"""
+    codes, Q, Err, mask = torch.zeros_like(W1), torch.zeros_like(W1), torch.zeros_like(W1), \
+        mask.clone()
+    for i in range(W1.shape[1]):
+        w, d = W1[:, i], U1[i, i]
+        c = quant_codes(w, s[:, i], z[:, i], maxq[i])
+        q = s[:, i] * (c - z[:, i])
+        if tau < math.inf:  # SpQR-style: weights the grid serves too badly stay 16-bit
+            mask[:, i] |= ((w - q) / d) ** 2 > tau
+        mk = mask[:, i]
+        # kept weights: the code whose value is 0 (so the stored correction is the weight)
+        c = torch.where(mk, torch.clamp(torch.round(z[:, i]), 0, maxq[i]), c)
+        q = torch.where(mk, w, q)
+        err = (w - q) / d  # 0 at kept weights
+        W1[:, i:] -= err[:, None] * U1[i, i:][None, :]  # spread the error on later columns
+        codes[:, i], Q[:, i], Err[:, i] = c, q, err
+    return codes, Q, Err, mask
 
 
 def with_kept(qz: Quantized, Q, mask) -> Quantized:
@@ -947,38 +963,46 @@ def fold_norms(model: M.Transformer):
 
 
 @torch.no_grad()
-def resq_covariances(model: M.Transformer, calib) -> dict:
+@torch.no_grad()
+def resq_covariances(model: M.Transformer, calib, device=None) -> dict:
     """Uncentred second moments in fp64 (spec §7.2): "resid" (d, d) over the inputs of q/k/v and
     of gate/up in every layer; per layer "value" (n_kv, hd, hd) of each KV head's v_proj outputs
-    and "key" (hd, hd) of the keys after RoPE, summed over KV heads. Each divided by its count."""
+    and "key" (hd, hd) of the keys after RoPE, summed over KV heads. Each divided by its count.
+    Layer by layer like quantize_model: one block on `device` at a time, the activations of
+    every sample kept between blocks, the sums on `device`."""
     a = model.args
-    L, hd = a.n_layers, a.head_dim
-    cov = {"resid": torch.zeros(a.dim, a.dim, dtype=torch.float64),
-           "value": torch.zeros(L, a.n_kv_heads, hd, hd, dtype=torch.float64),
-           "key": torch.zeros(L, hd, hd, dtype=torch.float64)}
-    count = {"resid": 0, "kv": 0}
-    for tokens in calib:
-        x = model.embed_tokens(tokens[None].to(model.device))  # (1, T, d)
-        T = x.shape[1]
-        cos, sin = model.rope(0, T)
-        for li, b in enumerate(model.layers):
+    L, hd = len(model.layers), a.head_dim
+    device = torch.device(device or model.device)
+    home = model.device
+    cov = {"resid": torch.zeros(a.dim, a.dim, dtype=torch.float64, device=device),
+           "value": torch.zeros(L, a.n_kv_heads, hd, hd, dtype=torch.float64, device=device),
+           "key": torch.zeros(L, hd, hd, dtype=torch.float64, device=device)}
+    xs = [model.embed_tokens(c[None].to(home)) for c in calib]  # each (1, T, d)
+    park = activation_store(xs, device)
+    xs = [park(x) for x in xs]
+    for li, b in enumerate(model.layers):
+        b.to(device)
+        for i, x in enumerate(xs):
+            x = x.to(device, non_blocking=True)
+            T = x.shape[1]
+            cos, sin = (t.to(device) for t in model.rope(0, T))
             h = b.input_layernorm(x)
             g = b.post_attention_layernorm(x + b.self_attn(h, cos, sin))
             for inp in (h, g):
-                f = inp.reshape(-1, a.dim).double().cpu()
+                f = inp.reshape(-1, a.dim).double()
                 cov["resid"] += f.T @ f
-            v = b.self_attn.v_proj(h).view(T, a.n_kv_heads, hd).double().cpu()  # (T, Hkv, hd)
+            v = b.self_attn.v_proj(h).view(T, a.n_kv_heads, hd).double()  # (T, Hkv, hd)
             cov["value"][li] += torch.einsum("thi,thj->hij", v, v)
             k = b.self_attn.k_proj(h).view(1, T, a.n_kv_heads, hd).transpose(1, 2)
-            k = M.apply_rope(k, cos, sin)[0].double().cpu()  # (Hkv, T, hd)
+            k = M.apply_rope(k, cos, sin)[0].double()  # (Hkv, T, hd)
             cov["key"][li] += torch.einsum("hti,htj->ij", k, k)
-            x = b(x, cos, sin)
-        count["resid"] += 2 * L * T
-        count["kv"] += T
-    cov["resid"] /= count["resid"]
-    cov["value"] /= count["kv"]
-    cov["key"] /= count["kv"] * a.n_kv_heads
-    return cov
+            xs[i] = park(b(x, cos, sin))
+        b.to(home)
+    tokens = sum(x.shape[1] for x in xs)
+    cov["resid"] /= 2 * L * tokens
+    cov["value"] /= tokens
+    cov["key"] /= tokens * a.n_kv_heads
+    return {k: v.cpu() for k, v in cov.items()}
 
 
 def pca_basis(cov: torch.Tensor, percdamp: float = 0.01) -> torch.Tensor:
@@ -1022,7 +1046,7 @@ def hadamard_transform(x: torch.Tensor, odd: Optional[torch.Tensor] = None) -> t
         h *= 2
     y = y / math.sqrt(p)
     if odd is not None:
-        y = torch.einsum("...ip,ij->...jp", y, odd.to(y.dtype))  # Q_m on the odd factor
+        y = torch.einsum("...ip,ij->...jp", y, odd.to(y.device, y.dtype))  # Q_m, odd factor
     return y.reshape(x.shape)
 
 
@@ -1048,7 +1072,7 @@ def resq_bases(cov: dict, args: M.ModelArgs, high_fraction: float = 0.125,
     """rotation "pca" (ResQ: PCA, then random rotations inside each subspace), "random"
     (QuaRot-style: one random rotation, no subspaces), "none" (identity)."""
     gen = torch.Generator().manual_seed(seed)
-    L = args.n_layers
+    L = cov["key"].shape[0]  # the layers measured (all of them, but for benchmarks)
 
     def basis(c):
         n = c.shape[-1]
@@ -1080,39 +1104,43 @@ class KeyRotation:
 
 
 @torch.no_grad()
-def fuse_resq(model: M.Transformer, bases: ResQBases):
+def fuse_resq(model: M.Transformer, bases: ResQBases, device=None):
     """Fold the norms, then write every fixed change of basis into the weights (x W^T with
     x -> x U is W -> W U on the input side; W -> U^T W on the output side), and install the two
-    online ones: the key rotation after RoPE and the Hadamard before down_proj."""
+    online ones: the key rotation after RoPE and the Hadamard before down_proj. The products
+    run on `device`, one block there at a time."""
     fold_norms(model)
     a = model.args
     hd, rep = a.head_dim, a.n_heads // a.n_kv_heads
-    U = bases.U_A.float()
+    device = torch.device(device or model.device)
+    U = bases.U_A.float().to(device)
 
-    def w(lin):
-        return lin.weight.data.float()
-    model.embed_tokens.weight.data = (w(model.embed_tokens) @ U).to(model.embed_tokens.weight.dtype)
-    model.lm_head.weight.data = (w(model.lm_head) @ U).to(model.lm_head.weight.dtype)
+    def w(lin):  # the weight, in fp32 on the device
+        return lin.weight.data.to(device).float()
+
+    def put(lin, W):  # back where the module lives, in its dtype
+        lin.weight.data = W.to(lin.weight.device, lin.weight.dtype)
+    put(model.embed_tokens, w(model.embed_tokens) @ U)
+    put(model.lm_head, w(model.lm_head) @ U)
     for li, b in enumerate(model.layers):
         att, mlp = b.self_attn, b.mlp
         for lin in (att.q_proj, att.k_proj, att.v_proj, mlp.gate_proj, mlp.up_proj):
-            lin.weight.data = (w(lin) @ U).to(lin.weight.dtype)  # inputs in the U_A basis
+            put(lin, w(lin) @ U)  # inputs in the U_A basis
         for lin in (att.o_proj, mlp.down_proj):
-            lin.weight.data = (U.T @ w(lin)).to(lin.weight.dtype)  # outputs into it
+            put(lin, U.T @ w(lin))  # outputs into it
         Wv, Wo = w(att.v_proj), w(att.o_proj)
         for h in range(a.n_kv_heads):  # values of KV head h in its U_V basis; o_proj undoes it
-            UV = bases.U_V[li, h].float()
+            UV = bases.U_V[li, h].float().to(device)
             Wv[h * hd:(h + 1) * hd] = UV.T @ Wv[h * hd:(h + 1) * hd]
             for j in range(h * rep, (h + 1) * rep):  # the query heads that read KV head h
                 Wo[:, j * hd:(j + 1) * hd] = Wo[:, j * hd:(j + 1) * hd] @ UV
-        att.v_proj.weight.data, att.o_proj.weight.data = Wv.to(att.v_proj.weight.dtype), \
-            Wo.to(att.o_proj.weight.dtype)
+        put(att.v_proj, Wv)
+        put(att.o_proj, Wo)
         att.post_rope = KeyRotation(bases.U_K[li])
         if not bases.hadamard:
             continue
         # down_proj(h) = (h H)(W H)^T for orthonormal H: fuse W H, transform h online
-        Wd = w(mlp.down_proj)
-        mlp.down_proj.weight.data = hadamard_transform(Wd, bases.odd).to(mlp.down_proj.weight.dtype)
+        put(mlp.down_proj, hadamard_transform(w(mlp.down_proj), bases.odd))
         mlp.down_proj.register_forward_pre_hook(
             lambda mod, args, odd=bases.odd: (hadamard_transform(args[0], odd),))
 
@@ -1211,12 +1239,14 @@ def activation_bits(args: M.ModelArgs, cfg: QuantConfig) -> float:
 
 
 @torch.no_grad()
-def resq_prepare(model: M.Transformer, calib, cfg: QuantConfig, seed: int = 0, log=print):
-    """Covariances, bases and fusion: the model is still fp, in the new bases."""
+def resq_prepare(model: M.Transformer, calib, cfg: QuantConfig, seed: int = 0, log=print,
+                 device=None):
+    """Covariances, bases and fusion (one block on `device` at a time): the model is still fp,
+    in the new bases."""
     t0 = time.perf_counter()
-    cov = resq_covariances(model, calib)
+    cov = resq_covariances(model, calib, device)
     hf = cfg.high_fraction if cfg.rotation == "pca" else 0.0
-    fuse_resq(model, resq_bases(cov, model.args, hf, cfg.rotation, seed))
+    fuse_resq(model, resq_bases(cov, model.args, hf, cfg.rotation, seed), device)
     log(f"ResQ bases ({cfg.rotation}, high fraction {hf}) fused in "
         f"{time.perf_counter() - t0:.0f}s")
 
@@ -1372,7 +1402,7 @@ def run(ckpt=None, method="tacq", cfg: QuantConfig = QuantConfig(wbits=3, groups
         print(f"TaCQ: keeping {sum(int(m.sum()) for m in masks.values()):,} weights in 16 bits "
               f"(ratio {used.ratio}); final GPTQ with that mask:")
     if method == "resq":
-        resq_prepare(model, calib_tokens, used, seed)
+        resq_prepare(model, calib_tokens, used, seed, device=device)
     fingerprint = run_fingerprint(ckpt, model, method, used, calib, calib_tokens, seed)
     results = quantize_model(model, calib_tokens, method, used, device, masks=masks,
                              resume=resume, fingerprint=fingerprint)

@@ -68,6 +68,10 @@ def child_method(a):
                                      cfg.ratio)
         log(f"TaCQ scores and mask: {time.perf_counter() - t0:.1f}s, peak GPU "
             f"{fmt(gpu_gb(a.device, True), '{:.2f}')} GiB")
+    if a.one == "resq":  # covariances and fused bases, one block on the GPU at a time
+        Q.resq_prepare(model, calib, cfg, log=log, device=a.device)
+        log(f"ResQ bases: {time.perf_counter() - t0:.1f}s, peak GPU "
+            f"{fmt(gpu_gb(a.device, True), '{:.2f}')} GiB")
     res = Q.quantize_model(model, calib, "gptq" if a.one == "tacq" else a.one, cfg,
                            device=a.device, resume=a.resume_dir, fingerprint=fp, log=log,
                            masks=masks)
@@ -215,7 +219,7 @@ def main():
     p = argparse.ArgumentParser(formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--ckpt", default="checkpoints/random-llama3-8b")
     p.add_argument("--methods", nargs="+", default=["rtn", "gptq", "quantease", "spqr"],
-                   choices=["rtn", "gptq", "quantease", "spqr", "tacq"])
+                   choices=["rtn", "gptq", "quantease", "spqr", "tacq", "resq"])
     p.add_argument("--nsamples", type=int, default=128)
     p.add_argument("--seqlen", type=int, default=2048)
     p.add_argument("--layers", type=int, default=0, help="first N blocks only; 0: all")

@@ -118,3 +118,59 @@ def test_quantease_block_kernel_rounds_ties_to_even_like_torch():
     K.cd_block(out, R.to(DEVICE), torch.zeros(n, n).to(DEVICE), s.to(DEVICE), z.to(DEVICE),
                0, n, 3)
     assert torch.equal(out.cpu(), Q.fake_quant(R, s, z, 3))
+
+
+@given(m=st.integers(1, 40), width=st.integers(1, 70), bits=st.sampled_from([2, 3, 4]),
+       mixed=st.booleans(), spqr=st.booleans(), dtype=st.sampled_from([torch.float32, torch.float64]),
+       seed=st.integers(0, 1000))
+def test_gptq_block_kernel_equals_the_torch_loop(m, width, bits, mixed, spqr, dtype, seed):
+    # one block of GPTQ columns: kept weights, per-column bit widths (ResQ), SpQR's threshold
+    g = torch.Generator().manual_seed(seed)
+    W = torch.randn(m, width, generator=g, dtype=dtype)
+    X = torch.randn(width, 2 * width + 4, generator=g, dtype=dtype)
+    U, _ = Q.inverse_cholesky(2 * X @ X.T, 0.01)
+    s, z, _ = Q.fit_groups(W, Q.QuantConfig(wbits=bits))
+    s, z = s.expand(m, width).contiguous(), z.expand(m, width).contiguous()
+    maxq = torch.full((width,), 2.0 ** bits - 1, dtype=dtype)
+    if mixed:
+        maxq[torch.rand(width, generator=g) < 0.3] = 255.0
+    mask = torch.rand(m, width, generator=g) < 0.05
+    tau = 0.1 * float((W.var(0) / torch.diag(U) ** 2).mean()) if spqr and m > 1 else float("inf")
+    ref = Q.gptq_block(W.clone(), U, s, z, maxq, mask, tau)
+    dev = [t.to(DEVICE) for t in (W, U, s, z, maxq, mask)]
+    out = [t.cpu() for t in K.gptq_block(*dev, tau)]
+    assert torch.equal(out[3], ref[3]) or dtype == torch.float32  # the same weights kept
+    tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=1e-10, atol=1e-10)
+    if dtype == torch.float32:  # summation order may flip a rare rounding
+        assert (out[0] != ref[0]).float().mean() < 0.02
+    else:
+        for a, b in zip(out[:3], ref[:3]):
+            torch.testing.assert_close(a, b, **tol)
+
+
+@pytest.mark.parametrize("name", ["gptq g32", "gptq act-order", "spqr", "resq high", "tacq",
+                                  "quantease", "quantease outliers"])
+def test_solvers_through_the_kernels_equal_the_torch_solvers(name, monkeypatch):
+    # the glue around the block kernels (grids gathered per column, block sizes, permutations)
+    g = torch.Generator().manual_seed(3)
+    W = torch.randn(24, 96, generator=g, dtype=torch.float64)
+    X = torch.randn(96, 200, generator=g, dtype=torch.float64)
+    H = X @ X.T / 200
+    mask = torch.rand(W.shape, generator=g) < 0.03
+    high = torch.zeros(96, dtype=torch.bool)
+    high[::8] = True
+    run = {"gptq g32": lambda: Q.gptq(W, H, Q.QuantConfig(wbits=3, groupsize=32)),
+           "gptq act-order": lambda: Q.gptq(W, H, Q.QuantConfig(wbits=2, groupsize=32,
+                                                                 act_order=True)),
+           "spqr": lambda: Q.gptq(W, H, Q.spqr_config(Q.QuantConfig(wbits=3))),
+           "resq high": lambda: Q.gptq(W, H, Q.QuantConfig(wbits=4), high=high),
+           "tacq": lambda: Q.gptq(W, H, Q.QuantConfig(wbits=2, mse=True), mask=mask),
+           "quantease": lambda: Q.quantease(W, H, Q.QuantConfig(wbits=3, groupsize=32, iters=3,
+                                                                blocksize=40)),
+           "quantease outliers": lambda: Q.quantease_outliers(
+               W, H, Q.QuantConfig(wbits=2, iters=2, outliers=0.02))}[name]
+    ref = run()
+    monkeypatch.setattr(K, "use_triton", lambda x: True)  # the kernels, on CPU tensors
+    out = run()
+    torch.testing.assert_close(out.dequantize(), ref.dequantize(), rtol=1e-10, atol=1e-10)
+    assert out.n_kept() == ref.n_kept() and out.loss == pytest.approx(ref.loss, rel=1e-9)

@@ -54,6 +54,39 @@ def test_fused_bases_on_the_embedded_model(embedded):
     assert rel_diff(model(ids), before) < 1e-4
 
 
+def test_covariances_equal_the_moments_of_a_full_forward(tmp_path):
+    # resq_covariances walks the model block by block; hooks on a plain forward see the same
+    model = tiny(tmp_path)
+    a, hd = model.args, model.args.head_dim
+    calib = torch.randint(0, 128, (3, 20), generator=torch.Generator().manual_seed(2))
+    seen = {"resid": [], "v": [], "k": []}
+    hooks = []
+    for b in model.layers:
+        hooks += [b.self_attn.q_proj.register_forward_hook(
+                      lambda m, i, o: seen["resid"].append(i[0].reshape(-1, a.dim))),
+                  b.mlp.gate_proj.register_forward_hook(
+                      lambda m, i, o: seen["resid"].append(i[0].reshape(-1, a.dim))),
+                  b.self_attn.v_proj.register_forward_hook(
+                      lambda m, i, o: seen["v"].append(o.reshape(-1, a.n_kv_heads, hd)))]
+        b.self_attn.post_rope = lambda q, k: (seen["k"].append(k[0]), (q, k))[1]
+    for c in calib:
+        model(c[None])
+    for h in hooks:
+        h.remove()
+    for b in model.layers:
+        b.self_attn.post_rope = None
+    cov = Q.resq_covariances(model, calib)
+    X = torch.cat(seen["resid"]).double()
+    torch.testing.assert_close(cov["resid"], X.T @ X / len(X))
+    L, T = a.n_layers, calib.numel()
+    V = [torch.cat(seen["v"][li::L]).double() for li in range(L)]  # (T, Hkv, hd) per layer
+    K = [torch.cat(seen["k"][li::L], dim=1).double() for li in range(L)]  # (Hkv, T, hd)
+    for li in range(L):
+        torch.testing.assert_close(cov["value"][li], torch.einsum("thi,thj->hij", V[li], V[li]) / T)
+        torch.testing.assert_close(cov["key"][li],
+                                   torch.einsum("hti,htj->ij", K[li], K[li]) / (T * a.n_kv_heads))
+
+
 def test_bases_are_orthogonal(tmp_path):
     model = tiny(tmp_path)
     cov = Q.resq_covariances(model, torch.randint(0, 128, (2, 32)))
