@@ -530,6 +530,7 @@ def gptq_block(W1, U1, s, z, maxq, mask, tau: float):
     each program keeps BLOCK_R rows of the block in registers and quantizes the columns in
     order, spreading each column's error on the later ones through U1's row."""
     m, width = W1.shape
+    assert s.shape == W1.shape, "the kernel quantizes every column of W1"
     W1, U1, s, z = W1.contiguous(), U1.contiguous(), s.contiguous(), z.contiguous()
     keep = mask.to(torch.uint8)  # updated in place by SpQR's rule
     codes, Q, Err = torch.empty_like(W1), torch.empty_like(W1), torch.empty_like(W1)

@@ -327,20 +327,26 @@ def gptq(W: torch.Tensor, H: torch.Tensor, cfg: QuantConfig,
     Q = torch.zeros_like(W)
     Err = torch.zeros_like(W)  # e_i = (w_i - q_i) / U_ii
     B = cfg.blocksize
-    if not static and g < n:  # every group's grid is refitted at the start of a block
+    if not static and g < n and g % B and B % g:  # no group may straddle two blocks
         B = math.gcd(B, g)
-    block = kernels.gptq_block if kernels.use_triton(W) and B <= 128 else gptq_block
+    block = gptq_block
+    if kernels.use_triton(W) and B <= 128:  # one launch per block, which refits no grid inside
+        block, B = kernels.gptq_block, (B if static else min(B, g))
     for i1 in range(0, n, B):
         i2 = min(i1 + B, n)
-        if not static and i1 % g == 0:
-            # refit the group's grid on the current weights (updated by the earlier columns)
-            k = i1 // g
-            s_all[:, k:k + 1], z_all[:, k:k + 1] = fit_group(W[:, i1:i1 + g], cfg,
-                                                             mask[:, i1:i1 + g])
-        cols = group[i1:i2]
-        codes[:, i1:i2], Q[:, i1:i2], Err[:, i1:i2], mask[:, i1:i2] = block(
-            W[:, i1:i2].clone(), U[i1:i2, i1:i2], s_all[:, cols], z_all[:, cols],
-            col_maxq[i1:i2], mask[:, i1:i2], tau)
+        W1, U1 = W[:, i1:i2].clone(), U[i1:i2, i1:i2]
+        # the block in segments [a, b), each starting where a group's grid is refitted
+        starts = [i1] + [i for i in range(i1 + 1, i2) if not static and i % g == 0]
+        for a, b in zip(starts, starts[1:] + [i2]):
+            if not static and a % g == 0:
+                # refit the group's grid on the current weights (updated by the earlier columns)
+                k = a // g
+                cur = torch.cat([W1[:, a - i1:], W[:, i2:]], dim=1)[:, :g]
+                s_all[:, k:k + 1], z_all[:, k:k + 1] = fit_group(cur, cfg, mask[:, a:a + g])
+            cols = group[a:b]
+            codes[:, a:b], Q[:, a:b], Err[:, a:b], mask[:, a:b] = block(
+                W1[:, a - i1:], U1[a - i1:, a - i1:], s_all[:, cols], z_all[:, cols],
+                col_maxq[a:b], mask[:, a:b], tau)
         W[:, i2:] -= Err[:, i1:i2] @ U[i1:i2, i2:]  # the block's errors, onto later blocks
     inv = torch.argsort(perm)
     codes, Q, mask, group = codes[:, inv], Q[:, inv], mask[:, inv], group[inv]
@@ -353,14 +359,16 @@ def gptq(W: torch.Tensor, H: torch.Tensor, cfg: QuantConfig,
 
 
 def gptq_block(W1, U1, s, z, maxq, mask, tau: float):
-    """One block of GPTQ's columns, in order: W1 (m, B) the block's current weights (updated in
-    place), U1 (B, B) its part of U, s, z (m, B) and maxq (B,) the grid of each column, mask
-    (m, B) the weights kept in 16 bits, tau SpQR's outlier threshold (inf: none).
-    Returns codes, Q (the dequantized values), Err (the scaled errors) and the mask, each (m, B).
-    (kernels.gptq_block is the same loop in one GPU launch.)"""
-    codes, Q, Err, mask = torch.zeros_like(W1), torch.zeros_like(W1), torch.zeros_like(W1), \
-        mask.clone()
-    for i in range(W1.shape[1]):
+    """GPTQ's columns, in order, inside a block: W1 (m, w) the current weights of the block's
+    columns from the first to quantize on (updated in place, all w of them), U1 (w, w) their
+    part of U; the first c columns are quantized, c = the width of s, z (m, c) and maxq (c,), their
+    grids, and mask (m, c), the weights kept in 16 bits; tau: SpQR's outlier threshold (inf:
+    none). Returns codes, Q (the dequantized values), Err (the scaled errors) and the mask,
+    each (m, c). (kernels.gptq_block is the same loop in one GPU launch, for c = w.)"""
+    ncols = s.shape[1]
+    codes, Q, Err = (torch.zeros_like(W1[:, :ncols]) for _ in range(3))
+    mask = mask.clone()
+    for i in range(ncols):
         w, d = W1[:, i], U1[i, i]
         c = quant_codes(w, s[:, i], z[:, i], maxq[i])
         q = s[:, i] * (c - z[:, i])

@@ -101,6 +101,22 @@ def test_gptq_loss_identity(cfg, seed, act_order):
     assert Q.layer_loss(W, qz.dequantize(), Hd) == pytest.approx(qz.loss, rel=1e-8)
 
 
+@given(seed=st.integers(0, 10 ** 6), groupsize=st.sampled_from([-1, 16, 24, 48]),
+       blocksizes=st.lists(st.sampled_from([8, 16, 20, 32, 64, 1000]), min_size=2, max_size=2),
+       mask=st.booleans(), spqr=st.booleans())
+def test_gptq_lazy_batches_do_not_change_the_result(seed, groupsize, blocksizes, mask, spqr):
+    # the block size only reorders the arithmetic (each group's grid is fitted on the same
+    # fully updated weights, even when a group would straddle two blocks): fp64 results agree
+    W, S = random_problem(seed, n=96)
+    keep = torch.rand(W.shape, generator=torch.Generator().manual_seed(seed)) < 0.05 \
+        if mask else None
+    tau = 0.5 if spqr else math.inf
+    a, b = (Q.gptq(W, S, Q.QuantConfig(wbits=3, groupsize=groupsize, blocksize=B,
+                                       outlier_threshold=tau), mask=keep) for B in blocksizes)
+    torch.testing.assert_close(a.dequantize(), b.dequantize(), rtol=1e-9, atol=1e-9)
+    assert torch.equal(a.codes, b.codes) and a.n_kept() == b.n_kept()
+
+
 @given(cfg=configs, seed=st.integers(0, 10 ** 6))
 def test_gptq_with_identity_hessian_is_rtn(cfg, seed):
     W, _ = random_problem(seed)
