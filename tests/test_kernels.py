@@ -159,18 +159,21 @@ def test_solvers_through_the_kernels_equal_the_torch_solvers(name, monkeypatch):
     mask = torch.rand(W.shape, generator=g) < 0.03
     high = torch.zeros(96, dtype=torch.bool)
     high[::8] = True
-    run = {"gptq g32": lambda: Q.gptq(W, H, Q.QuantConfig(wbits=3, groupsize=32)),
-           "gptq act-order": lambda: Q.gptq(W, H, Q.QuantConfig(wbits=2, groupsize=32,
-                                                                 act_order=True)),
-           "spqr": lambda: Q.gptq(W, H, Q.spqr_config(Q.QuantConfig(wbits=3))),
-           "resq high": lambda: Q.gptq(W, H, Q.QuantConfig(wbits=4), high=high),
-           "tacq": lambda: Q.gptq(W, H, Q.QuantConfig(wbits=2, mse=True), mask=mask),
-           "quantease": lambda: Q.quantease(W, H, Q.QuantConfig(wbits=3, groupsize=32, iters=3,
-                                                                blocksize=40)),
-           "quantease outliers": lambda: Q.quantease_outliers(
-               W, H, Q.QuantConfig(wbits=2, iters=2, outliers=0.02))}[name]
-    ref = run()
-    monkeypatch.setattr(K, "use_triton", lambda x: True)  # the kernels, on CPU tensors
-    out = run()
-    torch.testing.assert_close(out.dequantize(), ref.dequantize(), rtol=1e-10, atol=1e-10)
+
+    def run(dev):
+        W_, H_, mask_, high_ = (t.to(dev) for t in (W, H, mask, high))
+        return {"gptq g32": lambda: Q.gptq(W_, H_, Q.QuantConfig(wbits=3, groupsize=32)),
+                "gptq act-order": lambda: Q.gptq(W_, H_, Q.QuantConfig(wbits=2, groupsize=32,
+                                                                       act_order=True)),
+                "spqr": lambda: Q.gptq(W_, H_, Q.spqr_config(Q.QuantConfig(wbits=3))),
+                "resq high": lambda: Q.gptq(W_, H_, Q.QuantConfig(wbits=4), high=high_),
+                "tacq": lambda: Q.gptq(W_, H_, Q.QuantConfig(wbits=2, mse=True), mask=mask_),
+                "quantease": lambda: Q.quantease(W_, H_, Q.QuantConfig(
+                    wbits=3, groupsize=32, iters=3, blocksize=40)),
+                "quantease outliers": lambda: Q.quantease_outliers(
+                    W_, H_, Q.QuantConfig(wbits=2, iters=2, outliers=0.02))}[name]()
+    ref = run("cpu")  # the torch loops
+    monkeypatch.setattr(K, "use_triton", lambda x: True)  # the kernels (interpreted on a CPU)
+    out = run(DEVICE)
+    torch.testing.assert_close(out.dequantize().cpu(), ref.dequantize(), rtol=1e-10, atol=1e-10)
     assert out.n_kept() == ref.n_kept() and out.loss == pytest.approx(ref.loss, rel=1e-9)
