@@ -459,7 +459,6 @@ if triton is not None:
         tl.store(What + full, w, mask=inside)
         tl.store(D + blk, d, mask=inside)
 
-
     @triton.jit
     def _gptq_block_kernel(W1, U1, Sc, Z, Maxq, Keep, Codes, Qv, Err, m, width, tau,
                            SPQR: tl.constexpr, B: tl.constexpr, BLOCK_R: tl.constexpr):

@@ -361,8 +361,8 @@ def gptq(W: torch.Tensor, H: torch.Tensor, cfg: QuantConfig,
 def gptq_block(W1, U1, s, z, maxq, mask, tau: float):
     """GPTQ's columns, in order, inside a block: W1 (m, w) the current weights of the block's
     columns from the first to quantize on (updated in place, all w of them), U1 (w, w) their
-    part of U; the first c columns are quantized, c = the width of s, z (m, c) and maxq (c,), their
-    grids, and mask (m, c), the weights kept in 16 bits; tau: SpQR's outlier threshold (inf:
+    part of U. The first c columns are quantized, c the width of s, z (m, c) and maxq (c,), their
+    grids, and of mask (m, c), the weights kept in 16 bits; tau: SpQR's outlier threshold (inf:
     none). Returns codes, Q (the dequantized values), Err (the scaled errors) and the mask,
     each (m, c). (kernels.gptq_block is the same loop in one GPU launch, for c = w.)"""
     ncols = s.shape[1]
@@ -671,7 +671,8 @@ def activation_store(xs: list, device):
     """Where the calibration activations wait between blocks -> a function that puts one there.
     On a GPU: on the GPU itself when both a block's inputs and outputs fit in a quarter of its
     free memory (2 x 2 GiB for 128 x 2048 tokens of Llama-3-8B in bf16), else in pinned host
-    memory (copies at full PCIe speed, not through a pageable bounce buffer). On a CPU: as they are."""
+    memory (copies at full PCIe speed, not through a pageable bounce buffer). On a CPU: as
+    they are."""
     device = torch.device(device)
     if device.type != "cuda":
         return lambda x: x.cpu()
@@ -971,7 +972,6 @@ def fold_norms(model: M.Transformer):
 
 
 @torch.no_grad()
-@torch.no_grad()
 def resq_covariances(model: M.Transformer, calib, device=None) -> dict:
     """Uncentred second moments in fp64 (spec §7.2): "resid" (d, d) over the inputs of q/k/v and
     of gate/up in every layer; per layer "value" (n_kv, hd, hd) of each KV head's v_proj outputs
@@ -1116,7 +1116,7 @@ def fuse_resq(model: M.Transformer, bases: ResQBases, device=None):
     """Fold the norms, then write every fixed change of basis into the weights (x W^T with
     x -> x U is W -> W U on the input side; W -> U^T W on the output side), and install the two
     online ones: the key rotation after RoPE and the Hadamard before down_proj. The products
-    run on `device`, one block there at a time."""
+    run on `device`, one weight there at a time."""
     fold_norms(model)
     a = model.args
     hd, rep = a.head_dim, a.n_heads // a.n_kv_heads
@@ -1422,7 +1422,8 @@ def run(ckpt=None, method="tacq", cfg: QuantConfig = QuantConfig(wbits=3, groups
     quant = evaluate(model, tok, evals, eval_seqlen, eval_windows, task_limit)
     options = asdict(used) | {"outlier_threshold": str(used.outlier_threshold)}
     summary = {"method": method, "wbits": cfg.wbits, "groupsize": used.groupsize,
-               "avg_bits": avg, "act_bits": activation_bits(model.args, used), "fp": fp, "quant": quant, "quant_seconds": quant_seconds,
+               "avg_bits": avg, "act_bits": activation_bits(model.args, used), "fp": fp,
+               "quant": quant, "quant_seconds": quant_seconds,
                "peak_memory_gb": peak_memory_gb(device), "config": options,
                "calib": None if method == "rtn" else {"spec": calib, "nsamples": nsamples,
                                                       "seqlen": seqlen, "seed": seed},

@@ -358,7 +358,8 @@ class Transformer(nn.Module):
         under a mask, so every step launches the same kernels on the same buffers. On a GPU
         those launches are captured once as a CUDA graph and replayed: one launch per token
         instead of ~20 per layer, which is what bounds batch-1 decoding in eager PyTorch. On a
-        CPU the same step runs eagerly (so tests can compare it with the dynamic one)."""
+        CPU the same step runs eagerly (so tests can compare it with the dynamic one). Hooks
+        that copy from the host inside the step (ResQ's fake quantizers) cannot be captured."""
         token = torch.zeros(1, 1, dtype=torch.long, device=self.device)
         pos = torch.zeros((), dtype=torch.long, device=self.device)
 

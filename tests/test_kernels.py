@@ -121,7 +121,8 @@ def test_quantease_block_kernel_rounds_ties_to_even_like_torch():
 
 
 @given(m=st.integers(1, 40), width=st.integers(1, 70), bits=st.sampled_from([2, 3, 4]),
-       mixed=st.booleans(), spqr=st.booleans(), dtype=st.sampled_from([torch.float32, torch.float64]),
+       mixed=st.booleans(), spqr=st.booleans(),
+       dtype=st.sampled_from([torch.float32, torch.float64]),
        seed=st.integers(0, 1000))
 def test_gptq_block_kernel_equals_the_torch_loop(m, width, bits, mixed, spqr, dtype, seed):
     # one block of GPTQ columns: kept weights, per-column bit widths (ResQ), SpQR's threshold
