@@ -182,25 +182,61 @@ if triton is not None:
         return (q - z) * s
 
     @triton.jit
+    def _plane_dot(x_ptr, qw_ptr, k0, offs_n, N, K, PB: tl.constexpr, BLOCK_K: tl.constexpr,
+                   n_mask, EVEN: tl.constexpr):
+        """sum_k x_k q_kn over rows k0 .. k0+BLOCK_K-1 of one plane of PB-bit codes -> (BLOCK_N,)
+        fp32, and sum_k x_k. No shifts: code i of a word is masked in place, word & (m << i PB)
+        = q 2^(i PB) exactly as a float, so x_k q_k goes into accumulator row i as an FMA with
+        that factor, which one multiply by 2^-(i PB) per row removes at the end. Per weight:
+        an AND, a convert and an FMA."""
+        PER: tl.constexpr = 32 // PB  # codes per int32 word
+        i = tl.arange(0, PER)
+        masks = tl.full((PER,), (1 << PB) - 1, tl.uint32) << (i * PB).to(tl.uint32)
+        acc = tl.zeros((PER, offs_n.shape[0]), dtype=tl.float32)
+        xsum = tl.zeros((PER,), dtype=tl.float32)
+        for r in tl.static_range(BLOCK_K // PER):
+            row = k0 // PER + r
+            if EVEN:  # K and N are multiples of the tiles: no masks
+                word = tl.load(qw_ptr + row * N + offs_n)
+                x = tl.load(x_ptr + row * PER + i).to(tl.float32)  # (PER,)
+            else:
+                word = tl.load(qw_ptr + row * N + offs_n,
+                               mask=n_mask & (row + 0 * offs_n < K // PER), other=0)
+                x = tl.load(x_ptr + row * PER + i, mask=row * PER + i < K, other=0.0)
+                x = x.to(tl.float32)
+            word = word.to(tl.uint32, bitcast=True)
+            acc += x[:, None] * (word[None, :] & masks[:, None]).to(tl.float32)
+            xsum += x
+        scale = tl.exp2(-(i * PB).to(tl.float32))  # 2^-(i PB), exact
+        return tl.sum(acc * scale[:, None], axis=0), tl.sum(xsum, axis=0)
+
+    @triton.jit
     def _gemv_kernel(x_ptr, qw_ptr, qhi_ptr, s_ptr, z_ptr, y_ptr, N, K, G,
                      BITS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                     ITERS: tl.constexpr, ROW_STATS: tl.constexpr):
+                     ITERS: tl.constexpr, ROW_STATS: tl.constexpr, EVEN: tl.constexpr):
         pid_n, pid_k = tl.program_id(0), tl.program_id(1)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         n_mask = offs_n < N
         acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
         for it in tl.static_range(ITERS):  # unrolled: the loads of all tiles go out together
             k0 = (pid_k * ITERS + it) * BLOCK_K
-            offs_k = k0 + tl.arange(0, BLOCK_K)
-            x = tl.load(x_ptr + offs_k, mask=offs_k < K, other=0.0).to(tl.float32)
             if ROW_STATS:  # y_n += s_n * (sum_k x_k q_kn - z_n * sum_k x_k)
-                q = _codes(qw_ptr, qhi_ptr, k0, offs_n, N, K, BITS, BLOCK_K, n_mask)
+                if BITS == 3:  # two planes: q = low 2 bits + 4 * high bit
+                    xq, xsum = _plane_dot(x_ptr, qw_ptr, k0, offs_n, N, K, 2, BLOCK_K, n_mask,
+                                          EVEN)
+                    hi, _ = _plane_dot(x_ptr, qhi_ptr, k0, offs_n, N, K, 1, BLOCK_K, n_mask,
+                                       EVEN)
+                    xq += 4.0 * hi
+                else:
+                    xq, xsum = _plane_dot(x_ptr, qw_ptr, k0, offs_n, N, K, BITS, BLOCK_K,
+                                          n_mask, EVEN)
                 stat_mask = n_mask & (k0 + 0 * offs_n < K)  # a tensor, not a Python bool
                 s = tl.load(s_ptr + (k0 // G) * N + offs_n, mask=stat_mask, other=0.0)
                 z = tl.load(z_ptr + (k0 // G) * N + offs_n, mask=stat_mask, other=0.0)
-                xq = tl.sum(x[:, None] * q.to(tl.float32), axis=0)  # (BLOCK_N,)
-                acc += s.to(tl.float32) * (xq - z.to(tl.float32) * tl.sum(x, axis=0))
+                acc += s.to(tl.float32) * (xq - z.to(tl.float32) * xsum)
             else:
+                offs_k = k0 + tl.arange(0, BLOCK_K)
+                x = tl.load(x_ptr + offs_k, mask=offs_k < K, other=0.0).to(tl.float32)
                 w = _weights(qw_ptr, qhi_ptr, s_ptr, z_ptr, k0, offs_n, N, K, G, BITS,
                              BLOCK_K, False, n_mask)
                 acc += tl.sum(x[:, None] * w, axis=0)
@@ -307,12 +343,14 @@ if triton is not None:
 
 
 def config_for(M: int, N: int, K: int, G: int) -> dict:
-    """Tile sizes by M, from `python kernels.py --bench --tune` on an H100: at M = 1 these won
-    or came within ~10% of the winner on every Llama-3-8B shape and bit width. BLOCK_K is at
-    least 32 (a 1-bit plane packs 32 codes per word) and stays inside one group when it can."""
+    """Tile sizes by M. M > 1: from `python kernels.py --bench --tune` on an H100. M = 1: the
+    tiles with the fewest SASS instructions per weight (`python scripts/compile_kernels.py`),
+    chosen without a GPU at hand and not yet timed (the GEMV is bound by instruction issue,
+    not memory). BLOCK_K is at least 32 (a 1-bit plane packs 32 codes per word) and stays
+    inside one group when it can."""
     bk = lambda want: next((b for b in (want, 64, 32) if b <= want and G % b == 0), 32)
     if M == 1:
-        return dict(path="gemv", BLOCK_N=256, BLOCK_K=bk(32), ITERS=2, num_warps=4)
+        return dict(path="gemv", BLOCK_N=512, BLOCK_K=bk(64), ITERS=1, num_warps=4)
     if M <= 64:
         return dict(path="gemm", BLOCK_M=16 if M <= 16 else 64, BLOCK_N=64, BLOCK_K=bk(64),
                     SPLIT_K=max(1, min(8, K // 512)), num_warps=4, num_stages=3)
@@ -352,7 +390,9 @@ def quant_matmul(x: torch.Tensor, t: dict, bits: int, groupsize: int, N: int, K:
         y = torch.full((M, N), 0.0 if split else float("nan"), device=x.device, dtype=acc_dtype)
     if path == "gemv":
         grid = (triton.cdiv(N, cfg["BLOCK_N"]), triton.cdiv(K, cfg["BLOCK_K"] * cfg["ITERS"]))
-        _gemv_kernel[grid](x2, *args, y, N, K, g, BITS=bits, ROW_STATS=row_stats, **cfg)
+        even = K % (cfg["BLOCK_K"] * cfg["ITERS"]) == 0 and N % cfg["BLOCK_N"] == 0
+        _gemv_kernel[grid](x2, *args, y, N, K, g, BITS=bits, ROW_STATS=row_stats, EVEN=even,
+                           **cfg)
     elif path == "gemm":
         dot = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}.get(x.dtype, tl.float32)
         if os.environ.get("TRITON_INTERPRET") and dot == tl.bfloat16:
@@ -517,7 +557,7 @@ def cd_block(What, R, S, s, z, b1: int, b2: int, maxq: int, rounded: bool = True
     R = R.contiguous()
     D = torch.empty_like(R)
     B = max(16, triton.next_power_of_2(width))
-    BLOCK_R = 16
+    BLOCK_R = 8  # 8 x 128 fp32 tiles: no register spills on sm_90 (scripts/compile_kernels.py)
     _cd_block_kernel[(triton.cdiv(m, BLOCK_R),)](What, R, S, s, z, D, m, n, b1, width,
                                                  float(maxq), ROUNDED=rounded, B=B,
                                                  BLOCK_R=BLOCK_R)
@@ -533,7 +573,7 @@ def gptq_block(W1, U1, s, z, maxq, mask, tau: float):
     W1, U1, s, z = W1.contiguous(), U1.contiguous(), s.contiguous(), z.contiguous()
     keep = mask.to(torch.uint8)  # updated in place by SpQR's rule
     codes, Q, Err = torch.empty_like(W1), torch.empty_like(W1), torch.empty_like(W1)
-    BLOCK_R = 16
+    BLOCK_R = 8  # 8 x 128 fp32 tiles: no register spills on sm_90 (scripts/compile_kernels.py)
     _gptq_block_kernel[(triton.cdiv(m, BLOCK_R),)](
         W1, U1, s, z, maxq.to(W1.dtype).contiguous(), keep, codes, Q, Err, m, width,
         float(min(tau, 3e38)), SPQR=tau < float("inf"), B=max(16, triton.next_power_of_2(width)),
@@ -588,7 +628,8 @@ def _tune_candidates(M, G):
         return [dict(path="gemv", BLOCK_N=bn, BLOCK_K=bk, ITERS=it, num_warps=w)
                 for bn, bk, it, w in [(128, 32, 2, 2), (256, 32, 2, 4), (256, 32, 4, 4),
                                       (256, 64, 2, 4), (512, 32, 2, 8), (128, 64, 4, 4),
-                                      (512, 64, 1, 8), (256, 128, 1, 8)] if G % bk == 0]
+                                      (512, 64, 1, 8), (256, 128, 1, 8), (512, 64, 1, 4),
+                                      (512, 32, 2, 4)] if G % bk == 0]
     if M <= 64:
         return [dict(path="gemm", BLOCK_M=max(16, min(M, 64)), BLOCK_N=bn, BLOCK_K=bk,
                      SPLIT_K=sk, num_warps=4, num_stages=st)

@@ -55,6 +55,7 @@ def test_kernel_dtypes(bits, dtype):
 @pytest.mark.parametrize("config", [
     dict(path="gemv", BLOCK_N=32, BLOCK_K=32, ITERS=1),
     dict(path="gemv", BLOCK_N=64, BLOCK_K=64, ITERS=2),
+    dict(path="gemv", BLOCK_N=8, BLOCK_K=32, ITERS=2),  # tiles divide N = 40, K = 192: no masks
     dict(path="gemm", BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, SPLIT_K=1),
     dict(path="gemm", BLOCK_M=16, BLOCK_N=32, BLOCK_K=64, SPLIT_K=3),
     dict(path="dequant", BLOCK_N=32, BLOCK_K=64)], ids=lambda c: "-".join(map(str, c.values())))
@@ -62,7 +63,7 @@ def test_every_path(config, groupsize):
     # each path forced on a small shape; groups of 16 are smaller than every K-tile (statistics
     # per element), groups of 64 hold whole tiles (one row of statistics per tile)
     M = 1 if config["path"] == "gemv" else 17
-    for bits in (3, 4):
+    for bits in (2, 3, 4, 8):
         check(bits, M, 40, 192, groupsize, 0.02, torch.float16, seed=M + bits, config=config)
 
 

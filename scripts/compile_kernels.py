@@ -1,0 +1,104 @@
+"""Compile every Triton kernel of kernels.py for an NVIDIA GPU on a machine without one, and
+report what ptxas says: registers and spills per thread, and the SASS instruction count per
+weight each thread handles (a static measure of unpacking work, not a timing). The interpreter
+that runs the tests never compiles; this catches what only the compiler rejects, and shows the
+cost of a kernel change before a GPU is at hand.
+
+    python scripts/compile_kernels.py [--arch 90]
+
+Uses Triton's own compiler, ptxas and cuobjdump (shipped in the triton wheel). The kernels'
+configurations are the ones config_for picks for Llama-3-8B shapes (groups of 128).
+"""
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+os.environ.pop("TRITON_INTERPRET", None)  # compile for real
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.backends.nvidia.compiler import get_ptxas  # noqa: E402
+
+import kernels as K  # noqa: E402
+
+PACKED = {"x_ptr": "*fp16", "qw_ptr": "*i32", "qhi_ptr": "*i32", "s_ptr": "*fp16",
+          "z_ptr": "*fp16"}
+
+
+def jobs():
+    """(name, kernel, signature, constexprs, num_warps, weights per program or None)."""
+    for bits in (4, 3, 2):
+        c = K.config_for(1, 4096, 4096, 128)
+        const = dict(BITS=bits, BLOCK_N=c["BLOCK_N"], BLOCK_K=c["BLOCK_K"], ITERS=c["ITERS"],
+                     ROW_STATS=True, EVEN=True)
+        sig = PACKED | {"y_ptr": "*fp16", "N": "i32", "K": "i32", "G": "i32"}
+        yield (f"gemv {bits}-bit (M=1)", K._gemv_kernel, sig, const, c["num_warps"],
+               c["BLOCK_N"] * c["BLOCK_K"] * c["ITERS"])
+    for bits in (4, 3):
+        c = K.config_for(16, 4096, 4096, 128)
+        const = dict(BITS=bits, BLOCK_M=c["BLOCK_M"], BLOCK_N=c["BLOCK_N"], BLOCK_K=c["BLOCK_K"],
+                     SPLIT_K=c["SPLIT_K"], ROW_STATS=True, DOT=triton.language.float16)
+        sig = PACKED | {"y_ptr": "*fp32", "M": "i32", "N": "i32", "K": "i32", "G": "i32"}
+        yield f"gemm {bits}-bit (M=16)", K._gemm_kernel, sig, const, c["num_warps"], None
+    c = K.config_for(256, 4096, 4096, 128)
+    sig = {k: v for k, v in PACKED.items() if k != "x_ptr"} | {
+        "wt_ptr": "*fp16", "N": "i32", "K": "i32", "G": "i32"}
+    yield ("dequant 4-bit (M=256)", K._dequant_kernel, sig,
+           dict(BITS=4, BLOCK_N=c["BLOCK_N"], BLOCK_K=c["BLOCK_K"], ROW_STATS=True),
+           c["num_warps"], None)
+    csr = {"rowptr_ptr": "*i32", "cols_ptr": "*i16", "vals_ptr": "*fp16"}
+    yield ("outliers (M=1)", K._outliers_kernel,
+           {"x_ptr": "*fp16"} | csr | {"y_ptr": "*fp16", "M": "i32", "N": "i32", "K": "i32"},
+           dict(BLOCK_M=1, ROWS=16, BLOCK=128), 4, None)
+    yield ("add outliers (prefill)", K._add_outliers_kernel,
+           csr | {"wt_ptr": "*fp16", "N": "i32"}, dict(ROWS=16, BLOCK=128), 4, None)
+    f32 = "*fp32"
+    yield ("QuantEase block (calibration)", K._cd_block_kernel,
+           {n: f32 for n in ("What", "R", "S", "Sc", "Z", "D")} | {
+               "m": "i32", "n": "i32", "b1": "i32", "width": "i32", "maxq": "fp32"},
+           dict(ROUNDED=True, B=128, BLOCK_R=8), 4, None)
+    yield ("GPTQ block (calibration)", K._gptq_block_kernel,
+           {"W1": f32, "U1": f32, "Sc": f32, "Z": f32, "Maxq": f32, "Keep": "*u8",
+            "Codes": f32, "Qv": f32, "Err": f32, "m": "i32", "width": "i32", "tau": "fp32"},
+           dict(SPQR=True, B=128, BLOCK_R=8), 4, None)
+
+
+def report(kernel, sig, const, warps, arch, tmp: Path) -> dict:
+    src = triton.compiler.ASTSource(fn=kernel, signature=sig | {k: "constexpr" for k in const},
+                                    constexprs=const)
+    compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                              options={"num_warps": warps})
+    ptx, cubin = tmp / "k.ptx", tmp / "k.cubin"
+    ptx.write_text(compiled.asm["ptx"])
+    ptxas = get_ptxas(arch).path
+    info = subprocess.run([ptxas, "-v", f"--gpu-name=sm_{arch}a", str(ptx), "-o", str(cubin)],
+                          capture_output=True, text=True, check=True).stderr
+    cuobjdump = Path(ptxas).with_name("cuobjdump")
+    sass = subprocess.run([str(cuobjdump), "-sass", str(cubin)], capture_output=True, text=True,
+                          check=True).stdout
+    return {"regs": int(re.search(r"Used (\d+) registers", info).group(1)),
+            "spill": int(re.search(r"(\d+) bytes spill stores", info).group(1)),
+            "sass": len(re.findall(r"^\s+/\*[0-9a-f]{4}\*/", sass, re.M))}
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--arch", type=int, default=90, help="compute capability, 90 = H100")
+    a = p.parse_args()
+    print(f"Triton {triton.__version__}, sm_{a.arch}a\n")
+    print("| kernel | registers | spill bytes | SASS instructions | per weight and thread |")
+    print("|---|---|---|---|---|")
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, kernel, sig, const, warps, weights in jobs():
+            r = report(kernel, sig, const, warps, a.arch, Path(tmp))
+            per = "-" if weights is None else f"{r['sass'] / (weights / (32 * warps)):.2f}"
+            print(f"| {name} | {r['regs']} | {r['spill']} | {r['sass']:,} | {per} |")
+
+
+if __name__ == "__main__":
+    main()
