@@ -832,12 +832,11 @@ def gradient_magnitudes(model: M.Transformer, calib, answers=None, loss_scale: f
     top; then, from the last block down, an fp32 copy of the block is run again on its input
     with autograd, which gives the block's weight gradients (added into G at once) and dL/d(its
     input) for the block below. Memory: the model + G + one sample's block inputs + one block in
-    fp32 and its activations; a bf16 model still gets fp32 gradients."""
-    names = linear_names(model)
+    fp32 and its activations; a bf16 model still gets fp32 gradients.
+    (scripts/tacq_pipeline.py runs the same steps with the blocks split over several GPUs.)"""
     G = {name: torch.zeros(model.get_submodule(name).weight.shape, device=model.device)
-         for name in names}
-    head = copy.deepcopy(torch.nn.ModuleDict({"norm": model.norm, "lm_head": model.lm_head}))
-    head.float()  # the final norm and lm_head in fp32, once
+         for name in linear_names(model)}
+    head = fp32_head(model)
     t0 = time.perf_counter()
     for i, tokens in enumerate(calib):
         tokens = tokens.to(model.device)
@@ -847,23 +846,39 @@ def gradient_magnitudes(model: M.Transformer, calib, answers=None, loss_scale: f
             for block in model.layers:
                 inputs.append(h)
                 h = block(h, cos, sin)  # exactly as model.forward runs it
-        h = h.float().requires_grad_(True)
-        with torch.enable_grad():
-            loss = next_token_loss(head["lm_head"](head["norm"](h)), tokens,
-                                   None if answers is None else answers[i])
-            (dh,) = torch.autograd.grad(loss * loss_scale, h)  # dL/dh_L
+        dh = head_gradient(head, h, tokens, None if answers is None else answers[i], loss_scale)
         for li in reversed(range(len(model.layers))):  # dL/dh_{l+1} -> weight grads, dL/dh_l
-            block = copy.deepcopy(model.layers[li]).float()
-            ws = [block.get_submodule(n).weight.requires_grad_(True) for n in LINEARS]
-            x = inputs.pop().float().requires_grad_(True)
-            with torch.enable_grad():
-                dh, *dws = torch.autograd.grad(block(x, cos, sin), [x, *ws], grad_outputs=dh)
-            for n, dw in zip(LINEARS, dws):
-                G[f"layers.{li}.{n}"] += dw.abs()  # |dL_s/dW|: per sample, then the sum
-            del block, ws, dws
+            dh = block_gradients(model.layers[li], inputs.pop(), cos, sin, dh, G, li)
         if (i + 1) % max(1, len(calib) // 4) == 0:
             log(f"  gradients: {i + 1}/{len(calib)} samples, {time.perf_counter() - t0:.0f}s")
     return G
+
+
+def fp32_head(model: M.Transformer) -> torch.nn.ModuleDict:
+    """The final norm and lm_head, copied once in fp32."""
+    return copy.deepcopy(torch.nn.ModuleDict({"norm": model.norm, "lm_head": model.lm_head})).float()
+
+
+def head_gradient(head, h, tokens, answer=None, loss_scale: float = 1.0):
+    """dL/dh for the last block's output h (1, T, dim), through the fp32 head."""
+    h = h.float().requires_grad_(True)
+    with torch.enable_grad():
+        loss = next_token_loss(head["lm_head"](head["norm"](h)), tokens, answer)
+        (dh,) = torch.autograd.grad(loss * loss_scale, h)
+    return dh
+
+
+def block_gradients(block, x, cos, sin, dh, G: dict, li: int):
+    """One block's step of the backward pass: recompute the block in fp32 on its input x with
+    autograd, add |dL/dW| of its linears into G["layers.{li}...."], return dL/dx."""
+    block = copy.deepcopy(block).float()
+    ws = [block.get_submodule(n).weight.requires_grad_(True) for n in LINEARS]
+    x = x.float().requires_grad_(True)
+    with torch.enable_grad():
+        dx, *dws = torch.autograd.grad(block(x, cos, sin), [x, *ws], grad_outputs=dh)
+    for n, dw in zip(LINEARS, dws):
+        G[f"layers.{li}.{n}"] += dw.abs()  # |dL_s/dW|: per sample, then the sum
+    return dx
 
 
 def tacq_score(W, W_ref, G):
@@ -903,12 +918,15 @@ def global_top_k_masks(scores: dict, ratio: float) -> dict:
 
 
 def tacq_scores(model: M.Transformer, calib, answers, cfg: QuantConfig, device=None,
-                log=print) -> dict:
-    """Steps 1-3: gradients on the fp model, the reference GPTQ (no mask), the scores. The
-    model's weights are restored before returning."""
-    t0 = time.perf_counter()
-    G = gradient_magnitudes(model, calib, answers, log=log)
-    log(f"gradient pass: {time.perf_counter() - t0:.0f}s")
+                log=print, G: Optional[dict] = None) -> dict:
+    """Steps 1-3: gradients on the fp model (or G, computed elsewhere, e.g. over several GPUs by
+    scripts/tacq_pipeline.py), the reference GPTQ (no mask), the scores. The model's weights are
+    restored before returning."""
+    if G is None:
+        t0 = time.perf_counter()
+        G = gradient_magnitudes(model, calib, answers, log=log)
+        log(f"gradient pass: {time.perf_counter() - t0:.0f}s")
+    G = dict(G)  # emptied below, one matrix at a time
     # the fp weights wait on the host while GPTQ overwrites them (on a GPU, the model, G and the
     # scores that replace G one by one are what it holds)
     fp = {name: model.get_submodule(name).weight.data.to("cpu", copy=True)

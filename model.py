@@ -760,12 +760,14 @@ DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat1
           "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
 
 
-def load(ckpt: Optional[str] = None, dtype="fp32", device="cpu"):
+def load(ckpt: Optional[str] = None, dtype="fp32", device="cpu", only=None):
     """Load a checkpoint -> (Transformer in eval mode, Tokenizer or None).
 
     ckpt: None (embedded SmolLM2), a short name, an HF directory, a .gguf file, or a mixq
     quantized directory. Memory: the model is built on the meta device and every tensor is read,
-    converted and placed one at a time, so there is never a second copy of the weights."""
+    converted and placed one at a time, so there is never a second copy of the weights.
+    only(name) -> bool: read just those tensors of an HF directory (e.g. one pipeline stage's
+    blocks); the others stay on the meta device, shapes without storage."""
     dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
     path = resolve_ckpt(ckpt)
     if path.is_file():
@@ -797,6 +799,8 @@ def load(ckpt: Optional[str] = None, dtype="fp32", device="cpu"):
         for f, names in by_file.items():
             with open_safetensors(f) as st:
                 for o, hf in names.items():
+                    if only is not None and not only(o):
+                        continue
                     try:
                         t = st.get_tensor(hf)
                     except Exception as e:

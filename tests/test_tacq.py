@@ -1,5 +1,8 @@
 """TaCQ (spec §6.2): the score, the global budget, the gradients, and the masked GPTQ."""
 
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from hypothesis import given, strategies as st
@@ -137,3 +140,39 @@ def test_ratio_zero_is_gptq_and_ratio_one_is_w(tiny, ratio):
         got = model.get_submodule(n).weight.data
         want = ref.get_submodule(n).weight.data if ratio == 0 else fp[n].half().float()
         assert torch.equal(got, want), n
+
+
+def _pipeline_rank(rank, world, ckpt, calib, answers, init, out):
+    import torch.distributed as dist
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    import tacq_pipeline
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    args = M.ModelArgs.from_hf(M.read_config(M.resolve_ckpt(ckpt)))
+    model, _ = M.load(ckpt, only=tacq_pipeline.stage_tensors(args, rank, world))  # the rest: meta
+    G = tacq_pipeline.pipeline_gradient_magnitudes(model, calib, answers, log=lambda s: None)
+    torch.save(G, f"{out}-{rank}.pt")
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_pipeline_gradients_over_processes_equal_one_process(world, tmp_path):
+    # scripts/tacq_pipeline.py: blocks split over `world` gloo processes (3 layers: stages of
+    # 1 block, or of 1 and 2), answers masked; the union of the ranks' G is the one-process G
+    import torch.multiprocessing as mp
+    d = tmp_path / "m"
+    tiny_hf_model(num_hidden_layers=3).save_pretrained(d)
+    g = torch.Generator().manual_seed(0)
+    calib = [torch.randint(0, 128, (T,), generator=g) for T in (12, 20)]
+    answers = [torch.rand(len(c), generator=g) < 0.5 for c in calib]
+    model, _ = M.load(str(d))
+    ref = Q.gradient_magnitudes(model, calib, answers, log=lambda s: None)
+    mp.spawn(_pipeline_rank, args=(world, str(d), calib, answers,
+                                   f"file://{tmp_path / 'store'}", str(tmp_path / "G")),
+             nprocs=world)
+    G = {}
+    for r in range(world):
+        G |= torch.load(tmp_path / f"G-{r}.pt")
+    assert sorted(G) == sorted(ref)
+    for name in ref:
+        torch.testing.assert_close(G[name], ref[name], rtol=1e-5, atol=1e-7)
