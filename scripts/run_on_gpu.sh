@@ -5,6 +5,7 @@
 #   bash scripts/run_on_gpu.sh kernels   # kernel tests on the GPU, the kernel table
 #   bash scripts/run_on_gpu.sh load      # random Llama-3-8B: load, prefill/decode, 4-bit decode
 #   bash scripts/run_on_gpu.sh quantize  # random Llama-3-8B: each method's time and memory
+#   METHODS="gptq tacq" bash scripts/run_on_gpu.sh full  # the same, all 32 blocks
 set -o pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-out/gpu}; mkdir -p "$OUT"
@@ -26,8 +27,13 @@ load)
 quantize)
   [ -f $CKPT/model.safetensors.index.json ] || python3 scripts/make_random_llama3_8b.py > /dev/null
   python3 scripts/bench_8b.py --ckpt $CKPT --device cuda --methods rtn gptq quantease spqr \
-    --nsamples 128 --seqlen 2048 --layers ${LAYERS:-2} 2>&1 | tee "$OUT/bench_8b.txt" | grep "^|"
+    tacq resq --nsamples 128 --seqlen 2048 --layers ${LAYERS:-2} 2>&1 \
+    | tee "$OUT/bench_8b.txt" | grep "^|"
   python3 scripts/bench_8b.py --ckpt $CKPT --device cuda --resume-check --layers 4 \
     --nsamples 8 2>&1 | tail -2 | tee "$OUT/resume.txt" ;;
-*) echo "usage: bash scripts/run_on_gpu.sh kernels|load|quantize"; exit 2 ;;
+full)
+  [ -f $CKPT/model.safetensors.index.json ] || python3 scripts/make_random_llama3_8b.py > /dev/null
+  python3 scripts/bench_8b.py --ckpt $CKPT --device cuda --methods ${METHODS:-gptq} \
+    --nsamples 128 --seqlen 2048 2>&1 | tee "$OUT/bench_8b_full.txt" | grep "^|" ;;
+*) echo "usage: bash scripts/run_on_gpu.sh kernels|load|quantize|full"; exit 2 ;;
 esac
