@@ -11,7 +11,9 @@ on it mean nothing, time and memory do. Calibration: random token ids (seed 0), 
 
 --layers N keeps the first N blocks (load and host peak are still the whole model's); the row
 gives seconds per block, so the full model's time is about that times 32. --resume-check and
---decode replace the method table.
+--decode replace the method table. --work DIR makes a run resumable: killed (e.g. by a device
+call's time limit) and started again with the same options, it goes on from the saved blocks
+(and TaCQ's saved masks); each call's row then covers only what that call did.
 """
 
 import argparse
@@ -49,6 +51,25 @@ def gpu_gb(device, peak=False):
     return (torch.cuda.max_memory_allocated() if peak else torch.cuda.memory_allocated()) / 2**30
 
 
+def tacq_masks(model, calib, cfg, device, work, fp, log):
+    """TaCQ's 16-bit masks; with a work directory, saved there once (with the run's fingerprint)
+    and reused by the next call, so a run longer than one device call can go on from them."""
+    from safetensors.torch import load_file, save_file
+    path = work / "masks.safetensors" if work else None
+    if path is not None and path.exists():
+        if json.loads((work / "masks.json").read_text()) != fp:
+            raise SystemExit(f"{path} is from a run with other settings; use another --work")
+        log(f"masks: reusing {path}")
+        return load_file(str(path))
+    masks = Q.global_top_k_masks(Q.tacq_scores(model, calib, None, cfg, device, log), cfg.ratio)
+    if path is not None:
+        work.mkdir(parents=True, exist_ok=True)
+        save_file(masks, str(work / ".masks.tmp"))
+        (work / "masks.json").write_text(json.dumps(fp))
+        os.replace(work / ".masks.tmp", path)
+    return masks
+
+
 def child_method(a):
     """Load on the CPU, quantize block by block on a.device (quantize_model) -> the row."""
     # TaCQ's gradient pass runs on the model's device: the whole model goes to the GPU
@@ -58,14 +79,15 @@ def child_method(a):
                                                       (a.nsamples, a.seqlen), generator=g)
     cfg = Q.method_config(a.one, Q.QuantConfig(wbits=a.wbits, groupsize=a.groupsize,
                                                iters=a.iters, ratio=a.ratio))
+    work = Path(a.work) / a.one if a.work else None  # a run split over several calls
+    resume = str(work / "blocks") if work else a.resume_dir
     fp = Q.run_fingerprint(a.ckpt, model, a.one, cfg, "random-tokens", calib, 0) | {
-        "layers": len(model.layers)} if a.resume_dir else None
+        "layers": len(model.layers)} if resume else None
     log = lambda s: print("   ", s, flush=True)  # noqa: E731
     t0 = time.perf_counter()
     masks = None
     if a.one == "tacq":  # gradients, reference GPTQ, scores, global top-k (logged with times)
-        masks = Q.global_top_k_masks(Q.tacq_scores(model, calib, None, cfg, a.device, log),
-                                     cfg.ratio)
+        masks = tacq_masks(model, calib, cfg, a.device, work, fp, log)
         log(f"TaCQ scores and mask: {time.perf_counter() - t0:.1f}s, peak GPU "
             f"{fmt(gpu_gb(a.device, True), '{:.2f}')} GiB")
     if a.one == "resq":  # covariances and fused bases, one block on the GPU at a time
@@ -73,7 +95,7 @@ def child_method(a):
         log(f"ResQ bases: {time.perf_counter() - t0:.1f}s, peak GPU "
             f"{fmt(gpu_gb(a.device, True), '{:.2f}')} GiB")
     res = Q.quantize_model(model, calib, "gptq" if a.one == "tacq" else a.one, cfg,
-                           device=a.device, resume=a.resume_dir, fingerprint=fp, log=log,
+                           device=a.device, resume=resume, fingerprint=fp, log=log,
                            masks=masks)
     secs, n = time.perf_counter() - t0, len(model.layers)
     row = {"method": a.one, "wbits": cfg.wbits, "groupsize": cfg.groupsize, "blocks": n,
@@ -233,6 +255,9 @@ def main():
     p.add_argument("--decode", action="store_true", help="bf16 vs 4-bit decode tokens/s")
     p.add_argument("--prompt-len", type=int, default=64)
     p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--work", default=None,
+                   help="keep each method's finished blocks (and TaCQ's masks) here: the same "
+                        "command again goes on from them (runs longer than one device call)")
     for internal in ("--one", "--result", "--resume-dir", "--save-tensors"):
         p.add_argument(internal, default=None, help=argparse.SUPPRESS)
     a = p.parse_args()

@@ -5,7 +5,8 @@
 #   bash scripts/run_on_gpu.sh kernels   # kernel tests on the GPU, the kernel table
 #   bash scripts/run_on_gpu.sh load      # random Llama-3-8B: load, prefill/decode, 4-bit decode
 #   bash scripts/run_on_gpu.sh quantize  # random Llama-3-8B: each method's time and memory
-#   METHODS="gptq tacq" bash scripts/run_on_gpu.sh full  # the same, all 32 blocks
+#   METHODS="gptq tacq" bash scripts/run_on_gpu.sh full  # the same, all 32 blocks; a run cut
+#       by the device's 10-minute limit goes on from its saved blocks when called again
 set -o pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-out/gpu}; mkdir -p "$OUT"
@@ -34,6 +35,7 @@ quantize)
 full)
   [ -f $CKPT/model.safetensors.index.json ] || python3 scripts/make_random_llama3_8b.py > /dev/null
   python3 scripts/bench_8b.py --ckpt $CKPT --device cuda --methods ${METHODS:-gptq} \
-    --nsamples 128 --seqlen 2048 2>&1 | tee "$OUT/bench_8b_full.txt" | grep "^|" ;;
+    --nsamples 128 --seqlen 2048 --work "$OUT/work" 2>&1 | tee -a "$OUT/bench_8b_full.txt" \
+    | grep "^|\|reusing\|resumed" ;;
 *) echo "usage: bash scripts/run_on_gpu.sh kernels|load|quantize|full"; exit 2 ;;
 esac
