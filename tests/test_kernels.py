@@ -194,3 +194,28 @@ def test_every_kernel_compiles_for_the_h100():
     assert out.returncode == 0, out.stderr[-3000:]
     rows = [ln for ln in out.stdout.splitlines() if ln.startswith("| ") and "registers" not in ln]
     assert len(rows) == 10  # every kernel of kernels.py, each with its ptxas numbers
+
+
+def test_quantized_tiny_llama_generates_the_same_through_the_kernels(tmp_path, monkeypatch):
+    # end to end on a checkpoint: prompt through the small-batch GEMM, decoding through the GEMV,
+    # 16-bit outliers through their kernel; against the torch path of the same QuantLinears
+    from conftest import tiny_hf_model
+    import model as M
+    d = tmp_path / "m"
+    tiny_hf_model().save_pretrained(d)
+    model, _ = M.load(str(d))
+    calib = torch.randint(0, 128, (4, 48), generator=torch.Generator().manual_seed(0))
+    cfg = Q.QuantConfig(wbits=3, groupsize=32, iters=2, outliers=0.01)
+    res = Q.quantize_model(model, calib, "quantease", cfg, log=lambda s: None)
+    qc = {"quant_method": "mixq", "bits": 3, "group_size": 32, "modules": sorted(res)}
+    Q.save_quantized(model, res, None, tmp_path / "q", qc)
+    back, _ = M.load(str(tmp_path / "q"))
+    back.to(DEVICE)
+    prompt = [5, 17, 33, 8, 90, 2, 41]
+    one, seven = torch.tensor([prompt[:1]], device=DEVICE), torch.tensor([prompt], device=DEVICE)
+    via_torch = back.generate(prompt, 6, stop_ids=[])
+    logits_torch = back(one), back(seven)  # M = 1 (the GEMV) and M = 7 (the GEMM)
+    monkeypatch.setattr(K, "use_triton", lambda x: True)  # the kernels (interpreted on a CPU)
+    assert back.generate(prompt, 6, stop_ids=[]) == via_torch
+    for x, ref in zip((one, seven), logits_torch):
+        torch.testing.assert_close(back(x), ref, rtol=1e-4, atol=1e-4)
