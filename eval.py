@@ -114,9 +114,10 @@ def protocol(corpus: str, split: str, seqlen: int, windows: int, tokens: int) ->
 
 @torch.no_grad()
 def speed(model: M.Transformer, prompt_len: int = 512, new_tokens: int = 32, repeats: int = 3,
-          vocab: Optional[int] = None) -> dict:
+          vocab: Optional[int] = None, static: bool = False) -> dict:
     """Prefill tokens/s (one forward of prompt_len tokens) and decode tokens/s (batch 1, KV
-    cache, one token per step), best of `repeats`, on random token ids."""
+    cache, one token per step), best of `repeats`, on random token ids. static: decode with
+    model.static_decoder (a CUDA graph replay per token on a GPU)."""
     vocab = vocab or model.args.vocab_size
     g = torch.Generator().manual_seed(0)
     x = torch.randint(0, vocab, (1, prompt_len), generator=g).to(model.device)
@@ -124,6 +125,8 @@ def speed(model: M.Transformer, prompt_len: int = 512, new_tokens: int = 32, rep
     prefill, decode = [], []
     for _ in range(repeats):
         model.setup_cache(1, prompt_len + new_tokens)
+        step = model.static_decoder() if static else \
+            (lambda t, pos: model(t, start_pos=pos, last_only=True))
         sync()
         t0 = time.perf_counter()
         logits = model(x, start_pos=0, last_only=True)
@@ -132,7 +135,7 @@ def speed(model: M.Transformer, prompt_len: int = 512, new_tokens: int = 32, rep
         nxt = logits[:, -1].argmax(-1, keepdim=True)  # (1, 1)
         t0 = time.perf_counter()
         for i in range(new_tokens):
-            nxt = model(nxt, start_pos=prompt_len + i, last_only=True)[:, -1].argmax(-1, keepdim=True)
+            nxt = step(nxt, prompt_len + i)[:, -1].argmax(-1, keepdim=True)
         sync()
         decode.append(time.perf_counter() - t0)
     model.setup_cache(1, None)
@@ -355,6 +358,8 @@ def main():
     p.add_argument("--tasks", nargs="*", default=[], help="task accuracy too: task:NAME "
                    f"({', '.join(TASKS)}) or jsonl:PATH")
     p.add_argument("--speed", action="store_true", help="also measure prefill/decode tokens/s")
+    p.add_argument("--static", action="store_true",
+                   help="--speed: decode with static shapes (a CUDA graph on a GPU)")
     p.add_argument("--dtype", default="fp32", choices=sorted(M.DTYPES), help="weights dtype")
     p.add_argument("--device", default="cpu", help="cpu, cuda, ...")
     p.add_argument("--json", default=None, help="write the results to this JSON file")
@@ -382,7 +387,7 @@ def main():
                                                         if k != "n"))
         res.setdefault("tasks", {})[spec] = r
     if a.speed:
-        s = speed(model)
+        s = speed(model, static=a.static)
         print(f"speed: prefill {s['prefill_tokens_per_s']:.0f} tokens/s ({s['prompt_len']} tokens), "
               f"decode {s['decode_tokens_per_s']:.1f} tokens/s (batch 1)")
         res["speed"] = s

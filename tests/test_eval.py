@@ -64,9 +64,10 @@ def test_perplexity_follows_the_gptq_protocol(tiny_ckpt):
         E.perplexity(ours, tokens[:40], seqlen=50)
 
 
-def test_speed_reports_both_phases(tiny_ckpt):
+@pytest.mark.parametrize("static", [False, True])
+def test_speed_reports_both_phases(tiny_ckpt, static):
     ours, _ = M.load(str(tiny_ckpt[0]))
-    s = E.speed(ours, prompt_len=16, new_tokens=4, repeats=1)
+    s = E.speed(ours, prompt_len=16, new_tokens=4, repeats=1, static=static)
     assert s["prefill_tokens_per_s"] > 0 and s["decode_tokens_per_s"] > 0
 
 
