@@ -39,6 +39,19 @@ def jobs():
         sig = PACKED | {"y_ptr": "*fp16", "N": "i32", "K": "i32", "G": "i32"}
         yield (f"gemv {bits}-bit (M=1)", K._gemv_kernel, sig, const, c["num_warps"],
                c["BLOCK_N"] * c["BLOCK_K"] * c["ITERS"])
+    c = K.config_for(1, 4096, 4096, 128)  # bf16 activations: fp32 atomics
+    yield ("gemv 4-bit, bf16 x (M=1)", K._gemv_kernel,
+           PACKED | {"x_ptr": "*bf16", "y_ptr": "*fp32", "N": "i32", "K": "i32", "G": "i32"},
+           dict(BITS=4, BLOCK_N=c["BLOCK_N"], BLOCK_K=c["BLOCK_K"], ITERS=c["ITERS"],
+                ROW_STATS=True, EVEN=True), c["num_warps"],
+           c["BLOCK_N"] * c["BLOCK_K"] * c["ITERS"])
+    c = K.config_for(16, 4096, 4096, 128)
+    yield ("gemm 4-bit, bf16 x (M=16)", K._gemm_kernel,
+           PACKED | {"x_ptr": "*bf16", "y_ptr": "*fp32", "M": "i32", "N": "i32", "K": "i32",
+                     "G": "i32"},
+           dict(BITS=4, BLOCK_M=c["BLOCK_M"], BLOCK_N=c["BLOCK_N"], BLOCK_K=c["BLOCK_K"],
+                SPLIT_K=c["SPLIT_K"], ROW_STATS=True, DOT=triton.language.bfloat16),
+           c["num_warps"], None)
     for bits in (4, 3):
         c = K.config_for(16, 4096, 4096, 128)
         const = dict(BITS=bits, BLOCK_M=c["BLOCK_M"], BLOCK_N=c["BLOCK_N"], BLOCK_K=c["BLOCK_K"],
