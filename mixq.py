@@ -341,7 +341,7 @@ def gptq(W: torch.Tensor, H: torch.Tensor, cfg: QuantConfig,
             if not static and a % g == 0:
                 # refit the group's grid on the current weights (updated by the earlier columns)
                 k = a // g
-                cur = torch.cat([W1[:, a - i1:], W[:, i2:]], dim=1)[:, :g]
+                cur = torch.cat([W1[:, a - i1:], W[:, i2:i2 + g]], dim=1)[:, :g]  # g columns
                 s_all[:, k:k + 1], z_all[:, k:k + 1] = fit_group(cur, cfg, mask[:, a:a + g])
             cols = group[a:b]
             codes[:, a:b], Q[:, a:b], Err[:, a:b], mask[:, a:b] = block(
@@ -856,7 +856,8 @@ def gradient_magnitudes(model: M.Transformer, calib, answers=None, loss_scale: f
 
 def fp32_head(model: M.Transformer) -> torch.nn.ModuleDict:
     """The final norm and lm_head, copied once in fp32."""
-    return copy.deepcopy(torch.nn.ModuleDict({"norm": model.norm, "lm_head": model.lm_head})).float()
+    head = torch.nn.ModuleDict({"norm": model.norm, "lm_head": model.lm_head})
+    return copy.deepcopy(head).float()
 
 
 def head_gradient(head, h, tokens, answer=None, loss_scale: float = 1.0):
@@ -1006,12 +1007,15 @@ def resq_covariances(model: M.Transformer, calib, device=None) -> dict:
     xs = [model.embed_tokens(c[None].to(home)) for c in calib]  # each (1, T, d)
     park = activation_store(xs, device)
     xs = [park(x) for x in xs]
+    ropes = {}  # sample length -> cos, sin on the device
     for li, b in enumerate(model.layers):
         b.to(device)
         for i, x in enumerate(xs):
             x = x.to(device, non_blocking=True)
             T = x.shape[1]
-            cos, sin = (t.to(device) for t in model.rope(0, T))
+            if T not in ropes:
+                ropes[T] = tuple(t.to(device) for t in model.rope(0, T))
+            cos, sin = ropes[T]
             h = b.input_layernorm(x)
             g = b.post_attention_layernorm(x + b.self_attn(h, cos, sin))
             for inp in (h, g):
