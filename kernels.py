@@ -631,10 +631,10 @@ def _random_weights(N, K, bits, groupsize, outlier_share, copies, dev):
 def _tune_candidates(M, G):
     if M == 1:
         return [dict(path="gemv", BLOCK_N=bn, BLOCK_K=bk, ITERS=it, num_warps=w)
-                for bn, bk, it, w in [(128, 32, 2, 2), (256, 32, 2, 4), (256, 32, 4, 4),
-                                      (256, 64, 2, 4), (512, 32, 2, 8), (128, 64, 4, 4),
-                                      (512, 64, 1, 8), (256, 128, 1, 8), (512, 64, 1, 4),
-                                      (512, 32, 2, 4)] if G % bk == 0]
+                for bn, bk, it, w in [(128, 32, 2, 2), (256, 32, 2, 4), (256, 64, 2, 4),
+                                      (512, 64, 1, 8), (512, 64, 1, 4), (512, 32, 2, 4),
+                                      (512, 64, 2, 4), (512, 128, 1, 4), (512, 32, 4, 4),
+                                      (1024, 64, 1, 8), (1024, 32, 2, 8)] if G % bk == 0]
     if M <= 64:
         return [dict(path="gemm", BLOCK_M=max(16, min(M, 64)), BLOCK_N=bn, BLOCK_K=bk,
                      SPLIT_K=sk, num_warps=4, num_stages=st)
