@@ -352,16 +352,19 @@ class Transformer(nn.Module):
                 batch, self.args.n_kv_heads, max_len, self.args.head_dim,
                 self.embed_tokens.weight.dtype, self.device)
 
-    def static_decoder(self):
+    def static_decoder(self, compile: bool = False):
         """f(token id, position) -> logits (1, 1, vocab) of one decoding step with static shapes:
         the token and position live in fixed device tensors and attention reads the whole cache
         under a mask, so every step launches the same kernels on the same buffers. On a GPU
         those launches are captured once as a CUDA graph and replayed: one launch per token
-        instead of ~20 per layer, which is what bounds batch-1 decoding in eager PyTorch. On a
+        instead of ~50 per layer, which is what bounds batch-1 decoding in eager PyTorch. On a
         CPU the same step runs eagerly (so tests can compare it with the dynamic one). Hooks
-        that copy from the host inside the step (ResQ's fake quantizers) cannot be captured."""
+        that copy from the host inside the step (ResQ's fake quantizers) cannot be captured.
+        compile: first fuse the step's small elementwise kernels (RMSNorm, RoPE, the mask, the
+        SwiGLU product) with torch.compile, as gpt-fast does; the first call compiles."""
         token = torch.zeros(1, 1, dtype=torch.long, device=self.device)
         pos = torch.zeros((), dtype=torch.long, device=self.device)
+        forward = torch.compile(self.forward, dynamic=False) if compile else self.forward
 
         def feed(t, p: int):  # t: an int, or a one-element tensor already on the device
             token.copy_(t.view(1, 1)) if torch.is_tensor(t) else token.fill_(t)
@@ -369,7 +372,7 @@ class Transformer(nn.Module):
         if self.device.type != "cuda":
             def step(t, p: int):
                 feed(t, p)
-                return self(token, start_pos=pos, last_only=True)
+                return forward(token, start_pos=pos, last_only=True)
             return step
         # warm up on a side stream (lazy initialisation must not happen during the capture);
         # it writes position 0 of the cache, which the prompt then overwrites
@@ -377,11 +380,11 @@ class Transformer(nn.Module):
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             for _ in range(2):
-                self(token, start_pos=pos, last_only=True)
+                forward(token, start_pos=pos, last_only=True)
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            logits = self(token, start_pos=pos, last_only=True)
+            logits = forward(token, start_pos=pos, last_only=True)
 
         def replay(t, p: int):
             feed(t, p)
@@ -873,7 +876,10 @@ def build(args: ModelArgs, tensors, dtype, device) -> Transformer:
     with torch.device("meta"):
         model = Transformer(args)
     for name, t in tensors:
-        set_tensor(model, name, t.to(device=device, dtype=dtype))
+        # copy=True: a tensor read from safetensors is a view of the file's memory map, which
+        # stays mapped (its pages counted as ours) while any view lives; an owned copy lets
+        # each shard go, so weights replaced later (quantization) do not sit in memory twice
+        set_tensor(model, name, t.to(device=device, dtype=dtype, copy=True))
         del t
     if args.tie_embeddings:
         model.lm_head.weight = model.embed_tokens.weight

@@ -110,11 +110,12 @@ def child_method(a):
     return row
 
 
-def decode_speed(model, a, static=False):
+def decode_speed(model, a, static=False, compile=False):
     """Greedy decode tokens/s at batch 1 after a warm-up (bench_load.time_generation); static:
-    the decoding steps replay a CUDA graph (model.static_decoder)."""
+    the decoding steps replay a CUDA graph (model.static_decoder), compile: of the step after
+    torch.compile."""
     model.setup_cache(1, a.prompt_len + a.new_tokens)
-    step = model.static_decoder() if static else None
+    step = model.static_decoder(compile=compile) if static else None
 
     def forward(ids, start):
         if step is not None and start > 0:
@@ -133,6 +134,8 @@ def child_decode(a):
     model, _ = load(a, a.device)
     out = {"bf16_tok_s": decode_speed(model, a), "bf16_graph_tok_s": decode_speed(model, a, True),
            "bf16_gpu_gb": gpu_gb(a.device)}
+    if a.compile:
+        out["bf16_compiled_tok_s"] = decode_speed(model, a, True, compile=True)
     cfg = Q.QuantConfig(wbits=a.wbits, groupsize=a.groupsize)
     res = Q.quantize_model(model, None, "rtn", cfg, device=a.device, log=lambda s: None)
     swap_in_quant_linears(model, res, cfg.groupsize)
@@ -140,6 +143,8 @@ def child_decode(a):
     torch.cuda.empty_cache()  # a no-op without CUDA
     out |= {"q_tok_s": decode_speed(model, a), "q_graph_tok_s": decode_speed(model, a, True),
             "q_gpu_gb": gpu_gb(a.device)}
+    if a.compile:
+        out["q_compiled_tok_s"] = decode_speed(model, a, True, compile=True)
     # the same greedy continuation through the Triton kernels (in a CUDA graph) and through the
     # torch path (eager)?
     prompt = torch.randint(0, model.args.vocab_size, (a.prompt_len,),
@@ -182,13 +187,17 @@ def decode_line(a, d):
     if "failed" in d:
         return f"decode failed (exit {d['failed']})"
     gb = "{:.2f} GiB allocated on the GPU"
+    compiled = "" if "q_compiled_tok_s" not in d else (
+        f"  torch.compile + CUDA graph: bf16 {d['bf16_compiled_tok_s']:.1f} tok/s, "
+        f"W{a.wbits} {d['q_compiled_tok_s']:.1f} tok/s, ratio "
+        f"{d['q_compiled_tok_s'] / d['bf16_compiled_tok_s']:.2f}x\n")
     return (f"decode, batch 1, prompt {a.prompt_len}, {a.new_tokens} new tokens, greedy:\n"
             f"  bf16: {d['bf16_tok_s']:.1f} tok/s eager, {d['bf16_graph_tok_s']:.1f} CUDA graph "
             f"({fmt(d['bf16_gpu_gb'], gb)})\n"
             f"  W{a.wbits} g{a.groupsize} QuantLinear: {d['q_tok_s']:.1f} tok/s eager, "
             f"{d['q_graph_tok_s']:.1f} CUDA graph ({fmt(d['q_gpu_gb'], gb)})\n"
             f"  ratio 4-bit / bf16: {d['q_tok_s'] / d['bf16_tok_s']:.2f}x eager, "
-            f"{d['q_graph_tok_s'] / d['bf16_graph_tok_s']:.2f}x CUDA graph\n"
+            f"{d['q_graph_tok_s'] / d['bf16_graph_tok_s']:.2f}x CUDA graph\n" + compiled +
             f"  greedy tokens equal, kernel path (graph) vs torch path (eager): first "
             f"{d['greedy_same_prefix']} of {d['greedy_tokens']}")
 
@@ -253,6 +262,8 @@ def main():
     p.add_argument("--json", default=None)
     p.add_argument("--resume-check", action="store_true", help="GPTQ kill-and-resume check")
     p.add_argument("--decode", action="store_true", help="bf16 vs 4-bit decode tokens/s")
+    p.add_argument("--compile", action="store_true",
+                   help="--decode: also time the step after torch.compile")
     p.add_argument("--prompt-len", type=int, default=64)
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--work", default=None,

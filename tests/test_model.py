@@ -133,6 +133,23 @@ def test_static_decoding_step_equals_full_forward(tiny_ckpt):
         ours.generate(prompt, 12, stop_ids=[])
 
 
+def test_compiled_static_step_equals_the_eager_one(tiny_ckpt):
+    # static_decoder(compile=True): the same step through torch.compile (inductor fuses the
+    # elementwise kernels; on a CPU it generates C++), same logits to fp32 rounding
+    ours, _ = M.load(str(tiny_ckpt[0]))
+    ids = torch.randint(0, 128, (1, 16), generator=torch.Generator().manual_seed(6))
+    runs = []
+    for compile in (False, True):
+        ours.setup_cache(1, 20)
+        step = ours.static_decoder(compile=compile)
+        with torch.no_grad():
+            runs.append([ours(ids[:, :8], 0)] + [step(int(ids[0, t]), t).clone()
+                                                  for t in range(8, 16)])
+    ours.setup_cache(1, None)
+    eager, compiled = (torch.cat(r, 1) for r in runs)
+    assert (compiled - eager).abs().max().item() < 1e-5
+
+
 def test_greedy_generation_deterministic_and_matches_argmax(tiny_ckpt):
     ours, _ = M.load(str(tiny_ckpt[0]))
     prompt = [5, 17, 33, 8]
@@ -167,6 +184,20 @@ def test_shards_with_a_straddling_layer_load_equal(tiny_ckpt, tmp_path):
     back, _ = M.load(str(tmp_path / "sharded"))
     for k, v in ours.state_dict().items():
         assert torch.equal(v, back.state_dict()[k]), k
+
+
+def test_loaded_weights_do_not_keep_the_file_mapped(tiny_ckpt):
+    # safetensors hands out views of a memory map; if the model kept them, the file's pages
+    # would stay resident next to every weight quantization replaces (1.8x the checkpoint's
+    # size in host memory at 8B). The model must own its weights.
+    from pathlib import Path
+    maps = Path("/proc/self/maps")
+    if not maps.exists():
+        pytest.skip("needs /proc (Linux)")
+    files = {str(p.resolve()) for p in Path(tiny_ckpt[0]).glob("*.safetensors")}
+    model, _ = M.load(str(tiny_ckpt[0]))  # fp32 file into an fp32 model: nothing converts
+    assert model.layers[0].mlp.up_proj.weight.dtype == torch.float32 and files
+    assert not [ln for ln in maps.read_text().splitlines() if any(f in ln for f in files)]
 
 
 def test_bf16_load_casts_weights(tiny_ckpt):
