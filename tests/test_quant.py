@@ -152,6 +152,45 @@ def test_gptq_mask_all_gives_w_and_empty_mask_gives_gptq(cfg, seed):
                        Q.gptq(W, S, cfg).dequantize())
 
 
+def mse_fit_loop(w, bits, sym):
+    """fit_grid's MSE search written as the GPTQ repository's loop, one p at a time."""
+    maxq = 2 ** bits - 1
+    xmin = w.min(1, keepdim=True).values.clamp(max=0)
+    xmax = w.max(1, keepdim=True).values.clamp(min=0)
+    if sym:
+        xmax = torch.maximum(xmin.abs(), xmax)
+        xmin = -xmax
+    flat = xmax == xmin
+    xmin, xmax = torch.where(flat, xmin - 1, xmin), torch.where(flat, xmax + 1, xmax)
+    s, z = Q.scale_zero(xmin, xmax, maxq, sym)
+    best = (Q.fake_quant(w, s, z, maxq) - w).abs().pow(2.4).sum(1, keepdim=True)
+    for i in range(1, 80):
+        p = 1 - i / 100
+        s1, z1 = Q.scale_zero(p * xmin, p * xmax, maxq, sym)
+        err = (Q.fake_quant(w, s1, z1, maxq) - w).abs().pow(2.4).sum(1, keepdim=True)
+        better = err < best
+        best = torch.where(better, err, best)
+        s, z = torch.where(better, s1, s), torch.where(better, z1, z)
+    return s, z
+
+
+@given(seed=st.integers(0, 10 ** 6), m=st.integers(1, 9), k=st.integers(1, 40),
+       bits=st.sampled_from([2, 3, 4]), sym=st.booleans(), chunk=st.sampled_from([1, 7, 80]),
+       dtype=st.sampled_from([torch.float32, torch.float64]))
+def test_mse_search_in_chunks_equals_the_loop(seed, m, k, bits, sym, chunk, dtype):
+    # the batched search picks exactly the loop's grid: the first p with the smallest error per
+    # row, across chunk boundaries too (chunk = ranges per batch: 1 (the CPU's), 7, all 80)
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(m, k, generator=g, dtype=dtype)
+    w[0] = 0.0  # ties: a zero row has error 0 at every p, and the loop keeps p = 1
+    w[-1, : k // 2] = 0.0
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(Q, "MSE_CHUNK", {"cpu": chunk * m * k})
+        s, z = Q.fit_grid(w, bits, sym=sym, mse=True)
+    s_ref, z_ref = mse_fit_loop(w, bits, sym)
+    assert torch.equal(s, s_ref) and torch.equal(z, z_ref)
+
+
 @given(seed=st.integers(0, 10 ** 6))
 def test_gptq_mask_kept_weights_and_grid(seed):
     W, S = random_problem(seed)
