@@ -683,7 +683,8 @@ def _bench(shapes, Ms, bit_widths, outlier_share=0.0035, groupsize=128, copies=8
                             print(f"  config {cfg}: {type(e).__name__}: {str(e)[-400:]}")
                             continue
                         if tune:
-                            print(f"  {N}x{K} M={M} {bits}-bit {share:.2%}: {sec * 1e6:.1f} us {cfg}")
+                            print(f"  {N}x{K} M={M} {bits}-bit {share:.2%}: "
+                                  f"{sec * 1e6:.1f} us {cfg}")
                         if best is None or sec < best[0]:
                             best = (sec, cfg)
                     if best is None:

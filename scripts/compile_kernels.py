@@ -1,8 +1,11 @@
 """Compile every Triton kernel of kernels.py for an NVIDIA GPU on a machine without one, and
-report what ptxas says: registers and spills per thread, and the SASS instruction count per
-weight each thread handles (a static measure of unpacking work, not a timing). The interpreter
-that runs the tests never compiles; this catches what only the compiler rejects, and shows the
-cost of a kernel change before a GPU is at hand.
+report what ptxas says: registers and spills per thread, the SASS instruction count per weight
+each thread handles, and the barriers (BAR: the CTA waits, usually for a layout change through
+shared memory; MEMBAR: a memory fence). A static view, not a timing: the instruction count
+once predicted a GEMV speedup that the H100 did not show, while the barriers it had missed
+(until the kernels were compiled with the launcher's run-time specialization, as now) were
+what mattered. The interpreter that runs the tests never compiles; this catches what only the
+compiler rejects, before a GPU is at hand.
 
     python scripts/compile_kernels.py [--arch 90]
 
@@ -102,7 +105,8 @@ def report(kernel, sig, const, warps, arch, tmp: Path) -> dict:
     return {"regs": int(re.search(r"Used (\d+) registers", info).group(1)),
             "spill": int(re.search(r"(\d+) bytes spill stores", info).group(1)),
             "sass": len(re.findall(r"^\s+/\*[0-9a-f]{4}\*/", sass, re.M)),
-            "bar": len(re.findall(r"\bBAR\b", sass)), "membar": len(re.findall(r"\bMEMBAR\b", sass))}
+            "bar": len(re.findall(r"\bBAR\b", sass)),  # CTA barriers: shared-memory shuffles
+            "membar": len(re.findall(r"\bMEMBAR\b", sass))}  # memory fences
 
 
 def main():

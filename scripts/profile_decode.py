@@ -1,5 +1,6 @@
-"""Where one batch-1 decoding step of model.py spends GPU time: the static step run eagerly
-under torch.profiler, kernels grouped by name (CUDA time per token).
+"""Where a batch-1 decoding step of model.py (bf16, CUDA) spends GPU time: first the captured
+step's time per token, then the same step run eagerly --steps times under torch.profiler,
+kernels grouped by name (CUDA time summed over the steps).
     python scripts/profile_decode.py --ckpt checkpoints/random-llama3-8b"""
 import argparse
 import sys
