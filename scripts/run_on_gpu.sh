@@ -2,7 +2,7 @@
 # Every GPU measurement in the README, in the order they were taken (one H100 through the
 # device tool; the machine has torch and triton but not gguf, so nothing here needs the
 # embedded SmolLM2). Writes logs under ${OUT:-out/gpu}.
-#   bash scripts/run_on_gpu.sh kernels   # kernel tests on the GPU, the kernel table
+#   bash scripts/run_on_gpu.sh kernels   # kernel tests on the GPU, the kernel table, M=1 tuning
 #   bash scripts/run_on_gpu.sh load      # random Llama-3-8B: load, prefill/decode, 4-bit decode
 #                                        # (eager, CUDA graph, torch.compile), a bf16 profile
 #   bash scripts/run_on_gpu.sh quantize  # random Llama-3-8B: each method's time and memory
@@ -16,7 +16,9 @@ case "$1" in
 kernels)
   MIXQ_TEST_GPU=1 python3 -m pytest -q -rf tests/test_kernels.py > "$OUT/gpu_tests.txt" 2>&1
   tail -1 "$OUT/gpu_tests.txt"
-  python3 kernels.py --bench 2>&1 | tee "$OUT/bench_kernels.txt" ;;
+  python3 kernels.py --bench 2>&1 | tee "$OUT/bench_kernels.txt"
+  python3 kernels.py --bench --tune --M 1 --shapes 14336x4096 4096x14336 > "$OUT/tune_m1.txt" 2>&1
+  grep "^|" "$OUT/tune_m1.txt" ;;
 load)
   [ -f $CKPT/model.safetensors.index.json ] || python3 scripts/make_random_llama3_8b.py > /dev/null
   for impl in mixq transformers; do
