@@ -361,6 +361,20 @@ def config_for(M: int, N: int, K: int, G: int) -> dict:
     return dict(path="dequant", BLOCK_N=64, BLOCK_K=bk(64), num_warps=4)
 
 
+def _packed_args(t: dict) -> tuple:
+    """What every kernel reads of a packed weight: the codes (both planes at 3 bits; the 2-bit
+    plane stands in for the absent high plane otherwise), scales, zeros."""
+    return t["qweight"], t.get("qweight_hi", t["qweight"]), t["scales"], t["zeros"]
+
+
+def _launch_gemv(x2, args, y, N, K, g, bits, cfg):
+    """The M = 1 kernel alone: adds x2 (1, K) @ W^T into the fp32 y (1, N)."""
+    grid = (triton.cdiv(N, cfg["BLOCK_N"]), triton.cdiv(K, cfg["BLOCK_K"] * cfg["ITERS"]))
+    even = K % (cfg["BLOCK_K"] * cfg["ITERS"]) == 0 and N % cfg["BLOCK_N"] == 0
+    _gemv_kernel[grid](x2, *args, y, N, K, g, BITS=bits, ROW_STATS=g % cfg["BLOCK_K"] == 0,
+                       EVEN=even, **cfg)
+
+
 def quant_matmul(x: torch.Tensor, t: dict, bits: int, groupsize: int, N: int, K: int,
                  config: Optional[dict] = None) -> torch.Tensor:
     """y = x @ W^T for W in the packed format, with the Triton kernels; x (..., K) fp16, bf16 or
@@ -375,8 +389,7 @@ def quant_matmul(x: torch.Tensor, t: dict, bits: int, groupsize: int, N: int, K:
     path = cfg.pop("path")
     row_stats = g % cfg["BLOCK_K"] == 0  # every K-tile inside one group
     nnz = t["outlier_vals"].numel() if "outlier_vals" in t else 0
-    qhi = t.get("qweight_hi", t["qweight"])
-    args = (t["qweight"], qhi, t["scales"], t["zeros"])
+    args = _packed_args(t)
     if path == "dequant":  # W^T once in x's dtype, then cuBLAS
         wt = torch.empty(K, N, device=x.device, dtype=x.dtype)
         grid = (triton.cdiv(N, cfg["BLOCK_N"]), triton.cdiv(K, cfg["BLOCK_K"]))
@@ -394,10 +407,7 @@ def quant_matmul(x: torch.Tensor, t: dict, bits: int, groupsize: int, N: int, K:
         y = torch.full((M, N), 0.0 if split else float("nan"), device=x.device,
                        dtype=torch.float32)
     if path == "gemv":
-        grid = (triton.cdiv(N, cfg["BLOCK_N"]), triton.cdiv(K, cfg["BLOCK_K"] * cfg["ITERS"]))
-        even = K % (cfg["BLOCK_K"] * cfg["ITERS"]) == 0 and N % cfg["BLOCK_N"] == 0
-        _gemv_kernel[grid](x2, *args, y, N, K, g, BITS=bits, ROW_STATS=row_stats, EVEN=even,
-                           **cfg)
+        _launch_gemv(x2, args, y, N, K, g, bits, cfg)
     elif path == "gemm":
         dot = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}.get(x.dtype, tl.float32)
         if os.environ.get("TRITON_INTERPRET") and dot == tl.bfloat16:
@@ -658,8 +668,9 @@ def _bench(shapes, Ms, bit_widths, outlier_share=0.0035, groupsize=128, copies=8
     print(f"device copy bandwidth: {peak:.0f} GB/s (read + write of 1 GiB); "
           f"{torch.cuda.get_device_name()}, triton {triton.__version__}, torch {torch.__version__}")
     print(f"groups of {groupsize}, fp16 activations, {copies} weight copies, CUDA-graph timing")
-    print("| N x K | M | bits | outliers | us | fp16 us | speedup | GB/s | % of copy bw | config |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("| N x K | M | bits | outliers | us | fp16 us | speedup | GB/s | % of copy bw | "
+          "GEMV alone us | config |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for N, K in shapes:
         xs = {M: torch.randn(M, K, device=dev, dtype=torch.float16) for M in Ms}
         ws = [torch.randn(N, K, device=dev, dtype=torch.float16) for _ in range(copies)]
@@ -694,10 +705,17 @@ def _bench(shapes, Ms, bit_widths, outlier_share=0.0035, groupsize=128, copies=8
                     err = (quant_matmul(x, ts[0], bits, groupsize, N, K, cfg).float() - ref
                            ).abs().max() / ref.abs().max()
                     assert err < 1e-2, f"wrong result: relative error {err:.2e}"
+                    alone = "-"
+                    if cfg["path"] == "gemv":  # the kernel without y's zero-fill, cast, outliers
+                        kcfg = {k: v for k, v in cfg.items() if k != "path"}
+                        y32 = torch.zeros(1, N, device=dev)
+                        g = K if groupsize == -1 else groupsize
+                        alone = "%.1f" % (1e6 * _graph_time(lambda t: _launch_gemv(
+                            x, _packed_args(t), y32, N, K, g, bits, kcfg), [(t,) for t in ts]))
                     c = " ".join(f"{k}={v}" for k, v in cfg.items())
                     print(f"| {N}x{K} | {M} | {bits} | {share:.2%} | {sec * 1e6:.1f} | "
                           f"{t16[M] * 1e6:.1f} | {t16[M] / sec:.2f}x | {nbytes / sec / 1e9:.0f} | "
-                          f"{100 * nbytes / sec / 1e9 / peak:.0f}% | {c} |", flush=True)
+                          f"{100 * nbytes / sec / 1e9 / peak:.0f}% | {alone} | {c} |", flush=True)
                 del ts
 
 
