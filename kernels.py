@@ -427,11 +427,32 @@ def quant_matmul(x: torch.Tensor, t: dict, bits: int, groupsize: int, N: int, K:
 # The module model.py swaps in for a quantized nn.Linear
 
 
+@torch.library.custom_op("mixq::quant_matmul", mutates_args=())
+def quant_matmul_op(x: torch.Tensor, qweight: torch.Tensor, qweight_hi: Optional[torch.Tensor],
+                    scales: torch.Tensor, zeros: torch.Tensor,
+                    outlier_rowptr: Optional[torch.Tensor], outlier_cols: Optional[torch.Tensor],
+                    outlier_vals: Optional[torch.Tensor], bits: int, groupsize: int, N: int,
+                    K: int) -> torch.Tensor:
+    """quant_matmul as one opaque torch operator (the packed tensors spelled out, absent ones
+    None), so torch.compile calls it as it is instead of tracing the launches inside."""
+    t = {"qweight": qweight, "qweight_hi": qweight_hi, "scales": scales, "zeros": zeros,
+         "outlier_rowptr": outlier_rowptr, "outlier_cols": outlier_cols,
+         "outlier_vals": outlier_vals}
+    return quant_matmul(x, {k: v for k, v in t.items() if v is not None}, bits, groupsize, N, K)
+
+
+@quant_matmul_op.register_fake
+def _(x, qweight, qweight_hi, scales, zeros, outlier_rowptr, outlier_cols, outlier_vals, bits,
+      groupsize, N, K):
+    return x.new_empty(*x.shape[:-1], N)
+
+
 class QuantLinear(nn.Module):
     """y = x @ W^T with W stored in the packed format above.
 
-    On CUDA it runs the Triton kernels (quant_matmul); elsewhere the weight is dequantized on
-    every call and multiplied with F.linear: the same numbers up to summation order, not fast."""
+    On CUDA it runs the Triton kernels (quant_matmul, called as the custom operator
+    quant_matmul_op); elsewhere the weight is dequantized on every call and multiplied with
+    F.linear: the same numbers up to summation order, not fast."""
 
     def __init__(self, in_features, out_features, bits, groupsize, tensors: dict):
         super().__init__()
@@ -450,8 +471,11 @@ class QuantLinear(nn.Module):
 
     def forward(self, x):
         if use_triton(x):
-            return quant_matmul(x, self.stored(), self.bits, self.groupsize, self.out_features,
-                                self.in_features)
+            t = self.stored()
+            return quant_matmul_op(x, t["qweight"], t.get("qweight_hi"), t["scales"], t["zeros"],
+                                   t.get("outlier_rowptr"), t.get("outlier_cols"),
+                                   t.get("outlier_vals"), self.bits, self.groupsize,
+                                   self.out_features, self.in_features)
         return F.linear(x, self.dequantized_weight().to(x.dtype))
 
     def extra_repr(self):

@@ -181,6 +181,26 @@ def test_solvers_through_the_kernels_equal_the_torch_solvers(name, monkeypatch):
     assert out.n_kept() == ref.n_kept() and out.loss == pytest.approx(ref.loss, rel=1e-9)
 
 
+@pytest.mark.parametrize("bits,outliers", [(3, 0.05), (4, 0.0)])
+def test_quant_matmul_op_is_opaque_to_torch_compile(bits, outliers):
+    # QuantLinear calls the kernels through one custom operator, so a compiled decoding step
+    # (static_decoder(compile=True)) keeps the Triton launches as they are: a fullgraph compile
+    # through it (the interpreter standing in for the GPU) gives the eager result exactly, and
+    # the operator passes torch's own checks of its schema and fake (shape-only) version
+    N, Kd = 40, 96
+    t = random_packed(bits, N, Kd, 32, outliers, seed=bits)
+    names = ["qweight", "qweight_hi", "scales", "zeros", "outlier_rowptr", "outlier_cols",
+             "outlier_vals"]
+    args = [t.get(n) for n in names] + [bits, 32, N, Kd]
+    x = torch.randn(1, Kd, generator=torch.Generator().manual_seed(7)).to(DEVICE, torch.float16)
+    eager = K.quant_matmul_op(x, *args)
+    assert torch.equal(eager, K.quant_matmul(x, t, bits, 32, N, Kd))
+    compiled = torch.compile(lambda x: K.quant_matmul_op(x, *args) * 2, fullgraph=True)(x)
+    assert torch.equal(compiled, eager * 2)
+    torch.library.opcheck(K.quant_matmul_op, (x, *args),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
 def test_every_kernel_compiles_for_the_h100():
     # the interpreter never compiles; Triton's compiler and ptxas (in the triton wheel) need no
     # GPU, so compile-only errors show up here (sm_90, the configurations config_for picks)
