@@ -138,8 +138,9 @@ def dequantize(t: dict, bits: int, groupsize: int, N: int, K: int) -> torch.Tens
 #
 # Codes are read as words, every word once: the GEMM expands a (BLOCK_K*b/32, BLOCK_N) tile of
 # int32 by a broadcast shift into its 32/b codes; the GEMV masks each code in place (see
-# _plane_dot). Activations in bf16 are converted at the load; arithmetic is fp32 (fp16/bf16
-# only as tl.dot inputs).
+# _plane_dot). Neither turns codes into floats with an int-to-float instruction (quarter rate on
+# Hopper): bit tricks do it with an AND or an OR (_plane_dot, _weights). Activations in bf16 are
+# converted at the load; arithmetic is fp32 (fp16/bf16 only as tl.dot inputs).
 
 if triton is not None:
 
@@ -170,7 +171,10 @@ if triton is not None:
     def _weights(qw_ptr, qhi_ptr, s_ptr, z_ptr, k0, offs_n, N, K, G, BITS: tl.constexpr,
                  BLOCK_K: tl.constexpr, ROW_STATS: tl.constexpr, n_mask):
         """w = s * (q - z), (BLOCK_K, BLOCK_N) fp32; 0 outside K and N."""
-        q = _codes(qw_ptr, qhi_ptr, k0, offs_n, N, K, BITS, BLOCK_K, n_mask).to(tl.float32)
+        q = _codes(qw_ptr, qhi_ptr, k0, offs_n, N, K, BITS, BLOCK_K, n_mask)
+        # q as an fp32 without an int-to-float instruction (quarter rate on Hopper): the float
+        # with exponent 2^23 and q in its mantissa is 2^23 + q (the magic-number conversion)
+        q = (q | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
         if ROW_STATS:  # the tile lies in one group: one row of statistics
             stat = (k0 // G) * N + offs_n[None, :]
             kn_mask = n_mask[None, :] & (k0 + 0 * offs_n[None, :] < K)  # a tensor, not a bool
@@ -183,15 +187,27 @@ if triton is not None:
         return (q - z) * s
 
     @triton.jit
+    def _x_times_code(x, w, p: tl.constexpr, PB: tl.constexpr):
+        """x q 2^-60 for the PB-bit code q at bit p of the uint32 w (see _plane_dot)."""
+        q = (w & (tl.full((), (1 << PB) - 1, tl.uint32) << p)).to(tl.float32, bitcast=True)
+        return (x * 2.0 ** (89 - p)) * q  # x 2^(89-p) * q 2^(p-149)
+
+    @triton.jit
     def _plane_dot(x_ptr, qw_ptr, k0, offs_n, N, K, PB: tl.constexpr, BLOCK_K: tl.constexpr,
                    n_mask, EVEN: tl.constexpr):
-        """sum_k x_k q_kn over rows k0 .. k0+BLOCK_K-1 of one plane of PB-bit codes -> (BLOCK_N,)
-        fp32, and sum_k x_k (a scalar). No shifts: code i of a word is masked in place,
-        word & (m << i PB) = q 2^(i PB) exactly as a float, and x_k 2^-(i PB) (one scalar per
-        k, exact) times that is x_k q_k. Per weight: an AND, a convert and an FMA, all on the
-        words in the layout they were loaded in (a 2-D (codes, BLOCK_N) form made the compiler
-        shuffle every word through shared memory, with barriers)."""
+        """2^-60 sum_k x_k q_kn over rows k0 .. k0+BLOCK_K-1 of one plane of PB-bit codes ->
+        (BLOCK_N,) fp32, and sum_k x_k (a scalar). Per weight one AND and one FMA, with no
+        int-to-float conversion (a quarter-rate instruction on Hopper, which held the GEMV at
+        ~16 us whatever the bit width):
+          code i of a word, masked in place at bit p (word & (m << p)) and read as an fp32, has
+          a zero exponent field: it is the denormal q 2^(p-149) (GPUs add and multiply
+          denormals at full speed); times x_k 2^(89-p) (exact: a power of two) it adds
+          x_k q 2^-60 to the sum. (|x| < 2^38, fp16 always; sums below 2^-66 lose precision.)
+        Codes that reach bit 23 (the exponent field) are read from the word shifted down.
+        Everything stays in the layout the words were loaded in (a 2-D (codes, BLOCK_N) form
+        made the compiler shuffle every word through shared memory, with barriers)."""
         PER: tl.constexpr = 32 // PB  # codes per int32 word
+        FIT: tl.constexpr = 23 // PB  # codes i < FIT lie inside the 23 mantissa bits
         acc = tl.zeros(offs_n.shape, dtype=tl.float32)
         xsum = 0.0
         for r in tl.static_range(BLOCK_K // PER):
@@ -202,6 +218,7 @@ if triton is not None:
                 word = tl.load(qw_ptr + row * N + offs_n,
                                mask=n_mask & (row + 0 * offs_n < K // PER), other=0)
             word = word.to(tl.uint32, bitcast=True)
+            high = word >> (FIT * PB)  # codes FIT .. PER-1 from bit 0 (uint32: logical shift)
             for i in tl.static_range(PER):
                 k = row * PER + i
                 if EVEN:
@@ -209,8 +226,10 @@ if triton is not None:
                 else:
                     x = tl.load(x_ptr + k, mask=k < K, other=0.0).to(tl.float32)
                 xsum += x
-                code = word & (tl.full((), (1 << PB) - 1, tl.uint32) << (i * PB))  # q 2^(i PB)
-                acc += (x * (1.0 / (1 << (i * PB)))) * code.to(tl.float32)
+                if i < FIT:
+                    acc += _x_times_code(x, word, i * PB, PB)
+                else:
+                    acc += _x_times_code(x, high, (i - FIT) * PB, PB)
         return acc, xsum
 
     @triton.jit
@@ -223,7 +242,7 @@ if triton is not None:
         acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
         for it in tl.static_range(ITERS):  # unrolled: the loads of all tiles go out together
             k0 = (pid_k * ITERS + it) * BLOCK_K
-            if ROW_STATS:  # y_n += s_n * (sum_k x_k q_kn - z_n * sum_k x_k)
+            if ROW_STATS:  # y_n += s_n * (sum_k x_k q_kn - z_n * sum_k x_k), xq = 2^-60 sum
                 if BITS == 3:  # two planes: q = low 2 bits + 4 * high bit
                     xq, xsum = _plane_dot(x_ptr, qw_ptr, k0, offs_n, N, K, 2, BLOCK_K, n_mask,
                                           EVEN)
@@ -236,7 +255,7 @@ if triton is not None:
                 stat_mask = n_mask & (k0 + 0 * offs_n < K)  # a tensor, not a Python bool
                 s = tl.load(s_ptr + (k0 // G) * N + offs_n, mask=stat_mask, other=0.0)
                 z = tl.load(z_ptr + (k0 // G) * N + offs_n, mask=stat_mask, other=0.0)
-                acc += s.to(tl.float32) * (xq - z.to(tl.float32) * xsum)
+                acc += s.to(tl.float32) * (xq * 2.0 ** 60 - z.to(tl.float32) * xsum)
             else:
                 offs_k = k0 + tl.arange(0, BLOCK_K)
                 x = tl.load(x_ptr + offs_k, mask=offs_k < K, other=0.0).to(tl.float32)

@@ -1,7 +1,8 @@
 """Compile every Triton kernel of kernels.py for an NVIDIA GPU on a machine without one, and
 report what ptxas says: registers and spills per thread, the SASS instruction count per weight
-each thread handles, and the barriers (BAR: the CTA waits, usually for a layout change through
-shared memory; MEMBAR: a memory fence). A static view, not a timing: the instruction count
+each thread handles, the barriers (BAR: the CTA waits, usually for a layout change through
+shared memory; MEMBAR: a memory fence), int-to-float conversions (I2F: quarter rate on Hopper)
+and arithmetic that flushes denormals to zero (FTZ; the GEMV's decode needs denormals). A static view, not a timing: the instruction count
 once predicted a GEMV speedup that the H100 did not show, while the barriers it had missed
 (until the kernels were compiled with the launcher's run-time specialization, as now) were
 what mattered. The interpreter that runs the tests never compiles; this catches what only the
@@ -106,7 +107,12 @@ def report(kernel, sig, const, warps, arch, tmp: Path) -> dict:
             "spill": int(re.search(r"(\d+) bytes spill stores", info).group(1)),
             "sass": len(re.findall(r"^\s+/\*[0-9a-f]{4}\*/", sass, re.M)),
             "bar": len(re.findall(r"\bBAR\b", sass)),  # CTA barriers: shared-memory shuffles
-            "membar": len(re.findall(r"\bMEMBAR\b", sass))}  # memory fences
+            "membar": len(re.findall(r"\bMEMBAR\b", sass)),  # memory fences
+            # int-to-float conversions (quarter rate on Hopper), not counting I2F.RP: the first
+            # step of an integer division
+            "i2f": len(re.findall(r"\bI2FP?\.(?!RP )", sass)),
+            # arithmetic that flushes denormals to zero (the GEMV's decode relies on denormals)
+            "ftz": len(re.findall(r"\bF(?:FMA|MUL|ADD)\S*\.FTZ", sass))}
 
 
 def main():
@@ -115,14 +121,14 @@ def main():
     a = p.parse_args()
     print(f"Triton {triton.__version__}, sm_{a.arch}a\n")
     print("| kernel | registers | spill bytes | SASS instructions | per weight and thread | "
-          "BAR / MEMBAR |")
-    print("|---|---|---|---|---|---|")
+          "BAR / MEMBAR | I2F | FTZ |")
+    print("|---|---|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as tmp:
         for name, kernel, sig, const, warps, weights in jobs():
             r = report(kernel, sig, const, warps, a.arch, Path(tmp))
             per = "-" if weights is None else f"{r['sass'] / (weights / (32 * warps)):.2f}"
             print(f"| {name} | {r['regs']} | {r['spill']} | {r['sass']:,} | {per} | "
-                  f"{r['bar']} / {r['membar']} |")
+                  f"{r['bar']} / {r['membar']} | {r['i2f']} | {r['ftz']} |")
 
 
 if __name__ == "__main__":
