@@ -123,8 +123,9 @@ def dequantize(t: dict, bits: int, groupsize: int, N: int, K: int) -> torch.Tens
 #
 #   M = 1       _gemv_kernel: no tensor cores. Program (pid_n, pid_k) owns BLOCK_N outputs and
 #               ITERS * BLOCK_K rows of K (split-K: many programs stream one matrix), adds its
-#               partial sums into an fp32 y with relaxed atomics. When a K-tile lies inside one
-#               group the statistics factor out of the sum:
+#               partial sums into an fp32 workspace with relaxed atomics; the last program of
+#               each column block writes y and clears the workspace (one launch in all). When a
+#               K-tile lies inside one group the statistics factor out of the sum:
 #                 sum_k x_k s (q_kn - z) = s (sum_k x_k q_kn - z sum_k x_k)
 #   2..64       _gemm_kernel: dequantize a (BLOCK_K, BLOCK_N) weight tile in registers and
 #               multiply on the tensor cores (tl.dot, fp32 accumulation), split-K as above.
@@ -233,7 +234,7 @@ if triton is not None:
         return acc, xsum
 
     @triton.jit
-    def _gemv_kernel(x_ptr, qw_ptr, qhi_ptr, s_ptr, z_ptr, y_ptr, N, K, G,
+    def _gemv_kernel(x_ptr, qw_ptr, qhi_ptr, s_ptr, z_ptr, ws_ptr, count_ptr, y_ptr, N, K, G,
                      BITS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                      ITERS: tl.constexpr, ROW_STATS: tl.constexpr, EVEN: tl.constexpr):
         pid_n, pid_k = tl.program_id(0), tl.program_id(1)
@@ -262,9 +263,17 @@ if triton is not None:
                 w = _weights(qw_ptr, qhi_ptr, s_ptr, z_ptr, k0, offs_n, N, K, G, BITS,
                              BLOCK_K, False, n_mask)
                 acc += tl.sum(x[:, None] * w, axis=0)
-        # fp32 adds, relaxed: only the sum after the launch matters, so no fences (the default
-        # acq_rel put a memory barrier and an L1 flush behind every add)
-        tl.atomic_add(y_ptr + offs_n, acc, mask=n_mask, sem="relaxed")
+        # Split-K in one launch: add the partial sums into the fp32 workspace (relaxed: no fence
+        # per add), count this column block's finished programs, and let the last one move the
+        # sum into y (in y's dtype) and leave workspace and counter at zero for the next call.
+        tl.atomic_add(ws_ptr + offs_n, acc, mask=n_mask, sem="relaxed")
+        tl.debug_barrier()  # every thread's adds come before the count (the release below)
+        done = tl.atomic_add(count_ptr + pid_n, 1, sem="acq_rel")  # one per program
+        if done == tl.num_programs(1) - 1:  # the others' adds are visible (the acquire)
+            total = tl.load(ws_ptr + offs_n, mask=n_mask, volatile=True)  # from L2, not L1
+            tl.store(y_ptr + offs_n, total.to(y_ptr.dtype.element_ty), mask=n_mask)
+            tl.store(ws_ptr + offs_n, 0.0, mask=n_mask)
+            tl.store(count_ptr + pid_n, 0)
 
     @triton.jit
     def _gemm_kernel(x_ptr, qw_ptr, qhi_ptr, s_ptr, z_ptr, y_ptr, M, N, K, G,
@@ -386,18 +395,28 @@ def _packed_args(t: dict) -> tuple:
     return t["qweight"], t.get("qweight_hi", t["qweight"]), t["scales"], t["zeros"]
 
 
-def _launch_gemv(x2, args, y, N, K, g, bits, cfg):
-    """The M = 1 kernel alone: adds x2 (1, K) @ W^T into the fp32 y (1, N)."""
+def new_workspace(N: int, device) -> torch.Tensor:
+    """What the GEMV needs besides y: N fp32 partial sums and a counter per column block (at
+    most N), int32 zeros (the bits of 0.0). The GEMV leaves it at zero, so one serves every call
+    of one layer (QuantLinear keeps one); two launches must not share one at the same time."""
+    return torch.zeros(2 * N, dtype=torch.int32, device=device)
+
+
+def _launch_gemv(x2, args, y, N, K, g, bits, cfg, workspace):
+    """The M = 1 kernel: y (1, N) = x2 (1, K) @ W^T, in one launch."""
     grid = (triton.cdiv(N, cfg["BLOCK_N"]), triton.cdiv(K, cfg["BLOCK_K"] * cfg["ITERS"]))
     even = K % (cfg["BLOCK_K"] * cfg["ITERS"]) == 0 and N % cfg["BLOCK_N"] == 0
-    _gemv_kernel[grid](x2, *args, y, N, K, g, BITS=bits, ROW_STATS=g % cfg["BLOCK_K"] == 0,
-                       EVEN=even, **cfg)
+    ws, counts = workspace[:N].view(torch.float32), workspace[N:]
+    _gemv_kernel[grid](x2, *args, ws, counts, y, N, K, g, BITS=bits,
+                       ROW_STATS=g % cfg["BLOCK_K"] == 0, EVEN=even, **cfg)
 
 
 def quant_matmul(x: torch.Tensor, t: dict, bits: int, groupsize: int, N: int, K: int,
-                 config: Optional[dict] = None) -> torch.Tensor:
+                 config: Optional[dict] = None,
+                 workspace: Optional[torch.Tensor] = None) -> torch.Tensor:
     """y = x @ W^T for W in the packed format, with the Triton kernels; x (..., K) fp16, bf16 or
-    fp32, y in x's dtype. On a CPU this runs under TRITON_INTERPRET=1 (tests)."""
+    fp32, y in x's dtype. workspace: new_workspace(N) for the M = 1 kernel, reused across calls
+    (a fresh one per call if None). On a CPU this runs under TRITON_INTERPRET=1 (tests)."""
     if triton is None:
         raise RuntimeError("the Triton path needs the triton package: pip install triton")
     shape = x.shape
@@ -418,16 +437,21 @@ def quant_matmul(x: torch.Tensor, t: dict, bits: int, groupsize: int, N: int, K:
                 t["outlier_rowptr"], t["outlier_cols"], t["outlier_vals"], wt, N, ROWS=16,
                 BLOCK=128)
         y = x2 @ wt
+    elif path == "gemv":  # y written by the kernel, in x's dtype unless outliers follow
+        dtype = torch.float32 if nnz else x.dtype  # one rounding to x's dtype, after them
+        y = torch.full((M, N), float("nan"), device=x.device, dtype=dtype) if \
+            os.environ.get("TRITON_INTERPRET") else torch.empty(M, N, device=x.device,
+                                                                dtype=dtype)
+        if workspace is None:
+            workspace = new_workspace(N, x.device)
+        _launch_gemv(x2, args, y, N, K, g, bits, cfg, workspace)
     else:
         # split-K programs add into fp32 zeros (native atomic adds; fp16 ones are a
         # compare-and-swap loop); a single program per tile stores into NaN, so any element a
         # kernel failed to write shows up
-        split = path == "gemv" or cfg["SPLIT_K"] > 1
-        y = torch.full((M, N), 0.0 if split else float("nan"), device=x.device,
+        y = torch.full((M, N), 0.0 if cfg["SPLIT_K"] > 1 else float("nan"), device=x.device,
                        dtype=torch.float32)
-    if path == "gemv":
-        _launch_gemv(x2, args, y, N, K, g, bits, cfg)
-    elif path == "gemm":
+    if path == "gemm":
         dot = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}.get(x.dtype, tl.float32)
         if os.environ.get("TRITON_INTERPRET") and dot == tl.bfloat16:
             dot = tl.float32  # the CPU interpreter has no bf16 arithmetic
@@ -450,19 +474,21 @@ def quant_matmul(x: torch.Tensor, t: dict, bits: int, groupsize: int, N: int, K:
 def quant_matmul_op(x: torch.Tensor, qweight: torch.Tensor, qweight_hi: Optional[torch.Tensor],
                     scales: torch.Tensor, zeros: torch.Tensor,
                     outlier_rowptr: Optional[torch.Tensor], outlier_cols: Optional[torch.Tensor],
-                    outlier_vals: Optional[torch.Tensor], bits: int, groupsize: int, N: int,
-                    K: int) -> torch.Tensor:
+                    outlier_vals: Optional[torch.Tensor], workspace: Optional[torch.Tensor],
+                    bits: int, groupsize: int, N: int, K: int) -> torch.Tensor:
     """quant_matmul as one opaque torch operator (the packed tensors spelled out, absent ones
-    None), so torch.compile calls it as it is instead of tracing the launches inside."""
+    None), so torch.compile calls it as it is instead of tracing the launches inside. The
+    workspace is used and left at zero as it came, so no argument counts as mutated."""
     t = {"qweight": qweight, "qweight_hi": qweight_hi, "scales": scales, "zeros": zeros,
          "outlier_rowptr": outlier_rowptr, "outlier_cols": outlier_cols,
          "outlier_vals": outlier_vals}
-    return quant_matmul(x, {k: v for k, v in t.items() if v is not None}, bits, groupsize, N, K)
+    return quant_matmul(x, {k: v for k, v in t.items() if v is not None}, bits, groupsize, N, K,
+                        workspace=workspace)
 
 
 @quant_matmul_op.register_fake
-def _(x, qweight, qweight_hi, scales, zeros, outlier_rowptr, outlier_cols, outlier_vals, bits,
-      groupsize, N, K):
+def _(x, qweight, qweight_hi, scales, zeros, outlier_rowptr, outlier_cols, outlier_vals,
+      workspace, bits, groupsize, N, K):
     return x.new_empty(*x.shape[:-1], N)
 
 
@@ -479,9 +505,13 @@ class QuantLinear(nn.Module):
         self.bits, self.groupsize = bits, groupsize
         for name, value in tensors.items():
             self.register_buffer(name, value)
+        # the decode GEMV's scratch (zeros; not saved), moved to the GPU with the weights
+        self.register_buffer("workspace", new_workspace(out_features, tensors["qweight"].device),
+                             persistent=False)
 
     def stored(self) -> dict:
-        return dict(self.named_buffers())
+        """The packed tensors (the format above), without the workspace."""
+        return {k: v for k, v in self.named_buffers() if k != "workspace"}
 
     def dequantized_weight(self) -> torch.Tensor:
         """W (N, K) in fp32."""
@@ -493,8 +523,8 @@ class QuantLinear(nn.Module):
             t = self.stored()
             return quant_matmul_op(x, t["qweight"], t.get("qweight_hi"), t["scales"], t["zeros"],
                                    t.get("outlier_rowptr"), t.get("outlier_cols"),
-                                   t.get("outlier_vals"), self.bits, self.groupsize,
-                                   self.out_features, self.in_features)
+                                   t.get("outlier_vals"), self.workspace, self.bits,
+                                   self.groupsize, self.out_features, self.in_features)
         return F.linear(x, self.dequantized_weight().to(x.dtype))
 
     def extra_repr(self):
@@ -722,6 +752,7 @@ def _bench(shapes, Ms, bit_widths, outlier_share=0.0035, groupsize=128, copies=8
         for bits in bit_widths:
             for share in (0.0, outlier_share):
                 ts = _random_weights(N, K, bits, groupsize, share, copies, dev)
+                ws = new_workspace(N, dev)  # as a QuantLinear keeps one (calls are in sequence)
                 nbytes = sum(v.numel() * v.element_size() for v in ts[0].values())
                 for M in Ms:
                     x = xs[M]
@@ -731,7 +762,7 @@ def _bench(shapes, Ms, bit_widths, outlier_share=0.0035, groupsize=128, copies=8
                     for cfg in cands:
                         try:
                             sec = _graph_time(
-                                lambda t: quant_matmul(x, t, bits, groupsize, N, K, cfg),
+                                lambda t: quant_matmul(x, t, bits, groupsize, N, K, cfg, ws),
                                 [(t,) for t in ts])
                         except Exception as e:  # a tile that does not compile: say so, go on
                             print(f"  config {cfg}: {type(e).__name__}: {str(e)[-400:]}")
@@ -745,16 +776,17 @@ def _bench(shapes, Ms, bit_widths, outlier_share=0.0035, groupsize=128, copies=8
                         continue
                     sec, cfg = best
                     ref = x.float() @ dequantize(ts[0], bits, groupsize, N, K).T
-                    err = (quant_matmul(x, ts[0], bits, groupsize, N, K, cfg).float() - ref
+                    err = (quant_matmul(x, ts[0], bits, groupsize, N, K, cfg, ws).float() - ref
                            ).abs().max() / ref.abs().max()
                     assert err < 1e-2, f"wrong result: relative error {err:.2e}"
                     alone = "-"
-                    if cfg["path"] == "gemv":  # the kernel without y's zero-fill, cast, outliers
+                    if cfg["path"] == "gemv":  # the GEMV launch without the outlier kernel
                         kcfg = {k: v for k, v in cfg.items() if k != "path"}
-                        y32 = torch.zeros(1, N, device=dev)
+                        y16 = torch.empty(1, N, device=dev, dtype=x.dtype)
                         g = K if groupsize == -1 else groupsize
                         alone = "%.1f" % (1e6 * _graph_time(lambda t: _launch_gemv(
-                            x, _packed_args(t), y32, N, K, g, bits, kcfg), [(t,) for t in ts]))
+                            x, _packed_args(t), y16, N, K, g, bits, kcfg, ws),
+                            [(t,) for t in ts]))
                     c = " ".join(f"{k}={v}" for k, v in cfg.items())
                     print(f"| {N}x{K} | {M} | {bits} | {share:.2%} | {sec * 1e6:.1f} | "
                           f"{t16[M] * 1e6:.1f} | {t16[M] / sec:.2f}x | {nbytes / sec / 1e9:.0f} | "

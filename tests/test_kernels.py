@@ -191,14 +191,33 @@ def test_quant_matmul_op_is_opaque_to_torch_compile(bits, outliers):
     t = random_packed(bits, N, Kd, 32, outliers, seed=bits)
     names = ["qweight", "qweight_hi", "scales", "zeros", "outlier_rowptr", "outlier_cols",
              "outlier_vals"]
-    args = [t.get(n) for n in names] + [bits, 32, N, Kd]
+    workspace = K.new_workspace(N, DEVICE)
+    args = [t.get(n) for n in names] + [workspace, bits, 32, N, Kd]
     x = torch.randn(1, Kd, generator=torch.Generator().manual_seed(7)).to(DEVICE, torch.float16)
     eager = K.quant_matmul_op(x, *args)
     assert torch.equal(eager, K.quant_matmul(x, t, bits, 32, N, Kd))
     compiled = torch.compile(lambda x: K.quant_matmul_op(x, *args) * 2, fullgraph=True)(x)
     assert torch.equal(compiled, eager * 2)
-    torch.library.opcheck(K.quant_matmul_op, (x, *args),
+    torch.library.opcheck(K.quant_matmul_op, (x, *args),  # (also: no argument changed)
                           test_utils=("test_schema", "test_faketensor"))
+
+
+@pytest.mark.parametrize("bits,outliers", [(4, 0.0), (3, 0.05)])
+def test_gemv_leaves_its_workspace_at_zero(bits, outliers):
+    # the split-K GEMV is one launch: its programs add into the workspace and count themselves,
+    # and the last one per column block writes y and clears the workspace and the count. One
+    # workspace then serves every call (QuantLinear keeps one); a dirty one would corrupt the
+    # next call. 3 column blocks x 6 K-splits, four calls in a row on one workspace.
+    N, Kd = 40, 192
+    t = random_packed(bits, N, Kd, 32, outliers, seed=bits)
+    workspace = K.new_workspace(N, DEVICE)
+    cfg = dict(path="gemv", BLOCK_N=16, BLOCK_K=32, ITERS=1)
+    for seed in range(4):
+        x = torch.randn(1, Kd, generator=torch.Generator().manual_seed(seed)).to(DEVICE)
+        y = K.quant_matmul(x, t, bits, 32, N, Kd, cfg, workspace=workspace)
+        ref = x.double() @ K.dequantize(t, bits, 32, N, Kd).double().T
+        torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-5)
+        assert not workspace.any(), workspace
 
 
 def test_every_kernel_compiles_for_the_h100():
@@ -215,7 +234,8 @@ def test_every_kernel_compiles_for_the_h100():
     rows = [ln for ln in out.stdout.splitlines() if ln.startswith("| ") and "registers" not in ln]
     assert len(rows) == 12  # every kernel of kernels.py, each with its ptxas numbers
     # the decode GEMV keeps every word in the layout it was loaded in and adds with relaxed
-    # atomics: no CTA barrier (a shuffle through shared memory) and no memory fence in it; it
+    # atomics: no CTA barrier (a shuffle through shared memory) and no memory fence before its
+    # partial sums go out (its split-K epilogue has one of each per program); it
     # decodes codes without int-to-float instructions, and its arithmetic keeps denormals (its
     # decode reads masked codes as denormal floats)
     cells = lambda r: [c.strip() for c in r.split("|")[-4:-1]]  # BAR / MEMBAR, I2F, FTZ
