@@ -131,11 +131,12 @@ def dequantize(t: dict, bits: int, groupsize: int, N: int, K: int) -> torch.Tens
 #               multiply on the tensor cores (tl.dot, fp32 accumulation), split-K as above.
 #   > 64        _dequant_kernel writes W^T (K, N) in x's dtype once, then cuBLAS (torch.matmul):
 #               compute-bound sizes, where a dequantize-in-tile GEMM loses to cuBLAS.
-#   outliers    _outliers_kernel, after the GEMV/GEMM: a program per 16 output rows walks their
-#               CSR entries, y[m, r] += v * x[m, c] (no atomics: it owns those rows of y); the
-#               M > 64 path adds them into W^T before cuBLAS (_add_outliers_kernel). Fusing them
-#               into the GEMV's split-K programs measured slower on the H100 (the programs with
-#               outliers became the tail).
+#   outliers    M = 1: inside the GEMV (_outlier_adds: each split-K program adds an even share
+#               of its column block's entries into the workspace, relaxed atomics). 2..64:
+#               _outliers_kernel after the GEMM, a program per 16 output rows walks their CSR
+#               entries, y[m, r] += v * x[m, c] (no atomics: it owns those rows of y); it also
+#               serves M = 1 with config fused_outliers=False, for comparison. > 64: added into
+#               W^T before cuBLAS (_add_outliers_kernel).
 #
 # Codes are read as words, every word once: the GEMM expands a (BLOCK_K*b/32, BLOCK_N) tile of
 # int32 by a broadcast shift into its 32/b codes; the GEMV masks each code in place (see
@@ -234,9 +235,33 @@ if triton is not None:
         return acc, xsum
 
     @triton.jit
-    def _gemv_kernel(x_ptr, qw_ptr, qhi_ptr, s_ptr, z_ptr, ws_ptr, count_ptr, y_ptr, N, K, G,
+    def _outlier_adds(x_ptr, rowptr_ptr, rows_ptr, cols_ptr, vals_ptr, ws_ptr, N,
+                      BLOCK_N: tl.constexpr, BLOCK: tl.constexpr):
+        """The 16-bit outliers inside the GEMV: the CSR entries of this column block's rows are
+        dealt out evenly to its split-K programs (no program becomes the tail, however skewed
+        the rows), each adding v * x[c] for its entries into the workspace row r they belong
+        to (relaxed atomics, like the partial sums; r from outlier_rows, the CSR row of each
+        entry, so no search)."""
+        pid_n, pid_k, splits = tl.program_id(0), tl.program_id(1), tl.num_programs(1)
+        start = tl.load(rowptr_ptr + pid_n * BLOCK_N)
+        end = tl.load(rowptr_ptr + tl.minimum((pid_n + 1) * BLOCK_N, N))
+        chunk = tl.cdiv(end - start, splits)
+        first, last = start + pid_k * chunk, tl.minimum(start + (pid_k + 1) * chunk, end)
+        for i0 in range(first, last, BLOCK):
+            i = i0 + tl.arange(0, BLOCK)
+            mask = i < last
+            r = tl.load(rows_ptr + i, mask=mask, other=0)
+            c = tl.load(cols_ptr + i, mask=mask, other=0).to(tl.int32) & 0xFFFF  # int16 stored
+            v = tl.load(vals_ptr + i, mask=mask, other=0.0).to(tl.float32)
+            xv = tl.load(x_ptr + c, mask=mask, other=0.0).to(tl.float32)
+            tl.atomic_add(ws_ptr + r, v * xv, mask=mask, sem="relaxed")
+
+    @triton.jit
+    def _gemv_kernel(x_ptr, qw_ptr, qhi_ptr, s_ptr, z_ptr, rowptr_ptr, rows_ptr, cols_ptr,
+                     vals_ptr, ws_ptr, count_ptr, y_ptr, N, K, G,
                      BITS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                     ITERS: tl.constexpr, ROW_STATS: tl.constexpr, EVEN: tl.constexpr):
+                     ITERS: tl.constexpr, ROW_STATS: tl.constexpr, EVEN: tl.constexpr,
+                     OUTLIERS: tl.constexpr, OUT_BLOCK: tl.constexpr):
         pid_n, pid_k = tl.program_id(0), tl.program_id(1)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         n_mask = offs_n < N
@@ -263,6 +288,9 @@ if triton is not None:
                 w = _weights(qw_ptr, qhi_ptr, s_ptr, z_ptr, k0, offs_n, N, K, G, BITS,
                              BLOCK_K, False, n_mask)
                 acc += tl.sum(x[:, None] * w, axis=0)
+        if OUTLIERS:
+            _outlier_adds(x_ptr, rowptr_ptr, rows_ptr, cols_ptr, vals_ptr, ws_ptr, N, BLOCK_N,
+                          OUT_BLOCK)
         # Split-K in one launch: add the partial sums into the fp32 workspace (relaxed: no fence
         # per add), count this column block's finished programs, and let the last one move the
         # sum into y (in y's dtype) and leave workspace and counter at zero for the next call.
@@ -402,13 +430,29 @@ def new_workspace(N: int, device) -> torch.Tensor:
     return torch.zeros(2 * N, dtype=torch.int32, device=device)
 
 
-def _launch_gemv(x2, args, y, N, K, g, bits, cfg, workspace):
-    """The M = 1 kernel: y (1, N) = x2 (1, K) @ W^T, in one launch."""
+def outlier_rows(t: dict) -> torch.Tensor:
+    """The CSR row of every outlier entry, int32 (nnz,): what the GEMV reads instead of
+    searching outlier_rowptr (QuantLinear computes it once)."""
+    rowptr = t["outlier_rowptr"].to(torch.int64)
+    N, nnz = rowptr.numel() - 1, t["outlier_vals"].numel()
+    return torch.repeat_interleave(torch.arange(N, dtype=torch.int32, device=rowptr.device),
+                                   rowptr[1:] - rowptr[:-1], output_size=nnz)  # (no sync)
+
+
+def _launch_gemv(x2, t, y, N, K, g, bits, cfg, workspace):
+    """The M = 1 kernel: y (1, N) = x2 (1, K) @ W^T (outliers included), in one launch."""
     grid = (triton.cdiv(N, cfg["BLOCK_N"]), triton.cdiv(K, cfg["BLOCK_K"] * cfg["ITERS"]))
     even = K % (cfg["BLOCK_K"] * cfg["ITERS"]) == 0 and N % cfg["BLOCK_N"] == 0
     ws, counts = workspace[:N].view(torch.float32), workspace[N:]
-    _gemv_kernel[grid](x2, *args, ws, counts, y, N, K, g, BITS=bits,
-                       ROW_STATS=g % cfg["BLOCK_K"] == 0, EVEN=even, **cfg)
+    nnz = t["outlier_vals"].numel() if "outlier_vals" in t else 0
+    if nnz:
+        rows = t["outlier_rows"] if "outlier_rows" in t else outlier_rows(t)
+        csr = (t["outlier_rowptr"], rows, t["outlier_cols"], t["outlier_vals"])
+    else:
+        csr = (counts, counts, counts, ws)  # not read
+    _gemv_kernel[grid](x2, *_packed_args(t), *csr, ws, counts, y, N, K, g, BITS=bits,
+                       ROW_STATS=g % cfg["BLOCK_K"] == 0, EVEN=even, OUTLIERS=nnz > 0,
+                       OUT_BLOCK=128, **cfg)
 
 
 def quant_matmul(x: torch.Tensor, t: dict, bits: int, groupsize: int, N: int, K: int,
@@ -425,6 +469,7 @@ def quant_matmul(x: torch.Tensor, t: dict, bits: int, groupsize: int, N: int, K:
     g = K if groupsize in (-1, None) else groupsize
     cfg = dict(config or config_for(M, N, K, g))
     path = cfg.pop("path")
+    fused = cfg.pop("fused_outliers", True)  # M = 1: outliers inside the GEMV or after it
     row_stats = g % cfg["BLOCK_K"] == 0  # every K-tile inside one group
     nnz = t["outlier_vals"].numel() if "outlier_vals" in t else 0
     args = _packed_args(t)
@@ -437,14 +482,16 @@ def quant_matmul(x: torch.Tensor, t: dict, bits: int, groupsize: int, N: int, K:
                 t["outlier_rowptr"], t["outlier_cols"], t["outlier_vals"], wt, N, ROWS=16,
                 BLOCK=128)
         y = x2 @ wt
-    elif path == "gemv":  # y written by the kernel, in x's dtype unless outliers follow
-        dtype = torch.float32 if nnz else x.dtype  # one rounding to x's dtype, after them
+    elif path == "gemv":  # y written by the kernel in x's dtype; NaN shows an unwritten one
+        after = nnz and not fused  # fp32 y for the outlier kernel, then one rounding
+        dtype = torch.float32 if after else x.dtype
         y = torch.full((M, N), float("nan"), device=x.device, dtype=dtype) if \
             os.environ.get("TRITON_INTERPRET") else torch.empty(M, N, device=x.device,
                                                                 dtype=dtype)
         if workspace is None:
             workspace = new_workspace(N, x.device)
-        _launch_gemv(x2, args, y, N, K, g, bits, cfg, workspace)
+        dense = {k: v for k, v in t.items() if not k.startswith("outlier_")}
+        _launch_gemv(x2, dense if after else t, y, N, K, g, bits, cfg, workspace)
     else:
         # split-K programs add into fp32 zeros (native atomic adds; fp16 ones are a
         # compare-and-swap loop); a single program per tile stores into NaN, so any element a
@@ -458,7 +505,7 @@ def quant_matmul(x: torch.Tensor, t: dict, bits: int, groupsize: int, N: int, K:
         grid = (triton.cdiv(M, cfg["BLOCK_M"]), triton.cdiv(N, cfg["BLOCK_N"]), cfg["SPLIT_K"])
         _gemm_kernel[grid](x2, *args, y, M, N, K, g, BITS=bits, ROW_STATS=row_stats, DOT=dot,
                            **cfg)
-    if nnz and path != "dequant":
+    if nnz and (path == "gemm" or (path == "gemv" and not fused)):
         BM = 1 if M == 1 else 16 if M <= 16 else 64
         grid = (triton.cdiv(M, BM), triton.cdiv(N, 16))
         _outliers_kernel[grid](x2, t["outlier_rowptr"], t["outlier_cols"], t["outlier_vals"], y,
@@ -474,21 +521,22 @@ def quant_matmul(x: torch.Tensor, t: dict, bits: int, groupsize: int, N: int, K:
 def quant_matmul_op(x: torch.Tensor, qweight: torch.Tensor, qweight_hi: Optional[torch.Tensor],
                     scales: torch.Tensor, zeros: torch.Tensor,
                     outlier_rowptr: Optional[torch.Tensor], outlier_cols: Optional[torch.Tensor],
-                    outlier_vals: Optional[torch.Tensor], workspace: Optional[torch.Tensor],
-                    bits: int, groupsize: int, N: int, K: int) -> torch.Tensor:
+                    outlier_vals: Optional[torch.Tensor], outlier_rows: Optional[torch.Tensor],
+                    workspace: Optional[torch.Tensor], bits: int, groupsize: int, N: int,
+                    K: int) -> torch.Tensor:
     """quant_matmul as one opaque torch operator (the packed tensors spelled out, absent ones
     None), so torch.compile calls it as it is instead of tracing the launches inside. The
     workspace is used and left at zero as it came, so no argument counts as mutated."""
     t = {"qweight": qweight, "qweight_hi": qweight_hi, "scales": scales, "zeros": zeros,
          "outlier_rowptr": outlier_rowptr, "outlier_cols": outlier_cols,
-         "outlier_vals": outlier_vals}
+         "outlier_vals": outlier_vals, "outlier_rows": outlier_rows}
     return quant_matmul(x, {k: v for k, v in t.items() if v is not None}, bits, groupsize, N, K,
                         workspace=workspace)
 
 
 @quant_matmul_op.register_fake
 def _(x, qweight, qweight_hi, scales, zeros, outlier_rowptr, outlier_cols, outlier_vals,
-      workspace, bits, groupsize, N, K):
+      outlier_rows, workspace, bits, groupsize, N, K):
     return x.new_empty(*x.shape[:-1], N)
 
 
@@ -505,13 +553,15 @@ class QuantLinear(nn.Module):
         self.bits, self.groupsize = bits, groupsize
         for name, value in tensors.items():
             self.register_buffer(name, value)
-        # the decode GEMV's scratch (zeros; not saved), moved to the GPU with the weights
-        self.register_buffer("workspace", new_workspace(out_features, tensors["qweight"].device),
-                             persistent=False)
+        # for the decode GEMV, not saved: its scratch (zeros) and each outlier's row
+        dev = tensors["qweight"].device
+        self.register_buffer("workspace", new_workspace(out_features, dev), persistent=False)
+        if "outlier_vals" in tensors:
+            self.register_buffer("outlier_rows", outlier_rows(tensors), persistent=False)
 
     def stored(self) -> dict:
-        """The packed tensors (the format above), without the workspace."""
-        return {k: v for k, v in self.named_buffers() if k != "workspace"}
+        """The packed tensors (the format above), without what the kernels derive from them."""
+        return {k: v for k, v in self.named_buffers() if k not in ("workspace", "outlier_rows")}
 
     def dequantized_weight(self) -> torch.Tensor:
         """W (N, K) in fp32."""
@@ -520,11 +570,12 @@ class QuantLinear(nn.Module):
 
     def forward(self, x):
         if use_triton(x):
-            t = self.stored()
+            t = dict(self.named_buffers())
             return quant_matmul_op(x, t["qweight"], t.get("qweight_hi"), t["scales"], t["zeros"],
                                    t.get("outlier_rowptr"), t.get("outlier_cols"),
-                                   t.get("outlier_vals"), self.workspace, self.bits,
-                                   self.groupsize, self.out_features, self.in_features)
+                                   t.get("outlier_vals"), t.get("outlier_rows"), self.workspace,
+                                   self.bits, self.groupsize, self.out_features,
+                                   self.in_features)
         return F.linear(x, self.dequantized_weight().to(x.dtype))
 
     def extra_repr(self):
@@ -707,6 +758,7 @@ def _random_weights(N, K, bits, groupsize, outlier_share, copies, dev):
         if outlier_share:
             mask = torch.rand(N, K, generator=g, device=dev) < outlier_share
             t |= to_csr(torch.randn(N, K, generator=g, device=dev) * 0.01, mask)
+            t["outlier_rows"] = outlier_rows(t)  # as QuantLinear keeps them
         out.append(t)
     return out
 
@@ -717,7 +769,9 @@ def _tune_candidates(M, G):
                 for bn, bk, it, w in [(128, 32, 2, 2), (256, 32, 2, 4), (256, 64, 2, 4),
                                       (512, 64, 1, 8), (512, 64, 1, 4), (512, 32, 2, 4),
                                       (512, 64, 2, 4), (512, 128, 1, 4), (512, 32, 4, 4),
-                                      (1024, 64, 1, 8), (1024, 32, 2, 8)] if G % bk == 0]
+                                      (1024, 64, 1, 8), (1024, 32, 2, 8)] if G % bk == 0] + \
+            [dict(path="gemv", BLOCK_N=512, BLOCK_K=64, ITERS=1, num_warps=4,
+                  fused_outliers=False)]  # the outliers in a kernel of their own
     if M <= 64:
         return [dict(path="gemm", BLOCK_M=max(16, min(M, 64)), BLOCK_N=bn, BLOCK_K=bk,
                      SPLIT_K=sk, num_warps=4, num_stages=st)
@@ -742,8 +796,8 @@ def _bench(shapes, Ms, bit_widths, outlier_share=0.0035, groupsize=128, copies=8
           f"{torch.cuda.get_device_name()}, triton {triton.__version__}, torch {torch.__version__}")
     print(f"groups of {groupsize}, fp16 activations, {copies} weight copies, CUDA-graph timing")
     print("| N x K | M | bits | outliers | us | fp16 us | speedup | GB/s | % of copy bw | "
-          "GEMV alone us | config |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+          "config |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for N, K in shapes:
         xs = {M: torch.randn(M, K, device=dev, dtype=torch.float16) for M in Ms}
         ws = [torch.randn(N, K, device=dev, dtype=torch.float16) for _ in range(copies)]
@@ -779,18 +833,10 @@ def _bench(shapes, Ms, bit_widths, outlier_share=0.0035, groupsize=128, copies=8
                     err = (quant_matmul(x, ts[0], bits, groupsize, N, K, cfg, ws).float() - ref
                            ).abs().max() / ref.abs().max()
                     assert err < 1e-2, f"wrong result: relative error {err:.2e}"
-                    alone = "-"
-                    if cfg["path"] == "gemv":  # the GEMV launch without the outlier kernel
-                        kcfg = {k: v for k, v in cfg.items() if k != "path"}
-                        y16 = torch.empty(1, N, device=dev, dtype=x.dtype)
-                        g = K if groupsize == -1 else groupsize
-                        alone = "%.1f" % (1e6 * _graph_time(lambda t: _launch_gemv(
-                            x, _packed_args(t), y16, N, K, g, bits, kcfg, ws),
-                            [(t,) for t in ts]))
                     c = " ".join(f"{k}={v}" for k, v in cfg.items())
                     print(f"| {N}x{K} | {M} | {bits} | {share:.2%} | {sec * 1e6:.1f} | "
                           f"{t16[M] * 1e6:.1f} | {t16[M] / sec:.2f}x | {nbytes / sec / 1e9:.0f} | "
-                          f"{100 * nbytes / sec / 1e9 / peak:.0f}% | {alone} | {c} |", flush=True)
+                          f"{100 * nbytes / sec / 1e9 / peak:.0f}% | {c} |", flush=True)
                 del ts
 
 

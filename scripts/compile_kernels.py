@@ -36,21 +36,19 @@ PACKED = {"x_ptr": "*fp16", "qw_ptr": "*i32", "qhi_ptr": "*i32", "s_ptr": "*fp16
 
 def jobs():
     """(name, kernel, signature, constexprs, num_warps, weights per program or None)."""
-    for bits in (4, 3, 2):
-        c = K.config_for(1, 4096, 4096, 128)
-        const = dict(BITS=bits, BLOCK_N=c["BLOCK_N"], BLOCK_K=c["BLOCK_K"], ITERS=c["ITERS"],
-                     ROW_STATS=True, EVEN=True)
-        sig = PACKED | {"ws_ptr": "*fp32", "count_ptr": "*i32", "y_ptr": "*fp16", "N": "i32",
-                        "K": "i32", "G": "i32"}
-        yield (f"gemv {bits}-bit (M=1)", K._gemv_kernel, sig, const, c["num_warps"],
-               c["BLOCK_N"] * c["BLOCK_K"] * c["ITERS"])
-    c = K.config_for(1, 4096, 4096, 128)  # bf16 activations
-    yield ("gemv 4-bit, bf16 x (M=1)", K._gemv_kernel,
-           PACKED | {"x_ptr": "*bf16", "ws_ptr": "*fp32", "count_ptr": "*i32", "y_ptr": "*bf16",
-                     "N": "i32", "K": "i32", "G": "i32"},
-           dict(BITS=4, BLOCK_N=c["BLOCK_N"], BLOCK_K=c["BLOCK_K"], ITERS=c["ITERS"],
-                ROW_STATS=True, EVEN=True), c["num_warps"],
-           c["BLOCK_N"] * c["BLOCK_K"] * c["ITERS"])
+    csr = {"rowptr_ptr": "*i32", "cols_ptr": "*i16", "vals_ptr": "*fp16"}
+    c = K.config_for(1, 4096, 4096, 128)
+    gemv = dict(BLOCK_N=c["BLOCK_N"], BLOCK_K=c["BLOCK_K"], ITERS=c["ITERS"], ROW_STATS=True,
+                EVEN=True, OUT_BLOCK=128)
+    for bits, x, outliers in [(4, "fp16", False), (3, "fp16", False), (2, "fp16", False),
+                              (4, "bf16", False), (4, "fp16", True)]:
+        sig = PACKED | {"x_ptr": f"*{x}", "rowptr_ptr": "*i32", "rows_ptr": "*i32",
+                        "cols_ptr": "*i16", "vals_ptr": "*fp16", "ws_ptr": "*fp32",
+                        "count_ptr": "*i32", "y_ptr": f"*{x}", "N": "i32", "K": "i32", "G": "i32"}
+        name = f"gemv {bits}-bit" + (", bf16 x" if x == "bf16" else "") + \
+            (", outliers" if outliers else "") + " (M=1)"
+        yield (name, K._gemv_kernel, sig, gemv | dict(BITS=bits, OUTLIERS=outliers),
+               c["num_warps"], c["BLOCK_N"] * c["BLOCK_K"] * c["ITERS"])
     c = K.config_for(16, 4096, 4096, 128)
     yield ("gemm 4-bit, bf16 x (M=16)", K._gemm_kernel,
            PACKED | {"x_ptr": "*bf16", "y_ptr": "*fp32", "M": "i32", "N": "i32", "K": "i32",
@@ -70,7 +68,6 @@ def jobs():
     yield ("dequant 4-bit (M=256)", K._dequant_kernel, sig,
            dict(BITS=4, BLOCK_N=c["BLOCK_N"], BLOCK_K=c["BLOCK_K"], ROW_STATS=True),
            c["num_warps"], None)
-    csr = {"rowptr_ptr": "*i32", "cols_ptr": "*i16", "vals_ptr": "*fp16"}
     yield ("outliers (M=1)", K._outliers_kernel,
            {"x_ptr": "*fp16"} | csr | {"y_ptr": "*fp32", "M": "i32", "N": "i32", "K": "i32"},
            dict(BLOCK_M=1, ROWS=16, BLOCK=128), 4, None)

@@ -56,6 +56,7 @@ def test_kernel_dtypes(bits, dtype):
     dict(path="gemv", BLOCK_N=32, BLOCK_K=32, ITERS=1),
     dict(path="gemv", BLOCK_N=64, BLOCK_K=64, ITERS=2),
     dict(path="gemv", BLOCK_N=8, BLOCK_K=32, ITERS=2),  # tiles divide N = 40, K = 192: no masks
+    dict(path="gemv", BLOCK_N=8, BLOCK_K=32, ITERS=1, fused_outliers=False),
     dict(path="gemm", BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, SPLIT_K=1),
     dict(path="gemm", BLOCK_M=16, BLOCK_N=32, BLOCK_K=64, SPLIT_K=3),
     dict(path="dequant", BLOCK_N=32, BLOCK_K=64)], ids=lambda c: "-".join(map(str, c.values())))
@@ -189,8 +190,10 @@ def test_quant_matmul_op_is_opaque_to_torch_compile(bits, outliers):
     # the operator passes torch's own checks of its schema and fake (shape-only) version
     N, Kd = 40, 96
     t = random_packed(bits, N, Kd, 32, outliers, seed=bits)
+    if outliers:
+        t["outlier_rows"] = K.outlier_rows(t)
     names = ["qweight", "qweight_hi", "scales", "zeros", "outlier_rowptr", "outlier_cols",
-             "outlier_vals"]
+             "outlier_vals", "outlier_rows"]
     workspace = K.new_workspace(N, DEVICE)
     args = [t.get(n) for n in names] + [workspace, bits, 32, N, Kd]
     x = torch.randn(1, Kd, generator=torch.Generator().manual_seed(7)).to(DEVICE, torch.float16)
@@ -232,7 +235,7 @@ def test_every_kernel_compiles_for_the_h100():
     out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env)
     assert out.returncode == 0, out.stderr[-3000:]
     rows = [ln for ln in out.stdout.splitlines() if ln.startswith("| ") and "registers" not in ln]
-    assert len(rows) == 12  # every kernel of kernels.py, each with its ptxas numbers
+    assert len(rows) == 13  # every kernel of kernels.py, each with its ptxas numbers
     # the decode GEMV keeps every word in the layout it was loaded in and adds with relaxed
     # atomics: no CTA barrier (a shuffle through shared memory) and no memory fence before its
     # partial sums go out (its split-K epilogue has one of each per program); it
@@ -240,7 +243,7 @@ def test_every_kernel_compiles_for_the_h100():
     # decode reads masked codes as denormal floats)
     cells = lambda r: [c.strip() for c in r.split("|")[-4:-1]]  # BAR / MEMBAR, I2F, FTZ
     gemv = [cells(r) for r in rows if r.startswith("| gemv")]
-    assert len(gemv) == 4 and all(c == ["0 / 0", "0", "0"] for c in gemv), gemv
+    assert len(gemv) == 5 and all(c == ["0 / 0", "0", "0"] for c in gemv), gemv
     # no kernel that dequantizes weights converts them with I2F (the magic-number conversion)
     assert all(cells(r)[1] == "0" for r in rows if r.startswith(("| gemm", "| dequant"))), rows
 
