@@ -223,6 +223,35 @@ def test_gemv_leaves_its_workspace_at_zero(bits, outliers):
         assert not workspace.any(), workspace
 
 
+@pytest.mark.skipif(DEVICE != "cuda", reason="needs a GPU (MIXQ_TEST_GPU=1): real concurrency")
+def test_gemv_workspace_survives_many_calls_on_a_gpu():
+    # the interpreter runs programs one after another, so only a GPU tests the split-K
+    # epilogue's memory ordering (relaxed adds, the acq_rel count, the last program's read):
+    # a Llama-sized GEMV with outliers, 200 calls on one workspace (eager and in a CUDA graph),
+    # each checked against the fp64 reference
+    N, Kd = 4096, 4096
+    t = random_packed(4, N, Kd, 128, 0.0035, seed=11)
+    t["outlier_rows"] = K.outlier_rows(t)
+    W = K.dequantize(t, 4, 128, N, Kd).double()
+    workspace = K.new_workspace(N, DEVICE)
+    xs = torch.randn(100, 1, Kd, device=DEVICE).half()
+    x = torch.empty(1, Kd, device=DEVICE, dtype=torch.float16)
+    for i in range(100):
+        x.copy_(xs[i])
+        y = K.quant_matmul(x, t, 4, 128, N, Kd, workspace=workspace)
+        err = (y.double() - x.double() @ W.T).abs().max() / (x.double() @ W.T).abs().max()
+        assert err < 2e-3, (i, float(err))
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = K.quant_matmul(x, t, 4, 128, N, Kd, workspace=workspace)
+    for i in range(100):
+        x.copy_(xs[i])
+        graph.replay()
+        err = (y.double() - x.double() @ W.T).abs().max() / (x.double() @ W.T).abs().max()
+        assert err < 2e-3, (i, float(err))
+    assert not workspace.any()
+
+
 def test_every_kernel_compiles_for_the_h100():
     # the interpreter never compiles; Triton's compiler and ptxas (in the triton wheel) need no
     # GPU, so compile-only errors show up here (sm_90, the configurations config_for picks)
