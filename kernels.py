@@ -170,13 +170,15 @@ if triton is not None:
         return q
 
     @triton.jit
-    def _weights(qw_ptr, qhi_ptr, s_ptr, z_ptr, k0, offs_n, N, K, G, BITS: tl.constexpr,
+    def _weights(qw_ptr, qhi_ptr, s_ptr, z_ptr, k0, offs_n, N, K, G: tl.constexpr,
+                 BITS: tl.constexpr,
                  BLOCK_K: tl.constexpr, ROW_STATS: tl.constexpr, n_mask):
         """w = s * (q - z), (BLOCK_K, BLOCK_N) fp32; 0 outside K and N."""
         q = _codes(qw_ptr, qhi_ptr, k0, offs_n, N, K, BITS, BLOCK_K, n_mask)
-        # q as an fp32 without an int-to-float instruction (quarter rate on Hopper): the float
-        # with exponent 2^23 and q in its mantissa is 2^23 + q (the magic-number conversion)
-        q = (q | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+        # q without an int-to-float instruction (quarter rate on Hopper): the float with
+        # exponent 2^23 and q in its mantissa is f = 2^23 + q (the magic-number conversion), so
+        # q - z = f - (2^23 + z), exact for the format's integer zero points
+        f = (q | 0x4B000000).to(tl.float32, bitcast=True)
         if ROW_STATS:  # the tile lies in one group: one row of statistics
             stat = (k0 // G) * N + offs_n[None, :]
             kn_mask = n_mask[None, :] & (k0 + 0 * offs_n[None, :] < K)  # a tensor, not a bool
@@ -186,7 +188,7 @@ if triton is not None:
             kn_mask = (offs_k < K)[:, None] & n_mask[None, :]
         s = tl.load(s_ptr + stat, mask=kn_mask, other=0.0).to(tl.float32)
         z = tl.load(z_ptr + stat, mask=kn_mask, other=0.0).to(tl.float32)
-        return (q - z) * s
+        return (f - (z + 8388608.0)) * s
 
     @triton.jit
     def _x_times_code(x, w, p: tl.constexpr, PB: tl.constexpr):
@@ -258,7 +260,7 @@ if triton is not None:
 
     @triton.jit
     def _gemv_kernel(x_ptr, qw_ptr, qhi_ptr, s_ptr, z_ptr, rowptr_ptr, rows_ptr, cols_ptr,
-                     vals_ptr, ws_ptr, count_ptr, y_ptr, N, K, G,
+                     vals_ptr, ws_ptr, count_ptr, y_ptr, N, K, G: tl.constexpr,
                      BITS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                      ITERS: tl.constexpr, ROW_STATS: tl.constexpr, EVEN: tl.constexpr,
                      OUTLIERS: tl.constexpr, OUT_BLOCK: tl.constexpr):
@@ -304,7 +306,7 @@ if triton is not None:
             tl.store(count_ptr + pid_n, 0)
 
     @triton.jit
-    def _gemm_kernel(x_ptr, qw_ptr, qhi_ptr, s_ptr, z_ptr, y_ptr, M, N, K, G,
+    def _gemm_kernel(x_ptr, qw_ptr, qhi_ptr, s_ptr, z_ptr, y_ptr, M, N, K, G: tl.constexpr,
                      BITS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                      BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, ROW_STATS: tl.constexpr,
                      DOT: tl.constexpr):
@@ -333,7 +335,8 @@ if triton is not None:
             tl.atomic_add(y, acc, mask=mn_mask, sem="relaxed")
 
     @triton.jit
-    def _dequant_kernel(qw_ptr, qhi_ptr, s_ptr, z_ptr, wt_ptr, N, K, G, BITS: tl.constexpr,
+    def _dequant_kernel(qw_ptr, qhi_ptr, s_ptr, z_ptr, wt_ptr, N, K, G: tl.constexpr,
+                        BITS: tl.constexpr,
                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ROW_STATS: tl.constexpr):
         """W^T (K, N) in wt's dtype, one (BLOCK_K, BLOCK_N) tile per program."""
         offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -551,6 +554,9 @@ class QuantLinear(nn.Module):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.bits, self.groupsize = bits, groupsize
+        z = tensors["zeros"]
+        if not torch.equal(z, z.round()):  # the kernels' 2^23 + z is exact for integers only
+            raise ValueError("zeros must be integer zero points (the packed format)")
         for name, value in tensors.items():
             self.register_buffer(name, value)
         # for the decode GEMV, not saved: its scratch (zeros) and each outlier's row

@@ -38,35 +38,34 @@ def jobs():
     """(name, kernel, signature, constexprs, num_warps, weights per program or None)."""
     csr = {"rowptr_ptr": "*i32", "cols_ptr": "*i16", "vals_ptr": "*fp16"}
     c = K.config_for(1, 4096, 4096, 128)
-    gemv = dict(BLOCK_N=c["BLOCK_N"], BLOCK_K=c["BLOCK_K"], ITERS=c["ITERS"], ROW_STATS=True,
+    gemv = dict(G=128, BLOCK_N=c["BLOCK_N"], BLOCK_K=c["BLOCK_K"], ITERS=c["ITERS"], ROW_STATS=True,
                 EVEN=True, OUT_BLOCK=128)
     for bits, x, outliers in [(4, "fp16", False), (3, "fp16", False), (2, "fp16", False),
                               (4, "bf16", False), (4, "fp16", True)]:
         sig = PACKED | {"x_ptr": f"*{x}", "rowptr_ptr": "*i32", "rows_ptr": "*i32",
                         "cols_ptr": "*i16", "vals_ptr": "*fp16", "ws_ptr": "*fp32",
-                        "count_ptr": "*i32", "y_ptr": f"*{x}", "N": "i32", "K": "i32", "G": "i32"}
+                        "count_ptr": "*i32", "y_ptr": f"*{x}", "N": "i32", "K": "i32"}
         name = f"gemv {bits}-bit" + (", bf16 x" if x == "bf16" else "") + \
             (", outliers" if outliers else "") + " (M=1)"
         yield (name, K._gemv_kernel, sig, gemv | dict(BITS=bits, OUTLIERS=outliers),
                c["num_warps"], c["BLOCK_N"] * c["BLOCK_K"] * c["ITERS"])
     c = K.config_for(16, 4096, 4096, 128)
     yield ("gemm 4-bit, bf16 x (M=16)", K._gemm_kernel,
-           PACKED | {"x_ptr": "*bf16", "y_ptr": "*fp32", "M": "i32", "N": "i32", "K": "i32",
-                     "G": "i32"},
-           dict(BITS=4, BLOCK_M=c["BLOCK_M"], BLOCK_N=c["BLOCK_N"], BLOCK_K=c["BLOCK_K"],
+           PACKED | {"x_ptr": "*bf16", "y_ptr": "*fp32", "M": "i32", "N": "i32", "K": "i32"},
+           dict(G=128, BITS=4, BLOCK_M=c["BLOCK_M"], BLOCK_N=c["BLOCK_N"], BLOCK_K=c["BLOCK_K"],
                 SPLIT_K=c["SPLIT_K"], ROW_STATS=True, DOT=triton.language.bfloat16),
            c["num_warps"], None)
     for bits in (4, 3):
         c = K.config_for(16, 4096, 4096, 128)
-        const = dict(BITS=bits, BLOCK_M=c["BLOCK_M"], BLOCK_N=c["BLOCK_N"], BLOCK_K=c["BLOCK_K"],
+        const = dict(G=128, BITS=bits, BLOCK_M=c["BLOCK_M"], BLOCK_N=c["BLOCK_N"], BLOCK_K=c["BLOCK_K"],
                      SPLIT_K=c["SPLIT_K"], ROW_STATS=True, DOT=triton.language.float16)
-        sig = PACKED | {"y_ptr": "*fp32", "M": "i32", "N": "i32", "K": "i32", "G": "i32"}
+        sig = PACKED | {"y_ptr": "*fp32", "M": "i32", "N": "i32", "K": "i32"}
         yield f"gemm {bits}-bit (M=16)", K._gemm_kernel, sig, const, c["num_warps"], None
     c = K.config_for(256, 4096, 4096, 128)
     sig = {k: v for k, v in PACKED.items() if k != "x_ptr"} | {
-        "wt_ptr": "*fp16", "N": "i32", "K": "i32", "G": "i32"}
+        "wt_ptr": "*fp16", "N": "i32", "K": "i32"}
     yield ("dequant 4-bit (M=256)", K._dequant_kernel, sig,
-           dict(BITS=4, BLOCK_N=c["BLOCK_N"], BLOCK_K=c["BLOCK_K"], ROW_STATS=True),
+           dict(G=128, BITS=4, BLOCK_N=c["BLOCK_N"], BLOCK_K=c["BLOCK_K"], ROW_STATS=True),
            c["num_warps"], None)
     yield ("outliers (M=1)", K._outliers_kernel,
            {"x_ptr": "*fp16"} | csr | {"y_ptr": "*fp32", "M": "i32", "N": "i32", "K": "i32"},

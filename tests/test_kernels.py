@@ -68,6 +68,13 @@ def test_every_path(config, groupsize):
         check(bits, M, 40, 192, groupsize, 0.02, torch.float16, seed=M + bits, config=config)
 
 
+def test_quantized_linear_refuses_fractional_zero_points():
+    t = random_packed(4, 8, 64, 32, 0.0, seed=0)
+    t["zeros"] = t["zeros"] + 0.5
+    with pytest.raises(ValueError, match="integer zero points"):
+        K.QuantLinear(64, 8, 4, 32, t)
+
+
 def test_quantized_linear_triton_path_equals_torch_path():
     W = torch.randn(48, 128, generator=torch.Generator().manual_seed(0))
     S = torch.eye(128) + 0.1
