@@ -3,6 +3,7 @@
 # device tool; the machine has torch and triton but not gguf, so nothing here needs the
 # embedded SmolLM2). Writes logs under ${OUT:-out/gpu}.
 #   bash scripts/run_on_gpu.sh kernels   # kernel tests on the GPU, the kernel table, M=1 tuning
+#   bash scripts/run_on_gpu.sh tune      # tile candidates at M=16 and M=256 (4-bit)
 #   bash scripts/run_on_gpu.sh load      # random Llama-3-8B: load, prefill/decode, 4-bit decode
 #                                        # (eager, CUDA graph, torch.compile), a bf16 profile
 #   bash scripts/run_on_gpu.sh quantize  # random Llama-3-8B: each method's time and memory
@@ -19,6 +20,10 @@ kernels)
   python3 kernels.py --bench 2>&1 | tee "$OUT/bench_kernels.txt"
   python3 kernels.py --bench --tune --M 1 --shapes 14336x4096 4096x14336 > "$OUT/tune_m1.txt" 2>&1
   grep "^|" "$OUT/tune_m1.txt" ;;
+tune)  # small-batch and prefill tiles at 4 bits: does a fused GEMM now beat dequantize + cuBLAS?
+  python3 kernels.py --bench --tune --M 16 256 --bits 4 --shapes 14336x4096 4096x14336 \
+    > "$OUT/tune_m16_m256.txt" 2>&1
+  grep "^|" "$OUT/tune_m16_m256.txt" ;;
 load)
   [ -f $CKPT/model.safetensors.index.json ] || python3 scripts/make_random_llama3_8b.py > /dev/null
   for impl in mixq transformers; do
@@ -41,5 +46,5 @@ full)
   python3 scripts/bench_8b.py --ckpt $CKPT --device cuda --methods ${METHODS:-gptq} \
     --nsamples 128 --seqlen 2048 --work "$OUT/work" 2>&1 | tee -a "$OUT/bench_8b_full.txt" \
     | grep "^|\|reusing\|resumed" ;;
-*) echo "usage: bash scripts/run_on_gpu.sh kernels|load|quantize|full"; exit 2 ;;
+*) echo "usage: bash scripts/run_on_gpu.sh kernels|tune|load|quantize|full"; exit 2 ;;
 esac
