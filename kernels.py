@@ -813,7 +813,7 @@ def _bench(shapes, Ms, bit_widths, outlier_share=0.0035, groupsize=128, copies=8
         for bits in bit_widths:
             for share in (0.0, outlier_share):
                 ts = _random_weights(N, K, bits, groupsize, share, copies, dev)
-                ws = new_workspace(N, dev)  # as a QuantLinear keeps one (calls are in sequence)
+                scratch = new_workspace(N, dev)  # as a QuantLinear keeps one (calls in sequence)
                 nbytes = sum(v.numel() * v.element_size() for v in ts[0].values())
                 for M in Ms:
                     x = xs[M]
@@ -823,7 +823,8 @@ def _bench(shapes, Ms, bit_widths, outlier_share=0.0035, groupsize=128, copies=8
                     for cfg in cands:
                         try:
                             sec = _graph_time(
-                                lambda t: quant_matmul(x, t, bits, groupsize, N, K, cfg, ws),
+                                lambda t: quant_matmul(x, t, bits, groupsize, N, K, cfg,
+                                                       scratch),
                                 [(t,) for t in ts])
                         except Exception as e:  # a tile that does not compile: say so, go on
                             print(f"  config {cfg}: {type(e).__name__}: {str(e)[-400:]}")
@@ -837,7 +838,7 @@ def _bench(shapes, Ms, bit_widths, outlier_share=0.0035, groupsize=128, copies=8
                         continue
                     sec, cfg = best
                     ref = x.float() @ dequantize(ts[0], bits, groupsize, N, K).T
-                    err = (quant_matmul(x, ts[0], bits, groupsize, N, K, cfg, ws).float() - ref
+                    err = (quant_matmul(x, ts[0], bits, groupsize, N, K, cfg, scratch).float() - ref
                            ).abs().max() / ref.abs().max()
                     assert err < 1e-2, f"wrong result: relative error {err:.2e}"
                     c = " ".join(f"{k}={v}" for k, v in cfg.items())

@@ -1,12 +1,13 @@
 """Compile every Triton kernel of kernels.py for an NVIDIA GPU on a machine without one, and
 report what ptxas says: registers and spills per thread, the SASS instruction count per weight
 each thread handles, the barriers before the first global atomic (BAR: the CTA waits, usually
-for a layout change through shared memory; MEMBAR: a memory fence), int-to-float conversions (I2F: quarter rate on Hopper)
-and arithmetic that flushes denormals to zero (FTZ; the GEMV's decode needs denormals). A static view, not a timing: the instruction count
-once predicted a GEMV speedup that the H100 did not show, while the barriers it had missed
-(until the kernels were compiled with the launcher's run-time specialization, as now) were
-what mattered. The interpreter that runs the tests never compiles; this catches what only the
-compiler rejects, before a GPU is at hand.
+for a layout change through shared memory; MEMBAR: a memory fence), int-to-float conversions
+(I2F: quarter rate on Hopper) and arithmetic that flushes denormals to zero (FTZ; the GEMV's
+decode needs denormals). A static view, not a timing: the instruction count once predicted a
+GEMV speedup that the H100 did not show, while the barriers it had missed (until the kernels
+were compiled with the launcher's run-time specialization, as now) were what mattered. The
+interpreter that runs the tests never compiles; this catches what only the compiler rejects,
+before a GPU is at hand.
 
     python scripts/compile_kernels.py [--arch 90]
 
@@ -57,8 +58,9 @@ def jobs():
            c["num_warps"], None)
     for bits in (4, 3):
         c = K.config_for(16, 4096, 4096, 128)
-        const = dict(G=128, BITS=bits, BLOCK_M=c["BLOCK_M"], BLOCK_N=c["BLOCK_N"], BLOCK_K=c["BLOCK_K"],
-                     SPLIT_K=c["SPLIT_K"], ROW_STATS=True, DOT=triton.language.float16)
+        const = dict(G=128, BITS=bits, BLOCK_M=c["BLOCK_M"], BLOCK_N=c["BLOCK_N"],
+                     BLOCK_K=c["BLOCK_K"], SPLIT_K=c["SPLIT_K"], ROW_STATS=True,
+                     DOT=triton.language.float16)
         sig = PACKED | {"y_ptr": "*fp32", "M": "i32", "N": "i32", "K": "i32"}
         yield f"gemm {bits}-bit (M=16)", K._gemm_kernel, sig, const, c["num_warps"], None
     c = K.config_for(256, 4096, 4096, 128)
