@@ -591,6 +591,33 @@ class QuantLinear(nn.Module):
                 f"{nnz} outliers")
 
 
+def stack_quant_linears(linears: list) -> Optional[QuantLinear]:
+    """One QuantLinear whose output is the outputs of `linears` (same input) side by side, or
+    None if they differ in K, bits or group size. The format stacks along N as it is: codes,
+    scales and zeros are column blocks (., N), and the CSR rows of the outliers follow one
+    another (each row pointer shifted by the entries before it)."""
+    a = linears[0]
+    if any((m.in_features, m.bits, m.groupsize) != (a.in_features, a.bits, a.groupsize)
+           for m in linears):
+        return None
+    ts = [m.stored() for m in linears]
+    t = {k: torch.cat([x[k] for x in ts], dim=1) for k in ts[0] if not k.startswith("outlier_")}
+    if any("outlier_vals" in x for x in ts):
+        dev = a.qweight.device
+        rowptrs, cols, vals, before = [torch.zeros(1, dtype=torch.int32, device=dev)], [], [], 0
+        for m, x in zip(linears, ts):
+            rp = x.get("outlier_rowptr", torch.zeros(m.out_features + 1, dtype=torch.int32,
+                                                     device=dev))
+            rowptrs.append(rp[1:] + before)
+            before += int(rp[-1])
+            cols.append(x.get("outlier_cols", torch.zeros(0, dtype=torch.int16, device=dev)))
+            vals.append(x.get("outlier_vals", torch.zeros(0, dtype=torch.float16, device=dev)))
+        t |= {"outlier_rowptr": torch.cat(rowptrs), "outlier_cols": torch.cat(cols),
+              "outlier_vals": torch.cat(vals)}
+    return QuantLinear(a.in_features, sum(m.out_features for m in linears), a.bits, a.groupsize,
+                       t)
+
+
 # -----------------------------------------------------------------------------
 # Calibration on the GPU: the column loops of QuantEase and GPTQ (mixq.cd_block and
 # mixq.gptq_block are the readable torch versions of the same numbers)

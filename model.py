@@ -255,15 +255,21 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
         self.o_proj = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
         self.cache: Optional[KVCache] = None  # set by Transformer.setup_cache for generation
+        self.qkv_proj = None  # q, k and v in one linear: Transformer.fuse_projections
         # optional f(q, k) -> (q, k) after RoPE, before the cache (ResQ's online key rotation and
         # KV-cache quantization live there); None: nothing
         self.post_rope = None
 
     def forward(self, x, cos, sin, start_pos: int = 0):
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
-        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, hd)
-        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        if self.qkv_proj is not None:  # one weight read for all three (decoding)
+            hq, hkv = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
+            q, k, v = self.qkv_proj(x).split([hq, hkv, hkv], dim=-1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
+        k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, hd)
+        v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if self.post_rope is not None:
             q, k = self.post_rope(q, k)
@@ -289,10 +295,15 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(args.dim, args.hidden_dim, bias=False)
         self.up_proj = nn.Linear(args.dim, args.hidden_dim, bias=False)
         self.down_proj = nn.Linear(args.hidden_dim, args.dim, bias=False)
+        self.gate_up_proj = None  # gate and up in one linear: Transformer.fuse_projections
 
     def forward(self, x):
+        if self.gate_up_proj is not None:  # one weight read for both (decoding)
+            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
         # SwiGLU: down(silu(gate(x)) * up(x))
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(F.silu(gate) * up)
 
 
 class Block(nn.Module):
@@ -343,6 +354,35 @@ class Transformer(nn.Module):
         return self.lm_head(x)
 
     # -- 3. Generation ---------------------------------------------------------
+
+    def fuse_projections(self):
+        """For decoding: q, k and v become one linear, and gate and up another, so a token reads
+        those weights in one launch each instead of three and two (small decode launches are
+        latency-bound). The outputs are the same; the separate linears are dropped, so quantize
+        and save before, not after. Quantized layers stack only when they share bits and group
+        size (model.stack_linears); a pair that cannot stays split."""
+        for layer in self.layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            qkv = stack_linears([attn.q_proj, attn.k_proj, attn.v_proj])
+            if qkv is not None:
+                attn.qkv_proj, attn.q_proj, attn.k_proj, attn.v_proj = qkv, None, None, None
+            gate_up = stack_linears([mlp.gate_proj, mlp.up_proj])
+            if gate_up is not None:
+                mlp.gate_up_proj, mlp.gate_proj, mlp.up_proj = gate_up, None, None
+
+    def split_projections(self):
+        """The inverse of fuse_projections for unquantized linears (nn.Linear)."""
+        for layer in self.layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            if attn.qkv_proj is not None:
+                hq, hkv = attn.n_heads * attn.head_dim, attn.n_kv_heads * attn.head_dim
+                attn.q_proj, attn.k_proj, attn.v_proj = split_linear(attn.qkv_proj,
+                                                                     [hq, hkv, hkv])
+                attn.qkv_proj = None
+            if mlp.gate_up_proj is not None:
+                half = mlp.gate_up_proj.out_features // 2
+                mlp.gate_proj, mlp.up_proj = split_linear(mlp.gate_up_proj, [half, half])
+                mlp.gate_up_proj = None
 
     def setup_cache(self, batch: int, max_len: int):
         """Give every attention layer a KV cache for `max_len` positions (None: remove them)."""
@@ -421,6 +461,33 @@ class Transformer(nn.Module):
             return out
         finally:
             self.setup_cache(1, None)
+
+
+def stack_linears(linears: list) -> Optional[nn.Module]:
+    """One linear whose output is the outputs of `linears` (same input) side by side, or None
+    when they cannot be stacked: nn.Linear weights are concatenated along the outputs,
+    kernels.QuantLinear ones by kernels.stack_quant_linears."""
+    if all(type(m) is nn.Linear and m.bias is None for m in linears):
+        w = torch.cat([m.weight.detach() for m in linears])  # (sum N, K)
+        out = nn.Linear(w.shape[1], w.shape[0], bias=False, device=w.device, dtype=w.dtype)
+        out.weight.data = w
+        return out
+    if all(type(m).__name__ == "QuantLinear" for m in linears):
+        import kernels
+        return kernels.stack_quant_linears(linears)
+    return None
+
+
+def split_linear(linear: nn.Linear, sizes: list) -> list:
+    """nn.Linear modules for consecutive blocks of `linear`'s outputs (stack_linears undone)."""
+    if type(linear) is not nn.Linear:
+        raise TypeError(f"only an unquantized nn.Linear can be split, not {type(linear).__name__}")
+    out = []
+    for w in linear.weight.detach().split(sizes):
+        m = nn.Linear(w.shape[1], w.shape[0], bias=False, device=w.device, dtype=w.dtype)
+        m.weight.data = w.clone()
+        out.append(m)
+    return out
 
 
 def sample(logits: torch.Tensor, temperature: float, top_p: float, gen=None) -> int:

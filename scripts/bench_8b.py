@@ -128,6 +128,14 @@ def decode_speed(model, a, static=False, compile=False):
     return dec
 
 
+def fused_speeds(model, a, key):
+    """Decode tokens/s of a model after fuse_projections: CUDA graph, and compiled."""
+    out = {f"{key}_fused_graph_tok_s": decode_speed(model, a, True)}
+    if a.compile:
+        out[f"{key}_fused_compiled_tok_s"] = decode_speed(model, a, True, compile=True)
+    return out
+
+
 def child_decode(a):
     """bf16 on a.device, then the same model RTN-quantized in place with its linears swapped for
     kernels.QuantLinear (as model.load_quantized does), timed the same way."""
@@ -136,6 +144,10 @@ def child_decode(a):
            "bf16_gpu_gb": gpu_gb(a.device)}
     if a.compile:
         out["bf16_compiled_tok_s"] = decode_speed(model, a, True, compile=True)
+    if a.fuse:  # q/k/v and gate/up stacked (model.fuse_projections), then split back
+        model.fuse_projections()
+        out |= fused_speeds(model, a, "bf16")
+        model.split_projections()
     cfg = Q.QuantConfig(wbits=a.wbits, groupsize=a.groupsize)
     res = Q.quantize_model(model, None, "rtn", cfg, device=a.device, log=lambda s: None)
     swap_in_quant_linears(model, res, cfg.groupsize)
@@ -145,6 +157,9 @@ def child_decode(a):
             "q_gpu_gb": gpu_gb(a.device)}
     if a.compile:
         out["q_compiled_tok_s"] = decode_speed(model, a, True, compile=True)
+    if a.fuse:
+        model.fuse_projections()
+        out |= fused_speeds(model, a, "q")
     # the same greedy continuation through the Triton kernels (in a CUDA graph) and through the
     # torch path (eager)?
     prompt = torch.randint(0, model.args.vocab_size, (a.prompt_len,),
@@ -191,6 +206,12 @@ def decode_line(a, d):
         f"  torch.compile + CUDA graph: bf16 {d['bf16_compiled_tok_s']:.1f} tok/s, "
         f"W{a.wbits} {d['q_compiled_tok_s']:.1f} tok/s, ratio "
         f"{d['q_compiled_tok_s'] / d['bf16_compiled_tok_s']:.2f}x\n")
+    for how, k in [("q/k/v and gate/up fused, CUDA graph", "fused_graph"),
+                   ("fused, torch.compile + CUDA graph", "fused_compiled")]:
+        if f"q_{k}_tok_s" in d:
+            compiled += (f"  {how}: bf16 {d[f'bf16_{k}_tok_s']:.1f} tok/s, W{a.wbits} "
+                         f"{d[f'q_{k}_tok_s']:.1f} tok/s, ratio "
+                         f"{d[f'q_{k}_tok_s'] / d[f'bf16_{k}_tok_s']:.2f}x\n")
     return (f"decode, batch 1, prompt {a.prompt_len}, {a.new_tokens} new tokens, greedy:\n"
             f"  bf16: {d['bf16_tok_s']:.1f} tok/s eager, {d['bf16_graph_tok_s']:.1f} CUDA graph "
             f"({fmt(d['bf16_gpu_gb'], gb)})\n"
@@ -264,6 +285,8 @@ def main():
     p.add_argument("--decode", action="store_true", help="bf16 vs 4-bit decode tokens/s")
     p.add_argument("--compile", action="store_true",
                    help="--decode: also time the step after torch.compile")
+    p.add_argument("--fuse", action="store_true",
+                   help="--decode: also time with q/k/v and gate/up fused (fuse_projections)")
     p.add_argument("--prompt-len", type=int, default=64)
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--work", default=None,

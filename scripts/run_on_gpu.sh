@@ -4,8 +4,9 @@
 # embedded SmolLM2). Writes logs under ${OUT:-out/gpu}.
 #   bash scripts/run_on_gpu.sh kernels   # kernel tests on the GPU, the kernel table, M=1 tuning
 #   bash scripts/run_on_gpu.sh tune      # tile candidates at M=16 and M=256 (4-bit)
-#   bash scripts/run_on_gpu.sh load      # random Llama-3-8B: load, prefill/decode, 4-bit decode
-#                                        # (eager, CUDA graph, torch.compile), a bf16 profile
+#   bash scripts/run_on_gpu.sh load      # random Llama-3-8B: load, prefill/decode, a bf16 profile
+#   bash scripts/run_on_gpu.sh decode    # bf16 vs 4-bit decode: eager, CUDA graph, torch.compile,
+#                                        # q/k/v and gate/up fused
 #   bash scripts/run_on_gpu.sh quantize  # random Llama-3-8B: each method's time and memory
 #   METHODS="gptq tacq" bash scripts/run_on_gpu.sh full  # the same, all 32 blocks; a run cut
 #       by the device's 10-minute limit goes on from its saved blocks when called again
@@ -31,9 +32,11 @@ load)
   done | tee "$OUT/bench_load.txt"
   python3 scripts/bench_load.py --ckpt $CKPT --device cuda --static 2>&1 | tail -1 \
     | tee -a "$OUT/bench_load.txt"
-  python3 scripts/bench_8b.py --ckpt $CKPT --device cuda --decode --compile 2>&1 | tail -9 \
-    | tee "$OUT/decode.txt"
   python3 scripts/profile_decode.py --ckpt $CKPT > "$OUT/profile_bf16.txt" 2>&1 ;;
+decode)
+  [ -f $CKPT/model.safetensors.index.json ] || python3 scripts/make_random_llama3_8b.py > /dev/null
+  python3 scripts/bench_8b.py --ckpt $CKPT --device cuda --decode --compile --fuse 2>&1 \
+    | tail -11 | tee "$OUT/decode.txt" ;;
 quantize)
   [ -f $CKPT/model.safetensors.index.json ] || python3 scripts/make_random_llama3_8b.py > /dev/null
   python3 scripts/bench_8b.py --ckpt $CKPT --device cuda --methods rtn gptq quantease spqr \
@@ -46,5 +49,5 @@ full)
   python3 scripts/bench_8b.py --ckpt $CKPT --device cuda --methods ${METHODS:-gptq} \
     --nsamples 128 --seqlen 2048 --work "$OUT/work" 2>&1 | tee -a "$OUT/bench_8b_full.txt" \
     | grep "^|\|reusing\|resumed" ;;
-*) echo "usage: bash scripts/run_on_gpu.sh kernels|tune|load|quantize|full"; exit 2 ;;
+*) echo "usage: bash scripts/run_on_gpu.sh kernels|tune|load|decode|quantize|full"; exit 2 ;;
 esac

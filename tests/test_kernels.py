@@ -68,6 +68,29 @@ def test_every_path(config, groupsize):
         check(bits, M, 40, 192, groupsize, 0.02, torch.float16, seed=M + bits, config=config)
 
 
+@pytest.mark.parametrize("bits", [3, 4])
+def test_stacked_quant_linears_equal_the_separate_ones(bits):
+    # model.fuse_projections stacks q/k/v (gate/up) QuantLinears along N: codes, scales and
+    # zeros side by side, CSR rows one after another (here the middle one has no outliers);
+    # through the kernels (decode GEMV, small-batch GEMM) and the torch path, the stacked
+    # output is the separate outputs side by side
+    sizes, outliers = [24, 8, 16], [0.05, 0.0, 0.1]
+    lins = [K.QuantLinear(96, n, bits, 32, random_packed(bits, n, 96, 32, o, seed=n))
+            for n, o in zip(sizes, outliers)]
+    stacked = K.stack_quant_linears(lins)
+    assert stacked.out_features == 48 and stacked.outlier_vals.numel() == sum(
+        m.outlier_vals.numel() for m in lins if hasattr(m, "outlier_vals"))
+    for M in (1, 3):
+        x = torch.randn(M, 96, generator=torch.Generator().manual_seed(M)).to(DEVICE)
+        parts = [K.quant_matmul(x, m.stored(), bits, 32, m.out_features, 96) for m in lins]
+        y = K.quant_matmul(x, stacked.stored(), bits, 32, 48, 96)
+        torch.testing.assert_close(y, torch.cat(parts, dim=1), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(stacked.dequantized_weight(),
+                               torch.cat([m.dequantized_weight() for m in lins]))
+    other = K.QuantLinear(96, 8, 2, 32, random_packed(2, 8, 96, 32, 0.0, seed=0))
+    assert K.stack_quant_linears([lins[0], other]) is None  # different bits: not stackable
+
+
 def test_quantized_linear_refuses_fractional_zero_points():
     t = random_packed(4, 8, 64, 32, 0.0, seed=0)
     t["zeros"] = t["zeros"] + 0.5

@@ -150,6 +150,26 @@ def test_compiled_static_step_equals_the_eager_one(tiny_ckpt):
     assert (compiled - eager).abs().max().item() < 1e-5
 
 
+def test_fused_projections_give_the_same_model(tiny_ckpt):
+    # fuse_projections stacks q/k/v and gate/up into one linear each: the same logits and the
+    # same greedy tokens (static decoding too); split_projections gives the original back
+    ours, _ = M.load(str(tiny_ckpt[0]))
+    ids = torch.randint(0, 128, (1, 12), generator=torch.Generator().manual_seed(8))
+    before, sd = ours(ids), {k: v.clone() for k, v in ours.state_dict().items()}
+    prompt = [5, 17, 33, 8]
+    tokens = ours.generate(prompt, 10, stop_ids=[])
+    ours.fuse_projections()
+    attn, mlp = ours.layers[0].self_attn, ours.layers[0].mlp
+    assert attn.q_proj is None and mlp.gate_proj is None
+    assert attn.qkv_proj.out_features == 64 + 2 * 32 and mlp.gate_up_proj.out_features == 320
+    torch.testing.assert_close(ours(ids), before, rtol=1e-5, atol=1e-5)
+    assert ours.generate(prompt, 10, stop_ids=[]) == tokens
+    assert ours.generate(prompt, 10, stop_ids=[], static=True) == tokens
+    ours.split_projections()
+    after = ours.state_dict()
+    assert after.keys() == sd.keys() and all(torch.equal(after[k], sd[k]) for k in sd)
+
+
 def test_greedy_generation_deterministic_and_matches_argmax(tiny_ckpt):
     ours, _ = M.load(str(tiny_ckpt[0]))
     prompt = [5, 17, 33, 8]
