@@ -3,7 +3,8 @@
 Sections
   1. ModelArgs        the hyper-parameters, read from an HF config.json or from GGUF metadata
   2. The network      RMSNorm, RoPE (HF half-rotation layout), GQA attention, SwiGLU MLP, blocks
-  3. Generation       KV cache, greedy / temperature + top-p sampling
+  3. Generation       KV cache, CUDA-graph decoding step, q/k/v and gate/up fused for decoding,
+                      greedy / temperature + top-p sampling
   4. Tokenizer        `tokenizers` from tokenizer.json or from a GGUF vocabulary; chat prompts
   5. Loading          HF directories (one file or shards), GGUF files, short names, the embedded
                       default model, quantized mixq checkpoints; validation before any long work
@@ -17,7 +18,8 @@ RoPE uses HF's "rotate half" layout: dimension i of a head pairs with dimension 
 HF checkpoints are stored for that layout. llama.cpp (GGUF) permutes the q/k rows to the interleaved
 layout (pairs 2i, 2i+1); `unpermute_gguf_qk` undoes it on load.
 
-Imports flow one way: this file imports only `kernels.py`, lazily, for packed checkpoints.
+Imports flow one way: this file imports only `kernels.py`, lazily, for packed checkpoints (and
+to stack quantized q/k/v for decoding).
 """
 
 from __future__ import annotations
