@@ -309,7 +309,8 @@ def test_every_kernel_compiles_for_the_h100():
 
 def test_quantized_tiny_llama_generates_the_same_through_the_kernels(tmp_path, monkeypatch):
     # end to end on a checkpoint: prompt through the small-batch GEMM, decoding through the GEMV,
-    # 16-bit outliers through their kernel; against the torch path of the same QuantLinears
+    # 16-bit outliers through their kernel; against the torch path of the same QuantLinears,
+    # then again with the projections fused
     from conftest import tiny_hf_model
     import model as M
     d = tmp_path / "m"
@@ -327,6 +328,11 @@ def test_quantized_tiny_llama_generates_the_same_through_the_kernels(tmp_path, m
     via_torch = back.generate(prompt, 6, stop_ids=[])
     logits_torch = back(one), back(seven)  # M = 1 (the GEMV) and M = 7 (the GEMM)
     monkeypatch.setattr(K, "use_triton", lambda x: True)  # the kernels (interpreted on a CPU)
+    assert back.generate(prompt, 6, stop_ids=[]) == via_torch
+    for x, ref in zip((one, seven), logits_torch):
+        torch.testing.assert_close(back(x), ref, rtol=1e-4, atol=1e-4)
+    back.fuse_projections()  # q/k/v and gate/up stacked: one kernel launch each
+    assert isinstance(back.layers[0].self_attn.qkv_proj, K.QuantLinear)
     assert back.generate(prompt, 6, stop_ids=[]) == via_torch
     for x, ref in zip((one, seven), logits_torch):
         torch.testing.assert_close(back(x), ref, rtol=1e-4, atol=1e-4)
