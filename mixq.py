@@ -86,6 +86,23 @@ class QuantConfig:
             raise ValueError(f"--wbits {self.wbits}: mixq quantizes to 2-8 bits")
         if self.groupsize != -1 and self.groupsize <= 0:
             raise ValueError(f"--groupsize {self.groupsize}: use a positive size or -1")
+        checks = [("--percdamp", self.percdamp, self.percdamp >= 0, "a fraction >= 0"),
+                  ("--iters", self.iters, self.iters >= 1, "at least 1 sweep"),
+                  ("--init", self.init, self.init in ("w", "gptq"), "w or gptq"),
+                  ("--outliers", self.outliers, 0 <= self.outliers < 1, "a fraction in [0, 1)"),
+                  ("--outlier-threshold", self.outlier_threshold, self.outlier_threshold > 0,
+                   "a positive relative error"),
+                  ("--ratio", self.ratio, 0 <= self.ratio <= 1, "a fraction in [0, 1]"),
+                  ("--abits", self.abits, 2 <= self.abits <= 16, "2-16 bits"),
+                  ("--kvbits", self.kvbits, 2 <= self.kvbits <= 16, "2-16 bits"),
+                  ("--high-bits", self.high_bits, 2 <= self.high_bits <= 16, "2-16 bits"),
+                  ("--high-fraction", self.high_fraction, 0 <= self.high_fraction < 1,
+                   "a fraction in [0, 1)"),
+                  ("--rotation", self.rotation, self.rotation in ("pca", "random", "none"),
+                   "pca, random or none")]
+        for flag, value, ok, want in checks:
+            if not ok:
+                raise ValueError(f"{flag} {value}: want {want}")
 
     @property
     def maxq(self) -> int:
@@ -985,7 +1002,7 @@ def cached_tacq_scores(model, calib, answers, cfg, fingerprint: dict, scores_dir
 # In an orthogonal basis U = [U_l | U_h] of the activations, X W^T = (X U)(W U)^T exactly. ResQ
 # takes U_h = the top r = d/8 eigen-directions of E[x x^T] (where the energy is, kept at 8 bits)
 # and rotates randomly inside each subspace (spreads outliers, keeps the energies). Every change
-# of basis here leaves the fp logits unchanged; quantization comes on top (not yet in mixq).
+# of basis here leaves the fp logits unchanged; quantization comes on top (section 8b).
 
 
 def fold_norms(model: M.Transformer):
@@ -1407,6 +1424,12 @@ def run(ckpt=None, method="tacq", cfg: QuantConfig = QuantConfig(wbits=3, groups
     """Load, evaluate fp, quantize, evaluate, save. The CLI calls this; so can a notebook."""
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+    for flag, value, least in [("--nsamples", nsamples, 1), ("--seqlen", seqlen, 2),
+                               ("--eval-seqlen", eval_seqlen, 2),
+                               ("--eval-windows", eval_windows, 1),
+                               ("--task-limit", task_limit, 1)]:
+        if value is not None and value < least:
+            raise ValueError(f"{flag} {value}: want at least {least}")
     if save and method == "resq":
         raise ValueError("ResQ is fake quantization (W4A4 needs activation-quantized kernels); "
                          "it can be evaluated but not saved")
@@ -1499,17 +1522,19 @@ def headline(metrics: dict) -> str:
 
 
 def print_summary(s: dict):
+    """One markdown row: the method, its bits, fp and quantized score per eval spec, time, memory."""
     specs = list(s["fp"])
-    names = [f"{sp} {'ppl' if 'ppl' in s['fp'][sp] else 'acc' if 'acc' in s['fp'][sp] else 'em'}"
-             for sp in specs]
-    head = "| method | avg W bits | avg A bits | " + " | ".join(f"{n} fp | {n} quant"
-                                                          for n in names)
-    print("\n" + head + " | quant s | peak mem GB |")
-    print("|" + "---|" * (5 + 2 * len(specs)))
-    cells = " | ".join(f"{headline(s['fp'][sp])} | {headline(s['quant'][sp])}" for sp in specs)
+    kind = lambda m: "ppl" if "ppl" in m else "acc" if "acc" in m else "em"
+    head = ["method", "avg W bits", "avg A bits"]
+    head += [f"{sp} {kind(s['fp'][sp])} {which}" for sp in specs for which in ("fp", "quant")]
+    head += ["quant s", "peak mem GB"]
     g = "per-channel" if s["groupsize"] == -1 else f"g{s['groupsize']}"
-    print(f"| {s['method']} W{s['wbits']} {g} | {s['avg_bits']:.3f} | {s['act_bits']:.2f} | "
-          f"{cells} | {s['quant_seconds']:.0f} | {s['peak_memory_gb']:.1f} |")
+    row = [f"{s['method']} W{s['wbits']} {g}", f"{s['avg_bits']:.3f}", f"{s['act_bits']:.2f}"]
+    row += [headline(s[which][sp]) for sp in specs for which in ("fp", "quant")]
+    row += [f"{s['quant_seconds']:.0f}", f"{s['peak_memory_gb']:.1f}"]
+    print("\n| " + " | ".join(head) + " |")
+    print("|" + "---|" * len(head))
+    print("| " + " | ".join(row) + " |")
 
 
 def main():
@@ -1519,8 +1544,8 @@ def main():
                     "accuracy. With no arguments: TaCQ, 3 bits per channel, ratio 0.0035, "
                     "calibrated on pydoc, on the embedded SmolLM2-135M-Instruct.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--ckpt", default=None, help="short name, HF directory or .gguf file "
-                   "(default: the embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--ckpt", default=None, help="short name, HF directory or .gguf file; "
+                   "None: the embedded SmolLM2-135M-Instruct")
     p.add_argument("--method", default="tacq", choices=METHODS, help="quantization algorithm")
     p.add_argument("--wbits", type=int, default=3, help="bits per weight code (2-8)")
     p.add_argument("--groupsize", type=int, default=-1, help="input columns per scale/zero; "
@@ -1539,7 +1564,7 @@ def main():
     p.add_argument("--outliers", type=float, default=0.0, help="QuantEase: fraction of weights "
                    "kept in 16 bits (outlier-aware variant when > 0)")
     p.add_argument("--outlier-threshold", type=float, default=None, help="SpQR-style: relative "
-                   "error threshold for 16-bit weights (default 0.2)")
+                   "error threshold for 16-bit weights; None: 0.2 for --method spqr")
     p.add_argument("--ratio", type=float, default=0.0035, help="TaCQ: fraction of all linear "
                    "weights kept in 16 bits (global top-k of the saliency score)")
     p.add_argument("--scores", default=None, help="TaCQ: cache the scores in this directory "
@@ -1560,7 +1585,7 @@ def main():
     p.add_argument("--seed", type=int, default=0, help="calibration sampling seed")
     p.add_argument("--eval", nargs="*", default=["pydoc", "task:capitals"],
                    help="perplexity corpora (pydoc, text:PATH, wikitext2:DIR) and tasks "
-                   f"(task:{{{','.join(E.TASKS)}}}, jsonl:PATH); none to skip")
+                   f"(task:{{{','.join(E.TASKS)}}}, jsonl:PATH); none (or no value) to skip")
     p.add_argument("--eval-seqlen", type=int, default=512, help="perplexity window length")
     p.add_argument("--eval-windows", type=int, default=None, help="evaluate only N windows")
     p.add_argument("--task-limit", type=int, default=None, help="score only N task items")
@@ -1581,7 +1606,8 @@ def main():
                           kvbits=a.kvbits if a.method == "resq" else 16,
                           high_bits=a.high_bits, high_fraction=a.high_fraction,
                           rotation=a.rotation, w_rtn=a.w_rtn)
-        run(a.ckpt, a.method, cfg, a.calib, a.nsamples, a.seqlen, a.seed, a.eval,
+        evals = [] if a.eval == ["none"] else a.eval
+        run(a.ckpt, a.method, cfg, a.calib, a.nsamples, a.seqlen, a.seed, evals,
             a.eval_seqlen, a.eval_windows, a.task_limit, a.scores, a.save, a.json, a.device,
             a.dtype, a.resume)
     except (M.CheckpointError, ValueError, FileNotFoundError) as e:

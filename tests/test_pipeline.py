@@ -121,6 +121,9 @@ def test_cli_rtn_on_embedded_saves_a_checkpoint_eval_reproduces(tmp_path):
     (["--groupsize", "100"], "does not divide the input dimension 576"),
     (["--calib", "text:/nonexistent.txt"], "does not exist"),
     (["--wbits", "5", "--save", "/tmp/x"], "can be evaluated but not saved"),
+    (["--nsamples", "0"], "--nsamples 0: want at least 1"),
+    (["--ratio", "2"], "--ratio 2.0: want a fraction in [0, 1]"),
+    (["--method", "resq", "--abits", "1"], "--abits 1: want 2-16 bits"),
 ])
 def test_cli_bad_input(args, msg):
     r = subprocess.run([sys.executable, str(ROOT / "mixq.py")] + args, capture_output=True,
@@ -166,5 +169,5 @@ def test_cli_resume_refuses_other_settings(tmp_path):
     (st / "state.json").write_text(json.dumps({"fingerprint": {"method": "rtn"},
                                                "blocks_done": 3}))
     r = subprocess.run([sys.executable, str(ROOT / "mixq.py"), "--method", "rtn", "--eval",
-                        "--resume", str(st)], capture_output=True, text=True)
+                        "none", "--resume", str(st)], capture_output=True, text=True)
     assert r.returncode != 0 and "holds a run with other settings" in r.stderr

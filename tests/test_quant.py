@@ -86,6 +86,15 @@ def test_group_size_that_does_not_divide():
         Q.QuantConfig(wbits=1)
 
 
+@pytest.mark.parametrize("option,value", [("percdamp", -0.1), ("iters", 0), ("init", "zero"),
+                                          ("outliers", 1.0), ("outlier_threshold", 0.0),
+                                          ("ratio", -0.01), ("abits", 1), ("kvbits", 17),
+                                          ("high_fraction", 1.0), ("rotation", "hadamard")])
+def test_config_refuses_out_of_range_options(option, value):
+    with pytest.raises(ValueError, match=f"--{option.replace('_', '-')} {value}: want"):
+        Q.QuantConfig(**{option: value})
+
+
 # -- GPTQ (§3) -----------------------------------------------------------------------------------
 
 
