@@ -80,6 +80,9 @@ def perplexity(model: M.Transformer, tokens: torch.Tensor, seqlen: int = 512,
                windows: Optional[int] = None, progress: bool = False) -> dict:
     """GPTQ-protocol perplexity of `tokens` (1-D): windows [i*seqlen, (i+1)*seqlen), no context
     across windows, the remainder dropped; ppl = exp(sum of NLL / number of predicted tokens)."""
+    if seqlen < 2 or (windows is not None and windows < 1):
+        raise ValueError(f"seqlen {seqlen}, windows {windows}: want a window of at least 2 "
+                         "tokens and at least 1 window")
     n = len(tokens) // seqlen
     if windows is not None:
         n = min(n, windows)
@@ -350,8 +353,8 @@ def main():
     import argparse
     p = argparse.ArgumentParser(description="Perplexity (GPTQ protocol) and speed of a checkpoint.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--ckpt", default=None, help="short name, HF directory or .gguf file "
-                   "(default: the embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--ckpt", default=None, help="short name, HF directory or .gguf file; "
+                   "None: the embedded SmolLM2-135M-Instruct")
     p.add_argument("--corpus", default="pydoc", help="pydoc | text:PATH | wikitext2:DIR")
     p.add_argument("--seqlen", type=int, default=512, help="window length")
     p.add_argument("--windows", type=int, default=None, help="evaluate only the first N windows")
@@ -365,6 +368,9 @@ def main():
     p.add_argument("--json", default=None, help="write the results to this JSON file")
     a = p.parse_args()
     try:
+        if a.seqlen < 2 or (a.windows is not None and a.windows < 1):
+            raise ValueError(f"--seqlen {a.seqlen}, --windows {a.windows}: want a window of "
+                             "at least 2 tokens and at least 1 window")
         corpus_text(a.corpus)  # check the specs before the (slow) model load
         for spec in a.tasks:
             load_task(spec)
@@ -374,7 +380,10 @@ def main():
     if tok is None:
         raise SystemExit("error: the checkpoint has no tokenizer.json")
     tokens = corpus_tokens(a.corpus, tok, "eval")
-    res = perplexity(model, tokens, a.seqlen, a.windows, progress=True)
+    try:
+        res = perplexity(model, tokens, a.seqlen, a.windows, progress=True)
+    except ValueError as e:  # a text shorter than one window
+        raise SystemExit(f"error: {e}")
     split = "eval" if a.corpus == "pydoc" else "test"
     print(protocol(a.corpus, split, a.seqlen, res["windows"], res["tokens"]))
     print(f"ppl {res['ppl']:.4f}  ({res['seconds']:.1f}s, "

@@ -441,6 +441,10 @@ class Transformer(nn.Module):
         """Continue one prompt (token ids). temperature 0: greedy; else sample from the
         smallest set of tokens whose probability reaches top_p. Returns the new ids.
         static: decode with static_decoder (a CUDA graph on a GPU); the prompt runs eagerly."""
+        if max_new_tokens < 0 or temperature < 0 or not 0 < top_p <= 1:
+            raise ValueError(f"max_new_tokens {max_new_tokens}, temperature {temperature}, "
+                             f"top_p {top_p}: want max_new_tokens >= 0, temperature >= 0 and "
+                             "0 < top_p <= 1")
         stop_ids = set(self.args.eos_ids if stop_ids is None else stop_ids)
         gen = torch.Generator().manual_seed(seed) if seed is not None else None
         max_len = min(len(prompt) + max_new_tokens, self.args.max_seq_len)
@@ -832,6 +836,17 @@ DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat1
           "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
 
 
+def check_device(device):
+    """Fail before any loading on a device name torch does not know or this machine lacks."""
+    try:
+        dev = torch.device(device)
+    except RuntimeError as e:
+        raise ValueError(f"--device {device}: {e}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: this torch sees no CUDA GPU "
+                         "(torch.cuda.is_available() is False)")
+
+
 def load(ckpt: Optional[str] = None, dtype="fp32", device="cpu", only=None):
     """Load a checkpoint -> (Transformer in eval mode, Tokenizer or None).
 
@@ -841,6 +856,7 @@ def load(ckpt: Optional[str] = None, dtype="fp32", device="cpu", only=None):
     only(name) -> bool: read just those tensors of an HF directory (e.g. one pipeline stage's
     blocks); the others stay on the meta device, shapes without storage."""
     dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
+    check_device(device)
     path = resolve_ckpt(ckpt)
     if path.is_file():
         if path.suffix != ".gguf":
@@ -991,8 +1007,8 @@ def main():
     import argparse
     p = argparse.ArgumentParser(description="Generate text with a Llama checkpoint.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--ckpt", default=None, help="short name, HF directory or .gguf file "
-                   "(default: the embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--ckpt", default=None, help="short name, HF directory or .gguf file; "
+                   "None: the embedded SmolLM2-135M-Instruct")
     p.add_argument("--prompt", default="What is the capital of France?", help="the user's text")
     p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
@@ -1002,9 +1018,12 @@ def main():
     p.add_argument("--dtype", default="fp32", choices=sorted(DTYPES), help="weights dtype")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     a = p.parse_args()
+    if a.max_new_tokens < 0 or a.temperature < 0 or not 0 < a.top_p <= 1:
+        raise SystemExit(f"error: want --max-new-tokens >= 0, --temperature >= 0 and "
+                         f"0 < --top-p <= 1 (got {a.max_new_tokens}, {a.temperature}, {a.top_p})")
     try:
         model, tok = load(a.ckpt, a.dtype, a.device)
-    except CheckpointError as e:
+    except (CheckpointError, ValueError) as e:
         raise SystemExit(f"error: {e}")
     if tok is None:
         raise SystemExit("error: the checkpoint has no tokenizer.json")

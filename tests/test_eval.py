@@ -62,6 +62,9 @@ def test_perplexity_follows_the_gptq_protocol(tiny_ckpt):
     assert E.perplexity(ours, tokens, seqlen=50, windows=2)["windows"] == 2
     with pytest.raises(ValueError, match="fewer than one window"):
         E.perplexity(ours, tokens[:40], seqlen=50)
+    for seqlen, windows in [(1, None), (50, 0)]:  # no prediction in a window; no window
+        with pytest.raises(ValueError, match="want a window of at least 2 tokens"):
+            E.perplexity(ours, tokens, seqlen=seqlen, windows=windows)
 
 
 @pytest.mark.parametrize("static", [False, True])

@@ -273,6 +273,19 @@ def test_unknown_rope_type(tiny_ckpt):
         M.load(str(tiny_ckpt[0]))
 
 
+def test_bad_device_and_sampling_options(tiny_ckpt):
+    with pytest.raises(ValueError, match="--device gpu"):
+        M.load(str(tiny_ckpt[0]), device="gpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="sees no CUDA GPU"):
+            M.load(str(tiny_ckpt[0]), device="cuda")
+    model, _ = M.load(str(tiny_ckpt[0]))
+    for bad in [dict(max_new_tokens=-1), dict(temperature=-0.5), dict(top_p=0.0),
+                dict(top_p=1.5)]:
+        with pytest.raises(ValueError, match="want max_new_tokens >= 0"):
+            model.generate([1, 5, 7], **({"max_new_tokens": 4} | bad))
+
+
 def test_heads_that_do_not_divide():
     with pytest.raises(ValueError, match="not a multiple"):
         M.ModelArgs(n_heads=9, n_kv_heads=2)
