@@ -245,15 +245,24 @@ def load_task(spec: str, split: str = "eval") -> Task:
         path = Path(arg).expanduser()
         if not path.is_file():
             raise FileNotFoundError(f"task file {path} does not exist")
-        items = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        items = []
+        for i, line in enumerate(path.read_text().splitlines(), 1):
+            try:
+                items += [json.loads(line)] if line.strip() else []
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}, line {i}: not JSON ({e})") from None
         if not items:
             raise ValueError(f"{path} holds no items")
-        first = items[0]
+        first = items[0] if isinstance(items[0], dict) else {}
         kind = "mc" if "choices" in first else "gen" if "answer" in first else \
             "text" if "text" in first else None
-        if kind is None:
-            raise ValueError(f"{path}: items need question/choices/answer, question/answer or "
-                             f"text fields")
+        fields = {"mc": ("question", "choices", "answer"), "gen": ("question", "answer"),
+                  "text": ("text",), None: ("question", "choices", "answer")}[kind]
+        for i, item in enumerate(items, 1):
+            if not isinstance(item, dict) or any(f not in item for f in fields):
+                raise ValueError(f"{path}, item {i}: want fields {'/'.join(fields)} like the "
+                                 "first item (multiple choice: question/choices/answer; "
+                                 "generation: question/answer; text: text)")
         return Task(path.stem, kind, items)
     raise ValueError(f"unknown task spec {spec!r}: use task:NAME or jsonl:PATH")
 

@@ -990,7 +990,7 @@ def cached_tacq_scores(model, calib, answers, cfg, fingerprint: dict, scores_dir
         log(f"scores: reusing {d}")
         return load_file(str(d / "scores.safetensors"))
     scores = tacq_scores(model, calib, answers, cfg, device, log)
-    with M.atomic_dir(d) as tmp:
+    with M.atomic_dir(d, marker="scores.json") as tmp:
         save_file({k: v.cpu() for k, v in scores.items()}, str(tmp / "scores.safetensors"))
         (tmp / "scores.json").write_text(json.dumps(fingerprint, indent=2))
     return scores
@@ -1330,10 +1330,22 @@ def packed_tensors(qz: Quantized) -> dict:
     return t
 
 
+def check_save_dir(out_dir):
+    """The save replaces out_dir: only an empty or new directory or an earlier mixq checkpoint
+    (never the source checkpoint, or any other directory with files in it)."""
+    M.check_replaceable(out_dir)
+    cfg = Path(out_dir) / "config.json"
+    if cfg.exists() and (json.loads(cfg.read_text()).get("quantization_config") or {}).get(
+            "quant_method") != "mixq":
+        raise ValueError(f"--save {out_dir} holds a checkpoint mixq did not write; "
+                         "choose a new directory")
+
+
 def save_quantized(model: M.Transformer, results: dict, tokenizer_dir, out_dir, qconfig: dict):
     """A checkpoint directory: config.json with quantization_config, model.safetensors (packed
     linears + the 16-bit rest), tokenizer files. Written to a temp dir, then renamed."""
     from safetensors.torch import save_file
+    check_save_dir(out_dir)
     tensors = {}
     for name, p in model.state_dict().items():
         module = name.rsplit(".", 1)[0]
@@ -1438,6 +1450,12 @@ def run(ckpt=None, method="tacq", cfg: QuantConfig = QuantConfig(wbits=3, groups
                          f"--wbits {cfg.wbits} can be evaluated but not saved")
     for spec in evals:
         check_spec(spec, "eval")
+    if save:  # before the work, not after it
+        check_save_dir(save)
+    if scores_dir:
+        M.check_replaceable(scores_dir, marker="scores.json")
+    if resume and Path(resume).exists() and not Path(resume).is_dir():
+        raise ValueError(f"--resume {resume} is a file: give a directory")
     if method != "rtn":
         check_spec(calib, "calib")
     used = method_config(method, cfg)

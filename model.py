@@ -648,11 +648,24 @@ def embedded_checkpoint() -> Path:
     return cache
 
 
-@contextmanager
-def atomic_dir(final):
-    """with atomic_dir(final) as tmp: write files into tmp; on success tmp is renamed to `final`
-    (replacing it), on any error it is removed: nothing half-written is ever visible at final."""
+def check_replaceable(final, marker: str = "config.json"):
+    """atomic_dir replaces the directory it writes. Refuse a file, or a non-empty directory
+    without `marker` (the file every output of that kind holds), which is not ours to delete."""
     final = Path(final)
+    if final.exists() and not final.is_dir():
+        raise ValueError(f"{final} is a file: give a directory to write")
+    if final.is_dir() and any(final.iterdir()) and not (final / marker).exists():
+        raise ValueError(f"{final} holds other files (no {marker}); mixq replaces only its own "
+                         f"earlier output there: choose a new directory")
+
+
+@contextmanager
+def atomic_dir(final, marker: str = "config.json"):
+    """with atomic_dir(final) as tmp: write files into tmp; on success tmp is renamed to `final`
+    (replacing an earlier output, see check_replaceable), on any error it is removed: nothing
+    half-written is ever visible at final."""
+    final = Path(final)
+    check_replaceable(final, marker)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
     try:

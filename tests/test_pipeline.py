@@ -131,6 +131,31 @@ def test_cli_bad_input(args, msg):
     assert r.returncode != 0 and msg in r.stderr
 
 
+def test_save_never_replaces_what_mixq_did_not_write(tmp_path):
+    (tmp_path / "file").write_text("x")
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("keep me")
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    for target, msg in [("file", "is a file"), ("other", "holds other files"),
+                        ("hf", "mixq did not write")]:
+        with pytest.raises(ValueError, match=msg):
+            Q.check_save_dir(tmp_path / target)
+    with pytest.raises(ValueError, match="holds other files"):  # the writer itself refuses too
+        with M.atomic_dir(tmp_path / "other") as tmp:
+            (tmp / "config.json").write_text("{}")
+    assert (tmp_path / "other" / "notes.txt").read_text() == "keep me"
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "config.json").write_text(json.dumps(
+        {"quantization_config": {"quant_method": "mixq"}}))
+    for ok in ("new", "empty", "old"):
+        Q.check_save_dir(tmp_path / ok)
+        with M.atomic_dir(tmp_path / ok) as tmp:
+            (tmp / "config.json").write_text("{}")
+        assert sorted(p.name for p in (tmp_path / ok).iterdir()) == ["config.json"]
+
+
 def test_resume_after_a_kill_reproduces_the_uninterrupted_run(tiny_dir, tmp_path):
     cfg = Q.QuantConfig(wbits=3, groupsize=32)
     calib = torch.randint(0, 128, (4, 48), generator=torch.Generator().manual_seed(0))

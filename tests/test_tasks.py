@@ -38,6 +38,14 @@ def test_jsonl_formats_and_errors(tmp_path):
         E.load_task(f"jsonl:{tmp_path / 'none.jsonl'}")
     with pytest.raises(ValueError, match="unknown task 'mmlu'"):
         E.load_task("task:mmlu")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"question": "q", "answer": "a"}) + "\n{oops\n")
+    with pytest.raises(ValueError, match="line 2: not JSON"):
+        E.load_task(f"jsonl:{bad}")
+    bad.write_text(json.dumps({"question": "q", "answer": "a"}) + "\n" +
+                   json.dumps({"question": "q2"}) + "\n")  # the second item lacks its answer
+    with pytest.raises(ValueError, match="item 2: want fields question/answer"):
+        E.load_task(f"jsonl:{bad}")
 
 
 @pytest.fixture(scope="module")
