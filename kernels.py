@@ -886,8 +886,19 @@ if __name__ == "__main__":
     p.add_argument("--shapes", nargs="+", default=["4096x4096", "1024x4096", "14336x4096",
                                                     "4096x14336"], help="N x K")
     a = p.parse_args()
-    if a.bench:
-        if not torch.cuda.is_available() or triton is None:
-            raise SystemExit("error: --bench needs a CUDA GPU and triton")
-        shapes = [tuple(map(int, s.split("x"))) for s in a.shapes]
-        _bench(shapes, a.M, a.bits, groupsize=a.groupsize, tune=a.tune)
+    if not a.bench:
+        p.print_help()
+        raise SystemExit(0)
+    if any(b not in (2, 3, 4, 8) for b in a.bits) or any(m < 1 for m in a.M):
+        raise SystemExit(f"error: --bits {a.bits} --M {a.M}: bits from 2, 3, 4, 8; M >= 1")
+    try:
+        shapes = [tuple(int(d) for d in s.split("x", 1)) for s in a.shapes]
+    except ValueError:
+        raise SystemExit(f"error: --shapes {' '.join(a.shapes)}: write each as NxK, e.g. "
+                         "4096x14336") from None
+    if any(K % 32 or K % a.groupsize for _, K in shapes):
+        raise SystemExit(f"error: every K must be a multiple of 32 and of --groupsize "
+                         f"{a.groupsize}")
+    if not torch.cuda.is_available() or triton is None:
+        raise SystemExit("error: --bench needs a CUDA GPU and triton")
+    _bench(shapes, a.M, a.bits, groupsize=a.groupsize, tune=a.tune)
