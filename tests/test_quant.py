@@ -87,7 +87,7 @@ def test_group_size_that_does_not_divide():
 
 
 @pytest.mark.parametrize("option,value", [("percdamp", -0.1), ("iters", 0), ("init", "zero"),
-                                          ("outliers", 1.0), ("outlier_threshold", 0.0),
+                                          ("outliers", 1.5), ("outlier_threshold", -0.1),
                                           ("ratio", -0.01), ("abits", 1), ("kvbits", 17),
                                           ("high_fraction", 1.0), ("rotation", "hadamard")])
 def test_config_refuses_out_of_range_options(option, value):
