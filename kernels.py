@@ -128,13 +128,14 @@ def dequantize(t: dict, bits: int, groupsize: int, N: int, K: int) -> torch.Tens
 #               K-tile lies inside one group the statistics factor out of the sum:
 #                 sum_k x_k s (q_kn - z) = s (sum_k x_k q_kn - z sum_k x_k)
 #   2..64       _gemm_kernel: dequantize a (BLOCK_K, BLOCK_N) weight tile in registers and
-#               multiply on the tensor cores (tl.dot, fp32 accumulation), split-K as above.
+#               multiply on the tensor cores (tl.dot, fp32 accumulation); split-K programs
+#               add into a zeroed fp32 y with atomics, cast to x's dtype after the launch.
 #   > 64        _dequant_kernel writes W^T (K, N) in x's dtype once, then cuBLAS (torch.matmul):
 #               compute-bound sizes, where a dequantize-in-tile GEMM loses to cuBLAS.
 #   outliers    M = 1: inside the GEMV (_outlier_adds: each split-K program adds an even share
 #               of its column block's entries into the workspace, relaxed atomics). 2..64:
-#               _outliers_kernel after the GEMM, a program per 16 output rows walks their CSR
-#               entries, y[m, r] += v * x[m, c] (no atomics: it owns those rows of y); it also
+#               _outliers_kernel after the GEMM, a program per 16 rows r of W walks their CSR
+#               entries, y[m, r] += v * x[m, c] (no atomics: it owns those columns of y); it also
 #               serves M = 1 with config fused_outliers=False, for comparison. > 64: added into
 #               W^T before cuBLAS (_add_outliers_kernel).
 #
@@ -154,8 +155,9 @@ if triton is not None:
         rows = k0 // PER + tl.arange(0, BLOCK_K // PER)
         words = tl.load(qw_ptr + rows[:, None] * N + offs_n[None, :],
                         mask=(rows < K // PER)[:, None] & n_mask[None, :], other=0)
+        # (BLOCK_K/PER, BLOCK_N) int32 words
         shifts = tl.arange(0, PER) * BITS
-        # (words/PER, PER, BLOCK_N); mask after the shift: int32 >> sign-extends
+        # (BLOCK_K/PER, PER, BLOCK_N); mask after the shift: int32 >> sign-extends
         codes = (words[:, None, :] >> shifts[None, :, None]) & ((1 << BITS) - 1)
         return tl.reshape(codes, (BLOCK_K, words.shape[1]))  # row k0 + r*PER + i = code i of word r
 
@@ -188,7 +190,7 @@ if triton is not None:
             kn_mask = (offs_k < K)[:, None] & n_mask[None, :]
         s = tl.load(s_ptr + stat, mask=kn_mask, other=0.0).to(tl.float32)
         z = tl.load(z_ptr + stat, mask=kn_mask, other=0.0).to(tl.float32)
-        return (f - (z + 8388608.0)) * s
+        return (f - (z + 2.0 ** 23)) * s
 
     @triton.jit
     def _x_times_code(x, w, p: tl.constexpr, PB: tl.constexpr):
@@ -410,19 +412,20 @@ def config_for(M: int, N: int, K: int, G: int) -> dict:
     """Tile sizes by M, from `python kernels.py --bench --tune` on an H100. M = 1: 512 x 64
     tiles with 4 warps were within 4% of the fastest candidate (512 x 32 x 2 iterations) on the
     Llama-3-8B MLP shapes at 2 and 4 bits. BLOCK_K is at least 32 (a 1-bit plane packs 32
-    codes per word) and stays inside one group when it can."""
-    bk = lambda want: next((b for b in (want, 64, 32) if b <= want and G % b == 0), 32)
+    codes per word) and stays inside one group when it can. (No tile depends on N yet; the
+    signature is the one a tuned table would need.)"""
+    BK = 64 if G % 64 == 0 else 32  # K-tiles inside one group (G is a multiple of 32)
     if M == 1:
-        return dict(path="gemv", BLOCK_N=512, BLOCK_K=bk(64), ITERS=1, num_warps=4)
+        return dict(path="gemv", BLOCK_N=512, BLOCK_K=BK, ITERS=1, num_warps=4)
     if M <= 64:
-        return dict(path="gemm", BLOCK_M=16 if M <= 16 else 64, BLOCK_N=64, BLOCK_K=bk(64),
+        return dict(path="gemm", BLOCK_M=16 if M <= 16 else 64, BLOCK_N=64, BLOCK_K=BK,
                     SPLIT_K=max(1, min(8, K // 512)), num_warps=4, num_stages=3)
-    return dict(path="dequant", BLOCK_N=64, BLOCK_K=bk(64), num_warps=4)
+    return dict(path="dequant", BLOCK_N=64, BLOCK_K=BK, num_warps=4)
 
 
 def _packed_args(t: dict) -> tuple:
-    """What every kernel reads of a packed weight: the codes (both planes at 3 bits; the 2-bit
-    plane stands in for the absent high plane otherwise), scales, zeros."""
+    """What every kernel reads of a packed weight: the codes (both planes at 3 bits; otherwise
+    qweight again in the high plane's place, never read unless BITS == 3), scales, zeros."""
     return t["qweight"], t.get("qweight_hi", t["qweight"]), t["scales"], t["zeros"]
 
 
@@ -495,21 +498,20 @@ def quant_matmul(x: torch.Tensor, t: dict, bits: int, groupsize: int, N: int, K:
             workspace = new_workspace(N, x.device)
         dense = {k: v for k, v in t.items() if not k.startswith("outlier_")}
         _launch_gemv(x2, dense if after else t, y, N, K, g, bits, cfg, workspace)
-    else:
+    else:  # the GEMM
         # split-K programs add into fp32 zeros (native atomic adds; fp16 ones are a
         # compare-and-swap loop); a single program per tile stores into NaN, so any element a
         # kernel failed to write shows up
         y = torch.full((M, N), 0.0 if cfg["SPLIT_K"] > 1 else float("nan"), device=x.device,
                        dtype=torch.float32)
-    if path == "gemm":
         dot = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}.get(x.dtype, tl.float32)
         if os.environ.get("TRITON_INTERPRET") and dot == tl.bfloat16:
             dot = tl.float32  # the CPU interpreter has no bf16 arithmetic
         grid = (triton.cdiv(M, cfg["BLOCK_M"]), triton.cdiv(N, cfg["BLOCK_N"]), cfg["SPLIT_K"])
         _gemm_kernel[grid](x2, *args, y, M, N, K, g, BITS=bits, ROW_STATS=row_stats, DOT=dot,
                            **cfg)
-    if nnz and (path == "gemm" or (path == "gemv" and not fused)):
-        BM = 1 if M == 1 else 16 if M <= 16 else 64
+    if nnz and (path == "gemm" or (path == "gemv" and not fused)):  # after the dense part
+        BM = 1 if M == 1 else 16 if M <= 16 else 64  # its own row tile (tl.dot needs >= 16)
         grid = (triton.cdiv(M, BM), triton.cdiv(N, 16))
         _outliers_kernel[grid](x2, t["outlier_rowptr"], t["outlier_cols"], t["outlier_vals"], y,
                                M, N, K, BLOCK_M=BM, ROWS=16, BLOCK=128 if BM == 1 else 64)
@@ -658,9 +660,9 @@ if triton is not None:
         d = tl.zeros((BLOCK_R, B), dtype=w.dtype)  # changes so far; 0 from column j on
         for j in range(0, width):
             at_j = cols[None, :] == j
-            s_col = tl.load(S + (b1 + cols).to(tl.int64) * n + b1 + j, mask=cols < width,
-                            other=0.0)  # S[b1 + l, b1 + j] over l
-            u = tl.sum(tl.where(at_j, r, 0.0), 1) - tl.sum(d * s_col[None, :], 1)
+            S_lj = tl.load(S + (b1 + cols).to(tl.int64) * n + b1 + j, mask=cols < width,
+                           other=0.0)  # S[b1 + l, b1 + j] over l (S the normalized Sigma)
+            u = tl.sum(tl.where(at_j, r, 0.0), 1) - tl.sum(d * S_lj[None, :], 1)
             if ROUNDED:
                 s_j, z_j = tl.sum(tl.where(at_j, s, 0.0), 1), tl.sum(tl.where(at_j, z, 0.0), 1)
                 c = tl.minimum(tl.maximum(u / s_j + z_j, -1.0), maxq + 1.0)
@@ -691,18 +693,20 @@ if triton is not None:
             w_i = tl.sum(tl.where(at_i, w, 0.0), 1)
             s_i, z_i = tl.sum(tl.where(at_i, s, 0.0), 1), tl.sum(tl.where(at_i, z, 0.0), 1)
             maxq_i = tl.sum(tl.where(cols == i, maxq, 0.0), 0)
-            d = tl.load(U1 + i * width + i)  # U_ii
+            u_ii = tl.load(U1 + i * width + i)
             c = tl.minimum(tl.maximum(w_i / s_i + z_i, -1.0), maxq_i + 1.0)
             c = tl.minimum(tl.maximum(_round_half_even(c), 0.0), maxq_i)
             q = s_i * (c - z_i)
             k_i = tl.sum(tl.where(at_i, keep, 0), 1) != 0
             if SPQR:  # the grid serves this weight too badly: keep it in 16 bits
-                e = (w_i - q) / d
+                e = (w_i - q) / u_ii
                 k_i = k_i | (e * e > tau)
                 keep = tl.where(at_i, k_i.to(keep.dtype)[:, None], keep)
+            # kept weights: the code whose value is 0 (the stored correction is the weight),
+            # q = w_i, so e = 0 there
             c = tl.where(k_i, tl.minimum(tl.maximum(_round_half_even(z_i), 0.0), maxq_i), c)
             q = tl.where(k_i, w_i, q)
-            e = (w_i - q) / d
+            e = (w_i - q) / u_ii
             u_row = tl.load(U1 + i * width + cols, mask=cols < width, other=0.0)  # 0 left of i
             w = w - e[:, None] * u_row[None, :]  # W[:, j >= i] -= e_i U_ij
             codes = tl.where(at_i, c[:, None], codes)
