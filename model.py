@@ -262,7 +262,7 @@ class Attention(nn.Module):
         # KV-cache quantization live there); None: nothing
         self.post_rope = None
 
-    def forward(self, x, cos, sin, start_pos: int = 0):
+    def forward(self, x, cos, sin, start_pos=0):  # start_pos: int, or a 0-d tensor (static)
         B, T, _ = x.shape
         if self.qkv_proj is not None:  # one weight read for all three (decoding)
             hq, hkv = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
@@ -276,7 +276,8 @@ class Attention(nn.Module):
         if self.post_rope is not None:
             q, k = self.post_rope(q, k)
         if self.cache is not None:
-            k, v = self.cache.update(start_pos, k, v)  # (B, Hkv, start_pos + T, hd)
+            # (B, Hkv, S, hd): S = start_pos + T, or the whole max_len with a tensor start_pos
+            k, v = self.cache.update(start_pos, k, v)
         # grouped-query attention: each key/value head serves n_heads / n_kv_heads query heads
         rep = self.n_heads // self.n_kv_heads
         k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)  # (B, H, S, hd)
@@ -718,7 +719,8 @@ def unpermute_gguf_qk(w: torch.Tensor, n_heads: int) -> torch.Tensor:
 
 
 def read_gguf(path: Path):
-    """(metadata dict, {our name: fp32 tensor}) from a GGUF file, dequantized, q/k un-permuted."""
+    """(metadata dict, ModelArgs, {our name: fp32 tensor}) from a GGUF file, dequantized, q/k
+    un-permuted."""
     import gguf
     import numpy as np
     from gguf import GGUFReader
@@ -938,8 +940,8 @@ def load_quantized(path: Path, args: ModelArgs, qc: dict, files: dict, dtype, de
             shapes[o] = st.get_slice(ours_to_hf(o)).get_shape()
     for name, shape in wanted.items():
         if name not in shapes or tuple(shapes[name]) != tuple(shape):
-            raise CheckpointError(f"{path}: tensor {name!r} is missing or has shape "
-                                  f"{shapes.get(name)}, expected {shape}")
+            got = tuple(shapes[name]) if name in shapes else "missing"
+            raise CheckpointError(f"{path}: tensor {name!r} has shape {got}, expected {shape}")
 
     def tensors():
         for o in wanted:
@@ -957,6 +959,8 @@ def load_quantized(path: Path, args: ModelArgs, qc: dict, files: dict, dtype, de
         gs = K if g == -1 else g
         expect = {"qweight": (K * (2 if bits == 3 else bits) // 32, N), "scales": (K // gs, N),
                   "zeros": (K // gs, N)}
+        if bits == 3:  # the high-bit plane, 1 bit per code
+            expect["qweight_hi"] = (K // 32, N)
         for leaf, shape in expect.items():
             if leaf not in parts or tuple(parts[leaf].shape) != shape:
                 raise CheckpointError(
@@ -1043,9 +1047,10 @@ def main():
     text = None if a.raw else tok.chat_prompt(a.prompt)
     ids = tok.encode(text) if text is not None else tok.encode(a.prompt, bos=True)
     t0 = time.perf_counter()
-    out = model.generate(ids, a.max_new_tokens, a.temperature, a.top_p, tok.stop_ids(), a.seed)
+    stops = tok.stop_ids()
+    out = model.generate(ids, a.max_new_tokens, a.temperature, a.top_p, stops, a.seed)
     dt = time.perf_counter() - t0
-    print(tok.decode([i for i in out if i not in tok.stop_ids()]))
+    print(tok.decode([i for i in out if i not in stops]))
     print(f"\n[{len(out)} tokens in {dt:.2f}s, {len(out) / dt:.1f} tokens/s]")
 
 
