@@ -212,8 +212,9 @@ def quantize_stats(v, bits: int, group: int = 16):
 def group_size(cfg: QuantConfig, n: int) -> int:
     g = n if cfg.groupsize == -1 else cfg.groupsize
     if n % g:
+        fits = ", ".join(str(d) for d in (16, 32, 64, 128, 256) if n % d == 0)
         raise ValueError(f"--groupsize {g} does not divide the input dimension {n}; use one that "
-                         f"does (for SmolLM2's 576 and 1536: 32 or 64) or -1 for per-channel")
+                         f"does ({fits or 'none of 16-256'}) or -1 for per-channel")
     return g
 
 
@@ -253,7 +254,8 @@ class Quantized:
         return 0 if self.kept is None else int(self.kept.sum())
 
 
-def expand(stat, g: int):
+def per_column(stat, g: int):
+    """A statistic per row and group (m, n/g) -> one per weight (m, n)."""
     return stat.repeat_interleave(g, dim=1)
 
 
@@ -265,7 +267,7 @@ def rtn(W: torch.Tensor, cfg: QuantConfig) -> Quantized:
     """Round to nearest on the grid of each row (and group)."""
     W = as_work(W)
     s, z, g = fit_groups(W, cfg)  # (m, n/g) each
-    codes = quant_codes(W, expand(s, g), expand(z, g), cfg.maxq)
+    codes = quant_codes(W, per_column(s, g), per_column(z, g), cfg.maxq)
     return Quantized(codes, s, z, cfg.wbits, g, stat_bits=stat_bits(cfg))
 
 
@@ -298,7 +300,7 @@ def inverse_cholesky(H, percdamp: float, retries: int = 6):
         try:
             L = torch.linalg.cholesky(H + lam * eye)
             Hinv = torch.cholesky_inverse(L)  # (H + lambda I)^-1
-            return torch.linalg.cholesky(Hinv, upper=True), lam
+            return torch.linalg.cholesky(Hinv, upper=True)
         except torch.linalg.LinAlgError:
             if attempt == retries:
                 raise RuntimeError("Cholesky of the Hessian failed even with damping "
@@ -350,7 +352,7 @@ def gptq(W: torch.Tensor, H: torch.Tensor, cfg: QuantConfig,
     W, H, mask = W[:, perm], H[perm][:, perm], mask[:, perm]
     group = group[perm]  # the grid of each column, in quantization order
     col_maxq = torch.tensor(maxqs, dtype=W.dtype, device=W.device)[group]
-    U, _ = inverse_cholesky(H, cfg.percdamp)
+    U = inverse_cholesky(H, cfg.percdamp)
     tau = math.inf
     if cfg.outlier_threshold < math.inf:
         tau = cfg.outlier_threshold * (W.var(dim=0) / torch.diag(U) ** 2).mean().item()
@@ -358,7 +360,9 @@ def gptq(W: torch.Tensor, H: torch.Tensor, cfg: QuantConfig,
     Q = torch.zeros_like(W)
     Err = torch.zeros_like(W)  # e_i = (w_i - q_i) / U_ii
     B = cfg.blocksize
-    if not static and g < n and g % B and B % g:  # no group may straddle two blocks
+    # a group refitted mid-block must end inside the block (the columns past it get this
+    # block's updates only at its end); one of B, g dividing the other guarantees that
+    if not static and g < n and g % B and B % g:
         B = math.gcd(B, g)
     block = gptq_block
     if kernels.use_triton(W) and B <= 128:  # one launch per block, which refits no grid inside
@@ -435,41 +439,42 @@ def layer_loss(W, Q, H) -> float:
 # -----------------------------------------------------------------------------
 # 4. QuantEase (spec §4)
 #
-# f(W_hat) = tr((W - W_hat) S (W - W_hat)^T), S = X X^T, on a grid fixed from the original W.
-# For column j (all rows at once) f is a 1-D convex quadratic whose minimizer is
-#   u_j = w_j + sum_{k != j} (w_k - w_hat_k) S_kj / S_jj
+# f(W_hat) = tr((W - W_hat) Sigma (W - W_hat)^T), Sigma = X X^T / N, on a grid fixed from the
+# original W. For column j (all rows at once) f is a 1-D convex quadratic whose minimizer is
+#   u_j = w_j + sum_{k != j} (w_k - w_hat_k) Sigma_kj / Sigma_jj
+# (in the code: S_off = Sigma_kj / Sigma_jj off the diagonal, 0 on it; see normalized_offdiag)
 # and rounding u_j to the nearest grid point is the exact minimizer over the grid, so every
 # rounded coordinate step can only lower f. No matrix is ever inverted.
 
 
-def cd_block(What, R, S, s, z, b1: int, b2: int, maxq: int, rounded: bool = True):
+def cd_block(What, R, S_off, s, z, b1: int, b2: int, maxq: int, rounded: bool = True):
     """Columns b1..b2-1 of a sweep, in place on What (m, n). R = P - Phat on these columns, with
-    Phat = sum_k What_k S_kj from before the block; D (m, b2 - b1) the changes made so far, so
-        u_j = R_j - sum_{b1 <= l < j} D_l S_lj     (Gauss-Seidel: the new values of this block)
+    Phat = sum_k What_k S_off_kj from before the block; D (m, b2 - b1) the changes made so far:
+        u_j = R_j - sum_{b1 <= l < j} D_l S_off_lj     (Gauss-Seidel: this block's new values)
     Returns D. (kernels.cd_block is the same loop in one GPU launch.)"""
     D = torch.zeros_like(R)
     for j in range(b1, b2):
         i = j - b1
-        u = R[:, i] - D[:, :i] @ S[b1:j, j]
+        u = R[:, i] - D[:, :i] @ S_off[b1:j, j]
         new = fake_quant(u, s[:, j], z[:, j], maxq) if rounded else u
         D[:, i] = new - What[:, j]
         What[:, j] = new
     return D
 
 
-def cd_sweep(What, P, S, s, z, maxq: int, rounded: bool = True, blocksize: int = 128):
+def cd_sweep(What, P, S_off, s, z, maxq: int, rounded: bool = True, blocksize: int = 128):
     """One cyclic sweep over the columns of What (m, n), in place, a block of columns at a time.
-    P = T + T S_off (T the target, S_off = S / diag(S) off the diagonal, zero on it), so
+    P = T + T S_off (T the target, S_off = Sigma / diag(Sigma) off the diagonal, 0 on it), so
     u_j = P_j - sum_k What_k S_off_kj; s, z (m, n) the fixed grid. Returns What."""
     n = What.shape[1]
     block = cd_block
     if kernels.use_triton(What):  # the same loop as one GPU launch per block (<= 128 columns)
         block, blocksize = kernels.cd_block, min(blocksize, 128)
-    Phat = What @ S  # (m, n): sum_k What_k S_off_kj with the values at the sweep's start
+    Phat = What @ S_off  # (m, n): sum_k What_k S_off_kj with the values at the sweep's start
     for b1 in range(0, n, blocksize):
         b2 = min(b1 + blocksize, n)
-        D = block(What, P[:, b1:b2] - Phat[:, b1:b2], S, s, z, b1, b2, maxq, rounded)
-        Phat[:, b2:] += D @ S[b1:b2, b2:]  # this block's changes, for the later columns
+        D = block(What, P[:, b1:b2] - Phat[:, b1:b2], S_off, s, z, b1, b2, maxq, rounded)
+        Phat[:, b2:] += D @ S_off[b1:b2, b2:]  # this block's changes, for the later columns
     return What
 
 
@@ -478,16 +483,16 @@ def normalized_offdiag(Sigma):
     Dead columns (Sigma_jj = 0) have a zero column: they are simply rounded."""
     d = torch.diag(Sigma).clone()
     d[d == 0] = 1
-    S = Sigma / d[None, :]
-    S.fill_diagonal_(0)
-    return S
+    S_off = Sigma / d[None, :]
+    S_off.fill_diagonal_(0)
+    return S_off
 
 
 def quantease(W: torch.Tensor, Sigma: torch.Tensor, cfg: QuantConfig,
               start: Optional[Quantized] = None, history: Optional[list] = None) -> Quantized:
     """QuantEase: cfg.iters cyclic CD sweeps on the grid fitted to W, starting from W itself, or
     from `start` (e.g. a GPTQ result), whose values and grid are then kept, so the result is
-    never worse than the start. With cfg.relaxed, sweeps 1, 4, ..., 25 skip rounding (the
+    never worse than the start (unless cfg.relaxed). With cfg.relaxed, sweeps 1, 4, ..., 25 skip rounding (the
     released code's schedule); the last always rounds. history receives f after every sweep."""
     W, Sigma = as_work(W), as_work(Sigma)
     if start is None:
@@ -496,16 +501,14 @@ def quantease(W: torch.Tensor, Sigma: torch.Tensor, cfg: QuantConfig,
     else:
         s, z, g = as_work(start.scales), as_work(start.zeros), start.groupsize
         What = as_work(start.dequantize()).clone()
-    se, ze = expand(s, g), expand(z, g)
-    S = normalized_offdiag(Sigma)
-    P = W + W @ S  # P_j = w_j + sum_{k != j} w_k S_kj / S_jj
+    se, ze = per_column(s, g), per_column(z, g)
+    S_off = normalized_offdiag(Sigma)
+    P = W + W @ S_off  # P_j = w_j + sum_{k != j} w_k Sigma_kj / Sigma_jj
     for it in range(cfg.iters):
         rounded = not (cfg.relaxed and it % 3 == 1 and it <= 25 and it < cfg.iters - 1)
-        What = cd_sweep(What, P, S, se, ze, cfg.maxq, rounded, cfg.blocksize)
+        What = cd_sweep(What, P, S_off, se, ze, cfg.maxq, rounded, cfg.blocksize)
         if history is not None:
             history.append((rounded, layer_loss(W, What, Sigma)))
-    if cfg.iters == 0:  # nothing to sweep: round the start
-        What = fake_quant(What, se, ze, cfg.maxq)
     codes = quant_codes(What, se, ze, cfg.maxq)
     return Quantized(codes, s, z, cfg.wbits, g, stat_bits=stat_bits(cfg),
                      loss=layer_loss(W, What, Sigma))
@@ -522,11 +525,11 @@ def top_k_mask(x, k: int):
 def quantease_outliers(W: torch.Tensor, Sigma: torch.Tensor, cfg: QuantConfig,
                        history: Optional[list] = None) -> Quantized:
     """Outlier-aware QuantEase (§4.2), from its objective:
-        min  f(W_hat, Hs) = tr((W - W_hat - Hs) S (W - W_hat - Hs)^T)
+        min  f(W_hat, Hs) = tr((W - W_hat - Hs) Sigma (W - W_hat - Hs)^T)
         over W_hat on the grid and Hs with at most k = round(outliers * m * n) nonzeros (16-bit).
     Alternate (a) one rounded CD sweep on W_hat with target W - Hs, and (b) one iterative hard
-    thresholding step on Hs with step 1/L, L = 2 lambda_max(S) the Lipschitz constant of the
-    gradient 2 (W_hat + Hs - W) S:  Hs <- TopK(Hs - (W_hat + Hs - W) S / lambda_max).
+    thresholding step on Hs with step 1/L, L = 2 lambda_max(Sigma) the Lipschitz constant of
+    the gradient 2 (W_hat + Hs - W) Sigma:  Hs <- TopK(Hs - (W_hat + Hs - W) Sigma / lambda_max).
     Both steps never increase f. Start: Hs = the k largest |W|, W_hat = W without them; the grid
     is fitted ignoring those k weights."""
     W, Sigma = as_work(W), as_work(Sigma)
@@ -534,13 +537,13 @@ def quantease_outliers(W: torch.Tensor, Sigma: torch.Tensor, cfg: QuantConfig,
     k = int(round(cfg.outliers * m * n))
     Hs = W * top_k_mask(W, k)
     s, z, g = fit_groups(W, cfg, mask=Hs != 0)
-    se, ze = expand(s, g), expand(z, g)
-    S = normalized_offdiag(Sigma)
-    lam = torch.linalg.eigvalsh(Sigma)[-1].clamp(min=1e-12)  # lambda_max(S): a step size, no inverse
+    se, ze = per_column(s, g), per_column(z, g)
+    S_off = normalized_offdiag(Sigma)
+    lam = torch.linalg.eigvalsh(Sigma)[-1].clamp(min=1e-12)  # lambda_max(Sigma): a step, no inverse
     What = W - Hs
-    for it in range(max(cfg.iters, 1)):
+    for _ in range(cfg.iters):
         T = W - Hs  # (a) the dense part fits what the outliers leave
-        What = cd_sweep(What, T + T @ S, S, se, ze, cfg.maxq, True, cfg.blocksize)
+        What = cd_sweep(What, T + T @ S_off, S_off, se, ze, cfg.maxq, True, cfg.blocksize)
         if history is not None:
             history.append(("cd", layer_loss(W, What + Hs, Sigma)))
         Hs = Hs - (What + Hs - W) @ Sigma / lam  # (b) a gradient step, then keep the top k
@@ -847,7 +850,9 @@ def linear_names(model: M.Transformer) -> list:
 
 
 def next_token_loss(logits, tokens, answer=None):
-    """Mean cross-entropy of each next token; only over answer tokens when `answer` marks them."""
+    """Mean cross-entropy of each next token (§6.1 step 3: all positions). With `answer`
+    (built-in or jsonl task data) only over the answer tokens: our choice, not the released
+    code's, so the task gradients are about the answers (text data is scored as in §6.1)."""
     nll = torch.nn.functional.cross_entropy(logits[0, :-1].float(), tokens[1:], reduction="none")
     if answer is None:
         return nll.mean()
@@ -951,8 +956,8 @@ def global_top_k_masks(scores: dict, ratio: float) -> dict:
 
 def tacq_scores(model: M.Transformer, calib, answers, cfg: QuantConfig, device=None,
                 log=print, G: Optional[dict] = None) -> dict:
-    """Steps 1-3: gradients on the fp model (or G, computed elsewhere, e.g. over several GPUs by
-    scripts/tacq_pipeline.py), the reference GPTQ (no mask), the scores. The model's weights are
+    """§6.1 steps 2-4: gradients on the fp model (or G, computed elsewhere, e.g. over several
+    GPUs by scripts/tacq_pipeline.py), the reference GPTQ (no mask), the scores. The model's weights are
     restored before returning."""
     if G is None:
         t0 = time.perf_counter()
@@ -1442,6 +1447,9 @@ def run(ckpt=None, method="tacq", cfg: QuantConfig = QuantConfig(wbits=3, groups
                                ("--task-limit", task_limit, 1)]:
         if value is not None and value < least:
             raise ValueError(f"{flag} {value}: want at least {least}")
+    if method == "resq" and cfg.groupsize != -1:  # method_config would drop it silently
+        raise ValueError(f"--groupsize {cfg.groupsize}: ResQ quantizes weights per output "
+                         "channel (spec §7.3); leave --groupsize out")
     if save and method == "resq":
         raise ValueError("ResQ is fake quantization (W4A4 needs activation-quantized kernels); "
                          "it can be evaluated but not saved")
@@ -1475,12 +1483,10 @@ def run(ckpt=None, method="tacq", cfg: QuantConfig = QuantConfig(wbits=3, groups
               f"{calib} (seed {seed})")
     t0 = time.perf_counter()
     masks = None
-    if method == "tacq":
-        fingerprint = {"ckpt": str(ckpt or M.DEFAULT_MODEL), "wbits": used.wbits,
-                       "groupsize": used.groupsize, "mse": used.mse, "sym": used.sym,
-                       "percdamp": used.percdamp, "calib": calib, "nsamples": nsamples,
-                       "seqlen": seqlen, "seed": seed}
-        scores = cached_tacq_scores(model, calib_tokens, answers, used, fingerprint, scores_dir,
+    if method == "tacq":  # the scores do not depend on the ratio: a cache serves every ratio
+        scores_fp = run_fingerprint(ckpt, model, "tacq scores", replace(used, ratio=0.0), calib,
+                                    calib_tokens, seed, dtype)
+        scores = cached_tacq_scores(model, calib_tokens, answers, used, scores_fp, scores_dir,
                                     device)
         masks = global_top_k_masks(scores, used.ratio)
         del scores
@@ -1488,7 +1494,7 @@ def run(ckpt=None, method="tacq", cfg: QuantConfig = QuantConfig(wbits=3, groups
               f"(ratio {used.ratio}); final GPTQ with that mask:")
     if method == "resq":
         resq_prepare(model, calib_tokens, used, seed, device=device)
-    fingerprint = run_fingerprint(ckpt, model, method, used, calib, calib_tokens, seed)
+    fingerprint = run_fingerprint(ckpt, model, method, used, calib, calib_tokens, seed, dtype)
     results = quantize_model(model, calib_tokens, method, used, device, masks=masks,
                              resume=resume, fingerprint=fingerprint)
     if method == "resq":
@@ -1519,16 +1525,18 @@ def run(ckpt=None, method="tacq", cfg: QuantConfig = QuantConfig(wbits=3, groups
     return summary
 
 
-def run_fingerprint(ckpt, model, method, cfg: QuantConfig, calib_spec, calib_tokens, seed):
-    """What a resumed run must share with the run that saved the blocks: the model, the method
-    and every option, the calibration data (a hash of its tokens) and the seed."""
+def run_fingerprint(ckpt, model, method, cfg: QuantConfig, calib_spec, calib_tokens, seed,
+                    dtype="fp32"):
+    """What a resumed run must share with the run that saved the blocks: the model and its
+    dtype, the method and every option, the calibration data (a hash of its tokens), the seed."""
     digest = hashlib.sha256()
     for t in calib_tokens if calib_tokens is not None else []:
         digest.update(t.to(torch.int64).numpy().tobytes())
     return {"ckpt": str(ckpt or M.DEFAULT_MODEL), "model": json.dumps(model.args.to_hf()),
             "method": method, "options": json.dumps(asdict(cfg) | {
                 "outlier_threshold": str(cfg.outlier_threshold)}),
-            "calib": calib_spec, "calib_sha256": digest.hexdigest(), "seed": seed}
+            "calib": calib_spec, "calib_sha256": digest.hexdigest(), "seed": seed,
+            "dtype": str(dtype)}
 
 
 def headline(metrics: dict) -> str:

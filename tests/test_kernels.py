@@ -123,7 +123,7 @@ def test_quantease_block_kernel_equals_the_torch_loop(m, n, data, bits, rounded,
     X = torch.randn(n, 3 * n, generator=g, dtype=dtype)
     S = Q.normalized_offdiag(X @ X.T)
     s, z, gs = Q.fit_groups(W, Q.QuantConfig(wbits=bits))
-    s, z = Q.expand(s, gs), Q.expand(z, gs)
+    s, z = Q.per_column(s, gs), Q.per_column(z, gs)
     What = W + 0.1 * torch.randn(m, n, generator=g, dtype=dtype)
     R = (W + W @ S - What @ S)[:, b1:b2]
     ref = What.clone()
@@ -161,7 +161,7 @@ def test_gptq_block_kernel_equals_the_torch_loop(m, width, bits, mixed, spqr, dt
     g = torch.Generator().manual_seed(seed)
     W = torch.randn(m, width, generator=g, dtype=dtype)
     X = torch.randn(width, 2 * width + 4, generator=g, dtype=dtype)
-    U, _ = Q.inverse_cholesky(2 * X @ X.T, 0.01)
+    U = Q.inverse_cholesky(2 * X @ X.T, 0.01)
     s, z, _ = Q.fit_groups(W, Q.QuantConfig(wbits=bits))
     s, z = s.expand(m, width).contiguous(), z.expand(m, width).contiguous()
     maxq = torch.full((width,), 2.0 ** bits - 1, dtype=dtype)

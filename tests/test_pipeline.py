@@ -59,6 +59,34 @@ def test_pipeline_save_load_same_logits(method, tiny_dir, tmp_path):
     assert (kept > 0) == (method in ("quantease", "spqr"))
 
 
+def test_a_3_bit_checkpoint_with_a_wrong_high_plane_is_refused(tiny_dir, tmp_path):
+    from safetensors.torch import load_file, save_file
+    model, _ = M.load(str(tiny_dir))
+    res = Q.quantize_model(model, None, "rtn", Q.QuantConfig(wbits=3, groupsize=32),
+                           log=lambda s: None)
+    qc = {"quant_method": "mixq", "bits": 3, "group_size": 32, "modules": sorted(res)}
+    Q.save_quantized(model, res, None, tmp_path / "q", qc)
+    f = tmp_path / "q" / "model.safetensors"
+    t = load_file(str(f))
+    name = "model.layers.1.mlp.down_proj.qweight_hi"
+    t[name] = t[name][:-1].contiguous()  # one row of words short
+    save_file(t, str(f), metadata={"format": "pt"})
+    with pytest.raises(M.CheckpointError, match="down_proj.qweight_hi has shape"):
+        M.load(str(tmp_path / "q"))
+
+
+def test_fingerprint_covers_what_changes_the_result(tiny_dir):
+    model, _ = M.load(str(tiny_dir))
+    calib = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0))
+    cfg = Q.QuantConfig(wbits=3)
+    fp = lambda c=cfg, tokens=calib, dtype="fp32": Q.run_fingerprint(  # noqa: E731
+        "x", model, "tacq", c, "pydoc", tokens, 0, dtype)
+    assert fp() == fp()
+    for other in [fp(c=Q.QuantConfig(wbits=3, act_order=True)), fp(dtype="bf16"),
+                  fp(tokens=calib.flip(0)), fp(c=Q.QuantConfig(wbits=3, percdamp=0.1))]:
+        assert other != fp()
+
+
 @pytest.mark.parametrize("group", Q.SEQUENTIAL)
 def test_input_stats_are_x_xt_over_n_shared_by_linears_that_read_one_input(group, tiny_dir):
     model, _ = M.load(str(tiny_dir))
@@ -124,6 +152,7 @@ def test_cli_rtn_on_embedded_saves_a_checkpoint_eval_reproduces(tmp_path):
     (["--nsamples", "0"], "--nsamples 0: want at least 1"),
     (["--ratio", "2"], "--ratio 2.0: want a fraction in [0, 1]"),
     (["--method", "resq", "--abits", "1"], "--abits 1: want 2-16 bits"),
+    (["--method", "resq", "--groupsize", "64"], "ResQ quantizes weights per output channel"),
 ])
 def test_cli_bad_input(args, msg):
     r = subprocess.run([sys.executable, str(ROOT / "mixq.py")] + args, capture_output=True,
