@@ -268,7 +268,7 @@ def rtn(W: torch.Tensor, cfg: QuantConfig) -> Quantized:
     W = as_work(W)
     s, z, g = fit_groups(W, cfg)  # (m, n/g) each
     codes = quant_codes(W, per_column(s, g), per_column(z, g), cfg.maxq)
-    return Quantized(codes, s, z, cfg.wbits, g, stat_bits=stat_bits(cfg))
+    return Quantized(codes, s, z, cfg.wbits, g, stat_bits=bits_per_statistic(cfg))
 
 
 def as_work(W):
@@ -276,7 +276,7 @@ def as_work(W):
     return W.to(torch.float64 if W.dtype == torch.float64 else torch.float32)
 
 
-def stat_bits(cfg: QuantConfig) -> float:
+def bits_per_statistic(cfg: QuantConfig) -> float:
     """Bits per stored statistic: 16, or SpQR's b_stat + (16 + 16) / 16 with a second level."""
     return 16 if cfg.stat_bits >= 16 else cfg.stat_bits + 32 / 16
 
@@ -385,7 +385,7 @@ def gptq(W: torch.Tensor, H: torch.Tensor, cfg: QuantConfig,
         W[:, i2:] -= Err[:, i1:i2] @ U[i1:i2, i2:]  # the block's errors, onto later blocks
     inv = torch.argsort(perm)
     codes, Q, mask, group = codes[:, inv], Q[:, inv], mask[:, inv], group[inv]
-    qz = Quantized(codes, s_all, z_all, cfg.wbits, g, stat_bits=stat_bits(cfg),
+    qz = Quantized(codes, s_all, z_all, cfg.wbits, g, stat_bits=bits_per_statistic(cfg),
                    loss=float((Err ** 2).sum()))
     if high is not None:
         qz.col_group = group
@@ -510,7 +510,7 @@ def quantease(W: torch.Tensor, Sigma: torch.Tensor, cfg: QuantConfig,
         if history is not None:
             history.append((rounded, layer_loss(W, What, Sigma)))
     codes = quant_codes(What, se, ze, cfg.maxq)
-    return Quantized(codes, s, z, cfg.wbits, g, stat_bits=stat_bits(cfg),
+    return Quantized(codes, s, z, cfg.wbits, g, stat_bits=bits_per_statistic(cfg),
                      loss=layer_loss(W, What, Sigma))
 
 
@@ -551,7 +551,7 @@ def quantease_outliers(W: torch.Tensor, Sigma: torch.Tensor, cfg: QuantConfig,
         if history is not None:
             history.append(("iht", layer_loss(W, What + Hs, Sigma)))
     codes = quant_codes(What, se, ze, cfg.maxq)
-    qz = Quantized(codes, s, z, cfg.wbits, g, stat_bits=stat_bits(cfg))
+    qz = Quantized(codes, s, z, cfg.wbits, g, stat_bits=bits_per_statistic(cfg))
     qz = with_kept(qz, qz.dequantize() + Hs, Hs != 0)
     qz.loss = layer_loss(W, qz.dequantize(), Sigma)
     return qz
@@ -665,18 +665,9 @@ def quantize_model(model: M.Transformer, calib: Optional[torch.Tensor], method: 
     home = model.device
     done = resume_state(resume, fingerprint) if resume else 0
     results = {}
-    xs = None
-    if method != "rtn":  # inputs of block 0: the embeddings, each (1, T, dim)
-        xs = [model.embed_tokens(c[None].to(home)) for c in calib]
-        park = activation_store(xs, device)
-        xs = [park(x) for x in xs]
-    ropes = {}
-
-    def rope(x):  # cos, sin for a sample's length (samples may differ in length)
-        T = x.shape[1]
-        if T not in ropes:
-            ropes[T] = tuple(t.to(device) for t in model.rope(0, T))
-        return ropes[T]
+    xs = park = rope = None  # RTN needs no data
+    if method != "rtn":
+        xs, park, rope = block_inputs(model, calib, device)
     t_start = time.perf_counter()
     for li, block in enumerate(model.layers):
         t0 = time.perf_counter()
@@ -717,6 +708,22 @@ def activation_store(xs: list, device):
     def pinned(x):
         return torch.empty(x.shape, dtype=x.dtype, pin_memory=True).copy_(x)
     return pinned
+
+
+def block_inputs(model: M.Transformer, calib, device):
+    """The inputs of block 0 (the embeddings of each calibration window, (1, T, dim) each) where
+    activations wait between blocks (activation_store), the function that puts a block's outputs
+    there, and rope(x) -> (cos, sin) on `device` for x's length (cached; lengths may differ)."""
+    xs = [model.embed_tokens(c[None].to(model.device)) for c in calib]
+    park = activation_store(xs, device)
+    ropes = {}
+
+    def rope(x):
+        T = x.shape[1]
+        if T not in ropes:
+            ropes[T] = tuple(t.to(device) for t in model.rope(0, T))
+        return ropes[T]
+    return [park(x) for x in xs], park, rope
 
 
 def quantize_block(model, li: int, xs, rope, method: str, cfg: QuantConfig, device,
@@ -1040,18 +1047,13 @@ def resq_covariances(model: M.Transformer, calib, device=None) -> dict:
     cov = {"resid": torch.zeros(a.dim, a.dim, dtype=torch.float64, device=device),
            "value": torch.zeros(L, a.n_kv_heads, hd, hd, dtype=torch.float64, device=device),
            "key": torch.zeros(L, hd, hd, dtype=torch.float64, device=device)}
-    xs = [model.embed_tokens(c[None].to(home)) for c in calib]  # each (1, T, d)
-    park = activation_store(xs, device)
-    xs = [park(x) for x in xs]
-    ropes = {}  # sample length -> cos, sin on the device
+    xs, park, rope = block_inputs(model, calib, device)  # each (1, T, d)
     for li, b in enumerate(model.layers):
         b.to(device)
         for i, x in enumerate(xs):
             x = x.to(device, non_blocking=True)
             T = x.shape[1]
-            if T not in ropes:
-                ropes[T] = tuple(t.to(device) for t in model.rope(0, T))
-            cos, sin = ropes[T]
+            cos, sin = rope(x)
             h = b.input_layernorm(x)
             g = b.post_attention_layernorm(x + b.self_attn(h, cos, sin))
             for inp in (h, g):
@@ -1244,6 +1246,12 @@ def per_head(fn, hd: int):
     return apply
 
 
+def n_high(n: int, cfg: QuantConfig) -> int:
+    """Channels of an n-wide space in ResQ's high slice: its top high_fraction * n PCA
+    directions (none without PCA)."""
+    return int(cfg.high_fraction * n) if cfg.rotation == "pca" else 0
+
+
 def resq_high_columns(name: str, args: M.ModelArgs, cfg: QuantConfig):
     """The input columns a linear keeps on the 8-bit grid (None: all at wbits): the last r of the
     residual basis for q/k/v/gate/up, the last hd/8 of every head for o_proj, none for down."""
@@ -1251,20 +1259,16 @@ def resq_high_columns(name: str, args: M.ModelArgs, cfg: QuantConfig):
         return None
     hd = args.head_dim
     if name.endswith("o_proj"):
-        r = int(cfg.high_fraction * hd)
-        return (torch.arange(args.n_heads * hd) % hd) >= hd - r
+        return (torch.arange(args.n_heads * hd) % hd) >= hd - n_high(hd, cfg)
     if name.endswith("down_proj"):
         return None
-    r = int(cfg.high_fraction * args.dim)
-    return torch.arange(args.dim) >= args.dim - r
+    return torch.arange(args.dim) >= args.dim - n_high(args.dim, cfg)
 
 
 def install_resq_quantizers(model: M.Transformer, cfg: QuantConfig) -> list:
     """Forward hooks that fake-quantize activations and the KV cache as ResQ does."""
     a = model.args
-    pca = cfg.rotation == "pca"
-    r_res = int(cfg.high_fraction * a.dim) if pca else 0
-    r_head = int(cfg.high_fraction * a.head_dim) if pca else 0
+    r_res, r_head = n_high(a.dim, cfg), n_high(a.head_dim, cfg)
     act = lambda bits, r: (lambda mod, args: (quantize_activations(args[0], bits,  # noqa: E731
                                                                    cfg.high_bits, r),))
     hooks = []
@@ -1297,11 +1301,10 @@ def activation_bits(args: M.ModelArgs, cfg: QuantConfig) -> float:
     """Average activation bits over the inputs of the seven linears (per input channel)."""
     if cfg.abits >= 16:
         return 16.0
-    f = cfg.high_fraction if cfg.rotation == "pca" else 0.0
-    mixed = cfg.abits * (1 - f) + cfg.high_bits * f
-    d, ff = args.dim, args.hidden_dim
-    widths = {"mixed": 5 * d + args.n_heads * args.head_dim, "low": ff}
-    return (mixed * widths["mixed"] + cfg.abits * widths["low"]) / sum(widths.values())
+    d, hd, ff = args.dim, args.head_dim, args.hidden_dim
+    total = 5 * d + args.n_heads * hd + ff  # inputs of q, k, v, gate, up; o; down
+    high = 5 * n_high(d, cfg) + args.n_heads * n_high(hd, cfg)  # down_proj: all low
+    return (cfg.high_bits * high + cfg.abits * (total - high)) / total
 
 
 @torch.no_grad()

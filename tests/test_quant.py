@@ -350,7 +350,7 @@ def test_bit_count_by_hand():
     # SpQR's README configuration: w3, groups of 16, 3-bit statistics in groups of 16 -> 3.625
     cfg = Q.spqr_config(Q.QuantConfig(wbits=3))
     qz = Q.Quantized(torch.zeros(16, 64), torch.ones(16, 4), torch.zeros(16, 4), 3, 16,
-                     stat_bits=Q.stat_bits(cfg))
+                     stat_bits=Q.bits_per_statistic(cfg))
     assert Q.stored_bits(qz) / (16 * 64) == 3.625
     r = {"a": {"bits_stored": 300, "numel": 100}, "b": {"bits_stored": 500, "numel": 100}}
     assert Q.average_bits(r) == 4.0
