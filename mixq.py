@@ -74,8 +74,10 @@ class QuantConfig:
     outlier_threshold: float = float("inf")  # SpQR-style: relative error threshold (0.2 in SpQR)
     stat_bits: int = 16  # bits per stored scale and zero; SpQR-style quantizes them to 3
     ratio: float = 0.0035  # TaCQ: fraction of all linear weights kept in 16 bits
-    abits: int = 16  # ResQ: activation bits (the low slice), per token; 16 = not quantized
-    kvbits: int = 16  # ResQ: KV-cache bits (the low slice), per token and head
+    # ResQ: activation bits (the low slice), per token; 16 = not quantized. (The CLI passes 4
+    # for --method resq: W4A4KV4; a QuantConfig left at 16 runs ResQ weight-only.)
+    abits: int = 16
+    kvbits: int = 16  # ResQ: KV-cache bits (the low slice), per token and head; 16 likewise
     high_bits: int = 8  # ResQ: bits of the high-variance slice (weights and activations)
     high_fraction: float = 0.125  # ResQ: fraction of channels in the high slice
     rotation: str = "pca"  # ResQ: "pca" (ResQ), "random" (QuaRot-style), "none" (plain RTN/GPTQ)
