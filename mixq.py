@@ -327,31 +327,16 @@ def gptq(W: torch.Tensor, H: torch.Tensor, cfg: QuantConfig,
     W, H = as_work(W).clone(), as_work(H).clone()
     m, n = W.shape
     g = group_size(cfg, n)
-    maxq = cfg.maxq
     mask = torch.zeros_like(W, dtype=torch.bool) if mask is None else mask.clone()
     # dead inputs (never active in the calibration data): any value is as good, use 0
     dead = torch.diag(H) == 0
     H[dead, dead] = 1
     W[:, dead] = 0
-    group = torch.arange(n, device=W.device) // g  # the grid of each column
-    maxqs = [maxq] * (n // g)
-    if high is not None:  # ResQ: two static per-row grids, low columns and high columns
-        if cfg.groupsize != -1:
-            raise ValueError("ResQ's split grids are per channel: use --groupsize -1")
-        group, maxqs = high.long(), [maxq, 2 ** cfg.high_bits - 1]
-        lo, hi = fit_group(W[:, ~high], cfg), fit_grid(W[:, high], cfg.high_bits, cfg.sym, cfg.mse)
-        s_all, z_all = torch.cat([lo[0], hi[0]], 1), torch.cat([lo[1], hi[1]], 1)  # (m, 2)
-    else:
-        s_all = torch.zeros(m, n // g, dtype=W.dtype, device=W.device)  # a grid per (row, group)
-        z_all = torch.zeros_like(s_all)
-    static = cfg.act_order or high is not None
-    if cfg.act_order and high is None:  # static groups: fitted on the original contiguous columns
-        for c in range(0, n, g):
-            s_all[:, c // g:c // g + 1], z_all[:, c // g:c // g + 1] = fit_group(
-                W[:, c:c + g], cfg, mask[:, c:c + g])
+    s_all, z_all, group, maxqs = initial_grids(W, cfg, g, mask, high)
+    static = cfg.act_order or high is not None  # else each group is fitted when reached
     perm = torch.argsort(torch.diag(H), descending=True) if cfg.act_order else \
         torch.arange(n, device=W.device)
-    W, H, mask = W[:, perm], H[perm][:, perm], mask[:, perm]
+    W, H, mask = W[:, perm], H[perm][:, perm], mask[:, perm]  # act-order: by decreasing diag H
     group = group[perm]  # the grid of each column, in quantization order
     col_maxq = torch.tensor(maxqs, dtype=W.dtype, device=W.device)[group]
     U = inverse_cholesky(H, cfg.percdamp)
@@ -393,6 +378,28 @@ def gptq(W: torch.Tensor, H: torch.Tensor, cfg: QuantConfig,
         qz.col_group = group
         qz.col_bits = torch.where(high, cfg.high_bits, cfg.wbits)
     return with_kept(qz, Q, mask)
+
+
+def initial_grids(W, cfg: QuantConfig, g: int, mask, high=None):
+    """The grids GPTQ starts with -> s, z (m, grids), group (n,): the grid of each column, and
+    each grid's top code. Plain GPTQ: a grid per row and group, left at zero here and fitted on
+    the current weights when the sweep reaches the group. Act-order: the same groups, fitted
+    now on the original contiguous columns (static groups). ResQ (high given): two per-row
+    grids, the low columns at wbits and the high columns at high_bits, fitted now."""
+    m, n = W.shape
+    if high is not None:
+        if cfg.groupsize != -1:
+            raise ValueError("ResQ's split grids are per channel: use --groupsize -1")
+        lo, hi = fit_group(W[:, ~high], cfg), fit_grid(W[:, high], cfg.high_bits, cfg.sym, cfg.mse)
+        s, z = torch.cat([lo[0], hi[0]], 1), torch.cat([lo[1], hi[1]], 1)  # (m, 2)
+        return s, z, high.long(), [cfg.maxq, 2 ** cfg.high_bits - 1]
+    s = torch.zeros(m, n // g, dtype=W.dtype, device=W.device)
+    z = torch.zeros_like(s)
+    if cfg.act_order:
+        for c in range(0, n, g):
+            s[:, c // g:c // g + 1], z[:, c // g:c // g + 1] = fit_group(W[:, c:c + g], cfg,
+                                                                         mask[:, c:c + g])
+    return s, z, torch.arange(n, device=W.device) // g, [cfg.maxq] * (n // g)
 
 
 def gptq_block(W1, U1, s, z, maxq, mask, tau: float):
