@@ -830,7 +830,7 @@ def _bench(shapes, Ms, bit_widths, outlier_share=0.0035, groupsize=128, copies=8
     dev = "cuda"
     big = torch.empty(2 ** 30, dtype=torch.uint8, device=dev)  # 1 GiB copy: read + write
     peak = 2 * big.numel() / _graph_time(lambda: big.clone(), [()], reps=2) / 1e9
-    del big
+    big = None  # free the 1 GiB
     print(f"device copy bandwidth: {peak:.0f} GB/s (read + write of 1 GiB); "
           f"{torch.cuda.get_device_name()}, triton {triton.__version__}, torch {torch.__version__}")
     print(f"groups of {groupsize}, fp16 activations, {copies} weight copies, CUDA-graph timing")
