@@ -821,14 +821,15 @@ def load_block(resume: str, li: int, block) -> dict:
 
 def collect_input_stats(block, group, xs, rope, device) -> dict:
     """Run the block on every calibration input with hooks that accumulate Sigma for the linears
-    of `group`, stopping each forward as soon as all of them have seen their input. Linears fed
-    the very same tensor (q, k, v; gate, up) share one Sigma: computed once, not three times."""
+    of `group`, stopping each forward as soon as all of them have seen their input (before the
+    last one multiplies: its output is not needed). Linears fed the very same tensor (q, k, v;
+    gate, up) share one Sigma: computed once, not three times."""
     stats, seen, hooks = {}, {}, []  # seen: name -> its input in the current forward
     for name in group:
         lin = block.get_submodule(name)
         stats[name] = InputStats(lin.in_features, device)
 
-        def hook(mod, inp, out, name=name):
+        def hook(mod, inp, name=name):  # before the linear's forward
             x = inp[0]
             twin = next((o for o, t in seen.items() if t is x), None)
             if twin is None:
@@ -838,7 +839,7 @@ def collect_input_stats(block, group, xs, rope, device) -> dict:
             seen[name] = x
             if len(seen) == len(group):
                 raise StopForward
-        hooks.append(lin.register_forward_hook(hook))
+        hooks.append(lin.register_forward_pre_hook(hook))
     try:
         for x in xs:
             seen.clear()
