@@ -19,6 +19,8 @@ def hf_logits(hf, ids):
 def test_tiny_gqa_logits_equal_transformers(tiny_ckpt):
     d, hf = tiny_ckpt
     ours, _ = M.load(str(d))
+    # the weights are small (std 0.02), so check RoPE's frequencies directly too
+    torch.testing.assert_close(M.rope_frequencies(ours.args), hf.model.rotary_emb.inv_freq.float())
     ids = torch.randint(0, 128, (2, 80), generator=torch.Generator().manual_seed(1))
     diff = (ours(ids) - hf_logits(hf, ids)).abs().max().item()
     assert diff < 1e-3, diff
@@ -34,6 +36,7 @@ def test_llama31_rope_scaling_logits_equal_transformers(tmp_path):
     ours, _ = M.load(str(tmp_path / "t"))
     assert ours.args.rope_scaling["rope_type"] == "llama3"
     inv = M.rope_frequencies(ours.args)
+    torch.testing.assert_close(inv, hf.model.rotary_emb.inv_freq.float())  # the oracle's
     plain = M.rope_frequencies(M.ModelArgs(**{**vars(ours.args), "rope_scaling": None}))
     wavelen = 2 * math.pi / plain
     assert (inv == plain)[wavelen < 16].all() and (inv == plain / 8)[wavelen > 64].all()

@@ -117,12 +117,11 @@ def test_calibration_never_touches_the_evaluation_split():
     calib = Q.calibration_windows("pydoc", Tok(), 64, 256, seed=0)
     n_calib = len(E.corpus_tokens("pydoc", Tok(), "calib"))
     assert calib.shape == (64, 256)
-    # every window lies inside the calibration split: check by position of the last token
-    full = E.corpus_tokens("pydoc", Tok(), "all")
-    g = torch.Generator().manual_seed(0)
-    starts = torch.randint(0, n_calib - 256, (64,), generator=g)
-    assert (starts + 256 <= n_calib).all()
-    assert torch.equal(calib[0], full[starts[0]:starts[0] + 256])
+    # every window is a piece of the calibration split (bytes here, so a substring search)
+    calib_split = bytes(E.corpus_tokens("pydoc", Tok(), "calib").tolist())
+    assert n_calib < len(E.corpus_tokens("pydoc", Tok(), "all"))  # an evaluation split remains
+    assert all(bytes(w.tolist()) in calib_split for w in calib)
+    assert len({tuple(w.tolist()) for w in calib}) > 60  # random offsets, not one window
 
 
 def test_cli_rtn_on_embedded_saves_a_checkpoint_eval_reproduces(tmp_path):
