@@ -501,8 +501,9 @@ def quantease(W: torch.Tensor, Sigma: torch.Tensor, cfg: QuantConfig,
               start: Optional[Quantized] = None, history: Optional[list] = None) -> Quantized:
     """QuantEase: cfg.iters cyclic CD sweeps on the grid fitted to W, starting from W itself, or
     from `start` (e.g. a GPTQ result), whose values and grid are then kept, so the result is
-    never worse than the start (unless cfg.relaxed). With cfg.relaxed, sweeps 1, 4, ..., 25 skip rounding (the
-    released code's schedule); the last always rounds. history receives f after every sweep."""
+    never worse than the start (unless cfg.relaxed). With cfg.relaxed, sweeps 1, 4, ..., 25
+    skip rounding (the released code's schedule); the last always rounds. history receives f
+    after every sweep."""
     W, Sigma = as_work(W), as_work(Sigma)
     if start is None:
         s, z, g = fit_groups(W, cfg)  # QuantEase's grid: fixed from the original W
@@ -974,8 +975,8 @@ def global_top_k_masks(scores: dict, ratio: float) -> dict:
 def tacq_scores(model: M.Transformer, calib, answers, cfg: QuantConfig, device=None,
                 log=print, G: Optional[dict] = None) -> dict:
     """§6.1 steps 2-4: gradients on the fp model (or G, computed elsewhere, e.g. over several
-    GPUs by scripts/tacq_pipeline.py), the reference GPTQ (no mask), the scores. The model's weights are
-    restored before returning."""
+    GPUs by scripts/tacq_pipeline.py), the reference GPTQ (no mask), the scores. The model's
+    weights are restored before returning."""
     if G is None:
         t0 = time.perf_counter()
         G = gradient_magnitudes(model, calib, answers, log=log)
@@ -1561,7 +1562,7 @@ def headline(metrics: dict) -> str:
 
 
 def print_summary(s: dict):
-    """One markdown row: the method, its bits, fp and quantized score per eval spec, time, memory."""
+    """A markdown row: method, bits, fp and quantized score per eval spec, time, memory."""
     specs = list(s["fp"])
     kind = lambda m: "ppl" if "ppl" in m else "acc" if "acc" in m else "em"
     head = ["method", "avg W bits", "avg A bits"]
