@@ -76,13 +76,18 @@ def corpus_tokens(spec: str, tokenizer: M.Tokenizer, split: str = "eval") -> tor
 
 
 @torch.no_grad()
+def check_windows(seqlen: int, windows: Optional[int] = None):
+    """A window predicts seqlen - 1 tokens: at least 2 tokens, and at least 1 window."""
+    if seqlen < 2 or (windows is not None and windows < 1):
+        raise ValueError(f"seqlen {seqlen}, windows {windows}: want a window of at least 2 "
+                         "tokens and at least 1 window")
+
+
 def perplexity(model: M.Transformer, tokens: torch.Tensor, seqlen: int = 512,
                windows: Optional[int] = None, progress: bool = False) -> dict:
     """GPTQ-protocol perplexity of `tokens` (1-D): windows [i*seqlen, (i+1)*seqlen), no context
     across windows, the remainder dropped; ppl = exp(sum of NLL / number of predicted tokens)."""
-    if seqlen < 2 or (windows is not None and windows < 1):
-        raise ValueError(f"seqlen {seqlen}, windows {windows}: want a window of at least 2 "
-                         "tokens and at least 1 window")
+    check_windows(seqlen, windows)
     n = len(tokens) // seqlen
     if windows is not None:
         n = min(n, windows)
@@ -377,9 +382,7 @@ def main():
     p.add_argument("--json", default=None, help="write the results to this JSON file")
     a = p.parse_args()
     try:
-        if a.seqlen < 2 or (a.windows is not None and a.windows < 1):
-            raise ValueError(f"--seqlen {a.seqlen}, --windows {a.windows}: want a window of "
-                             "at least 2 tokens and at least 1 window")
+        check_windows(a.seqlen, a.windows)
         corpus_text(a.corpus)  # check the specs before the (slow) model load
         for spec in a.tasks:
             load_task(spec)

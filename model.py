@@ -442,10 +442,7 @@ class Transformer(nn.Module):
         """Continue one prompt (token ids). temperature 0: greedy; else sample from the
         smallest set of tokens whose probability reaches top_p. Returns the new ids.
         static: decode with static_decoder (a CUDA graph on a GPU); the prompt runs eagerly."""
-        if max_new_tokens < 0 or temperature < 0 or not 0 < top_p <= 1:
-            raise ValueError(f"max_new_tokens {max_new_tokens}, temperature {temperature}, "
-                             f"top_p {top_p}: want max_new_tokens >= 0, temperature >= 0 and "
-                             "0 < top_p <= 1")
+        check_sampling(max_new_tokens, temperature, top_p)
         stop_ids = set(self.args.eos_ids if stop_ids is None else stop_ids)
         gen = torch.Generator().manual_seed(seed) if seed is not None else None
         max_len = min(len(prompt) + max_new_tokens, self.args.max_seq_len)
@@ -851,6 +848,14 @@ DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat1
           "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
 
 
+def check_sampling(max_new_tokens: int, temperature: float, top_p: float):
+    """generate's options in range (model.py's CLI checks them before the slow load)."""
+    if max_new_tokens < 0 or temperature < 0 or not 0 < top_p <= 1:
+        raise ValueError(f"max_new_tokens {max_new_tokens}, temperature {temperature}, "
+                         f"top_p {top_p}: want max_new_tokens >= 0, temperature >= 0 and "
+                         "0 < top_p <= 1")
+
+
 def check_device(device):
     """Fail before any loading on a device name torch does not know or this machine lacks."""
     try:
@@ -1035,10 +1040,8 @@ def main():
     p.add_argument("--dtype", default="fp32", choices=sorted(DTYPES), help="weights dtype")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     a = p.parse_args()
-    if a.max_new_tokens < 0 or a.temperature < 0 or not 0 < a.top_p <= 1:
-        raise SystemExit(f"error: want --max-new-tokens >= 0, --temperature >= 0 and "
-                         f"0 < --top-p <= 1 (got {a.max_new_tokens}, {a.temperature}, {a.top_p})")
     try:
+        check_sampling(a.max_new_tokens, a.temperature, a.top_p)  # before the slow load
         model, tok = load(a.ckpt, a.dtype, a.device)
     except (CheckpointError, ValueError) as e:
         raise SystemExit(f"error: {e}")
