@@ -1,9 +1,9 @@
 """Compile every Triton kernel of kernels.py for an NVIDIA GPU on a machine without one, and
 report what ptxas says: registers and spills per thread, the SASS instruction count per weight
-each thread handles, the barriers before the first global atomic (BAR: the CTA waits, usually
-for a layout change through shared memory; MEMBAR: a memory fence), int-to-float conversions
-(I2F: quarter rate on Hopper) and arithmetic that flushes denormals to zero (FTZ; the GEMV's
-decode needs denormals). A static view, not a timing: the instruction count once predicted a
+each thread handles, the barriers while the weights stream in, before the last plain global
+load (BAR: the CTA waits, usually for a layout change through shared memory; MEMBAR: a memory
+fence), int-to-float conversions (I2F: quarter rate on Hopper) and arithmetic that flushes
+denormals to zero (FTZ; the GEMV's decode needs denormals). A static view, not a timing: the instruction count once predicted a
 GEMV speedup that the H100 did not show, while the barriers it had missed (until the kernels
 were compiled with the launcher's run-time specialization, as now) were what mattered. The
 interpreter that runs the tests never compiles; this catches what only the compiler rejects,
@@ -18,6 +18,7 @@ configurations are the ones config_for picks for Llama-3-8B shapes (groups of 12
 import argparse
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -85,6 +86,19 @@ def jobs():
            dict(SPQR=True, B=128, BLOCK_R=8), 4, None)
 
 
+def find_cuobjdump(ptxas: str) -> str:
+    """Triton's own cuobjdump (its knobs honour TRITON_CUOBJDUMP_PATH), else the one beside
+    ptxas, else one on the PATH: TRITON_PTXAS_PATH may point into another CUDA install (as on
+    the device machine, where it is torch's), which need not ship cuobjdump."""
+    knobs = getattr(getattr(triton, "knobs", None), "nvidia", None)  # Triton >= 3.4
+    for path in [getattr(getattr(knobs, "cuobjdump", None), "path", None),
+                 str(Path(ptxas).with_name("cuobjdump")), shutil.which("cuobjdump")]:
+        if path and Path(path).is_file():
+            return path
+    raise SystemExit("error: no cuobjdump (Triton's, beside ptxas or on the PATH); "
+                     "set TRITON_CUOBJDUMP_PATH")
+
+
 def report(kernel, sig, const, warps, arch, tmp: Path) -> dict:
     # what Triton's launcher specializes at run time for Llama shapes: every pointer 16-byte
     # aligned, every integer argument a multiple of 16 (tt.divisibility = 16)
@@ -100,17 +114,22 @@ def report(kernel, sig, const, warps, arch, tmp: Path) -> dict:
     ptxas = get_ptxas(arch).path
     info = subprocess.run([ptxas, "-v", f"--gpu-name=sm_{arch}a", str(ptx), "-o", str(cubin)],
                           capture_output=True, text=True, check=True).stderr
-    cuobjdump = Path(ptxas).with_name("cuobjdump")
+    cuobjdump = find_cuobjdump(ptxas)
     sass = subprocess.run([str(cuobjdump), "-sass", str(cubin)], capture_output=True, text=True,
                           check=True).stdout
-    main = re.split(r"\b(?:REDG|ATOMG)\b", sass)[0]
+    # the part that streams the weights: up to the last plain global load (the split-K
+    # epilogue reads the partial sums back with .STRONG loads, after it)
+    plain_loads = [m.end() for m in re.finditer(r"\bLDG\.E(?![^;]*STRONG)[^;]*;", sass)]
+    loop = sass[:plain_loads[-1]] if plain_loads else sass
     return {"regs": int(re.search(r"Used (\d+) registers", info).group(1)),
             "spill": int(re.search(r"(\d+) bytes spill stores", info).group(1)),
             "sass": len(re.findall(r"^\s+/\*[0-9a-f]{4}\*/", sass, re.M)),
-            # CTA barriers (shared-memory shuffles) and memory fences in the main part, before
-            # the first global atomic: the split-K GEMV's epilogue needs both once per program
-            "bar": len(re.findall(r"\bBAR\b", main)),
-            "membar": len(re.findall(r"\bMEMBAR\b", main)),
+            # CTA barriers (shared-memory shuffles) and memory fences while the weights stream
+            # in; the split-K GEMV's epilogue (after them) needs a fence and a barrier once per
+            # program, and wide tiles one more barrier to give the accumulator the layout of
+            # the 4-wide atomic adds
+            "bar": len(re.findall(r"\bBAR\b", loop)),
+            "membar": len(re.findall(r"\bMEMBAR\b", loop)),
             # int-to-float conversions (quarter rate on Hopper), not counting I2F.RP: the first
             # step of an integer division
             "i2f": len(re.findall(r"\bI2FP?\.(?!RP )", sass)),
