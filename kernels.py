@@ -409,15 +409,15 @@ if triton is not None:
 
 
 def config_for(M: int, N: int, K: int, G: int) -> dict:
-    """Tile sizes by M and N, from `python kernels.py --bench --tune` on an H100. M = 1: on the
-    Llama-3-8B MLP shapes (N x K = 14336 x 4096 and 4096 x 14336) 1024 x 32 tiles, two K-tiles
-    per program, 4 warps, were the fastest candidate at 2 and 3 bits and within 5% of it at 4
-    bits (the 512 x 64 tile before it: 3-13% slower). Below N = 4096 (k/v, 1024 x 4096) the
-    wide tile would leave half the SMs without a column block, so 512 x 64 stays there. BLOCK_K
-    is at least 32 (a 1-bit plane packs 32 codes per word) and stays inside one group when it
-    can (G is a multiple of 32)."""
+    """Tile sizes by M and the matrix size, from `python kernels.py --bench --tune` on an H100.
+    M = 1: on the Llama-3-8B MLP matrices (14336 x 4096 and 4096 x 14336, 58.7M weights) 1024 x
+    32 tiles, two K-tiles per program, 4 warps, were the fastest candidate at 2 and 3 bits and
+    within 5% of it at 4 bits (the 512 x 64 tile: 5-14% slower). Smaller matrices (q/o 4096 x
+    4096, k/v 1024 x 4096) keep the 512 x 64 tile measured on them: a wide tile leaves fewer
+    programs for 132 SMs. BLOCK_K is at least 32 (a 1-bit plane packs 32 codes per word) and
+    stays inside one group when it can (G is a multiple of 32)."""
     BK = 64 if G % 64 == 0 else 32
-    if M == 1 and N >= 4096:
+    if M == 1 and N * K >= 2 ** 25:  # 32M weights
         return dict(path="gemv", BLOCK_N=1024, BLOCK_K=32, ITERS=2, num_warps=4)
     if M == 1:
         return dict(path="gemv", BLOCK_N=512, BLOCK_K=BK, ITERS=1, num_warps=4)

@@ -9,7 +9,9 @@
 #                                        # q/k/v and gate/up fused
 #   bash scripts/run_on_gpu.sh quantize  # random Llama-3-8B: each method's time and memory
 #   METHODS="gptq tacq" bash scripts/run_on_gpu.sh full  # the same, all 32 blocks; a run cut
-#       by the device's 10-minute limit goes on from its saved blocks when called again
+#       by the device's 10-minute limit goes on from its saved blocks (under $WORK, not $OUT,
+#       which the device empties before each call) when called again while the machine is warm.
+#       TaCQ at 8B: ~8 min until its masks are saved, then ~4 min of blocks: two calls
 # The end-to-end check (scripts/e2e_gpu.py) needs the embedded SmolLM2 GGUF (98 MB, over the
 # device tool's 64 MiB per call) and the gguf package (not on the device). Here, once:
 #   bash scripts/run_on_gpu.sh e2e-prep  # the GGUF in two parts under .carry/a and .carry/b,
@@ -54,7 +56,7 @@ quantize)
 full)
   [ -f $CKPT/model.safetensors.index.json ] || python3 scripts/make_random_llama3_8b.py > /dev/null
   python3 scripts/bench_8b.py --ckpt $CKPT --device cuda --methods ${METHODS:-gptq} \
-    --nsamples 128 --seqlen 2048 --work "$OUT/work" 2>&1 | tee -a "$OUT/bench_8b_full.txt" \
+    --nsamples 128 --seqlen 2048 --work "${WORK:-/tmp/mixq-work}" 2>&1 | tee -a "$OUT/bench_8b_full.txt" \
     | grep "^|\|reusing\|resumed" ;;
 e2e-prep)  # on this machine, not the device
   mkdir -p .carry/a .carry/b .whl
