@@ -362,11 +362,12 @@ if triton is not None:
         return r0, offs_r, offs_r < r_end, start, end, row_end
 
     @triton.jit
-    def _outliers_kernel(x_ptr, rowptr_ptr, cols_ptr, vals_ptr, y_ptr, M, N, K,
+    def _outliers_kernel(xt_ptr, rowptr_ptr, cols_ptr, vals_ptr, y_ptr, M, N,
                          BLOCK_M: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr):
         """y[m, r] += sum of v * x[m, c] over the CSR entries (c, v) of row r, for BLOCK_M rows
         of x and ROWS rows of W per program. Runs after the GEMM; each program owns its tile of
-        y, so no atomics."""
+        y, so no atomics. x comes transposed, x^T (K, M): the BLOCK_M values an entry needs,
+        x[:, c], are then one contiguous run instead of BLOCK_M loads K apart."""
         offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
         m_mask = offs_m < M
         r0, offs_r, r_mask, start, end, row_end = _row_block(rowptr_ptr, N, ROWS)
@@ -379,7 +380,7 @@ if triton is not None:
             # the row of entry i within the block: how many rows end at or before i
             row = tl.sum((offs[:, None] >= row_end[None, :]).to(tl.int32), axis=1)  # (BLOCK,)
             hit = row[:, None] == tl.arange(0, ROWS)[None, :]  # (BLOCK, ROWS) one-hot
-            xv = tl.load(x_ptr + offs_m[:, None] * K + col[None, :],
+            xv = tl.load(xt_ptr + col[None, :] * M + offs_m[:, None],
                          mask=m_mask[:, None] & mask[None, :], other=0.0).to(tl.float32)
             if BLOCK_M == 1:  # decode: a masked sum
                 acc += tl.sum(tl.where(hit, (xv * v[None, :]).reshape(BLOCK, 1), 0.0),
@@ -517,8 +518,9 @@ def quant_matmul(x: torch.Tensor, t: dict, bits: int, groupsize: int, N: int, K:
     if nnz and (path == "gemm" or (path == "gemv" and not fused)):  # after the dense part
         BM = 1 if M == 1 else 16 if M <= 16 else 64  # its own row tile (tl.dot needs >= 16)
         grid = (triton.cdiv(M, BM), triton.cdiv(N, 16))
-        _outliers_kernel[grid](x2, t["outlier_rowptr"], t["outlier_cols"], t["outlier_vals"], y,
-                               M, N, K, BLOCK_M=BM, ROWS=16, BLOCK=128 if BM == 1 else 64)
+        xt = x2.t().contiguous()  # (K, M); at M = 1 the same memory, no copy
+        _outliers_kernel[grid](xt, t["outlier_rowptr"], t["outlier_cols"], t["outlier_vals"], y,
+                               M, N, BLOCK_M=BM, ROWS=16, BLOCK=128 if BM == 1 else 64)
     return y.to(x.dtype).reshape(*shape[:-1], N)
 
 

@@ -71,9 +71,10 @@ def jobs():
     yield ("dequant 4-bit (M=256)", K._dequant_kernel, sig,
            dict(G=128, BITS=4, BLOCK_N=c["BLOCK_N"], BLOCK_K=c["BLOCK_K"], ROW_STATS=True),
            c["num_warps"], None)
-    yield ("outliers (M=1)", K._outliers_kernel,
-           {"x_ptr": "*fp16"} | csr | {"y_ptr": "*fp32", "M": "i32", "N": "i32", "K": "i32"},
-           dict(BLOCK_M=1, ROWS=16, BLOCK=128), 4, None)
+    for M, block in [(1, 128), (16, 64)]:  # after the unfused GEMV; after the GEMM
+        yield (f"outliers (M={M})", K._outliers_kernel,
+               {"xt_ptr": "*fp16"} | csr | {"y_ptr": "*fp32", "M": "i32", "N": "i32"},
+               dict(BLOCK_M=M, ROWS=16, BLOCK=block), 4, None)
     yield ("add outliers (prefill)", K._add_outliers_kernel,
            csr | {"wt_ptr": "*fp16", "N": "i32"}, dict(ROWS=16, BLOCK=128), 4, None)
     f32 = "*fp32"
