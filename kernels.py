@@ -814,7 +814,8 @@ def _tune_candidates(M, G):
                                       (512, 64, 2, 4), (512, 128, 1, 4), (512, 32, 4, 4),
                                       (1024, 64, 1, 8), (1024, 32, 2, 8), (1024, 64, 1, 4),
                                       (1024, 32, 2, 4), (2048, 64, 1, 8), (2048, 64, 1, 4),
-                                      (512, 64, 1, 2)] if G % bk == 0] + \
+                                      (512, 64, 1, 2), (1024, 32, 4, 4), (1024, 64, 2, 4),
+                                      (2048, 32, 2, 8)] if G % bk == 0] + \
             [dict(path="gemv", BLOCK_N=512, BLOCK_K=64, ITERS=1, num_warps=4,
                   fused_outliers=False)]  # the outliers in a kernel of their own
     if M <= 64:
