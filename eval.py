@@ -122,10 +122,11 @@ def protocol(corpus: str, split: str, seqlen: int, windows: int, tokens: int) ->
 
 @torch.no_grad()
 def speed(model: M.Transformer, prompt_len: int = 512, new_tokens: int = 32, repeats: int = 3,
-          vocab: Optional[int] = None, static: bool = False) -> dict:
+          vocab: Optional[int] = None, static: bool = False, compile: bool = False) -> dict:
     """Prefill tokens/s (one forward of prompt_len tokens) and decode tokens/s (batch 1, KV
     cache, one token per step), best of `repeats`, on random token ids. static: decode with
-    model.static_decoder (a CUDA graph replay per token on a GPU)."""
+    model.static_decoder (a CUDA graph replay per token on a GPU); compile: its step through
+    torch.compile (implies static; the first repeat compiles, the best of them counts)."""
     vocab = vocab or model.args.vocab_size
     g = torch.Generator().manual_seed(0)
     x = torch.randint(0, vocab, (1, prompt_len), generator=g).to(model.device)
@@ -133,7 +134,7 @@ def speed(model: M.Transformer, prompt_len: int = 512, new_tokens: int = 32, rep
     prefill, decode = [], []
     for _ in range(repeats):
         model.setup_cache(1, prompt_len + new_tokens)
-        step = model.static_decoder() if static else \
+        step = model.static_decoder(compile) if static or compile else \
             (lambda t, pos: model(t, start_pos=pos, last_only=True))
         sync()
         t0 = time.perf_counter()
@@ -377,6 +378,10 @@ def main():
     p.add_argument("--speed", action="store_true", help="also measure prefill/decode tokens/s")
     p.add_argument("--static", action="store_true",
                    help="--speed: decode with static shapes (a CUDA graph on a GPU)")
+    p.add_argument("--compile", action="store_true",
+                   help="--speed: --static, the decoding step through torch.compile first")
+    p.add_argument("--fuse", action="store_true",
+                   help="stack q/k/v and gate/up into one linear each (same outputs)")
     p.add_argument("--dtype", default="fp32", choices=sorted(M.DTYPES), help="weights dtype")
     p.add_argument("--device", default="cpu", help="cpu, cuda, ...")
     p.add_argument("--json", default=None, help="write the results to this JSON file")
@@ -391,6 +396,8 @@ def main():
         raise SystemExit(f"error: {e}")
     if tok is None:
         raise SystemExit("error: the checkpoint has no tokenizer.json")
+    if a.fuse:
+        model.fuse_projections()
     tokens = corpus_tokens(a.corpus, tok, "eval")
     try:
         res = perplexity(model, tokens, a.seqlen, a.windows, progress=True)
@@ -408,7 +415,7 @@ def main():
                                                         if k != "n"))
         res.setdefault("tasks", {})[spec] = r
     if a.speed:
-        s = speed(model, static=a.static)
+        s = speed(model, static=a.static, compile=a.compile)
         print(f"speed: prefill {s['prefill_tokens_per_s']:.0f} tokens/s ({s['prompt_len']} tokens), "
               f"decode {s['decode_tokens_per_s']:.1f} tokens/s (batch 1)")
         res["speed"] = s

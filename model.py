@@ -438,17 +438,18 @@ class Transformer(nn.Module):
     @torch.no_grad()
     def generate(self, prompt: list, max_new_tokens: int, temperature: float = 0.0,
                  top_p: float = 1.0, stop_ids=None, seed: Optional[int] = None,
-                 static: bool = False) -> list:
+                 static: bool = False, compile: bool = False) -> list:
         """Continue one prompt (token ids). temperature 0: greedy; else sample from the
         smallest set of tokens whose probability reaches top_p. Returns the new ids.
-        static: decode with static_decoder (a CUDA graph on a GPU); the prompt runs eagerly."""
+        static: decode with static_decoder (a CUDA graph on a GPU); the prompt runs eagerly.
+        compile: the same, the step through torch.compile first (implies static)."""
         check_sampling(max_new_tokens, temperature, top_p)
         stop_ids = set(self.args.eos_ids if stop_ids is None else stop_ids)
         gen = torch.Generator().manual_seed(seed) if seed is not None else None
         max_len = min(len(prompt) + max_new_tokens, self.args.max_seq_len)
         self.setup_cache(1, max_len)
         try:
-            step = self.static_decoder() if static else None
+            step = self.static_decoder(compile) if static or compile else None
             tokens = torch.tensor([prompt], device=self.device)
             pos, out = 0, []
             while pos + tokens.shape[1] <= max_len and len(out) < max_new_tokens:
@@ -1039,6 +1040,12 @@ def main():
     p.add_argument("--raw", action="store_true", help="no chat template, continue the prompt as is")
     p.add_argument("--dtype", default="fp32", choices=sorted(DTYPES), help="weights dtype")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    p.add_argument("--static", action="store_true",
+                   help="decode with static shapes: one CUDA graph replay per token on a GPU")
+    p.add_argument("--compile", action="store_true", help="--static, the decoding step through "
+                   "torch.compile first (fuses its small kernels; compiling takes a minute)")
+    p.add_argument("--fuse", action="store_true",
+                   help="stack q/k/v and gate/up into one linear each (same outputs)")
     a = p.parse_args()
     try:
         check_sampling(a.max_new_tokens, a.temperature, a.top_p)  # before the slow load
@@ -1049,9 +1056,12 @@ def main():
         raise SystemExit("error: the checkpoint has no tokenizer.json")
     text = None if a.raw else tok.chat_prompt(a.prompt)
     ids = tok.encode(text) if text is not None else tok.encode(a.prompt, bos=True)
+    if a.fuse:
+        model.fuse_projections()
     t0 = time.perf_counter()
     stops = tok.stop_ids()
-    out = model.generate(ids, a.max_new_tokens, a.temperature, a.top_p, stops, a.seed)
+    out = model.generate(ids, a.max_new_tokens, a.temperature, a.top_p, stops, a.seed,
+                         static=a.static, compile=a.compile)
     dt = time.perf_counter() - t0
     print(tok.decode([i for i in out if i not in stops]))
     print(f"\n[{len(out)} tokens in {dt:.2f}s, {len(out) / dt:.1f} tokens/s]")

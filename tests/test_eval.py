@@ -67,20 +67,44 @@ def test_perplexity_follows_the_gptq_protocol(tiny_ckpt):
             E.perplexity(ours, tokens, seqlen=seqlen, windows=windows)
 
 
-@pytest.mark.parametrize("static", [False, True])
-def test_speed_reports_both_phases(tiny_ckpt, static):
+@pytest.mark.parametrize("static,compile", [(False, False), (True, False), (False, True)])
+def test_speed_reports_both_phases(tiny_ckpt, static, compile):
     ours, _ = M.load(str(tiny_ckpt[0]))
-    s = E.speed(ours, prompt_len=16, new_tokens=4, repeats=1, static=static)
+    s = E.speed(ours, prompt_len=16, new_tokens=4, repeats=1, static=static, compile=compile)
     assert s["prefill_tokens_per_s"] > 0 and s["decode_tokens_per_s"] > 0
 
 
-def test_cli_writes_json_on_a_text_file(tmp_path):
-    # a tiny random model with the embedded model's vocabulary and tokenizer
+def tiny_with_tokenizer(d):
+    """A tiny random model with the embedded model's vocabulary and tokenizer, saved in d."""
     from shutil import copy
     from conftest import tiny_hf_model
-    d = tmp_path / "tiny"
     tiny_hf_model(vocab_size=49152).save_pretrained(d)
     copy(M.embedded_checkpoint() / "tokenizer.json", d / "tokenizer.json")
+    return d
+
+
+def test_cli_fast_decoding_flags_change_nothing_but_speed(tmp_path):
+    # model.py and eval.py with --fuse (stacked projections) and --compile (a compiled static
+    # step): the same greedy text and the same perplexity as without
+    d = tiny_with_tokenizer(tmp_path / "tiny")
+    text = tmp_path / "t.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 40)
+    outs = []
+    for flags in ([], ["--fuse", "--compile"]):
+        gen = subprocess.run([sys.executable, str(ROOT / "model.py"), "--ckpt", str(d),
+                              "--max-new-tokens", "8", *flags], capture_output=True, text=True)
+        ev = subprocess.run([sys.executable, str(ROOT / "eval.py"), "--ckpt", str(d), "--corpus",
+                             f"text:{text}", "--seqlen", "64", "--json", str(tmp_path / "e.json"),
+                             "--speed", *flags], capture_output=True, text=True)
+        assert gen.returncode == 0 and ev.returncode == 0, gen.stderr + ev.stderr
+        assert "[8 tokens in" in gen.stdout and "decode" in ev.stdout
+        outs.append((gen.stdout.split("\n[")[0], json.loads((tmp_path / "e.json").read_text())))
+    (text0, res0), (text1, res1) = outs
+    assert text0 == text1 and res0["ppl"] == pytest.approx(res1["ppl"], rel=1e-5)
+
+
+def test_cli_writes_json_on_a_text_file(tmp_path):
+    d = tiny_with_tokenizer(tmp_path / "tiny")
     text = tmp_path / "t.txt"
     text.write_text("The quick brown fox jumps over the lazy dog. " * 40)
     out = tmp_path / "r.json"
