@@ -3,11 +3,11 @@ report what ptxas says: registers and spills per thread, the SASS instruction co
 each thread handles, the barriers while the weights stream in, before the last plain global
 load (BAR: the CTA waits, usually for a layout change through shared memory; MEMBAR: a memory
 fence), int-to-float conversions (I2F: quarter rate on Hopper) and arithmetic that flushes
-denormals to zero (FTZ; the GEMV's decode needs denormals). A static view, not a timing: the instruction count once predicted a
-GEMV speedup that the H100 did not show, while the barriers it had missed (until the kernels
-were compiled with the launcher's run-time specialization, as now) were what mattered. The
-interpreter that runs the tests never compiles; this catches what only the compiler rejects,
-before a GPU is at hand.
+denormals to zero (FTZ; the GEMV's decode needs denormals). A static view, not a timing: the
+instruction count once predicted a GEMV speedup that the H100 did not show, while the barriers
+it had missed (until the kernels were compiled with the launcher's run-time specialization, as
+now) were what mattered. The interpreter that runs the tests never compiles; this catches what
+only the compiler rejects, before a GPU is at hand.
 
     python scripts/compile_kernels.py [--arch 90]
 

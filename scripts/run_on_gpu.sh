@@ -56,8 +56,8 @@ quantize)
 full)
   [ -f $CKPT/model.safetensors.index.json ] || python3 scripts/make_random_llama3_8b.py > /dev/null
   python3 scripts/bench_8b.py --ckpt $CKPT --device cuda --methods ${METHODS:-gptq} \
-    --nsamples 128 --seqlen 2048 --work "${WORK:-/tmp/mixq-work}" 2>&1 | tee -a "$OUT/bench_8b_full.txt" \
-    | grep "^|\|reusing\|resumed" ;;
+    --nsamples 128 --seqlen 2048 --work "${WORK:-/tmp/mixq-work}" 2>&1 \
+    | tee -a "$OUT/bench_8b_full.txt" | grep "^|\|reusing\|resumed" ;;
 e2e-prep)  # on this machine, not the device
   mkdir -p .carry/a .carry/b .whl
   split -b 50000000 "$(python3 -c 'import model; print(model.embedded_gguf())')" .carry/smolpart.

@@ -57,7 +57,7 @@ def test_kernel_dtypes(bits, dtype):
     dict(path="gemv", BLOCK_N=64, BLOCK_K=64, ITERS=2),
     dict(path="gemv", BLOCK_N=8, BLOCK_K=32, ITERS=2),  # tiles divide N = 40, K = 192: no masks
     dict(path="gemv", BLOCK_N=8, BLOCK_K=32, ITERS=1, fused_outliers=False),
-    K.config_for(1, 14336, 4096, 128),  # the MLP matrices' decode tile (masked down to N = 40 here)
+    K.config_for(1, 14336, 4096, 128),  # the MLP matrices' decode tile (masked to N = 40)
     dict(path="gemm", BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, SPLIT_K=1),
     dict(path="gemm", BLOCK_M=16, BLOCK_N=32, BLOCK_K=64, SPLIT_K=3),
     dict(path="dequant", BLOCK_N=32, BLOCK_K=64)], ids=lambda c: "-".join(map(str, c.values())))
