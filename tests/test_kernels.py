@@ -69,6 +69,15 @@ def test_every_path(config, groupsize):
         check(bits, M, 40, 192, groupsize, 0.02, torch.float16, seed=M + bits, config=config)
 
 
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_wide_decode_tile_on_whole_tiles(bits):
+    # the MLP matrices' GEMV tile where it divides N and K (no masks: the EVEN path), with
+    # outliers and split K over two programs
+    cfg = K.config_for(1, 14336, 4096, 128)
+    check(bits, 1, cfg["BLOCK_N"], 2 * cfg["BLOCK_K"] * cfg["ITERS"], 64, 0.01, torch.float16,
+          seed=bits, config=cfg)
+
+
 @pytest.mark.parametrize("bits", [3, 4])
 def test_stacked_quant_linears_equal_the_separate_ones(bits):
     # model.fuse_projections stacks q/k/v (gate/up) QuantLinears along N: codes, scales and
