@@ -239,13 +239,21 @@ if triton is not None:
         return acc, xsum
 
     @triton.jit
+    def _run_sum(v1, start1, v2, start2):
+        """Combine for a segmented sum: (sum so far, run starts here) pairs, where a run start
+        on the right cuts off what comes from the left."""
+        return tl.where(start2, v2, v1 + v2), start1 | start2
+
+    @triton.jit
     def _outlier_adds(x_ptr, rowptr_ptr, rows_ptr, cols_ptr, vals_ptr, ws_ptr, N,
-                      BLOCK_N: tl.constexpr, BLOCK: tl.constexpr):
+                      BLOCK_N: tl.constexpr, BLOCK: tl.constexpr, SUM_ROWS: tl.constexpr):
         """The 16-bit outliers inside the GEMV: the CSR entries of this column block's rows are
         dealt out evenly to its split-K programs (no program becomes the tail, however skewed
         the rows), each adding v * x[c] for its entries into the workspace row r they belong
         to (relaxed atomics, like the partial sums; r from outlier_rows, the CSR row of each
-        entry, so no search)."""
+        entry, so no search). A program's entries are a contiguous stretch of CSR, sorted by
+        row, so with many outliers per row most of its atomic adds hit the same few addresses;
+        SUM_ROWS first sums each run of one row (a segmented scan) and adds once per run."""
         pid_n, pid_k, splits = tl.program_id(0), tl.program_id(1), tl.num_programs(1)
         start = tl.load(rowptr_ptr + pid_n * BLOCK_N)
         end = tl.load(rowptr_ptr + tl.minimum((pid_n + 1) * BLOCK_N, N))
@@ -258,14 +266,21 @@ if triton is not None:
             c = tl.load(cols_ptr + i, mask=mask, other=0).to(tl.int32) & 0xFFFF  # int16 stored
             v = tl.load(vals_ptr + i, mask=mask, other=0.0).to(tl.float32)
             xv = tl.load(x_ptr + c, mask=mask, other=0.0).to(tl.float32)
-            tl.atomic_add(ws_ptr + r, v * xv, mask=mask, sem="relaxed")
+            add = v * xv
+            if SUM_ROWS:  # rows r >= 0, so -1 marks "no neighbour in this chunk"
+                prev = tl.load(rows_ptr + i - 1, mask=mask & (i > i0), other=-1)
+                nxt = tl.load(rows_ptr + i + 1, mask=(i + 1 < last) & (i + 1 < i0 + BLOCK),
+                              other=-1)
+                add, _ = tl.associative_scan((add, r != prev), 0, _run_sum)  # run sums so far
+                mask &= r != nxt  # the last entry of each run adds the run's sum
+            tl.atomic_add(ws_ptr + r, add, mask=mask, sem="relaxed")
 
     @triton.jit
     def _gemv_kernel(x_ptr, qw_ptr, qhi_ptr, s_ptr, z_ptr, rowptr_ptr, rows_ptr, cols_ptr,
                      vals_ptr, ws_ptr, count_ptr, y_ptr, N, K, G: tl.constexpr,
                      BITS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                      ITERS: tl.constexpr, ROW_STATS: tl.constexpr, EVEN: tl.constexpr,
-                     OUTLIERS: tl.constexpr, OUT_BLOCK: tl.constexpr):
+                     OUTLIERS: tl.constexpr, OUT_BLOCK: tl.constexpr, SUM_ROWS: tl.constexpr):
         pid_n, pid_k = tl.program_id(0), tl.program_id(1)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         n_mask = offs_n < N
@@ -294,7 +309,7 @@ if triton is not None:
                 acc += tl.sum(x[:, None] * w, axis=0)
         if OUTLIERS:
             _outlier_adds(x_ptr, rowptr_ptr, rows_ptr, cols_ptr, vals_ptr, ws_ptr, N, BLOCK_N,
-                          OUT_BLOCK)
+                          OUT_BLOCK, SUM_ROWS)
         # Split-K in one launch: add the partial sums into the fp32 workspace (relaxed: no fence
         # per add), count this column block's finished programs, and let the last one move the
         # sum into y (in y's dtype) and leave workspace and counter at zero for the next call.
@@ -451,7 +466,10 @@ def outlier_rows(t: dict) -> torch.Tensor:
 
 
 def _launch_gemv(x2, t, y, N, K, g, bits, cfg, workspace):
-    """The M = 1 kernel: y (1, N) = x2 (1, K) @ W^T (outliers included), in one launch."""
+    """The M = 1 kernel: y (1, N) = x2 (1, K) @ W^T (outliers included), in one launch.
+    cfg's sum_rows: sum each row's run of outliers before its atomic add (see _outlier_adds)."""
+    cfg = dict(cfg)
+    sum_rows = cfg.pop("sum_rows", False)
     grid = (triton.cdiv(N, cfg["BLOCK_N"]), triton.cdiv(K, cfg["BLOCK_K"] * cfg["ITERS"]))
     even = K % (cfg["BLOCK_K"] * cfg["ITERS"]) == 0 and N % cfg["BLOCK_N"] == 0
     ws, counts = workspace[:N].view(torch.float32), workspace[N:]
@@ -463,7 +481,7 @@ def _launch_gemv(x2, t, y, N, K, g, bits, cfg, workspace):
         csr = (counts, counts, counts, ws)  # not read
     _gemv_kernel[grid](x2, *_packed_args(t), *csr, ws, counts, y, N, K, g, BITS=bits,
                        ROW_STATS=g % cfg["BLOCK_K"] == 0, EVEN=even, OUTLIERS=nnz > 0,
-                       OUT_BLOCK=128, **cfg)
+                       OUT_BLOCK=128, SUM_ROWS=sum_rows, **cfg)
 
 
 def quant_matmul(x: torch.Tensor, t: dict, bits: int, groupsize: int, N: int, K: int,
@@ -817,7 +835,9 @@ def _tune_candidates(M, G):
                                       (512, 64, 1, 2), (1024, 32, 4, 4), (1024, 64, 2, 4),
                                       (2048, 32, 2, 8)] if G % bk == 0] + \
             [dict(path="gemv", BLOCK_N=512, BLOCK_K=64, ITERS=1, num_warps=4,
-                  fused_outliers=False)]  # the outliers in a kernel of their own
+                  fused_outliers=False)] + \
+            [dict(path="gemv", BLOCK_N=bn, BLOCK_K=bk, ITERS=it, num_warps=4, sum_rows=True)
+             for bn, bk, it in [(512, 64, 1), (1024, 32, 2)]]  # one atomic per row run
     if M <= 64:
         return [dict(path="gemm", BLOCK_M=max(16, min(M, 64)), BLOCK_N=bn, BLOCK_K=bk,
                      SPLIT_K=sk, num_warps=4, num_stages=st)

@@ -41,16 +41,18 @@ def jobs():
     csr = {"rowptr_ptr": "*i32", "cols_ptr": "*i16", "vals_ptr": "*fp16"}
     for bits, x, outliers, N in [(4, "fp16", False, 14336), (3, "fp16", False, 14336),
                                  (2, "fp16", False, 14336), (4, "bf16", False, 14336),
-                                 (4, "fp16", True, 14336), (4, "fp16", False, 4096)]:
+                                 (4, "fp16", True, 14336), (4, "fp16", "run sums", 14336),
+                                 (4, "fp16", False, 4096)]:
         c = K.config_for(1, N, 4096, 128)  # the MLP matrices' tile, then q/o's
         gemv = dict(G=128, BLOCK_N=c["BLOCK_N"], BLOCK_K=c["BLOCK_K"], ITERS=c["ITERS"],
-                    ROW_STATS=True, EVEN=True, OUT_BLOCK=128)
+                    ROW_STATS=True, EVEN=True, OUT_BLOCK=128, SUM_ROWS=outliers == "run sums")
         sig = PACKED | {"x_ptr": f"*{x}", "rowptr_ptr": "*i32", "rows_ptr": "*i32",
                         "cols_ptr": "*i16", "vals_ptr": "*fp16", "ws_ptr": "*fp32",
                         "count_ptr": "*i32", "y_ptr": f"*{x}", "N": "i32", "K": "i32"}
         name = f"gemv {bits}-bit" + (", bf16 x" if x == "bf16" else "") + \
-            (", outliers" if outliers else "") + f" (M=1, {N}x4096)"
-        yield (name, K._gemv_kernel, sig, gemv | dict(BITS=bits, OUTLIERS=outliers),
+            (", outliers" if outliers else "") + \
+            (" in run sums" if outliers == "run sums" else "") + f" (M=1, {N}x4096)"
+        yield (name, K._gemv_kernel, sig, gemv | dict(BITS=bits, OUTLIERS=bool(outliers)),
                c["num_warps"], c["BLOCK_N"] * c["BLOCK_K"] * c["ITERS"])
     c = K.config_for(16, 4096, 4096, 128)
     yield ("gemm 4-bit, bf16 x (M=16)", K._gemm_kernel,
