@@ -19,6 +19,9 @@
 # then two device calls back to back (the machine keeps /tmp while it stays warm):
 #   carry .carry/a:        bash scripts/run_on_gpu.sh e2e-part1
 #   carry .carry/b, .whl:  bash scripts/run_on_gpu.sh e2e
+# One session's 30 device minutes, calls back to back (an idle machine goes back after 30 s and
+# a fresh one starts bare): kernels and `python3 scripts/make_random_llama3_8b.py` in one call,
+# then `METHODS=tacq ... full` twice (masks ~8 min, then the blocks), then e2e-part1 and e2e.
 set -o pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-out/gpu}; mkdir -p "$OUT"
