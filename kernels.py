@@ -465,11 +465,9 @@ def outlier_rows(t: dict) -> torch.Tensor:
                                    rowptr[1:] - rowptr[:-1], output_size=nnz)  # (no sync)
 
 
-def _launch_gemv(x2, t, y, N, K, g, bits, cfg, workspace):
+def _launch_gemv(x2, t, y, N, K, g, bits, cfg, workspace, sum_rows=False):
     """The M = 1 kernel: y (1, N) = x2 (1, K) @ W^T (outliers included), in one launch.
-    cfg's sum_rows: sum each row's run of outliers before its atomic add (see _outlier_adds)."""
-    cfg = dict(cfg)
-    sum_rows = cfg.pop("sum_rows", False)
+    sum_rows: sum each row's run of outliers before its atomic add (see _outlier_adds)."""
     grid = (triton.cdiv(N, cfg["BLOCK_N"]), triton.cdiv(K, cfg["BLOCK_K"] * cfg["ITERS"]))
     even = K % (cfg["BLOCK_K"] * cfg["ITERS"]) == 0 and N % cfg["BLOCK_N"] == 0
     ws, counts = workspace[:N].view(torch.float32), workspace[N:]
@@ -499,6 +497,7 @@ def quant_matmul(x: torch.Tensor, t: dict, bits: int, groupsize: int, N: int, K:
     cfg = dict(config or config_for(M, N, K, g))
     path = cfg.pop("path")
     fused = cfg.pop("fused_outliers", True)  # M = 1: outliers inside the GEMV or after it
+    sum_rows = cfg.pop("sum_rows", False)  # M = 1: one atomic add per run of a row's outliers
     row_stats = g % cfg["BLOCK_K"] == 0  # every K-tile inside one group
     nnz = t["outlier_vals"].numel() if "outlier_vals" in t else 0
     args = _packed_args(t)
@@ -520,7 +519,7 @@ def quant_matmul(x: torch.Tensor, t: dict, bits: int, groupsize: int, N: int, K:
         if workspace is None:
             workspace = new_workspace(N, x.device)
         dense = {k: v for k, v in t.items() if not k.startswith("outlier_")}
-        _launch_gemv(x2, dense if after else t, y, N, K, g, bits, cfg, workspace)
+        _launch_gemv(x2, dense if after else t, y, N, K, g, bits, cfg, workspace, sum_rows)
     else:  # the GEMM
         # split-K programs add into fp32 zeros (native atomic adds; fp16 ones are a
         # compare-and-swap loop); a single program per tile stores into NaN, so any element a
