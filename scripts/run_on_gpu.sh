@@ -19,13 +19,23 @@
 # then two device calls back to back (the machine keeps /tmp while it stays warm):
 #   carry .carry/a:        bash scripts/run_on_gpu.sh e2e-part1
 #   carry .carry/b, .whl:  bash scripts/run_on_gpu.sh e2e
-# One session's 30 device minutes, calls back to back (an idle machine goes back after 30 s and
-# a fresh one starts bare): kernels and `python3 scripts/make_random_llama3_8b.py` in one call,
-# then `METHODS=tacq ... full` twice (masks ~8 min, then the blocks), then e2e-part1 and e2e.
+# A run longer than one call (TaCQ at 8B: ~12 min) goes in the background, in a process session
+# of its own, which the device keeps running after the call returns for as long as the machine
+# stays held, i.e. while calls follow each other within its 30 s idle release:
+#   METHODS=tacq bash scripts/run_on_gpu.sh bg full   # starts it (targets run one by one);
+#                                                     # logs under $WORK/bg
+#   bash scripts/run_on_gpu.sh wait                   # waits up to ${WAIT:-560} s, then copies
+#                                                     # the logs to $OUT; call again until done
+# One session's 30 device minutes, calls back to back: `python3 scripts/make_random_llama3_8b.py;
+# METHODS=tacq bash scripts/run_on_gpu.sh bg full; bash scripts/run_on_gpu.sh wait`, then `wait`
+# until it is done (~13 min in all), then `kernels` (`tune` too if time is left: the M = 16
+# and M = 256 tiles), then `METHODS="quantease resq"` bg full and
+# wait; the e2e pair fits in while a bg run waits (the check compares outputs, not times).
 set -o pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-out/gpu}; mkdir -p "$OUT"
 CKPT=checkpoints/random-llama3-8b
+export WORK=${WORK:-/tmp/mixq-work}
 case "$1" in
 kernels)
   MIXQ_TEST_GPU=1 python3 -m pytest -q -rf tests/test_kernels.py > "$OUT/gpu_tests.txt" 2>&1
@@ -59,8 +69,18 @@ quantize)
 full)
   [ -f $CKPT/model.safetensors.index.json ] || python3 scripts/make_random_llama3_8b.py > /dev/null
   python3 scripts/bench_8b.py --ckpt $CKPT --device cuda --methods ${METHODS:-gptq} \
-    --nsamples 128 --seqlen 2048 --work "${WORK:-/tmp/mixq-work}" 2>&1 \
+    --nsamples 128 --seqlen 2048 --work "$WORK" 2>&1 \
     | tee -a "$OUT/bench_8b_full.txt" | grep "^|\|reusing\|resumed" ;;
+bg)
+  shift; mkdir -p "$WORK/bg"; rm -f "$WORK/bg/done"
+  setsid nohup bash -c 'for t in "$@"; do OUT="$WORK/bg" bash scripts/run_on_gpu.sh "$t"; done
+                        touch "$WORK/bg/done"' _ "$@" > "$WORK/bg/log" 2>&1 < /dev/null &
+  echo "started in the background: $*" ;;
+wait)
+  for ((i = 0; i < ${WAIT:-560}; i += 5)); do [ -f "$WORK/bg/done" ] && break; sleep 5; done
+  cp "$WORK"/bg/* "$OUT"/; tail -20 "$WORK/bg/log"
+  if [ -f "$WORK/bg/done" ]; then echo "background run: done"
+  else echo "background run: going on"; fi ;;
 e2e-prep)  # on this machine, not the device
   mkdir -p .carry/a .carry/b .whl
   split -b 50000000 "$(python3 -c 'import model; print(model.embedded_gguf())')" .carry/smolpart.
@@ -73,6 +93,6 @@ e2e)
   python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/gguf-*.whl || exit
   PYTHONPATH=/tmp/site python3 scripts/e2e_gpu.py --ckpt /tmp/mixq-smol/smollm2.gguf 2>&1 \
     | tee "$OUT/e2e.txt" ;;
-*) targets="kernels|tune|load|decode|quantize|full|e2e-prep|e2e-part1|e2e"
+*) targets="kernels|tune|load|decode|quantize|full|bg TARGET...|wait|e2e-prep|e2e-part1|e2e"
    echo "usage: bash scripts/run_on_gpu.sh $targets"; exit 2 ;;
 esac
