@@ -139,8 +139,8 @@ def dequantize(t: dict, bits: int, groupsize: int, N: int, K: int) -> torch.Tens
 #               serves M = 1 with config fused_outliers=False, for comparison. > 64: added into
 #               W^T before cuBLAS (_add_outliers_kernel).
 #
-# Codes are read as words, every word once: the GEMM expands a (BLOCK_K*b/32, BLOCK_N) tile of
-# int32 by a broadcast shift into its 32/b codes; the GEMV masks each code in place (see
+# Codes are read as words, every word once: the GEMM splits a (BLOCK_K*b/32, BLOCK_N) tile of
+# int32 into its 32/b codes by halving each word (_split); the GEMV masks each code in place (see
 # _plane_dot). Neither turns codes into floats with an int-to-float instruction (quarter rate on
 # Hopper): bit tricks do it with an AND or an OR (_plane_dot, _weights). Activations in bf16 are
 # converted at the load; arithmetic is fp32 (fp16/bf16 only as tl.dot inputs).
@@ -148,28 +148,45 @@ def dequantize(t: dict, bits: int, groupsize: int, N: int, K: int) -> torch.Tens
 if triton is not None:
 
     @triton.jit
-    def _plane(qw_ptr, k0, offs_n, N, K, BITS: tl.constexpr, BLOCK_K: tl.constexpr,
-               n_mask):
-        """Codes (BLOCK_K, BLOCK_N) of rows k0 .. k0+BLOCK_K-1 from one plane packed along K."""
-        PER: tl.constexpr = 32 // BITS  # codes per int32 word
-        rows = k0 // PER + tl.arange(0, BLOCK_K // PER)
-        words = tl.load(qw_ptr + rows[:, None] * N + offs_n[None, :],
-                        mask=(rows < K // PER)[:, None] & n_mask[None, :], other=0)
-        # (BLOCK_K/PER, BLOCK_N) int32 words
-        shifts = tl.arange(0, PER) * BITS
-        # (BLOCK_K/PER, PER, BLOCK_N); mask after the shift: int32 >> sign-extends
-        codes = (words[:, None, :] >> shifts[None, :, None]) & ((1 << BITS) - 1)
-        return tl.reshape(codes, (BLOCK_K, words.shape[1]))  # row k0 + r*PER + i = code i of word r
+    def _load_words(qw_ptr, rows, n_rows, offs_n, N, n_mask):
+        """The (len(rows), BLOCK_N) int32 words of one plane, 0 outside it."""
+        return tl.load(qw_ptr + rows[:, None] * N + offs_n[None, :],
+                       mask=(rows < n_rows)[:, None] & n_mask[None, :], other=0)
+
+    @triton.jit
+    def _split(t, BITS: tl.constexpr, WIDTH: tl.constexpr):
+        """Fields of WIDTH bits holding WIDTH/BITS codes each, (R, BLOCK_N) -> their codes,
+        (R, BLOCK_N, 2, ..., 2): halve every field into (low half, high half) with tl.join until
+        the halves are BITS wide. join puts the new axis last, held by the same thread, so a
+        thread ends up with all the codes of its words (not one code each, as a broadcast shift
+        leaves them), and the tile goes to shared memory for tl.dot in 16-byte stores rather
+        than one 2-byte store per weight. Flattening the 2s gives code i of a field at i."""
+        for level in tl.static_range(1, 6):
+            if (WIDTH >> level) >= BITS:  # fields of 2h bits -> h bits, h = WIDTH >> level
+                t = tl.join(t & ((1 << (WIDTH >> level)) - 1),
+                            (t >> (WIDTH >> level)) & ((1 << (WIDTH >> level)) - 1))
+        return t
 
     @triton.jit
     def _codes(qw_ptr, qhi_ptr, k0, offs_n, N, K, BITS: tl.constexpr, BLOCK_K: tl.constexpr,
                n_mask):
-        if BITS == 3:  # two planes: the low 2 bits and the high bit
-            q = _plane(qw_ptr, k0, offs_n, N, K, 2, BLOCK_K, n_mask) | \
-                (_plane(qhi_ptr, k0, offs_n, N, K, 1, BLOCK_K, n_mask) << 2)
+        """Codes (BLOCK_K, BLOCK_N) int32 of rows k0 .. k0+BLOCK_K-1 (packed along K)."""
+        BLOCK_N: tl.constexpr = offs_n.shape[0]
+        if BITS == 3:  # two planes: the low 2 bits (16 per word), the high bit (32 per word)
+            PER: tl.constexpr = 16
+            rows = k0 // PER + tl.arange(0, BLOCK_K // PER)
+            lo = _load_words(qw_ptr, rows, K // PER, offs_n, N, n_mask)
+            # the high bits of the same 16 codes: half a word of the 1-bit plane
+            hi = _load_words(qhi_ptr, rows // 2, K // 32, offs_n, N, n_mask)
+            hi = (hi >> ((rows % 2) * 16)[:, None]) & 0xFFFF
+            q = _split(lo, 2, 32) | (_split(hi, 1, 16) << 2)  # (R, BLOCK_N, 2, 2, 2, 2)
         else:  # (an if/else, not an early return: the compiler would still build the rest)
-            q = _plane(qw_ptr, k0, offs_n, N, K, BITS, BLOCK_K, n_mask)
-        return q
+            PER: tl.constexpr = 32 // BITS  # codes per int32 word
+            rows = k0 // PER + tl.arange(0, BLOCK_K // PER)
+            q = _split(_load_words(qw_ptr, rows, K // PER, offs_n, N, n_mask), BITS, 32)
+        q = tl.reshape(q, (BLOCK_K // PER, BLOCK_N, PER))  # code i of word r at [r, n, i]
+        q = tl.permute(q, (0, 2, 1))  # (R, PER, BLOCK_N)
+        return tl.reshape(q, (BLOCK_K, BLOCK_N))  # row k0 + r*PER + i = code i of word r
 
     @triton.jit
     def _weights(qw_ptr, qhi_ptr, s_ptr, z_ptr, k0, offs_n, N, K, G: tl.constexpr,

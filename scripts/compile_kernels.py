@@ -2,12 +2,14 @@
 report what ptxas says: registers and spills per thread, the SASS instruction count per weight
 each thread handles, the barriers while the weights stream in, before the last plain global
 load (BAR: the CTA waits, usually for a layout change through shared memory; MEMBAR: a memory
-fence), int-to-float conversions (I2F: quarter rate on Hopper) and arithmetic that flushes
-denormals to zero (FTZ; the GEMV's decode needs denormals). A static view, not a timing: the
-instruction count once predicted a GEMV speedup that the H100 did not show, while the barriers
-it had missed (until the kernels were compiled with the launcher's run-time specialization, as
-now) were what mattered. The interpreter that runs the tests never compiles; this catches what
-only the compiler rejects, before a GPU is at hand.
+fence), int-to-float conversions (I2F: quarter rate on Hopper), arithmetic that flushes
+denormals to zero (FTZ; the GEMV's decode needs denormals) and 2-byte shared-memory stores
+(STS.U16: one per weight when a dequantized tile goes to shared memory one element at a
+time). A static view, not a timing: the instruction count once predicted a GEMV speedup
+that the H100 did not show, while the barriers it had missed (until the kernels were compiled
+with the launcher's run-time specialization, as now) were what mattered. The interpreter that
+runs the tests never compiles; this catches what only the compiler rejects, before a GPU is
+at hand.
 
     python scripts/compile_kernels.py [--arch 90]
 
@@ -138,7 +140,10 @@ def report(kernel, sig, const, warps, arch, tmp: Path) -> dict:
             # step of an integer division
             "i2f": len(re.findall(r"\bI2FP?\.(?!RP )", sass)),
             # arithmetic that flushes denormals to zero (the GEMV's decode relies on denormals)
-            "ftz": len(re.findall(r"\bF(?:FMA|MUL|ADD)\S*\.FTZ", sass))}
+            "ftz": len(re.findall(r"\bF(?:FMA|MUL|ADD)\S*\.FTZ", sass)),
+            # 2-byte shared-memory stores: one per weight where a dequantized tile reaches
+            # shared memory (for tl.dot) one element per thread and row (see kernels._split)
+            "sts16": len(re.findall(r"\bSTS\.U16\b", sass))}
 
 
 def main():
@@ -147,14 +152,14 @@ def main():
     a = p.parse_args()
     print(f"Triton {triton.__version__}, sm_{a.arch}a\n")
     print("| kernel | registers | spill bytes | SASS instructions | per weight and thread | "
-          "BAR / MEMBAR | I2F | FTZ |")
-    print("|---|---|---|---|---|---|---|---|")
+          "BAR / MEMBAR | I2F | FTZ | STS.U16 |")
+    print("|---|---|---|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as tmp:
         for name, kernel, sig, const, warps, weights in jobs():
             r = report(kernel, sig, const, warps, a.arch, Path(tmp))
             per = "-" if weights is None else f"{r['sass'] / (weights / (32 * warps)):.2f}"
             print(f"| {name} | {r['regs']} | {r['spill']} | {r['sass']:,} | {per} | "
-                  f"{r['bar']} / {r['membar']} | {r['i2f']} | {r['ftz']} |")
+                  f"{r['bar']} / {r['membar']} | {r['i2f']} | {r['ftz']} | {r['sts16']} |")
 
 
 if __name__ == "__main__":
