@@ -139,7 +139,8 @@ def dequantize(t: dict, bits: int, groupsize: int, N: int, K: int) -> torch.Tens
 #               serves M = 1 with config fused_outliers=False, for comparison. > 64: added into
 #               W^T before cuBLAS (_add_outliers_kernel).
 #
-# Codes are read as words, every word once: the GEMM splits a (BLOCK_K*b/32, BLOCK_N) tile of
+# Codes are read as words, every word once (but the GEMM's 3-bit high plane: each word once per
+# 16-bit half, the second time from cache): the GEMM splits a (BLOCK_K*b/32, BLOCK_N) tile of
 # int32 into its 32/b codes by halving each word (_split); the GEMV masks each code in place (see
 # _plane_dot). Neither turns codes into floats with an int-to-float instruction (quarter rate on
 # Hopper): bit tricks do it with an AND or an OR (_plane_dot, _weights). Activations in bf16 are
