@@ -26,11 +26,11 @@
 #                                                     # logs under $WORK/bg
 #   bash scripts/run_on_gpu.sh wait                   # waits up to ${WAIT:-560} s, then copies
 #                                                     # the logs to $OUT; call again until done
-# One session's 30 device minutes, calls back to back: `python3 scripts/make_random_llama3_8b.py;
-# METHODS=tacq bash scripts/run_on_gpu.sh bg full; bash scripts/run_on_gpu.sh wait`, then `wait`
-# until it is done (~13 min in all), then `kernels` (`tune` too if time is left: the M = 16
-# and M = 256 tiles), then `METHODS="quantease resq"` bg full and
-# wait; the e2e pair fits in while a bg run waits (the check compares outputs, not times).
+# One session's 30 device minutes, calls back to back, in order of what is still missing:
+# `python3 scripts/make_random_llama3_8b.py; METHODS=tacq bash scripts/run_on_gpu.sh bg full;
+# bash scripts/run_on_gpu.sh wait`, then `wait` until it is done (~13 min in all; the e2e pair
+# fits in while it waits: that check compares outputs, not times), then `kernels`, then `tune`
+# (the M = 16 and M = 256 tiles), then `METHODS="quantease resq"` bg full and wait (~11 min).
 set -o pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-out/gpu}; mkdir -p "$OUT"
