@@ -129,7 +129,8 @@ def dequantize(t: dict, bits: int, groupsize: int, N: int, K: int) -> torch.Tens
 #                 sum_k x_k s (q_kn - z) = s (sum_k x_k q_kn - z sum_k x_k)
 #   2..64       _gemm_kernel: dequantize a (BLOCK_K, BLOCK_N) weight tile in registers and
 #               multiply on the tensor cores (tl.dot, fp32 accumulation); split-K programs
-#               add into a zeroed fp32 y with atomics, cast to x's dtype after the launch.
+#               add into a zeroed fp32 y with atomics, cast to x's dtype after the launch
+#               (without split-K, each program writes its tile of y in x's dtype).
 #   > 64        _dequant_kernel writes W^T (K, N) in x's dtype once, then cuBLAS (torch.matmul):
 #               compute-bound sizes, where a dequantize-in-tile GEMM loses to cuBLAS.
 #   outliers    M = 1: inside the GEMV (_outlier_adds: each split-K program adds an even share
@@ -500,6 +501,14 @@ def _launch_gemv(x2, t, y, N, K, g, bits, cfg, workspace, sum_rows=False):
                        OUT_BLOCK=128, SUM_ROWS=sum_rows, **cfg)
 
 
+def _output(M: int, N: int, dtype, device) -> torch.Tensor:
+    """y for a kernel that writes every element itself: uninitialised on a GPU, NaN under the
+    interpreter (the tests), so an element a kernel failed to write shows up."""
+    if os.environ.get("TRITON_INTERPRET"):
+        return torch.full((M, N), float("nan"), device=device, dtype=dtype)
+    return torch.empty(M, N, device=device, dtype=dtype)
+
+
 def quant_matmul(x: torch.Tensor, t: dict, bits: int, groupsize: int, N: int, K: int,
                  config: Optional[dict] = None,
                  workspace: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -528,22 +537,21 @@ def quant_matmul(x: torch.Tensor, t: dict, bits: int, groupsize: int, N: int, K:
                 t["outlier_rowptr"], t["outlier_cols"], t["outlier_vals"], wt, N, ROWS=16,
                 BLOCK=128)
         y = x2 @ wt
-    elif path == "gemv":  # y written by the kernel in x's dtype; NaN shows an unwritten one
+    elif path == "gemv":  # y written by the kernel in x's dtype
         after = nnz and not fused  # fp32 y for the outlier kernel, then one rounding
-        dtype = torch.float32 if after else x.dtype
-        y = torch.full((M, N), float("nan"), device=x.device, dtype=dtype) if \
-            os.environ.get("TRITON_INTERPRET") else torch.empty(M, N, device=x.device,
-                                                                dtype=dtype)
+        y = _output(M, N, torch.float32 if after else x.dtype, x.device)
         if workspace is None:
             workspace = new_workspace(N, x.device)
         dense = {k: v for k, v in t.items() if not k.startswith("outlier_")}
         _launch_gemv(x2, dense if after else t, y, N, K, g, bits, cfg, workspace, sum_rows)
     else:  # the GEMM
         # split-K programs add into fp32 zeros (native atomic adds; fp16 ones are a
-        # compare-and-swap loop); a single program per tile stores into NaN, so any element a
-        # kernel failed to write shows up
-        y = torch.full((M, N), 0.0 if cfg["SPLIT_K"] > 1 else float("nan"), device=x.device,
-                       dtype=torch.float32)
+        # compare-and-swap loop), cast after; a single program per tile writes y itself, in
+        # x's dtype (fp32 when outliers are added after it, for one rounding)
+        if cfg["SPLIT_K"] > 1:
+            y = torch.zeros(M, N, device=x.device, dtype=torch.float32)
+        else:
+            y = _output(M, N, torch.float32 if nnz else x.dtype, x.device)
         dot = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}.get(x.dtype, tl.float32)
         if os.environ.get("TRITON_INTERPRET") and dot == tl.bfloat16:
             dot = tl.float32  # the CPU interpreter has no bf16 arithmetic
