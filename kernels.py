@@ -19,7 +19,16 @@ The format, one quantized nn.Linear of weight W (N out_features x K in_features)
               b = 8:  word = [k3 k2 k1 k0]               (8 bits each)
               b = 3:  two planes, no value straddles a word:
                         qweight     the low 2 bits of every code, packed as b = 2
-                        qweight_hi  the high bit of every code, packed as b = 1 (32 per word)
+                        qweight_hi  the high bit of every code, 32 per word: word r holds
+                                    those of codes 32r .. 32r+31 (qweight's words 2r, 2r+1),
+                                    nibble j those of codes 2j+16, 2j+17, 2j, 2j+1 (lowest
+                                    bit first; HI_ORDER), so that one bitwise select puts each
+                                    right above its code's low bits (_with_high_bits):
+                lo = word 2r, hi = word r:
+                  (lo & 0x33333333) | (hi & 0xCCCCCCCC)                 nibble j: code 2j
+                  ((lo >> 2) & 0x33333333) | ((hi >> 1) & 0xCCCCCCCC)   nibble j: code 2j+1
+                lo = word 2r+1: the same with hi << 2 for hi            codes 2j+16, 2j+17
+                  (3-bit codes in bits 0-2 of each nibble; bit 3 belongs to another code)
   scales    fp16 (K/g, N)      s of group k // g, output n
   zeros     fp16 (K/g, N)      integer zero points z (exact in fp16 up to 2048)
   outliers  CSR over output rows, additive corrections in 16 bits:
@@ -73,16 +82,30 @@ def unpack(packed: torch.Tensor, bits: int, K: int) -> torch.Tensor:
     return codes.reshape(K, -1).to(torch.uint8)
 
 
+FORMAT = "kernels.py packed v2"  # what a checkpoint's quantization_config["format"] names
+# (v1 packed the 3-bit high plane as b = 1 in code order)
+
+# 3 bits: bit b of a high-plane word holds the high bit of code HI_ORDER[b] of its 32 codes
+# (nibble j: codes 2j+16, 2j+17, 2j, 2j+1; see the format above)
+HI_ORDER = [16 * (1 - b % 4 // 2) + 2 * (b // 4) + b % 2 for b in range(32)]
+
+
 def pack_codes(codes: torch.Tensor, bits: int) -> dict:
     """codes (K, N) -> the tensors that store them: {"qweight"} or, for 3 bits, the two planes."""
     if bits == 3:
-        return {"qweight": pack(codes & 3, 2), "qweight_hi": pack(codes >> 2, 1)}
+        K, N = codes.shape
+        hi = (codes >> 2).reshape(K // 32, 32, N)[:, HI_ORDER]  # bit b <- code HI_ORDER[b]
+        return {"qweight": pack(codes & 3, 2), "qweight_hi": pack(hi.reshape(K, N), 1)}
     return {"qweight": pack(codes, bits)}
 
 
 def unpack_codes(t: dict, bits: int, K: int) -> torch.Tensor:
+    """The codes (K, N) uint8 of the stored tensors; the inverse of pack_codes."""
     if bits == 3:
-        return unpack(t["qweight"], 2, K) | (unpack(t["qweight_hi"], 1, K) << 2)
+        bit = unpack(t["qweight_hi"], 1, K)
+        hi = torch.empty_like(bit).reshape(K // 32, 32, -1)
+        hi[:, HI_ORDER] = bit.reshape(K // 32, 32, -1)  # code HI_ORDER[b] <- bit b
+        return unpack(t["qweight"], 2, K) | (hi.reshape(K, -1) << 2)
     return unpack(t["qweight"], bits, K)
 
 
@@ -141,11 +164,12 @@ def dequantize(t: dict, bits: int, groupsize: int, N: int, K: int) -> torch.Tens
 #               W^T before cuBLAS (_add_outliers_kernel).
 #
 # Codes are read as words, every word once (but the GEMM's 3-bit high plane: each word once per
-# 16-bit half, the second time from cache): the GEMM splits a (BLOCK_K*b/32, BLOCK_N) tile of
+# low-plane word, the second time from cache): the GEMM splits a (BLOCK_K*b/32, BLOCK_N) tile of
 # int32 into its 32/b codes by halving each word (_split); the GEMV masks each code in place (see
-# _plane_dot). Neither turns codes into floats with an int-to-float instruction (quarter rate on
-# Hopper): bit tricks do it with an AND or an OR (_plane_dot, _weights). Activations in bf16 are
-# converted at the load; arithmetic is fp32 (fp16/bf16 only as tl.dot inputs).
+# _fields_dot); 3-bit codes first become 3-bit fields of nibbles (_with_high_bits). Neither turns
+# codes into floats with an int-to-float instruction (quarter rate on Hopper): bit tricks do it
+# with an AND or an OR (_fields_dot, _weights). Activations in bf16 are converted at the load;
+# arithmetic is fp32 (fp16/bf16 only as tl.dot inputs).
 
 if triton is not None:
 
@@ -170,6 +194,14 @@ if triton is not None:
         return t
 
     @triton.jit
+    def _with_high_bits(lo, hi):
+        """3 bits: the low 2 bits of nibble j of lo, and bit 2 of it from hi, (lo & 0x33333333)
+        | (hi & 0xCCCCCCCC): one LOP3 instruction that makes 8 3-bit codes of 16 (see the
+        format at the top: which codes depends on the shifts of lo and hi)."""
+        low = tl.full((), 0x33333333, lo.dtype)  # bits 0 and 1 of every nibble
+        return (lo & low) | (hi & ~low)
+
+    @triton.jit
     def _codes(qw_ptr, qhi_ptr, k0, offs_n, N, K, BITS: tl.constexpr, BLOCK_K: tl.constexpr,
                n_mask):
         """Codes (BLOCK_K, BLOCK_N) int32 of rows k0 .. k0+BLOCK_K-1 (packed along K)."""
@@ -178,10 +210,13 @@ if triton is not None:
             PER: tl.constexpr = 16
             rows = k0 // PER + tl.arange(0, BLOCK_K // PER)
             lo = _load_words(qw_ptr, rows, K // PER, offs_n, N, n_mask)
-            # the high bits of the same 16 codes: half a word of the 1-bit plane
+            # the high bits of word 2r and 2r+1's codes share word r of the 1-bit plane;
+            # shifted up by 2 for word 2r+1, they sit right above the low bits of even codes
             hi = _load_words(qhi_ptr, rows // 2, K // 32, offs_n, N, n_mask)
-            hi = (hi >> ((rows % 2) * 16)[:, None]) & 0xFFFF
-            q = _split(lo, 2, 32) | (_split(hi, 1, 16) << 2)  # (R, BLOCK_N, 2, 2, 2, 2)
+            hi = hi << ((rows % 2) * 2)[:, None]
+            even = _with_high_bits(lo, hi)  # code 2j in nibble j (3 bits)
+            odd = _with_high_bits(lo >> 2, hi >> 1)  # code 2j+1 in nibble j
+            q = tl.join(_split(even, 4, 32) & 7, _split(odd, 4, 32) & 7)  # [.., j, e]: 2j+e
         else:  # (an if/else, not an early return: the compiler would still build the rest)
             PER: tl.constexpr = 32 // BITS  # codes per int32 word
             rows = k0 // PER + tl.arange(0, BLOCK_K // PER)
@@ -212,49 +247,76 @@ if triton is not None:
         return (f - (z + 2.0 ** 23)) * s
 
     @triton.jit
-    def _x_times_code(x, w, p: tl.constexpr, PB: tl.constexpr):
-        """x q 2^-60 for the PB-bit code q at bit p of the uint32 w (see _plane_dot)."""
-        q = (w & (tl.full((), (1 << PB) - 1, tl.uint32) << p)).to(tl.float32, bitcast=True)
+    def _x_times_code(x, w, p: tl.constexpr, CB: tl.constexpr):
+        """x q 2^-60 for the CB-bit code q at bit p of the uint32 w (see _fields_dot)."""
+        q = (w & (tl.full((), (1 << CB) - 1, tl.uint32) << p)).to(tl.float32, bitcast=True)
         return (x * 2.0 ** (89 - p)) * q  # x 2^(89-p) * q 2^(p-149)
 
     @triton.jit
-    def _plane_dot(x_ptr, qw_ptr, k0, offs_n, N, K, PB: tl.constexpr, BLOCK_K: tl.constexpr,
-                   n_mask, EVEN: tl.constexpr):
-        """2^-60 sum_k x_k q_kn over rows k0 .. k0+BLOCK_K-1 of one plane of PB-bit codes ->
-        (BLOCK_N,) fp32, and sum_k x_k (a scalar). Per weight one AND and one FMA, with no
-        int-to-float conversion (a quarter-rate instruction on Hopper, which held the GEMV at
-        ~16 us whatever the bit width):
-          code i of a word, masked in place at bit p (word & (m << p)) and read as an fp32, has
-          a zero exponent field: it is the denormal q 2^(p-149) (GPUs add and multiply
-          denormals at full speed); times x_k 2^(89-p) (exact: a power of two) it adds
-          x_k q 2^-60 to the sum. (|x| < 2^38, fp16 always; sums below 2^-66 lose precision.)
-        Codes that reach bit 23 (the exponent field) are read from the word shifted down.
-        Everything stays in the layout the words were loaded in (a 2-D (codes, BLOCK_N) form
-        made the compiler shuffle every word through shared memory, with barriers)."""
-        PER: tl.constexpr = 32 // PB  # codes per int32 word
-        FIT: tl.constexpr = 23 // PB  # codes i < FIT lie inside the 23 mantissa bits
+    def _load_row(qw_ptr, row, n_rows, offs_n, N, n_mask, EVEN: tl.constexpr):
+        """Row `row` of a plane, (BLOCK_N,) uint32 words (0 outside it)."""
+        if EVEN:  # K and N are multiples of the tiles: no masks
+            word = tl.load(qw_ptr + row * N + offs_n)
+        else:
+            word = tl.load(qw_ptr + row * N + offs_n,
+                           mask=n_mask & (row + 0 * offs_n < n_rows), other=0)
+        return word.to(tl.uint32, bitcast=True)
+
+    @triton.jit
+    def _fields_dot(acc, xsum, word, x_ptr, k, STEP: tl.constexpr, K, FB: tl.constexpr,
+                    CB: tl.constexpr, EVEN: tl.constexpr):
+        """acc + 2^-60 sum_i x_(k + i STEP) q_i and xsum + sum_i x_(k + i STEP), for the codes
+        q_i (CB bits) in the 32/FB fields of FB bits of word: field i at bit i FB. Per weight
+        one AND and one FMA, with no int-to-float conversion (a quarter-rate instruction on
+        Hopper, which held the GEMV at ~16 us whatever the bit width):
+          code i masked in place at bit p (word & (m << p)) and read as an fp32 has a zero
+          exponent field: it is the denormal q 2^(p-149) (GPUs add and multiply denormals at
+          full speed); times x_k 2^(89-p) (exact: a power of two) it adds x_k q 2^-60 to the
+          sum. (|x| < 2^38, fp16 always; sums below 2^-66 lose precision.)
+        Codes that reach bit 23 (the exponent field) are read from the word shifted down."""
+        FIT: tl.constexpr = (23 - CB) // FB + 1  # fields i < FIT lie inside the mantissa
+        high = word >> (FIT * FB)  # fields FIT .. from bit 0 (uint32: a logical shift)
+        for i in tl.static_range(32 // FB):
+            if EVEN:
+                x = tl.load(x_ptr + k + i * STEP).to(tl.float32)
+            else:
+                x = tl.load(x_ptr + k + i * STEP, mask=k + i * STEP < K, other=0.0).to(
+                    tl.float32)
+            xsum += x
+            if i < FIT:
+                acc += _x_times_code(x, word, i * FB, CB)
+            else:
+                acc += _x_times_code(x, high, (i - FIT) * FB, CB)
+        return acc, xsum
+
+    @triton.jit
+    def _codes_dot(x_ptr, qw_ptr, qhi_ptr, k0, offs_n, N, K, BITS: tl.constexpr,
+                   BLOCK_K: tl.constexpr, n_mask, EVEN: tl.constexpr):
+        """2^-60 sum_k x_k q_kn over rows k0 .. k0+BLOCK_K-1 -> (BLOCK_N,) fp32, and sum_k x_k
+        (a scalar). Everything stays in the layout the words were loaded in (a 2-D (codes,
+        BLOCK_N) form made the compiler shuffle every word through shared memory, with
+        barriers)."""
         acc = tl.zeros(offs_n.shape, dtype=tl.float32)
         xsum = 0.0
-        for r in tl.static_range(BLOCK_K // PER):
-            row = k0 // PER + r
-            if EVEN:  # K and N are multiples of the tiles: no masks
-                word = tl.load(qw_ptr + row * N + offs_n)
-            else:
-                word = tl.load(qw_ptr + row * N + offs_n,
-                               mask=n_mask & (row + 0 * offs_n < K // PER), other=0)
-            word = word.to(tl.uint32, bitcast=True)
-            high = word >> (FIT * PB)  # codes FIT .. PER-1 from bit 0 (uint32: logical shift)
-            for i in tl.static_range(PER):
-                k = row * PER + i
-                if EVEN:
-                    x = tl.load(x_ptr + k).to(tl.float32)
-                else:
-                    x = tl.load(x_ptr + k, mask=k < K, other=0.0).to(tl.float32)
-                xsum += x
-                if i < FIT:
-                    acc += _x_times_code(x, word, i * PB, PB)
-                else:
-                    acc += _x_times_code(x, high, (i - FIT) * PB, PB)
+        if BITS == 3:  # per 32 codes: words 2r, 2r+1 of the low plane, word r of the high one
+            for r in tl.static_range(BLOCK_K // 32):
+                row = k0 // 32 + r
+                hi = _load_row(qhi_ptr, row, K // 32, offs_n, N, n_mask, EVEN)
+                for w in tl.static_range(2):  # codes 32 row + 16 w + 2j (+1), nibble j
+                    lo = _load_row(qw_ptr, 2 * row + w, K // 16, offs_n, N, n_mask, EVEN)
+                    h = hi << 2 * w
+                    k = 32 * row + 16 * w
+                    acc, xsum = _fields_dot(acc, xsum, _with_high_bits(lo, h), x_ptr, k, 2, K,
+                                            4, 3, EVEN)
+                    acc, xsum = _fields_dot(acc, xsum, _with_high_bits(lo >> 2, h >> 1), x_ptr,
+                                            k + 1, 2, K, 4, 3, EVEN)
+        else:
+            PER: tl.constexpr = 32 // BITS  # codes per int32 word
+            for r in tl.static_range(BLOCK_K // PER):
+                row = k0 // PER + r
+                word = _load_row(qw_ptr, row, K // PER, offs_n, N, n_mask, EVEN)
+                acc, xsum = _fields_dot(acc, xsum, word, x_ptr, row * PER, 1, K, BITS, BITS,
+                                        EVEN)
         return acc, xsum
 
     @triton.jit
@@ -307,15 +369,8 @@ if triton is not None:
         for it in tl.static_range(ITERS):  # unrolled: the loads of all tiles go out together
             k0 = (pid_k * ITERS + it) * BLOCK_K
             if ROW_STATS:  # y_n += s_n * (sum_k x_k q_kn - z_n * sum_k x_k), xq = 2^-60 sum
-                if BITS == 3:  # two planes: q = low 2 bits + 4 * high bit
-                    xq, xsum = _plane_dot(x_ptr, qw_ptr, k0, offs_n, N, K, 2, BLOCK_K, n_mask,
-                                          EVEN)
-                    hi, _ = _plane_dot(x_ptr, qhi_ptr, k0, offs_n, N, K, 1, BLOCK_K, n_mask,
-                                       EVEN)
-                    xq += 4.0 * hi
-                else:
-                    xq, xsum = _plane_dot(x_ptr, qw_ptr, k0, offs_n, N, K, BITS, BLOCK_K,
-                                          n_mask, EVEN)
+                xq, xsum = _codes_dot(x_ptr, qw_ptr, qhi_ptr, k0, offs_n, N, K, BITS, BLOCK_K,
+                                      n_mask, EVEN)
                 stat_mask = n_mask & (k0 + 0 * offs_n < K)  # a tensor, not a Python bool
                 s = tl.load(s_ptr + (k0 // G) * N + offs_n, mask=stat_mask, other=0.0)
                 z = tl.load(z_ptr + (k0 // G) * N + offs_n, mask=stat_mask, other=0.0)

@@ -1374,6 +1374,7 @@ def save_quantized(model: M.Transformer, results: dict, tokenizer_dir, out_dir, 
     for module, r in results.items():
         for k, v in r["tensors"].items():
             tensors[M.ours_to_hf(f"{module}.{k}")] = v
+    qconfig = qconfig | {"format": kernels.FORMAT}  # what model.load checks it can read
     cfg = model.args.to_hf() | {"quantization_config": qconfig}
     with M.atomic_dir(out_dir) as tmp:
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
@@ -1528,9 +1529,9 @@ def run(ckpt=None, method="tacq", cfg: QuantConfig = QuantConfig(wbits=3, groups
                "ckpt": ckpt or M.DEFAULT_MODEL}
     print_summary(summary)
     if save:
-        qconfig = {"quant_method": "mixq", "format": "kernels.py packed v1", "method": method,
-                   "bits": cfg.wbits, "group_size": used.groupsize, "avg_bits": avg,
-                   "options": options, "calib": summary["calib"], "modules": sorted(results)}
+        qconfig = {"quant_method": "mixq", "method": method, "bits": cfg.wbits,
+                   "group_size": used.groupsize, "avg_bits": avg, "options": options,
+                   "calib": summary["calib"], "modules": sorted(results)}
         save_quantized(model, results, M.resolve_ckpt(ckpt) if ckpt else M.embedded_checkpoint(),
                        save, qconfig)
         print(f"saved to {save}")

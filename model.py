@@ -925,6 +925,9 @@ def load_quantized(path: Path, args: ModelArgs, qc: dict, files: dict, dtype, de
     """A mixq checkpoint: the linears named in quantization_config["modules"] become
     kernels.QuantLinear (packed codes, scales, zeros, 16-bit outliers); the rest as usual."""
     import kernels  # only quantized checkpoints need it
+    if qc.get("format") != kernels.FORMAT:
+        raise CheckpointError(f"{path}: packed as {qc.get('format')!r}, but this kernels.py "
+                              f"reads {kernels.FORMAT!r}; quantize the model again")
     bits, g = qc["bits"], qc["group_size"]
     quantized = set(qc["modules"])
     packed = {m: {} for m in quantized}

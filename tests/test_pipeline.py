@@ -75,6 +75,20 @@ def test_a_3_bit_checkpoint_with_a_wrong_high_plane_is_refused(tiny_dir, tmp_pat
         M.load(str(tmp_path / "q"))
 
 
+def test_a_checkpoint_in_another_packed_format_is_refused(tiny_dir, tmp_path):
+    model, _ = M.load(str(tiny_dir))
+    res = Q.quantize_model(model, None, "rtn", Q.QuantConfig(wbits=3, groupsize=32),
+                           log=lambda s: None)
+    Q.save_quantized(model, res, None, tmp_path / "q",
+                     {"quant_method": "mixq", "bits": 3, "group_size": 32, "modules": sorted(res)})
+    cfg = json.loads((tmp_path / "q" / "config.json").read_text())
+    assert cfg["quantization_config"]["format"] == kernels.FORMAT  # the writer names it
+    cfg["quantization_config"]["format"] = "kernels.py packed v1"  # 3-bit codes in code order
+    (tmp_path / "q" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(M.CheckpointError, match="packed as 'kernels.py packed v1'.*again"):
+        M.load(str(tmp_path / "q"))
+
+
 def test_fingerprint_covers_what_changes_the_result(tiny_dir):
     model, _ = M.load(str(tiny_dir))
     calib = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0))

@@ -379,6 +379,26 @@ def test_pack_unpack_round_trip(bits, words, N, seed):
     assert torch.equal(kernels.unpack_codes(t, bits, K).long(), codes)
 
 
+@given(words=st.integers(1, 3), N=st.integers(1, 5), seed=st.integers(0, 1000))
+def test_3_bit_high_plane_puts_each_high_bit_above_its_low_bits(words, N, seed):
+    # what the kernels rely on (kernels.py, the format): with lo = word 2r + w of the low plane
+    # and hi = word r of the high one shifted up by 2w, (lo & 0x33333333) | (hi & 0xCCCCCCCC)
+    # holds code 32r + 16w + 2j in nibble j, and the same with lo >> 2, hi >> 1 code 2j + 1
+    K = 32 * words
+    codes = torch.randint(0, 8, (K, N), generator=torch.Generator().manual_seed(seed))
+    t = kernels.pack_codes(codes, 3)
+    lo, hi = t["qweight"].long() & 0xFFFFFFFF, t["qweight_hi"].long() & 0xFFFFFFFF
+    for r in range(words):
+        for w in range(2):
+            h = (hi[r] << 2 * w) & 0xFFFFFFFF
+            even = (lo[2 * r + w] & 0x33333333) | (h & 0xCCCCCCCC)
+            odd = ((lo[2 * r + w] >> 2) & 0x33333333) | ((h >> 1) & 0xCCCCCCCC)
+            for j in range(8):
+                k = 32 * r + 16 * w + 2 * j
+                assert torch.equal((even >> 4 * j) & 7, codes[k])
+                assert torch.equal((odd >> 4 * j) & 7, codes[k + 1])
+
+
 @given(seed=st.integers(0, 10 ** 6), cfg=configs.filter(lambda c: c.wbits in Q.PACKED_BITS))
 def test_packed_form_dequantizes_to_the_same_weights(seed, cfg):
     W, S = random_problem(seed, n=64)
