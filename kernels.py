@@ -918,11 +918,14 @@ def _tune_candidates(M, G):
                   fused_outliers=False)] + \
             [dict(path="gemv", BLOCK_N=bn, BLOCK_K=bk, ITERS=it, num_warps=4, sum_rows=True)
              for bn, bk, it in [(512, 64, 1), (1024, 32, 2)]]  # one atomic per row run
-    if M <= 64:
+    if M <= 64:  # 128-wide tiles with 8 warps: with 4, the dequantized tile goes to shared
+        # memory 2 bytes at a time (STS.U16 in scripts/compile_kernels.py; Triton's layout)
         return [dict(path="gemm", BLOCK_M=max(16, min(M, 64)), BLOCK_N=bn, BLOCK_K=bk,
-                     SPLIT_K=sk, num_warps=4, num_stages=st)
-                for bn, bk, sk, st in [(64, 64, 4, 3), (64, 128, 4, 3), (128, 64, 4, 3),
-                                       (64, 64, 8, 3), (128, 128, 2, 3), (64, 64, 1, 4)]]
+                     SPLIT_K=sk, num_warps=w, num_stages=st)
+                for bn, bk, sk, w, st in [(64, 64, 4, 4, 3), (64, 128, 4, 4, 3),
+                                          (128, 64, 4, 8, 3), (64, 64, 8, 4, 3),
+                                          (128, 128, 2, 8, 3), (64, 64, 1, 4, 4),
+                                          (32, 64, 8, 4, 3), (32, 128, 4, 4, 3)]]
     return [dict(path="dequant", BLOCK_N=bn, BLOCK_K=bk, num_warps=4)
             for bn, bk in [(64, 64), (128, 64), (128, 128)]] + \
         [dict(path="gemm", BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=1, num_warps=8,
