@@ -1543,7 +1543,8 @@ def run(ckpt=None, method="tacq", cfg: QuantConfig = QuantConfig(wbits=3, groups
 def run_fingerprint(ckpt, model, method, cfg: QuantConfig, calib_spec, calib_tokens, seed,
                     dtype="fp32"):
     """What a resumed run must share with the run that saved the blocks: the model and its
-    dtype, the method and every option, the calibration data (a hash of its tokens), the seed."""
+    dtype, the method and every option, the calibration data (a hash of its tokens), the seed,
+    and the packed format the saved blocks are in."""
     digest = hashlib.sha256()
     for t in calib_tokens if calib_tokens is not None else []:
         digest.update(t.to(torch.int64).numpy().tobytes())
@@ -1551,7 +1552,7 @@ def run_fingerprint(ckpt, model, method, cfg: QuantConfig, calib_spec, calib_tok
             "method": method, "options": json.dumps(asdict(cfg) | {
                 "outlier_threshold": str(cfg.outlier_threshold)}),
             "calib": calib_spec, "calib_sha256": digest.hexdigest(), "seed": seed,
-            "dtype": str(dtype)}
+            "dtype": str(dtype), "format": kernels.FORMAT}
 
 
 def headline(metrics: dict) -> str:

@@ -96,6 +96,7 @@ def test_fingerprint_covers_what_changes_the_result(tiny_dir):
     fp = lambda c=cfg, tokens=calib, dtype="fp32": Q.run_fingerprint(  # noqa: E731
         "x", model, "tacq", c, "pydoc", tokens, 0, dtype)
     assert fp() == fp()
+    assert fp()["format"] == kernels.FORMAT  # saved blocks hold packed codes
     for other in [fp(c=Q.QuantConfig(wbits=3, act_order=True)), fp(dtype="bf16"),
                   fp(tokens=calib.flip(0)), fp(c=Q.QuantConfig(wbits=3, percdamp=0.1))]:
         assert other != fp()
