@@ -23,7 +23,7 @@ The format, one quantized nn.Linear of weight W (N out_features x K in_features)
                                     those of codes 32r .. 32r+31 (qweight's words 2r, 2r+1),
                                     nibble j those of codes 2j+16, 2j+17, 2j, 2j+1 (lowest
                                     bit first; HI_ORDER), so that one bitwise select puts each
-                                    right above its code's low bits (_with_high_bits):
+                                    right above its code's low bits (_three_bit_fields):
                 lo = word 2r, hi = word r:
                   (lo & 0x33333333) | (hi & 0xCCCCCCCC)                 nibble j: code 2j
                   ((lo >> 2) & 0x33333333) | ((hi >> 1) & 0xCCCCCCCC)   nibble j: code 2j+1
@@ -86,7 +86,6 @@ FORMAT = "kernels.py packed v2"  # what a checkpoint's quantization_config["form
 # (v1 packed the 3-bit high plane as b = 1 in code order)
 
 # 3 bits: bit b of a high-plane word holds the high bit of code HI_ORDER[b] of its 32 codes
-# (nibble j: codes 2j+16, 2j+17, 2j, 2j+1; see the format above)
 HI_ORDER = [16 * (1 - b % 4 // 2) + 2 * (b // 4) + b % 2 for b in range(32)]
 
 
@@ -166,7 +165,7 @@ def dequantize(t: dict, bits: int, groupsize: int, N: int, K: int) -> torch.Tens
 # Codes are read as words, every word once (but the GEMM's 3-bit high plane: each word once per
 # low-plane word, the second time from cache): the GEMM splits a (BLOCK_K*b/32, BLOCK_N) tile of
 # int32 into its 32/b codes by halving each word (_split); the GEMV masks each code in place (see
-# _fields_dot); 3-bit codes first become 3-bit fields of nibbles (_with_high_bits). Neither turns
+# _fields_dot); 3-bit codes first become 3-bit fields of nibbles (_three_bit_fields). Neither turns
 # codes into floats with an int-to-float instruction (quarter rate on Hopper): bit tricks do it
 # with an AND or an OR (_fields_dot, _weights). Activations in bf16 are converted at the load;
 # arithmetic is fp32 (fp16/bf16 only as tl.dot inputs).
@@ -194,12 +193,16 @@ if triton is not None:
         return t
 
     @triton.jit
-    def _with_high_bits(lo, hi):
-        """3 bits: the low 2 bits of nibble j of lo, and bit 2 of it from hi, (lo & 0x33333333)
-        | (hi & 0xCCCCCCCC): one LOP3 instruction that makes 8 3-bit codes of 16 (see the
-        format at the top: which codes depends on the shifts of lo and hi)."""
+    def _three_bit_fields(lo, hi, w):
+        """3 bits: word 2r + w of the low plane (lo) and word r of the high one (hi) -> two
+        words of 3-bit codes in nibbles (bits 0-2 of nibble j; bit 3 is another code's), codes
+        2j and 2j+1 of lo's 16. One bitwise select each, (a & 0x33333333) | (b & 0xCCCCCCCC),
+        a LOP3 instruction: the high plane is stored in that order (the format at the top)."""
         low = tl.full((), 0x33333333, lo.dtype)  # bits 0 and 1 of every nibble
-        return (lo & low) | (hi & ~low)
+        h = hi << 2 * w  # word 2r+1's high bits sit 2 lower in hi
+        even = (lo & low) | (h & ~low)  # code 2j in nibble j
+        odd = ((lo >> 2) & low) | ((h >> 1) & ~low)  # code 2j+1 in nibble j
+        return even, odd
 
     @triton.jit
     def _codes(qw_ptr, qhi_ptr, k0, offs_n, N, K, BITS: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -210,12 +213,9 @@ if triton is not None:
             PER: tl.constexpr = 16
             rows = k0 // PER + tl.arange(0, BLOCK_K // PER)
             lo = _load_words(qw_ptr, rows, K // PER, offs_n, N, n_mask)
-            # the high bits of word 2r and 2r+1's codes share word r of the 1-bit plane;
-            # shifted up by 2 for word 2r+1, they sit right above the low bits of even codes
+            # the high bits of words 2r and 2r+1's codes: word r of the 1-bit plane
             hi = _load_words(qhi_ptr, rows // 2, K // 32, offs_n, N, n_mask)
-            hi = hi << ((rows % 2) * 2)[:, None]
-            even = _with_high_bits(lo, hi)  # code 2j in nibble j (3 bits)
-            odd = _with_high_bits(lo >> 2, hi >> 1)  # code 2j+1 in nibble j
+            even, odd = _three_bit_fields(lo, hi, (rows % 2)[:, None])
             q = tl.join(_split(even, 4, 32) & 7, _split(odd, 4, 32) & 7)  # [.., j, e]: 2j+e
         else:  # (an if/else, not an early return: the compiler would still build the rest)
             PER: tl.constexpr = 32 // BITS  # codes per int32 word
@@ -304,12 +304,10 @@ if triton is not None:
                 hi = _load_row(qhi_ptr, row, K // 32, offs_n, N, n_mask, EVEN)
                 for w in tl.static_range(2):  # codes 32 row + 16 w + 2j (+1), nibble j
                     lo = _load_row(qw_ptr, 2 * row + w, K // 16, offs_n, N, n_mask, EVEN)
-                    h = hi << 2 * w
+                    even, odd = _three_bit_fields(lo, hi, w)
                     k = 32 * row + 16 * w
-                    acc, xsum = _fields_dot(acc, xsum, _with_high_bits(lo, h), x_ptr, k, 2, K,
-                                            4, 3, EVEN)
-                    acc, xsum = _fields_dot(acc, xsum, _with_high_bits(lo >> 2, h >> 1), x_ptr,
-                                            k + 1, 2, K, 4, 3, EVEN)
+                    acc, xsum = _fields_dot(acc, xsum, even, x_ptr, k, 2, K, 4, 3, EVEN)
+                    acc, xsum = _fields_dot(acc, xsum, odd, x_ptr, k + 1, 2, K, 4, 3, EVEN)
         else:
             PER: tl.constexpr = 32 // BITS  # codes per int32 word
             for r in tl.static_range(BLOCK_K // PER):
