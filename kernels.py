@@ -30,7 +30,7 @@ The format, one quantized nn.Linear of weight W (N out_features x K in_features)
                 lo = word 2r+1: the same with hi << 2 for hi            codes 2j+16, 2j+17
                   (3-bit codes in bits 0-2 of each nibble; bit 3 belongs to another code)
   scales    fp16 (K/g, N)      s of group k // g, output n
-  zeros     fp16 (K/g, N)      integer zero points z (exact in fp16 up to 2048)
+  zeros     fp16 (K/g, N)      integer zero points z, |z| <= 1024 (mixq's lie in [0, 2^b))
   outliers  CSR over output rows, additive corrections in 16 bits:
               outlier_rowptr int32 (N+1), outlier_cols int16 (nnz), outlier_vals fp16 (nnz)
 
@@ -152,7 +152,9 @@ def dequantize(t: dict, bits: int, groupsize: int, N: int, K: int) -> torch.Tens
 #   2..64       _gemm_kernel: dequantize a (BLOCK_K, BLOCK_N) weight tile in registers and
 #               multiply on the tensor cores (tl.dot, fp32 accumulation); split-K programs
 #               add into a zeroed fp32 y with atomics, cast to x's dtype after the launch
-#               (without split-K, each program writes its tile of y in x's dtype).
+#               (without split-K, each program writes its tile of y in x's dtype). For fp16
+#               x the tile is made in fp16 arithmetic, two weights per instruction (_fields);
+#               config swap=True computes y^T = W x^T (the weight tile as the first operand).
 #   > 64        _dequant_kernel writes W^T (K, N) in x's dtype once, then cuBLAS (torch.matmul):
 #               compute-bound sizes, where a dequantize-in-tile GEMM loses to cuBLAS.
 #   outliers    M = 1: inside the GEMV (_outlier_adds: each split-K program adds an even share
@@ -163,12 +165,14 @@ def dequantize(t: dict, bits: int, groupsize: int, N: int, K: int) -> torch.Tens
 #               W^T before cuBLAS (_add_outliers_kernel).
 #
 # Codes are read as words, every word once (but the GEMM's 3-bit high plane: each word once per
-# low-plane word, the second time from cache): the GEMM splits a (BLOCK_K*b/32, BLOCK_N) tile of
-# int32 into its 32/b codes by halving each word (_split); the GEMV masks each code in place (see
-# _fields_dot); 3-bit codes first become 3-bit fields of nibbles (_three_bit_fields). Neither turns
-# codes into floats with an int-to-float instruction (quarter rate on Hopper): bit tricks do it
-# with an AND or an OR (_fields_dot, _weights). Activations in bf16 are converted at the load;
-# arithmetic is fp32 (fp16/bf16 only as tl.dot inputs).
+# low-plane word, the second time from cache): the GEMM and the prefill dequantization split a
+# (BLOCK_K*b/32, BLOCK_N) tile of int32 into its codes by halving the fields of both 16-bit
+# halves of each word at once, as fp16 1024 + q (_fields); the GEMV masks each code in place
+# (see _fields_dot); 3-bit codes first become 3-bit fields of nibbles (_three_bit_fields).
+# Neither turns codes into floats with an int-to-float instruction (quarter rate on Hopper):
+# bit tricks do it with an AND or an OR (_fields_dot, _fields). Activations in bf16 are converted
+# at the load; the GEMV's arithmetic is fp32, the GEMM's weights are fp16 arithmetic for fp16 x
+# and fp32 otherwise, each weight rounded once (fp16/bf16 only as tl.dot inputs).
 
 if triton is not None:
 
@@ -177,20 +181,6 @@ if triton is not None:
         """The (len(rows), BLOCK_N) int32 words of one plane, 0 outside it."""
         return tl.load(qw_ptr + rows[:, None] * N + offs_n[None, :],
                        mask=(rows < n_rows)[:, None] & n_mask[None, :], other=0)
-
-    @triton.jit
-    def _split(t, BITS: tl.constexpr, WIDTH: tl.constexpr):
-        """Fields of WIDTH bits holding WIDTH/BITS codes each, (R, BLOCK_N) -> their codes,
-        (R, BLOCK_N, 2, ..., 2): halve every field into (low half, high half) with tl.join until
-        the halves are BITS wide. join puts the new axis last, held by the same thread, so a
-        thread ends up with all the codes of its words (not one code each, as a broadcast shift
-        leaves them), and the tile goes to shared memory for tl.dot in 16-byte stores rather
-        than one 2-byte store per weight. Flattening the 2s gives code i of a field at i."""
-        for level in tl.static_range(1, 6):
-            if (WIDTH >> level) >= BITS:  # fields of 2h bits -> h bits, h = WIDTH >> level
-                t = tl.join(t & ((1 << (WIDTH >> level)) - 1),
-                            (t >> (WIDTH >> level)) & ((1 << (WIDTH >> level)) - 1))
-        return t
 
     @triton.jit
     def _three_bit_fields(lo, hi, w):
@@ -205,9 +195,31 @@ if triton is not None:
         return even, odd
 
     @triton.jit
+    def _fields(t, FB: tl.constexpr, CB: tl.constexpr):
+        """The codes q (CB bits) in the 32/FB fields of FB bits of the int32 words t, as the
+        fp16 numbers 1024 + q, (R, BLOCK_N) -> (R, BLOCK_N, 32/FB), field i at [.., i]:
+          fp16 with exponent 2^10 and q in its mantissa is 1024 + q (the magic number of fp16;
+          no int-to-float instruction, quarter rate on Hopper), so t & (m << 16 | m) |
+          0x64006400 holds two codes' 1024 + q, one per 16-bit lane: fields i and i + 16/FB.
+        Fields of 16 bits are halved down to FB bits in both lanes at once (tl.join: the new
+        axis is last and stays in the same thread, so a thread keeps all the codes of its
+        words and the tile goes to shared memory for tl.dot in 16-byte stores, not one 2-byte
+        store per weight), one AND or shift for two codes."""
+        for level in tl.static_range(1, 5):
+            if (16 >> level) >= FB:  # in both lanes, fields of 2h bits -> h bits
+                t = tl.join(t & (((1 << (16 >> level)) - 1) * 0x10001),
+                            (t >> (16 >> level)) & (((1 << (16 >> level)) - 1) * 0x10001))
+        t = (t & (((1 << CB) - 1) * 0x10001)) | 0x64006400  # lanes: 1024 + q as fp16 bits
+        lo = t.to(tl.int16).to(tl.float16, bitcast=True)  # fields 0 .. 16/FB - 1
+        hi = (t >> 16).to(tl.int16).to(tl.float16, bitcast=True)  # the 16/FB after them
+        q = tl.reshape(tl.join(lo, hi), (t.shape[0], t.shape[1], 16 // FB, 2))
+        q = tl.permute(q, (0, 1, 3, 2))  # [.., lane, field in lane]
+        return tl.reshape(q, (t.shape[0], t.shape[1], 32 // FB))
+
+    @triton.jit
     def _codes(qw_ptr, qhi_ptr, k0, offs_n, N, K, BITS: tl.constexpr, BLOCK_K: tl.constexpr,
                n_mask):
-        """Codes (BLOCK_K, BLOCK_N) int32 of rows k0 .. k0+BLOCK_K-1 (packed along K)."""
+        """1024 + q in fp16 (BLOCK_K, BLOCK_N) for the codes q of rows k0 .. k0+BLOCK_K-1."""
         BLOCK_N: tl.constexpr = offs_n.shape[0]
         if BITS == 3:  # two planes: the low 2 bits (16 per word), the high bit (32 per word)
             PER: tl.constexpr = 16
@@ -216,25 +228,22 @@ if triton is not None:
             # the high bits of words 2r and 2r+1's codes: word r of the 1-bit plane
             hi = _load_words(qhi_ptr, rows // 2, K // 32, offs_n, N, n_mask)
             even, odd = _three_bit_fields(lo, hi, (rows % 2)[:, None])
-            q = tl.join(_split(even, 4, 32) & 7, _split(odd, 4, 32) & 7)  # [.., j, e]: 2j+e
+            q = tl.join(_fields(even, 4, 3), _fields(odd, 4, 3))  # [.., j, e]: code 2j+e
         else:  # (an if/else, not an early return: the compiler would still build the rest)
             PER: tl.constexpr = 32 // BITS  # codes per int32 word
             rows = k0 // PER + tl.arange(0, BLOCK_K // PER)
-            q = _split(_load_words(qw_ptr, rows, K // PER, offs_n, N, n_mask), BITS, 32)
+            q = _fields(_load_words(qw_ptr, rows, K // PER, offs_n, N, n_mask), BITS, BITS)
         q = tl.reshape(q, (BLOCK_K // PER, BLOCK_N, PER))  # code i of word r at [r, n, i]
         q = tl.permute(q, (0, 2, 1))  # (R, PER, BLOCK_N)
         return tl.reshape(q, (BLOCK_K, BLOCK_N))  # row k0 + r*PER + i = code i of word r
 
     @triton.jit
     def _weights(qw_ptr, qhi_ptr, s_ptr, z_ptr, k0, offs_n, N, K, G: tl.constexpr,
-                 BITS: tl.constexpr,
-                 BLOCK_K: tl.constexpr, ROW_STATS: tl.constexpr, n_mask):
-        """w = s * (q - z), (BLOCK_K, BLOCK_N) fp32; 0 outside K and N."""
+                 BITS: tl.constexpr, BLOCK_K: tl.constexpr, ROW_STATS: tl.constexpr, n_mask,
+                 OUT: tl.constexpr):
+        """w = s (q - z), (BLOCK_K, BLOCK_N) in OUT (fp16 or fp32), each weight the exact
+        value rounded once; 0 outside K and N."""
         q = _codes(qw_ptr, qhi_ptr, k0, offs_n, N, K, BITS, BLOCK_K, n_mask)
-        # q without an int-to-float instruction (quarter rate on Hopper): the float with
-        # exponent 2^23 and q in its mantissa is f = 2^23 + q (the magic-number conversion), so
-        # q - z = f - (2^23 + z), exact for the format's integer zero points
-        f = (q | 0x4B000000).to(tl.float32, bitcast=True)
         if ROW_STATS:  # the tile lies in one group: one row of statistics
             stat = (k0 // G) * N + offs_n[None, :]
             kn_mask = n_mask[None, :] & (k0 + 0 * offs_n[None, :] < K)  # a tensor, not a bool
@@ -242,9 +251,14 @@ if triton is not None:
             offs_k = k0 + tl.arange(0, BLOCK_K)
             stat = (offs_k // G)[:, None] * N + offs_n[None, :]
             kn_mask = (offs_k < K)[:, None] & n_mask[None, :]
-        s = tl.load(s_ptr + stat, mask=kn_mask, other=0.0).to(tl.float32)
-        z = tl.load(z_ptr + stat, mask=kn_mask, other=0.0).to(tl.float32)
-        return (f - (z + 2.0 ** 23)) * s
+        s = tl.load(s_ptr + stat, mask=kn_mask, other=0.0)
+        z = tl.load(z_ptr + stat, mask=kn_mask, other=0.0)
+        d = q - (z + 1024.0)  # (1024 + q) - (1024 + z) = q - z, exact in fp16 (|z| <= 1024)
+        if OUT == tl.float16:
+            w = d * s  # fp16, two weights per instruction; rounded once
+        else:
+            w = d.to(tl.float32) * s.to(tl.float32)  # exact: 12 bits times 11
+        return w
 
     @triton.jit
     def _x_times_code(x, w, p: tl.constexpr, CB: tl.constexpr):
@@ -377,7 +391,7 @@ if triton is not None:
                 offs_k = k0 + tl.arange(0, BLOCK_K)
                 x = tl.load(x_ptr + offs_k, mask=offs_k < K, other=0.0).to(tl.float32)
                 w = _weights(qw_ptr, qhi_ptr, s_ptr, z_ptr, k0, offs_n, N, K, G, BITS,
-                             BLOCK_K, False, n_mask)
+                             BLOCK_K, False, n_mask, tl.float32)
                 acc += tl.sum(x[:, None] * w, axis=0)
         if OUTLIERS:
             _outlier_adds(x_ptr, rowptr_ptr, rows_ptr, cols_ptr, vals_ptr, ws_ptr, N, BLOCK_N,
@@ -398,7 +412,7 @@ if triton is not None:
     def _gemm_kernel(x_ptr, qw_ptr, qhi_ptr, s_ptr, z_ptr, y_ptr, M, N, K, G: tl.constexpr,
                      BITS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                      BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, ROW_STATS: tl.constexpr,
-                     DOT: tl.constexpr):
+                     DOT: tl.constexpr, SWAP: tl.constexpr):
         pid_m, pid_n, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -410,10 +424,14 @@ if triton is not None:
             offs_k = k0 + tl.arange(0, BLOCK_K)
             x = tl.load(x_ptr + offs_m[:, None] * K + offs_k[None, :],
                         mask=m_mask[:, None] & (offs_k < K)[None, :], other=0.0)
+            # for fp16 x the weights in fp16 arithmetic, else fp32 (then rounded to bf16)
             w = _weights(qw_ptr, qhi_ptr, s_ptr, z_ptr, k0, offs_n, N, K, G, BITS, BLOCK_K,
-                         ROW_STATS, n_mask)
+                         ROW_STATS, n_mask, tl.float16 if DOT == tl.float16 else tl.float32)
             if DOT == tl.float32:  # fp32 activations: exact fp32 products, no tf32
                 acc += tl.dot(x.to(tl.float32), w, input_precision="ieee")
+            elif SWAP:  # y^T = W x^T: the weight tile as the first operand, (BLOCK_N, BLOCK_K),
+                # which Hopper's wgmma takes from registers; BLOCK_N >= 64 rows make one
+                acc += tl.trans(tl.dot(tl.trans(w.to(DOT)), tl.trans(x.to(DOT))))
             else:  # fp16 / bf16 tensor cores, fp32 accumulation
                 acc += tl.dot(x.to(DOT), w.to(DOT))
         y = y_ptr + offs_m[:, None] * N + offs_n[None, :]
@@ -432,8 +450,9 @@ if triton is not None:
         k0 = tl.program_id(1) * BLOCK_K
         offs_k = k0 + tl.arange(0, BLOCK_K)
         n_mask = offs_n < N
+        OUT: tl.constexpr = tl.float16 if wt_ptr.dtype.element_ty == tl.float16 else tl.float32
         w = _weights(qw_ptr, qhi_ptr, s_ptr, z_ptr, k0, offs_n, N, K, G, BITS, BLOCK_K,
-                     ROW_STATS, n_mask)
+                     ROW_STATS, n_mask, OUT)
         tl.store(wt_ptr + offs_k[:, None] * N + offs_n[None, :], w.to(wt_ptr.dtype.element_ty),
                  mask=(offs_k < K)[:, None] & n_mask[None, :])
 
@@ -554,6 +573,25 @@ def _launch_gemv(x2, t, y, N, K, g, bits, cfg, workspace, sum_rows=False):
                        OUT_BLOCK=128, SUM_ROWS=sum_rows, **cfg)
 
 
+def dequantize_t(t: dict, bits: int, groupsize: int, N: int, K: int, dtype,
+                 config: Optional[dict] = None) -> torch.Tensor:
+    """W^T (K, N) in dtype with the Triton kernels (the prefill path, before cuBLAS): every
+    s (q - z) rounded once to dtype, as dequantize(t, ...).T.to(dtype) rounds it; the outliers
+    are then added in fp32 and rounded again."""
+    g = K if groupsize in (-1, None) else groupsize
+    cfg = config or config_for(256, N, K, g)  # the prefill path's tiles
+    cfg = {k: v for k, v in cfg.items() if k in ("BLOCK_N", "BLOCK_K", "num_warps")}
+    wt = torch.empty(K, N, device=t["qweight"].device, dtype=dtype)
+    grid = (triton.cdiv(N, cfg["BLOCK_N"]), triton.cdiv(K, cfg["BLOCK_K"]))
+    _dequant_kernel[grid](*_packed_args(t), wt, N, K, g, BITS=bits,
+                          ROW_STATS=g % cfg["BLOCK_K"] == 0, **cfg)
+    if "outlier_vals" in t and t["outlier_vals"].numel():
+        _add_outliers_kernel[(1, triton.cdiv(N, 16))](
+            t["outlier_rowptr"], t["outlier_cols"], t["outlier_vals"], wt, N, ROWS=16,
+            BLOCK=128)
+    return wt
+
+
 def _output(M: int, N: int, dtype, device) -> torch.Tensor:
     """y for a kernel that writes every element itself: uninitialised on a GPU, NaN under the
     interpreter (the tests), so an element a kernel failed to write shows up."""
@@ -578,18 +616,12 @@ def quant_matmul(x: torch.Tensor, t: dict, bits: int, groupsize: int, N: int, K:
     path = cfg.pop("path")
     fused = cfg.pop("fused_outliers", True)  # M = 1: outliers inside the GEMV or after it
     sum_rows = cfg.pop("sum_rows", False)  # M = 1: one atomic add per run of a row's outliers
+    swap = cfg.pop("swap", False)  # 2..64: the weight tile as tl.dot's first operand
     row_stats = g % cfg["BLOCK_K"] == 0  # every K-tile inside one group
     nnz = t["outlier_vals"].numel() if "outlier_vals" in t else 0
     args = _packed_args(t)
     if path == "dequant":  # W^T once in x's dtype, then cuBLAS
-        wt = torch.empty(K, N, device=x.device, dtype=x.dtype)
-        grid = (triton.cdiv(N, cfg["BLOCK_N"]), triton.cdiv(K, cfg["BLOCK_K"]))
-        _dequant_kernel[grid](*args, wt, N, K, g, BITS=bits, ROW_STATS=row_stats, **cfg)
-        if nnz:
-            _add_outliers_kernel[(1, triton.cdiv(N, 16))](
-                t["outlier_rowptr"], t["outlier_cols"], t["outlier_vals"], wt, N, ROWS=16,
-                BLOCK=128)
-        y = x2 @ wt
+        y = x2 @ dequantize_t(t, bits, g, N, K, x.dtype, cfg)
     elif path == "gemv":  # y written by the kernel in x's dtype
         after = nnz and not fused  # fp32 y for the outlier kernel, then one rounding
         y = _output(M, N, torch.float32 if after else x.dtype, x.device)
@@ -610,6 +642,7 @@ def quant_matmul(x: torch.Tensor, t: dict, bits: int, groupsize: int, N: int, K:
             dot = tl.float32  # the CPU interpreter has no bf16 arithmetic
         grid = (triton.cdiv(M, cfg["BLOCK_M"]), triton.cdiv(N, cfg["BLOCK_N"]), cfg["SPLIT_K"])
         _gemm_kernel[grid](x2, *args, y, M, N, K, g, BITS=bits, ROW_STATS=row_stats, DOT=dot,
+                           SWAP=swap,
                            **cfg)
     if nnz and (path == "gemm" or (path == "gemv" and not fused)):  # after the dense part
         BM = 1 if M == 1 else 16 if M <= 16 else 64  # its own row tile (tl.dot needs >= 16)
@@ -659,8 +692,10 @@ class QuantLinear(nn.Module):
         self.in_features, self.out_features = in_features, out_features
         self.bits, self.groupsize = bits, groupsize
         z = tensors["zeros"]
-        if not torch.equal(z, z.round()):  # the kernels' 2^23 + z is exact for integers only
-            raise ValueError("zeros must be integer zero points (the packed format)")
+        if not torch.equal(z, z.round()) or z.abs().max() > 1024:  # the kernels' q - z is
+            # (1024 + q) - (1024 + z) in fp16: exact for integers of at most 1024
+            raise ValueError("zeros must be integer zero points in [-1024, 1024] (the packed "
+                             "format)")
         for name, value in tensors.items():
             self.register_buffer(name, value)
         # for the decode GEMV, not saved: its scratch (zeros) and each outlier's row
@@ -917,13 +952,18 @@ def _tune_candidates(M, G):
             [dict(path="gemv", BLOCK_N=bn, BLOCK_K=bk, ITERS=it, num_warps=4, sum_rows=True)
              for bn, bk, it in [(512, 64, 1), (1024, 32, 2)]]  # one atomic per row run
     if M <= 64:  # 128-wide tiles with 8 warps: with 4, the dequantized tile goes to shared
-        # memory 2 bytes at a time (STS.U16 in scripts/compile_kernels.py; Triton's layout)
+        # memory 2 bytes at a time (STS.U16 in scripts/compile_kernels.py; Triton's layout);
+        # swap: the weight tile as tl.dot's first operand (fewest instructions per weight at
+        # M = 16 in compile_kernels.py, on 64-row wgmma tiles)
         return [dict(path="gemm", BLOCK_M=max(16, min(M, 64)), BLOCK_N=bn, BLOCK_K=bk,
-                     SPLIT_K=sk, num_warps=w, num_stages=st)
-                for bn, bk, sk, w, st in [(64, 64, 4, 4, 3), (64, 128, 4, 4, 3),
-                                          (128, 64, 4, 8, 3), (64, 64, 8, 4, 3),
-                                          (128, 128, 2, 8, 3), (64, 64, 1, 4, 4),
-                                          (32, 64, 8, 4, 3), (32, 128, 4, 4, 3)]]
+                     SPLIT_K=sk, num_warps=w, num_stages=st, swap=sw)
+                for bn, bk, sk, w, st, sw in [
+                    (64, 64, 4, 4, 3, False), (64, 128, 4, 4, 3, False),
+                    (128, 64, 4, 8, 3, False), (64, 64, 8, 4, 3, False),
+                    (128, 128, 2, 8, 3, False), (64, 64, 1, 4, 4, False),
+                    (32, 64, 8, 4, 3, False), (32, 128, 4, 4, 3, False),
+                    (64, 64, 8, 4, 3, True), (64, 128, 4, 4, 3, True), (64, 128, 8, 4, 3, True),
+                    (128, 128, 4, 8, 3, True)]]
     return [dict(path="dequant", BLOCK_N=bn, BLOCK_K=bk, num_warps=4)
             for bn, bk in [(64, 64), (128, 64), (128, 128)]] + \
         [dict(path="gemm", BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=1, num_warps=8,

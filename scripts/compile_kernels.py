@@ -39,7 +39,8 @@ PACKED = {"x_ptr": "*fp16", "qw_ptr": "*i32", "qhi_ptr": "*i32", "s_ptr": "*fp16
 
 
 def jobs():
-    """(name, kernel, signature, constexprs, num_warps, weights per program or None)."""
+    """(name, kernel, signature, constexprs, num_warps, weights): weights per program, or
+    ("K loop", weights per iteration) to count the instructions of the loop over K, or None."""
     csr = {"rowptr_ptr": "*i32", "cols_ptr": "*i16", "vals_ptr": "*fp16"}
     for bits, x, outliers, N in [(4, "fp16", False, 14336), (3, "fp16", False, 14336),
                                  (2, "fp16", False, 14336), (4, "bf16", False, 14336),
@@ -56,25 +57,26 @@ def jobs():
             (" in run sums" if outliers == "run sums" else "") + f" (M=1, {N}x4096)"
         yield (name, K._gemv_kernel, sig, gemv | dict(BITS=bits, OUTLIERS=bool(outliers)),
                c["num_warps"], c["BLOCK_N"] * c["BLOCK_K"] * c["ITERS"])
+    # the small-batch GEMM: config_for's tile, bf16 and fp16 activations, and the `--tune`
+    # candidate with the weight tile as tl.dot's first operand (swap, a 64 x 16 wgmma)
     c = K.config_for(16, 4096, 4096, 128)
-    yield ("gemm 4-bit, bf16 x (M=16)", K._gemm_kernel,
-           PACKED | {"x_ptr": "*bf16", "y_ptr": "*fp32", "M": "i32", "N": "i32", "K": "i32"},
-           dict(G=128, BITS=4, BLOCK_M=c["BLOCK_M"], BLOCK_N=c["BLOCK_N"], BLOCK_K=c["BLOCK_K"],
-                SPLIT_K=c["SPLIT_K"], ROW_STATS=True, DOT=triton.language.bfloat16),
-           c["num_warps"], None)
-    for bits in (4, 3):
-        c = K.config_for(16, 4096, 4096, 128)
-        const = dict(G=128, BITS=bits, BLOCK_M=c["BLOCK_M"], BLOCK_N=c["BLOCK_N"],
-                     BLOCK_K=c["BLOCK_K"], SPLIT_K=c["SPLIT_K"], ROW_STATS=True,
-                     DOT=triton.language.float16)
-        sig = PACKED | {"y_ptr": "*fp32", "M": "i32", "N": "i32", "K": "i32"}
-        yield f"gemm {bits}-bit (M=16)", K._gemm_kernel, sig, const, c["num_warps"], None
+    swapped = dict(c, BLOCK_N=64, BLOCK_K=128, swap=True)
+    for bits, x, cfg in [(4, "bf16", c), (4, "fp16", c), (3, "fp16", c), (4, "fp16", swapped)]:
+        const = dict(G=128, BITS=bits, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
+                     BLOCK_K=cfg["BLOCK_K"], SPLIT_K=cfg["SPLIT_K"], ROW_STATS=True,
+                     DOT=getattr(triton.language, {"bf16": "bfloat16"}.get(x, "float16")),
+                     SWAP=cfg.get("swap", False))
+        sig = PACKED | {"x_ptr": f"*{x}", "y_ptr": "*fp32", "M": "i32", "N": "i32", "K": "i32"}
+        name = f"gemm {bits}-bit" + (", bf16 x" if x == "bf16" else "") + (
+            f", swap, {cfg['BLOCK_N']}x{cfg['BLOCK_K']} tile" if cfg.get("swap") else "")
+        yield (f"{name} (M=16)", K._gemm_kernel, sig, const, cfg["num_warps"],
+               ("K loop", cfg["BLOCK_N"] * cfg["BLOCK_K"]))  # weights per loop iteration
     c = K.config_for(256, 4096, 4096, 128)
     sig = {k: v for k, v in PACKED.items() if k != "x_ptr"} | {
         "wt_ptr": "*fp16", "N": "i32", "K": "i32"}
     yield ("dequant 4-bit (M=256)", K._dequant_kernel, sig,
            dict(G=128, BITS=4, BLOCK_N=c["BLOCK_N"], BLOCK_K=c["BLOCK_K"], ROW_STATS=True),
-           c["num_warps"], None)
+           c["num_warps"], c["BLOCK_N"] * c["BLOCK_K"])
     for M, block in [(1, 128), (16, 64)]:  # after the unfused GEMV; after the GEMM
         yield (f"outliers (M={M})", K._outliers_kernel,
                {"xt_ptr": "*fp16"} | csr | {"y_ptr": "*fp32", "M": "i32", "N": "i32"},
@@ -127,7 +129,13 @@ def report(kernel, sig, const, warps, arch, tmp: Path) -> dict:
     # epilogue reads the partial sums back with .STRONG loads, after it)
     plain_loads = [m.end() for m in re.finditer(r"\bLDG\.E(?![^;]*STRONG)[^;]*;", sass)]
     loop = sass[:plain_loads[-1]] if plain_loads else sass
+    # the longest loop: from the target of a backward branch to the branch
+    offsets = [(int(a, 16), b) for a, b in re.findall(r"/\*([0-9a-f]{4})\*/\s+([^;]*);", sass)]
+    loops = [(int(m.group(1), 16), off) for off, ins in offsets
+             for m in [re.search(r"\bBRA (0x[0-9a-f]+)", ins)] if m and int(m.group(1), 16) < off]
+    start, end = max(loops, key=lambda se: se[1] - se[0], default=(0, -1))
     return {"regs": int(re.search(r"Used (\d+) registers", info).group(1)),
+            "loop": sum(start <= off <= end for off, _ in offsets),
             "spill": int(re.search(r"(\d+) bytes spill stores", info).group(1)),
             "sass": len(re.findall(r"^\s+/\*[0-9a-f]{4}\*/", sass, re.M)),
             # CTA barriers (shared-memory shuffles) and memory fences while the weights stream
@@ -142,7 +150,7 @@ def report(kernel, sig, const, warps, arch, tmp: Path) -> dict:
             # arithmetic that flushes denormals to zero (the GEMV's decode relies on denormals)
             "ftz": len(re.findall(r"\bF(?:FMA|MUL|ADD)\S*\.FTZ", sass)),
             # 2-byte shared-memory stores: one per weight where a dequantized tile reaches
-            # shared memory (for tl.dot) one element per thread and row (see kernels._split)
+            # shared memory (for tl.dot) one element per thread and row (see kernels._fields)
             "sts16": len(re.findall(r"\bSTS\.U16\b", sass))}
 
 
@@ -157,7 +165,12 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         for name, kernel, sig, const, warps, weights in jobs():
             r = report(kernel, sig, const, warps, a.arch, Path(tmp))
-            per = "-" if weights is None else f"{r['sass'] / (weights / (32 * warps)):.2f}"
+            if weights is None:
+                per = "-"
+            elif isinstance(weights, tuple):  # the K loop's instructions, per iteration
+                per = f"{r['loop'] / (weights[1] / (32 * warps)):.2f} (K loop)"
+            else:
+                per = f"{r['sass'] / (weights / (32 * warps)):.2f}"
             print(f"| {name} | {r['regs']} | {r['spill']} | {r['sass']:,} | {per} | "
                   f"{r['bar']} / {r['membar']} | {r['i2f']} | {r['ftz']} | {r['sts16']} |")
 

@@ -63,6 +63,8 @@ def test_kernel_dtypes(bits, dtype):
     K.config_for(1, 14336, 4096, 128),  # the MLP matrices' decode tile (masked to N = 40)
     dict(path="gemm", BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, SPLIT_K=1),
     dict(path="gemm", BLOCK_M=16, BLOCK_N=32, BLOCK_K=64, SPLIT_K=3),
+    dict(path="gemm", BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, SPLIT_K=1, swap=True),  # y^T = W x^T
+    dict(path="gemm", BLOCK_M=16, BLOCK_N=64, BLOCK_K=64, SPLIT_K=2, swap=True),
     dict(path="dequant", BLOCK_N=32, BLOCK_K=64)], ids=lambda c: "-".join(map(str, c.values())))
 def test_every_path(config, groupsize):
     # each path forced on a small shape; groups of 16 are smaller than every K-tile (statistics
@@ -104,11 +106,12 @@ def test_stacked_quant_linears_equal_the_separate_ones(bits):
     assert K.stack_quant_linears([lins[0], other]) is None  # different bits: not stackable
 
 
-def test_quantized_linear_refuses_fractional_zero_points():
+def test_quantized_linear_refuses_fractional_or_far_zero_points():
     t = random_packed(4, 8, 64, 32, 0.0, seed=0)
-    t["zeros"] = t["zeros"] + 0.5
-    with pytest.raises(ValueError, match="integer zero points"):
-        K.QuantLinear(64, 8, 4, 32, t)
+    for zeros in (t["zeros"] + 0.5, t["zeros"] - 1025):
+        with pytest.raises(ValueError, match="integer zero points"):
+            K.QuantLinear(64, 8, 4, 32, t | {"zeros": zeros})
+    K.QuantLinear(64, 8, 4, 32, t | {"zeros": t["zeros"] - 1024})  # the edge of the range
 
 
 def test_quantized_linear_triton_path_equals_torch_path():
@@ -295,6 +298,27 @@ def test_gemv_workspace_survives_many_calls_on_a_gpu():
     assert not workspace.any()
 
 
+@given(bits=st.sampled_from([2, 3, 4, 8]), N=st.integers(1, 80), k_words=st.sampled_from([1, 3, 4]),
+       groupsize=st.sampled_from([16, 32, 64, -1]), seed=st.integers(0, 1000))
+def test_dequantized_tiles_are_rounded_once(bits, N, k_words, groupsize, seed):
+    # the tiles the GEMM and the prefill path multiply: s (q - z) from the codes, in fp32 bits
+    # or, for fp16 activations, in fp16 arithmetic (1024 + q, two per register); either way
+    # every weight is the exact dequantization rounded once to the dtype, bit for bit (bf16
+    # only on a GPU: the interpreter truncates fp32 to bf16; scales from 2^-14 to 2^8 times
+    # those of random_packed reach fp16's subnormals and the rounding of large products)
+    Kd = 32 * k_words
+    if groupsize != -1 and Kd % groupsize:
+        groupsize = -1
+    t = random_packed(bits, N, Kd, groupsize, 0.0, seed)
+    g = torch.Generator().manual_seed(seed)
+    t["scales"] = (t["scales"].cpu().float() * 2.0 ** torch.randint(
+        -14, 9, t["scales"].shape, generator=g)).half().to(DEVICE)
+    ref = K.dequantize(t, bits, groupsize, N, Kd).T  # (K, N) fp32, exact
+    for dtype in [torch.float16, torch.float32] + [torch.bfloat16] * (DEVICE == "cuda"):
+        wt = K.dequantize_t(t, bits, groupsize, N, Kd, dtype)
+        assert wt.dtype == dtype and torch.equal(wt, ref.to(dtype)), dtype
+
+
 def test_every_kernel_compiles_for_the_h100():
     # the interpreter never compiles; Triton's compiler and ptxas (in the triton wheel) need no
     # GPU, so compile-only errors show up here (sm_90, the configurations config_for picks)
@@ -307,7 +331,7 @@ def test_every_kernel_compiles_for_the_h100():
     out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env)
     assert out.returncode == 0, out.stderr[-3000:]
     rows = [ln for ln in out.stdout.splitlines() if ln.startswith("| ") and "registers" not in ln]
-    assert len(rows) == 16  # every kernel of kernels.py, each with its ptxas numbers
+    assert len(rows) == 17  # every kernel of kernels.py, each with its ptxas numbers
     # the decode GEMV keeps every word in the layout it was loaded in: no CTA barrier (a
     # shuffle through shared memory) and no memory fence while the weights stream in (its
     # split-K epilogue, after the last weight load, has them once per program); it
@@ -318,9 +342,9 @@ def test_every_kernel_compiles_for_the_h100():
     assert len(gemv) == 7 and all(c[:3] == ["0 / 0", "0", "0"] for c in gemv), gemv
     # no kernel that dequantizes weights converts them with I2F (the magic-number conversion),
     # and the tensor-core GEMM's dequantized tiles reach shared memory in wide stores, not a
-    # 2-byte store per weight (kernels._split)
+    # 2-byte store per weight (kernels._fields)
     dequantizing = [cells(r) for r in rows if r.startswith(("| gemm", "| dequant"))]
-    assert len(dequantizing) == 4 and all(c[1] == "0" and c[3] == "0" for c in dequantizing), rows
+    assert len(dequantizing) == 5 and all(c[1] == "0" and c[3] == "0" for c in dequantizing), rows
 
 
 def test_quantized_tiny_llama_generates_the_same_through_the_kernels(tmp_path, monkeypatch):
