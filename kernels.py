@@ -968,7 +968,8 @@ def _tune_candidates(M, G):
             for bn, bk in [(64, 64), (128, 64), (128, 128)]] + \
         [dict(path="gemm", BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=1, num_warps=8,
               num_stages=st) for bm, bn, bk, st in [(128, 128, 64, 3), (64, 256, 64, 3),
-                                                    (128, 256, 64, 3), (128, 128, 128, 4)]]
+                                                    (128, 256, 64, 3), (128, 128, 128, 4),
+                                                    (256, 128, 64, 3)]]  # 256: W once
 
 
 def _bench(shapes, Ms, bit_widths, outlier_share=0.0035, groupsize=128, copies=8, tune=False):
