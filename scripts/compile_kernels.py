@@ -1,6 +1,7 @@
 """Compile every Triton kernel of kernels.py for an NVIDIA GPU on a machine without one, and
 report what ptxas says: registers and spills per thread, the SASS instruction count per weight
-each thread handles, the barriers while the weights stream in, before the last plain global
+each thread handles (for the GEMMs, the instructions of the loop over K per weight of one
+iteration), the barriers while the weights stream in, before the last plain global
 load (BAR: the CTA waits, usually for a layout change through shared memory; MEMBAR: a memory
 fence), int-to-float conversions (I2F: quarter rate on Hopper), arithmetic that flushes
 denormals to zero (FTZ; the GEMV's decode needs denormals) and 2-byte shared-memory stores
@@ -14,7 +15,8 @@ at hand.
     python scripts/compile_kernels.py [--arch 90]
 
 Uses Triton's own compiler, ptxas and cuobjdump (shipped in the triton wheel). The kernels'
-configurations are the ones config_for picks for Llama-3-8B shapes (groups of 128).
+configurations are the ones config_for picks for Llama-3-8B shapes (groups of 128), and one
+`--tune` candidate (the swapped GEMM).
 """
 
 import argparse

@@ -301,9 +301,9 @@ def test_gemv_workspace_survives_many_calls_on_a_gpu():
 @given(bits=st.sampled_from([2, 3, 4, 8]), N=st.integers(1, 80), k_words=st.sampled_from([1, 3, 4]),
        groupsize=st.sampled_from([16, 32, 64, -1]), seed=st.integers(0, 1000))
 def test_dequantized_tiles_are_rounded_once(bits, N, k_words, groupsize, seed):
-    # the tiles the GEMM and the prefill path multiply: s (q - z) from the codes, in fp32 bits
-    # or, for fp16 activations, in fp16 arithmetic (1024 + q, two per register); either way
-    # every weight is the exact dequantization rounded once to the dtype, bit for bit (bf16
+    # the tiles the GEMM and the prefill path multiply: s (q - z) from the codes as fp16
+    # 1024 + q (two per register), the product in fp16 for fp16 activations, else in fp32;
+    # either way every weight is the exact dequantization rounded once to the dtype (bf16
     # only on a GPU: the interpreter truncates fp32 to bf16; scales from 2^-14 to 2^8 times
     # those of random_packed reach fp16's subnormals and the rounding of large products)
     Kd = 32 * k_words
