@@ -20,6 +20,7 @@ configurations are the ones config_for picks for Llama-3-8B shapes (groups of 12
 """
 
 import argparse
+import importlib.util
 import os
 import re
 import shutil
@@ -40,8 +41,8 @@ PACKED = {"x_ptr": "*fp16", "qw_ptr": "*i32", "qhi_ptr": "*i32", "s_ptr": "*fp16
           "z_ptr": "*fp16"}
 
 
-def jobs():
-    """(name, kernel, signature, constexprs, num_warps, weights): weights per program, or
+def jobs(K):
+    """For the kernels of module K: (name, kernel, signature, constexprs, num_warps, weights): weights per program, or
     ("K loop", weights per iteration) to count the instructions of the loop over K, or None."""
     csr = {"rowptr_ptr": "*i32", "cols_ptr": "*i16", "vals_ptr": "*fp16"}
     for bits, x, outliers, N in [(4, "fp16", False, 14336), (3, "fp16", False, 14336),
@@ -62,15 +63,18 @@ def jobs():
     # the small-batch GEMM: config_for's tile, bf16 and fp16 activations, and the `--tune`
     # candidate with the weight tile as tl.dot's first operand (swap, a 64 x 16 wgmma)
     c = K.config_for(16, 4096, 4096, 128)
-    swapped = dict(c, BLOCK_N=64, BLOCK_K=128, swap=True)
+    has_swap = "SWAP" in K._gemm_kernel.arg_names  # (not in kernels.py before 1dd1165)
+    swapped = dict(c, BLOCK_N=64, BLOCK_K=128, swap=has_swap)
     for bits, x, cfg in [(4, "bf16", c), (4, "fp16", c), (3, "fp16", c), (4, "fp16", swapped)]:
         const = dict(G=128, BITS=bits, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
                      BLOCK_K=cfg["BLOCK_K"], SPLIT_K=cfg["SPLIT_K"], ROW_STATS=True,
-                     DOT=getattr(triton.language, {"bf16": "bfloat16"}.get(x, "float16")),
-                     SWAP=cfg.get("swap", False))
+                     DOT=getattr(triton.language, {"bf16": "bfloat16"}.get(x, "float16")))
+        if has_swap:
+            const["SWAP"] = cfg.get("swap", False)
         sig = PACKED | {"x_ptr": f"*{x}", "y_ptr": "*fp32", "M": "i32", "N": "i32", "K": "i32"}
         name = f"gemm {bits}-bit" + (", bf16 x" if x == "bf16" else "") + (
-            f", swap, {cfg['BLOCK_N']}x{cfg['BLOCK_K']} tile" if cfg.get("swap") else "")
+            ", swap" if cfg.get("swap") else "") + (
+            f", {cfg['BLOCK_N']}x{cfg['BLOCK_K']} tile" if cfg is swapped else "")
         yield (f"{name} (M=16)", K._gemm_kernel, sig, const, cfg["num_warps"],
                ("K loop", cfg["BLOCK_N"] * cfg["BLOCK_K"]))  # weights per loop iteration
     c = K.config_for(256, 4096, 4096, 128)
@@ -159,13 +163,20 @@ def report(kernel, sig, const, warps, arch, tmp: Path) -> dict:
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--arch", type=int, default=90, help="compute capability, 90 = H100")
+    p.add_argument("--kernels", default=None,
+                   help="another kernels.py to compile (e.g. an older commit's, from git show)")
     a = p.parse_args()
+    mod = K
+    if a.kernels:  # loaded under its own name, beside this checkout's
+        spec = importlib.util.spec_from_file_location("kernels_other", a.kernels)
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
     print(f"Triton {triton.__version__}, sm_{a.arch}a\n")
     print("| kernel | registers | spill bytes | SASS instructions | per weight and thread | "
           "BAR / MEMBAR | I2F | FTZ | STS.U16 |")
     print("|---|---|---|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as tmp:
-        for name, kernel, sig, const, warps, weights in jobs():
+        for name, kernel, sig, const, warps, weights in jobs(mod):
             r = report(kernel, sig, const, warps, a.arch, Path(tmp))
             if weights is None:
                 per = "-"
