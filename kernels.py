@@ -992,6 +992,13 @@ def _bench(shapes, Ms, bit_widths, outlier_share=0.0035, groupsize=128, copies=8
         ws = [torch.randn(N, K, device=dev, dtype=torch.float16) for _ in range(copies)]
         t16 = {M: _graph_time(lambda w: xs[M] @ w.T, [(w,) for w in ws]) for M in Ms}
         del ws
+        # what split-K costs the GEMM besides its kernel: y's zero-fill and the cast after it
+        # (two launches; the GEMV does without them, see its epilogue)
+        extra = {M: _graph_time(lambda: torch.zeros(M, N, device=dev).to(torch.float16), [()])
+                 for M in Ms if 1 < M <= 64}
+        if extra:
+            print(f"  {N}x{K}: zero-fill + cast alone (split-K GEMM): " +
+                  ", ".join(f"M={M} {sec * 1e6:.1f} us" for M, sec in extra.items()))
         for bits in bit_widths:
             for share in (0.0, outlier_share):
                 ts = _random_weights(N, K, bits, groupsize, share, copies, dev)

@@ -4,6 +4,12 @@ kernels.QuantLinear, then greedy text and perplexity through the Triton kernels 
 torch path (MIXQ_TORCH_PATH=1) compared.
 
     python scripts/e2e_gpu.py [--ckpt PATH.gguf] [--dtype fp16]
+
+Without a GPU, the same comparison with the kernels run by Triton's interpreter (slow: a few
+tokens and one window):
+
+    TRITON_INTERPRET=1 python scripts/e2e_gpu.py --device cpu --interpret --new-tokens 8 \
+        --windows 1 --nsamples 2
 """
 
 import argparse
@@ -49,8 +55,15 @@ def main():
     p.add_argument("--windows", type=int, default=8, help="eval windows of 512 tokens")
     p.add_argument("--nsamples", type=int, default=8, help="calibration windows of 512 tokens")
     p.add_argument("--device", default="cuda", help="cpu: a smoke test of this script")
+    p.add_argument("--interpret", action="store_true",
+                   help="on a CPU, run the kernels under TRITON_INTERPRET=1 (set it too)")
+    p.add_argument("--bits", type=int, nargs="+", default=[4, 3])
     a = p.parse_args()
-    for bits in (4, 3):
+    if a.interpret:
+        if not os.environ.get("TRITON_INTERPRET"):
+            raise SystemExit("error: --interpret needs TRITON_INTERPRET=1 in the environment")
+        kernels.use_triton = lambda x: not os.environ.get("MIXQ_TORCH_PATH")
+    for bits in a.bits:
         model, tok = M.load(a.ckpt, a.dtype, a.device)
         prompt = tok.encode(tok.chat_prompt("Write a short paragraph about the ocean."))
         calib = Q.calibration_windows("pydoc", tok, a.nsamples, 512, 0)
