@@ -59,11 +59,11 @@ def main():
                    help="on a CPU, run the kernels under TRITON_INTERPRET=1 (set it too)")
     p.add_argument("--bits", type=int, nargs="+", default=[4, 3])
     a = p.parse_args()
-    if a.interpret:
-        if not os.environ.get("TRITON_INTERPRET"):
-            raise SystemExit("error: --interpret needs TRITON_INTERPRET=1 in the environment")
-        kernels.use_triton = lambda x: not os.environ.get("MIXQ_TORCH_PATH")
+    if a.interpret and not os.environ.get("TRITON_INTERPRET"):
+        raise SystemExit("error: --interpret needs TRITON_INTERPRET=1 in the environment")
+    on_device = kernels.use_triton
     for bits in a.bits:
+        kernels.use_triton = on_device  # quantize with the torch solvers on a CPU
         model, tok = M.load(a.ckpt, a.dtype, a.device)
         prompt = tok.encode(tok.chat_prompt("Write a short paragraph about the ocean."))
         calib = Q.calibration_windows("pydoc", tok, a.nsamples, 512, 0)
@@ -75,6 +75,8 @@ def main():
         res = Q.quantize_model(model, calib, "gptq", cfg, a.device, log=lambda s: None,
                                masks=masks)
         swap_in_quant_linears(model, res, cfg.groupsize)
+        if a.interpret:  # QuantLinear through the kernels (interpreted), but MIXQ_TORCH_PATH
+            kernels.use_triton = lambda x: not os.environ.get("MIXQ_TORCH_PATH")
         ids_k, ids_t = both_paths(lambda: model.generate(prompt, a.new_tokens))
         same = next((i for i, (u, v) in enumerate(zip(ids_k, ids_t)) if u != v),
                     min(len(ids_k), len(ids_t)))
