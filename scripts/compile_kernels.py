@@ -42,8 +42,9 @@ PACKED = {"x_ptr": "*fp16", "qw_ptr": "*i32", "qhi_ptr": "*i32", "s_ptr": "*fp16
 
 
 def jobs(K):
-    """For the kernels of module K: (name, kernel, signature, constexprs, num_warps, weights): weights per program, or
-    ("K loop", weights per iteration) to count the instructions of the loop over K, or None."""
+    """The kernels of module K to compile: (name, kernel, signature, constexprs, num_warps,
+    weights), weights per program, or ("K loop", weights per iteration) to count the
+    instructions of the loop over K, or None."""
     csr = {"rowptr_ptr": "*i32", "cols_ptr": "*i16", "vals_ptr": "*fp16"}
     for bits, x, outliers, N in [(4, "fp16", False, 14336), (3, "fp16", False, 14336),
                                  (2, "fp16", False, 14336), (4, "bf16", False, 14336),
