@@ -75,7 +75,6 @@ def corpus_tokens(spec: str, tokenizer: M.Tokenizer, split: str = "eval") -> tor
 # 2. Perplexity
 
 
-@torch.no_grad()
 def check_windows(seqlen: int, windows: Optional[int] = None):
     """A window predicts seqlen - 1 tokens: at least 2 tokens, and at least 1 window."""
     if seqlen < 2 or (windows is not None and windows < 1):
@@ -83,6 +82,7 @@ def check_windows(seqlen: int, windows: Optional[int] = None):
                          "tokens and at least 1 window")
 
 
+@torch.no_grad()
 def perplexity(model: M.Transformer, tokens: torch.Tensor, seqlen: int = 512,
                windows: Optional[int] = None, progress: bool = False) -> dict:
     """GPTQ-protocol perplexity of `tokens` (1-D): windows [i*seqlen, (i+1)*seqlen), no context

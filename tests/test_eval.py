@@ -60,6 +60,12 @@ def test_perplexity_follows_the_gptq_protocol(tiny_ckpt):
                   .loss.item() for i in range(3)]
     assert res["ppl"] == pytest.approx(math.exp(sum(losses) / 3), rel=1e-4)
     assert E.perplexity(ours, tokens, seqlen=50, windows=2)["windows"] == 2
+    # no autograd graph, even for weights that require gradients (a model built in code)
+    grad_on = []
+    ours.layers[0].self_attn.q_proj.weight.requires_grad_(True)
+    ours.register_forward_hook(lambda *_: grad_on.append(torch.is_grad_enabled()))
+    E.perplexity(ours, tokens, seqlen=50, windows=1)
+    assert grad_on == [False]
     with pytest.raises(ValueError, match="fewer than one window"):
         E.perplexity(ours, tokens[:40], seqlen=50)
     for seqlen, windows in [(1, None), (50, 0)]:  # no prediction in a window; no window
