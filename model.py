@@ -512,6 +512,24 @@ def sample(logits: torch.Tensor, temperature: float, top_p: float, gen=None) -> 
 # 4. Tokenizer
 
 
+# How a GGUF byte-level vocabulary cuts text into pieces before BPE, by its tokenizer.ggml.pre
+# (llama.cpp's names): a regex whose matches are the pieces, or None for GPT-2's, which the
+# ByteLevel pre-tokenizer applies itself. The merges were learned on those pieces, so another
+# split gives other tokens (Llama 3 groups digits by three: "2024" -> "202", "4").
+LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+                r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+GGUF_PRE_SPLITS = {
+    "default": None, "gpt2": None,
+    "llama-bpe": LLAMA3_SPLIT, "llama3": LLAMA3_SPLIT, "llama-v3": LLAMA3_SPLIT,
+    "smaug-bpe": LLAMA3_SPLIT,
+    # SmolLM's tokenizer.json (and llama.cpp) first cut every digit off on its own. We split it
+    # as GPT-2, as transformers' GGUF loader does, the protocol of ../shared/reference.md: the
+    # two differ only in whitespace before a digit ("\n   2": one token or two), 153 of the
+    # 113k pydoc tokens, and in none of the task prompts.
+    "smollm": None,
+}
+
+
 class Tokenizer:
     """A thin wrapper over a `tokenizers.Tokenizer` with the ids and chat format the model needs."""
 
@@ -527,7 +545,7 @@ class Tokenizer:
     @classmethod
     def from_gguf(cls, meta: dict):
         """Byte-level BPE from the GGUF vocabulary and merges (llama.cpp's "gpt2" tokenizer model)."""
-        from tokenizers import Tokenizer as HFTokenizer, decoders, models, pre_tokenizers
+        from tokenizers import Regex, Tokenizer as HFTokenizer, decoders, models, pre_tokenizers
         kind = meta.get("tokenizer.ggml.model")
         if kind != "gpt2":
             raise ValueError(f"GGUF tokenizer model {kind!r} is not supported (mixq reads the "
@@ -535,9 +553,19 @@ class Tokenizer:
         tokens = meta["tokenizer.ggml.tokens"]
         vocab = {t: i for i, t in enumerate(tokens)}
         merges = [tuple(m.split(" ", 1)) for m in meta["tokenizer.ggml.merges"]]
+        pre = meta.get("tokenizer.ggml.pre", "default")
+        if pre not in GGUF_PRE_SPLITS:
+            raise ValueError(f"GGUF pre-tokenizer {pre!r} is not supported (mixq knows "
+                             f"{', '.join(GGUF_PRE_SPLITS)})")
         tok = HFTokenizer(models.BPE(vocab, merges, ignore_merges=False))
-        # split like GPT-2 (words, numbers, punctuation, spaces) and map bytes to printable chars
-        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+        # cut the text into pieces (words, numbers, punctuation, spaces), then map bytes to
+        # printable characters
+        if GGUF_PRE_SPLITS[pre] is None:  # GPT-2's pieces
+            tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+        else:
+            tok.pre_tokenizer = pre_tokenizers.Sequence([
+                pre_tokenizers.Split(Regex(GGUF_PRE_SPLITS[pre]), behavior="isolated"),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
         tok.decoder = decoders.ByteLevel()
         # control tokens (type 3 in GGUF) are matched whole, never split by BPE
         types = meta.get("tokenizer.ggml.token_type", [1] * len(tokens))

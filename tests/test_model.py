@@ -97,6 +97,66 @@ def embedded_tok_pair(embedded):
     return embedded[1], theirs
 
 
+# a byte-level vocabulary whose merges tell the pre-tokenizers apart: "2024" is one token in
+# GPT-2's pieces and three in Llama 3's ("202", "4"); runs of spaces and newlines merge too
+TINY_MERGES = ["2 0", "2 4", "20 24", "20 2", "\u0120 \u0120", "\u010a \u010a",
+               "\u0120\u0120 \u0120", "\u0120 2", "' S", "h e", "he l", "\u0120 h"]
+
+
+def tiny_gguf_vocabulary(path, pre):
+    """A GGUF file holding a tokenizer (the 256 byte symbols + TINY_MERGES) and one tensor, and
+    its metadata as model.read_gguf gives it."""
+    gguf = pytest.importorskip("gguf")
+    import numpy as np
+    from tokenizers.pre_tokenizers import ByteLevel
+    tokens = sorted(ByteLevel.alphabet()) + [m.replace(" ", "") for m in TINY_MERGES]
+    tokens += ["<|begin_of_text|>", "<|end_of_text|>"]
+    meta = {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": pre,
+            "tokenizer.ggml.tokens": tokens, "tokenizer.ggml.merges": TINY_MERGES,
+            "tokenizer.ggml.token_type": [1] * (len(tokens) - 2) + [3, 3],
+            "tokenizer.ggml.bos_token_id": len(tokens) - 2,
+            "tokenizer.ggml.eos_token_id": len(tokens) - 1}
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre(pre)
+    w.add_token_list(tokens)
+    w.add_token_merges(TINY_MERGES)
+    w.add_token_types(meta["tokenizer.ggml.token_type"])
+    w.add_bos_token_id(len(tokens) - 2)
+    w.add_eos_token_id(len(tokens) - 1)
+    w.add_tensor("token_embd.weight", np.zeros((len(tokens), 8), dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return meta
+
+
+@pytest.fixture(scope="module", params=["llama-bpe", "gpt2"])
+def gguf_tok_pair(request, tmp_path_factory):
+    transformers = pytest.importorskip("transformers")
+    path = tmp_path_factory.mktemp("vocab") / "tiny.gguf"
+    meta = tiny_gguf_vocabulary(path, request.param)
+    theirs = transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    return request.param, M.Tokenizer.from_gguf(meta), theirs
+
+
+@given(st.text(alphabet=st.sampled_from(list("0123456789 \n\t'sSthel.x\u00e9")), max_size=40))
+def test_gguf_pre_tokenizer_equals_transformers(gguf_tok_pair, text):
+    pre, ours, theirs = gguf_tok_pair
+    ids = ours.encode(text)
+    assert ids == theirs(text, add_special_tokens=False)["input_ids"]
+    assert ours.decode(ids) == text
+    pieces = [ours.tok.id_to_token(i) for i in ours.encode("2024")]
+    assert pieces == (["202", "4"] if pre == "llama-bpe" else ["2024"])
+
+
+def test_unknown_gguf_pre_tokenizer_is_refused(tmp_path):
+    meta = tiny_gguf_vocabulary(tmp_path / "v.gguf", "qwen2")
+    with pytest.raises(ValueError, match="pre-tokenizer 'qwen2' is not supported"):
+        M.Tokenizer.from_gguf(meta)
+
+
 @pytest.mark.parametrize("text", [
     "Hello  world\n\n\tx = 1234567.89e-3", "naïve café, 日本語, Ελληνικά, emoji 🙂🚀",
     "def f(x):\n    return x ** 2  # squared\n", "   leading and trailing   ",
