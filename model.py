@@ -912,8 +912,9 @@ def load(ckpt: Optional[str] = None, dtype="fp32", device="cpu", only=None):
             raise CheckpointError(f"{path}: expected a directory or a .gguf file")
         meta, args, tensors = read_gguf(path)
         validate(args, {k: v.shape for k, v in tensors.items()}, str(path))
+        tok = Tokenizer.from_gguf(meta)  # (an unsupported vocabulary fails before the build)
         model = build(args, ((k, tensors.pop(k)) for k in list(tensors)), dtype, device)
-        return model, Tokenizer.from_gguf(meta)
+        return model, tok
     cfg = read_config(path)
     args = ModelArgs.from_hf(cfg)
     files = checkpoint_index(path)  # hf name -> file
