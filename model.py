@@ -519,7 +519,7 @@ def sample(logits: torch.Tensor, temperature: float, top_p: float, gen=None) -> 
 LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
                 r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
 GGUF_PRE_SPLITS = {
-    "default": None, "gpt2": None,
+    "gpt-2": None,
     "llama-bpe": LLAMA3_SPLIT, "llama3": LLAMA3_SPLIT, "llama-v3": LLAMA3_SPLIT,
     "smaug-bpe": LLAMA3_SPLIT,
     # SmolLM's tokenizer.json (and llama.cpp) first cut every digit off on its own. We split it
@@ -553,7 +553,7 @@ class Tokenizer:
         tokens = meta["tokenizer.ggml.tokens"]
         vocab = {t: i for i, t in enumerate(tokens)}
         merges = [tuple(m.split(" ", 1)) for m in meta["tokenizer.ggml.merges"]]
-        pre = meta.get("tokenizer.ggml.pre", "default")
+        pre = meta.get("tokenizer.ggml.pre", "gpt-2")  # older files name none: GPT-2's split
         if pre not in GGUF_PRE_SPLITS:
             raise ValueError(f"GGUF pre-tokenizer {pre!r} is not supported (mixq knows "
                              f"{', '.join(GGUF_PRE_SPLITS)})")

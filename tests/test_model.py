@@ -132,7 +132,7 @@ def tiny_gguf_vocabulary(path, pre):
     return meta
 
 
-@pytest.fixture(scope="module", params=["llama-bpe", "gpt2"])
+@pytest.fixture(scope="module", params=["llama-bpe", "gpt-2"])
 def gguf_tok_pair(request, tmp_path_factory):
     transformers = pytest.importorskip("transformers")
     path = tmp_path_factory.mktemp("vocab") / "tiny.gguf"
