@@ -98,14 +98,14 @@ def embedded_tok_pair(embedded):
 
 
 # a byte-level vocabulary whose merges tell the pre-tokenizers apart: "2024" is one token in
-# GPT-2's pieces and three in Llama 3's ("202", "4"); runs of spaces and newlines merge too
+# GPT-2's pieces and two in Llama 3's ("202", "4"); runs of spaces and newlines merge too
 TINY_MERGES = ["2 0", "2 4", "20 24", "20 2", "\u0120 \u0120", "\u010a \u010a",
                "\u0120\u0120 \u0120", "\u0120 2", "' S", "h e", "he l", "\u0120 h"]
 
 
 def tiny_gguf_vocabulary(path, pre):
     """A GGUF file holding a tokenizer (the 256 byte symbols + TINY_MERGES) and one tensor, and
-    its metadata as model.read_gguf gives it."""
+    the tokenizer part of its metadata, as model.read_gguf reads it."""
     gguf = pytest.importorskip("gguf")
     import numpy as np
     from tokenizers.pre_tokenizers import ByteLevel
