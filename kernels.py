@@ -642,8 +642,7 @@ def quant_matmul(x: torch.Tensor, t: dict, bits: int, groupsize: int, N: int, K:
             dot = tl.float32  # the CPU interpreter has no bf16 arithmetic
         grid = (triton.cdiv(M, cfg["BLOCK_M"]), triton.cdiv(N, cfg["BLOCK_N"]), cfg["SPLIT_K"])
         _gemm_kernel[grid](x2, *args, y, M, N, K, g, BITS=bits, ROW_STATS=row_stats, DOT=dot,
-                           SWAP=swap,
-                           **cfg)
+                           SWAP=swap, **cfg)
     if nnz and (path == "gemm" or (path == "gemv" and not fused)):  # after the dense part
         BM = 1 if M == 1 else 16 if M <= 16 else 64  # its own row tile (tl.dot needs >= 16)
         grid = (triton.cdiv(M, BM), triton.cdiv(N, 16))
