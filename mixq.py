@@ -44,8 +44,9 @@ from typing import Optional
 import torch
 
 import eval as E
-import kernels
 import model as M
+
+kernels = M.import_kernels()  # our kernels.py, not Hugging Face's package of the same name
 
 # -----------------------------------------------------------------------------
 # 1. The grid (spec §1.1)

@@ -19,7 +19,7 @@ HF checkpoints are stored for that layout. llama.cpp (GGUF) permutes the q/k row
 layout (pairs 2i, 2i+1); `unpermute_gguf_qk` undoes it on load.
 
 Imports flow one way: this file imports only `kernels.py`, lazily, for packed checkpoints (and
-to stack quantized q/k/v for decoding).
+to stack quantized q/k/v for decoding), through `import_kernels`.
 """
 
 from __future__ import annotations
@@ -478,8 +478,7 @@ def stack_linears(linears: list) -> Optional[nn.Module]:
         out.weight.data = w
         return out
     if all(type(m).__name__ == "QuantLinear" for m in linears):
-        import kernels
-        return kernels.stack_quant_linears(linears)
+        return import_kernels().stack_quant_linears(linears)
     return None
 
 
@@ -950,10 +949,22 @@ def load(ckpt: Optional[str] = None, dtype="fp32", device="cpu", only=None):
     return model, load_tokenizer(path, args)
 
 
+def import_kernels():
+    """mixq's kernels.py. Hugging Face's `kernels` package (which transformers 5.24+ imports with
+    its model classes) has the same import name, and a process keeps whichever it imported first:
+    refuse the other one clearly."""
+    import kernels
+    if not hasattr(kernels, "QuantLinear"):
+        raise ImportError(f"`import kernels` gave {kernels.__file__}, not mixq's kernels.py: "
+                          "transformers imported Hugging Face's `kernels` package first. Run mixq "
+                          "and transformers in separate processes (see the README)")
+    return kernels
+
+
 def load_quantized(path: Path, args: ModelArgs, qc: dict, files: dict, dtype, device):
     """A mixq checkpoint: the linears named in quantization_config["modules"] become
     kernels.QuantLinear (packed codes, scales, zeros, 16-bit outliers); the rest as usual."""
-    import kernels  # only quantized checkpoints need it
+    kernels = import_kernels()  # only quantized checkpoints need it
     if qc.get("format") != kernels.FORMAT:
         raise CheckpointError(f"{path}: packed as {qc.get('format')!r}, but this kernels.py "
                               f"reads {kernels.FORMAT!r}; quantize the model again")

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = str(Path(__file__).resolve().parents[1])
+sys.path.insert(0, ROOT)
 import model as M  # noqa: E402
 
 
@@ -35,7 +36,12 @@ def main():
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=2)
     a = p.parse_args()
+    # transformers' model classes import Hugging Face's `kernels` package: from site-packages, not
+    # our kernels.py (this script loads no packed checkpoint, the only use model.py has for ours)
+    sys.path.remove(ROOT)
     import transformers
+    transformers.LlamaForCausalLM  # noqa: B018 (imports the model classes now)
+    sys.path.insert(0, ROOT)
     torch.set_num_threads(a.threads)
     path = M.resolve_ckpt(a.ckpt)
     ours, _ = M.load(str(path))

@@ -17,7 +17,8 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = str(Path(__file__).resolve().parents[1])
+sys.path.insert(0, ROOT)
 import model as M  # noqa: E402
 
 
@@ -73,7 +74,12 @@ def main():
             return model(ids, start_pos=start, last_only=True)[:, -1]
         vocab = model.args.vocab_size
     else:
+        # transformers' model classes import Hugging Face's `kernels` package: from site-packages,
+        # not our kernels.py (this script loads no packed checkpoint, model.py's only use of ours)
+        sys.path.remove(ROOT)
         import transformers
+        transformers.LlamaForCausalLM  # noqa: B018 (imports the model classes now)
+        sys.path.insert(0, ROOT)
         dtype = M.DTYPES[a.dtype]
         model = transformers.LlamaForCausalLM.from_pretrained(str(path), dtype=dtype,
                                                               device_map=a.device).eval()

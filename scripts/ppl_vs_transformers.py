@@ -12,7 +12,8 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = str(Path(__file__).resolve().parents[1])
+sys.path.insert(0, ROOT)
 import eval as E  # noqa: E402
 import model as M  # noqa: E402
 
@@ -31,7 +32,12 @@ def main():
     p = argparse.ArgumentParser(formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--seqlen", type=int, default=512)
     a = p.parse_args()
+    # transformers' model classes import Hugging Face's `kernels` package: from site-packages, not
+    # our kernels.py (this script loads no packed checkpoint, the only use model.py has for ours)
+    sys.path.remove(ROOT)
     import transformers
+    transformers.LlamaForCausalLM  # noqa: B018 (imports the model classes now)
+    sys.path.insert(0, ROOT)
     ours, tok = M.load()
     tokens = E.corpus_tokens("pydoc", tok, "eval")
     path = M.embedded_gguf()

@@ -1,6 +1,8 @@
-"""Shared fixtures: tiny random Llamas (via transformers, the oracle) and the embedded model."""
+"""Shared fixtures: tiny random Llamas (made by transformers, the oracle) and the embedded model."""
 
+import json
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -14,6 +16,7 @@ import torch
 from hypothesis import settings
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the flat top-level modules
+from oracle import Oracle  # noqa: E402
 
 # few examples, no deadline: the suite must stay well under 15 minutes on 2 cores
 settings.register_profile("mixq", max_examples=int(os.environ.get("MIXQ_EXAMPLES", "15")),
@@ -22,37 +25,24 @@ settings.load_profile("mixq")
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 
-def tiny_hf_config(**over):
-    """A small GQA Llama config: 4 query heads, 2 KV heads, 2 layers."""
-    transformers = pytest.importorskip("transformers")
-    cfg = dict(vocab_size=128, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
-               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-               rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=False,
-               bos_token_id=1, eos_token_id=2)
-    cfg.update(over)
-    return transformers.LlamaConfig(**cfg)
+ORACLE = Oracle()  # transformers, in a process of its own (tests/oracle.py says why)
+_made = {}  # (seed, config) -> a checkpoint the oracle saved once this session
 
 
-def tiny_hf_model(seed=0, **over):
-    """A transformers LlamaForCausalLM with random weights (fp32, eval mode)."""
-    import transformers
-    torch.manual_seed(seed)
-    m = transformers.LlamaForCausalLM(tiny_hf_config(**over)).eval()
-    # random norms, so a mix-up of the two norms or a missing norm weight shows in the logits
-    with torch.no_grad():
-        for n, p in m.named_parameters():
-            if "norm" in n:
-                p.uniform_(0.5, 1.5)
-    return m
+def tiny_checkpoint(path, seed=0, **config):
+    """A tiny random Llama checkpoint (oracle.TINY_CONFIG updated by config) as transformers
+    saves it, copied to path, which must not exist. Returns path."""
+    key = json.dumps([seed, config], sort_keys=True)
+    if key not in _made:
+        _made[key] = ORACLE.save_tiny(ORACLE.tmp / f"tiny{len(_made)}", seed, **config)
+    shutil.copytree(_made[key], path)
+    return Path(path)
 
 
 @pytest.fixture
 def tiny_ckpt(tmp_path):
-    """A tiny random HF checkpoint directory and its transformers model."""
-    hf = tiny_hf_model()
-    d = tmp_path / "tiny"
-    hf.save_pretrained(d)
-    return d, hf
+    """A tiny random checkpoint directory, fresh for each test."""
+    return tiny_checkpoint(tmp_path / "tiny")
 
 
 @pytest.fixture(scope="session")

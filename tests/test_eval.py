@@ -11,6 +11,7 @@ import torch
 
 import eval as E
 import model as M
+from conftest import ORACLE
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -49,16 +50,13 @@ def test_bad_corpus_specs(tmp_path):
 
 
 def test_perplexity_follows_the_gptq_protocol(tiny_ckpt):
-    d, hf = tiny_ckpt
-    ours, _ = M.load(str(d))
+    ours, _ = M.load(str(tiny_ckpt))
     tokens = torch.randint(0, 128, (3 * 50 + 17,), generator=torch.Generator().manual_seed(0))
     res = E.perplexity(ours, tokens, seqlen=50)
     assert res["windows"] == 3 and res["tokens"] == 3 * 49  # remainder of 17 dropped
     # the oracle: transformers' mean loss per window (49 predictions each), averaged
-    with torch.no_grad():
-        losses = [hf(tokens[i * 50:(i + 1) * 50][None], labels=tokens[i * 50:(i + 1) * 50][None])
-                  .loss.item() for i in range(3)]
-    assert res["ppl"] == pytest.approx(math.exp(sum(losses) / 3), rel=1e-4)
+    losses = ORACLE.forward(tiny_ckpt, tokens[:150].view(3, 50))["loss"]
+    assert res["ppl"] == pytest.approx(math.exp(losses.mean().item()), rel=1e-4)
     assert E.perplexity(ours, tokens, seqlen=50, windows=2)["windows"] == 2
     # no autograd graph, even for weights that require gradients (a model built in code)
     grad_on = []
@@ -75,7 +73,7 @@ def test_perplexity_follows_the_gptq_protocol(tiny_ckpt):
 
 @pytest.mark.parametrize("static,compile", [(False, False), (True, False), (False, True)])
 def test_speed_reports_both_phases(tiny_ckpt, static, compile):
-    ours, _ = M.load(str(tiny_ckpt[0]))
+    ours, _ = M.load(str(tiny_ckpt))
     s = E.speed(ours, prompt_len=16, new_tokens=4, repeats=1, static=static, compile=compile)
     assert s["prefill_tokens_per_s"] > 0 and s["decode_tokens_per_s"] > 0
 
@@ -83,8 +81,8 @@ def test_speed_reports_both_phases(tiny_ckpt, static, compile):
 def tiny_with_tokenizer(d):
     """A tiny random model with the embedded model's vocabulary and tokenizer, saved in d."""
     from shutil import copy
-    from conftest import tiny_hf_model
-    tiny_hf_model(vocab_size=49152).save_pretrained(d)
+    from conftest import tiny_checkpoint
+    tiny_checkpoint(d, vocab_size=49152)
     copy(M.embedded_checkpoint() / "tokenizer.json", d / "tokenizer.json")
     return d
 

@@ -351,10 +351,10 @@ def test_quantized_tiny_llama_generates_the_same_through_the_kernels(tmp_path, m
     # end to end on a checkpoint: prompt through the small-batch GEMM, decoding through the GEMV,
     # 16-bit outliers through their kernel; against the torch path of the same QuantLinears,
     # then again with the projections fused
-    from conftest import tiny_hf_model
+    from conftest import tiny_checkpoint
     import model as M
     d = tmp_path / "m"
-    tiny_hf_model().save_pretrained(d)
+    tiny_checkpoint(d)
     model, _ = M.load(str(d))
     calib = torch.randint(0, 128, (4, 48), generator=torch.Generator().manual_seed(0))
     cfg = Q.QuantConfig(wbits=3, groupsize=32, iters=2, outliers=0.01)

@@ -11,7 +11,7 @@ import torch
 import kernels
 import mixq as Q
 import model as M
-from conftest import tiny_hf_model
+from conftest import tiny_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -26,7 +26,7 @@ CASES = {  # method -> options (tiny model: hidden 64, MLP 160; groups of 32 div
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
     d = tmp_path_factory.mktemp("tiny") / "m"
-    tiny_hf_model().save_pretrained(d)
+    tiny_checkpoint(d)
     return d
 
 

@@ -6,11 +6,11 @@ from hypothesis import given, strategies as st
 
 import mixq as Q
 import model as M
-from conftest import tiny_hf_model
+from conftest import tiny_checkpoint
 
 
 def tiny(tmp_path, **over):
-    tiny_hf_model(**over).save_pretrained(tmp_path / "m")
+    tiny_checkpoint(tmp_path / "m", **over)
     return M.load(str(tmp_path / "m"))[0]
 
 

@@ -9,13 +9,13 @@ from hypothesis import given, strategies as st
 
 import mixq as Q
 import model as M
-from conftest import tiny_hf_model
+from conftest import tiny_checkpoint
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     d = tmp_path_factory.mktemp("tiny") / "m"
-    tiny_hf_model().save_pretrained(d)
+    tiny_checkpoint(d)
     return d
 
 
@@ -161,7 +161,7 @@ def test_pipeline_gradients_over_processes_equal_one_process(world, tmp_path):
     # 1 block, or of 1 and 2), answers masked; the union of the ranks' G is the one-process G
     import torch.multiprocessing as mp
     d = tmp_path / "m"
-    tiny_hf_model(num_hidden_layers=3).save_pretrained(d)
+    tiny_checkpoint(d, num_hidden_layers=3)
     g = torch.Generator().manual_seed(0)
     calib = [torch.randint(0, 128, (T,), generator=g) for T in (12, 20)]
     answers = [torch.rand(len(c), generator=g) < 0.5 for c in calib]

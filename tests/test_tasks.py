@@ -51,9 +51,9 @@ def test_jsonl_formats_and_errors(tmp_path):
 @pytest.fixture(scope="module")
 def tiny_with_tokenizer(tmp_path_factory):
     from shutil import copy
-    from conftest import tiny_hf_model
+    from conftest import tiny_checkpoint
     d = tmp_path_factory.mktemp("t") / "m"
-    tiny_hf_model(vocab_size=49152).save_pretrained(d)
+    tiny_checkpoint(d, vocab_size=49152)
     copy(M.embedded_checkpoint() / "tokenizer.json", d / "tokenizer.json")
     return M.load(str(d))
 

@@ -1,0 +1,170 @@
+"""transformers, the oracle, in a process of its own.
+
+Why a second process: transformers (5.24 and later) imports Hugging Face's `kernels` package as
+soon as a model class loads, and in a process whose sys.path starts at the project root,
+`import kernels` finds mixq's kernels.py instead. So the tests never import transformers
+themselves. They start this file as a script (its sys.path starts at tests/, PYTHONPATH removed)
+and ask it for what they compare against: random tiny checkpoints, logits, losses, tokens.
+
+Protocol: one JSON request per line on the server's stdin, one JSON answer per line on its
+stdout. Tensors travel through safetensors files in a temporary directory.
+
+    oracle = Oracle()
+    oracle.save_tiny(path, seed=0, num_hidden_layers=3)     # a random Llama, saved by transformers
+    out = oracle.forward(path, ids)                         # {"logits", "loss", "inv_freq"}
+    oracle.tokenize(gguf_path, ["some text"])               # [[ids]]
+"""
+
+import atexit
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import traceback
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+ROOT = Path(__file__).resolve().parents[1]  # the project root: never on the server's sys.path
+
+# a small GQA Llama: 4 query heads, 2 KV heads, 2 layers
+TINY_CONFIG = dict(vocab_size=128, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                   rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=False,
+                   bos_token_id=1, eos_token_id=2)
+
+
+# ---------------------------------------------------------------------------------------------
+# the client: used by the tests, imports no transformers
+
+class Oracle:
+    """A transformers server process, started on first use and stopped at exit."""
+
+    def __init__(self):
+        self.proc = None
+        self.tmp = Path(tempfile.mkdtemp(prefix="mixq-oracle-"))
+        self.calls = 0
+        atexit.register(self.close)
+
+    def start(self):
+        if importlib.util.find_spec("transformers") is None:
+            import pytest
+            pytest.skip("transformers (the oracle) is not installed")
+        env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+        env["TRANSFORMERS_VERBOSITY"] = "error"
+        self.proc = subprocess.Popen([sys.executable, __file__, "--serve"], cwd=self.tmp, env=env,
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+
+    def ask(self, op, **request):
+        if self.proc is None or self.proc.poll() is not None:
+            self.start()
+        self.proc.stdin.write(json.dumps({"op": op, **request}) + "\n")
+        self.proc.stdin.flush()
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"the transformers oracle exited (code {self.proc.wait()})")
+        answer = json.loads(line)
+        if "error" in answer:
+            raise RuntimeError(f"the transformers oracle failed on {op}:\n{answer['error']}")
+        return answer
+
+    def tensor_file(self):
+        self.calls += 1
+        return self.tmp / f"t{self.calls}.safetensors"
+
+    def save_tiny(self, path, seed=0, **config):
+        """transformers.LlamaForCausalLM(TINY_CONFIG | config), random weights from `seed` and
+        random norm gains in [0.5, 1.5], saved with save_pretrained(path)."""
+        self.ask("save_tiny", path=str(path), seed=seed, config={**TINY_CONFIG, **config})
+        return Path(path)
+
+    def forward(self, ckpt, ids, gguf_file=None, dtype="float32"):
+        """transformers' forward pass of a checkpoint (a directory, or a GGUF file in it) on
+        ids (B, T): logits (B, T, V), the next-token loss of each row (B,), RoPE's inv_freq."""
+        src, out = self.tensor_file(), self.tensor_file()
+        save_file({"ids": ids.contiguous()}, src)
+        self.ask("forward", ckpt=str(ckpt), gguf_file=gguf_file, dtype=dtype, ids=str(src),
+                 out=str(out))
+        return load_file(out)
+
+    def tokenize(self, gguf_path, texts):
+        """transformers' GGUF tokenizer: the ids of each text, without special tokens."""
+        return self.ask("tokenize", gguf=str(gguf_path), texts=list(texts))["ids"]
+
+    def close(self):
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.stdin.close()
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# the server: this file run as a script, transformers imported here only
+
+def serve():
+    import transformers  # the only process of the test suite that imports it
+    transformers.utils.logging.disable_progress_bar()
+    transformers.LlamaForCausalLM  # loads the model classes, and with them `kernels`
+    kernels = sys.modules.get("kernels")
+    assert kernels is None or Path(kernels.__file__).resolve().parent != ROOT, kernels.__file__
+    models, tokenizers = {}, {}
+
+    def load(ckpt, gguf_file, dtype):
+        key = (ckpt, gguf_file, dtype)
+        if key not in models or gguf_file is None:  # a directory may be rewritten between calls
+            models[key] = transformers.AutoModelForCausalLM.from_pretrained(
+                ckpt, gguf_file=gguf_file, dtype=getattr(torch, dtype)).eval()
+        return models[key]
+
+    def save_tiny(path, seed, config):
+        torch.manual_seed(seed)
+        m = transformers.LlamaForCausalLM(transformers.LlamaConfig(**config)).eval()
+        with torch.no_grad():  # random norms: a mixed-up or missing norm shows in the logits
+            for n, p in m.named_parameters():
+                if "norm" in n:
+                    p.uniform_(0.5, 1.5)
+        m.save_pretrained(path)
+        return {}
+
+    @torch.no_grad()
+    def forward(ckpt, gguf_file, dtype, ids, out):
+        m = load(ckpt, gguf_file, dtype)
+        ids = load_file(ids)["ids"]
+        logits = m(ids).logits
+        loss = torch.stack([m(row[None], labels=row[None]).loss for row in ids])
+        save_file({"logits": logits.contiguous(), "loss": loss,
+                   "inv_freq": m.model.rotary_emb.inv_freq.float().contiguous()}, out)
+        return {}
+
+    def tokenize(gguf, texts):
+        if gguf not in tokenizers:
+            p = Path(gguf)
+            tokenizers[gguf] = transformers.AutoTokenizer.from_pretrained(str(p.parent),
+                                                                          gguf_file=p.name)
+        tok = tokenizers[gguf]
+        return {"ids": [tok(t, add_special_tokens=False)["input_ids"] for t in texts]}
+
+    ops = {"save_tiny": save_tiny, "forward": forward, "tokenize": tokenize}
+    answers = os.fdopen(os.dup(1), "w")  # answers go here; anything printed goes to stderr
+    os.dup2(2, 1)
+    for line in sys.stdin:
+        request = json.loads(line)
+        try:
+            answer = ops[request.pop("op")](**request)
+        except Exception:
+            answer = {"error": traceback.format_exc()}
+        answers.write(json.dumps(answer) + "\n")
+        answers.flush()
+
+
+if __name__ == "__main__":
+    assert sys.argv[1:] == ["--serve"], "run by tests/oracle.py's Oracle, not by hand"
+    sys.path = [p for p in sys.path if Path(p or ".").resolve() != ROOT]
+    serve()
