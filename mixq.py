@@ -1185,11 +1185,14 @@ class KeyRotation:
 
 @torch.no_grad()
 def fuse_resq(model: M.Transformer, bases: ResQBases, device=None):
-    """Fold the norms, then write every fixed change of basis into the weights (x W^T with
-    x -> x U is W -> W U on the input side; W -> U^T W on the output side), and install the two
-    online ones: the key rotation after RoPE and the Hadamard before down_proj. The products
-    run on `device`, one weight there at a time."""
-    fold_norms(model)
+    """Write every fixed change of basis into the weights of a model whose norms are folded
+    (x W^T with x -> x U is W -> W U on the input side; W -> U^T W on the output side), and
+    install the two online ones: the key rotation after RoPE and the Hadamard before down_proj.
+    The products run on `device`, one weight there at a time."""
+    norms = [model.norm] + [n for b in model.layers
+                            for n in (b.input_layernorm, b.post_attention_layernorm)]
+    if any((n.weight != 1).any() for n in norms):  # RMSNorm(x U) = RMSNorm(x) U needs g = 1
+        raise ValueError("fuse_resq: fold_norms(model) first, and compute the bases after it")
     a = model.args
     hd, rep = a.head_dim, a.n_heads // a.n_kv_heads
     device = torch.device(device or model.device)
@@ -1322,9 +1325,12 @@ def activation_bits(args: M.ModelArgs, cfg: QuantConfig) -> float:
 @torch.no_grad()
 def resq_prepare(model: M.Transformer, calib, cfg: QuantConfig, seed: int = 0, log=print,
                  device=None):
-    """Covariances, bases and fusion (one block on `device` at a time): the model is still fp,
-    in the new bases."""
+    """Fold the norms, then covariances, bases and fusion (one block on `device` at a time): the
+    model is still fp, in the new bases."""
     t0 = time.perf_counter()
+    # the norms first: the bases are of the activations that get quantized, x / rms(x), not of
+    # g * x / rms(x) (g moves into the weights). As ResQ's get_basis.py does.
+    fold_norms(model)
     cov = resq_covariances(model, calib, device)
     hf = cfg.high_fraction if cfg.rotation == "pca" else 0.0
     fuse_resq(model, resq_bases(cov, model.args, hf, cfg.rotation, seed), device)

@@ -35,6 +35,7 @@ def test_fused_bases_leave_logits_unchanged(tmp_path, rotation):
     x = torch.randint(0, 128, (2, 48), generator=torch.Generator().manual_seed(0))
     before = model(x)
     down = model.layers[0].mlp.down_proj.weight.clone()
+    Q.fold_norms(model)
     cov = Q.resq_covariances(model, torch.randint(0, 128, (3, 32)))
     bases = Q.resq_bases(cov, model.args, rotation=rotation)
     Q.fuse_resq(model, bases)
@@ -49,6 +50,7 @@ def test_fused_bases_on_the_embedded_model(embedded):
     model = copy.deepcopy(embedded[0])
     ids = E.corpus_tokens("pydoc", embedded[1], "all")[:64][None]
     before = model(ids)
+    Q.fold_norms(model)
     cov = Q.resq_covariances(model, [E.corpus_tokens("pydoc", embedded[1], "calib")[:128]])
     Q.fuse_resq(model, Q.resq_bases(cov, model.args))
     assert rel_diff(model(ids), before) < 1e-4
@@ -85,6 +87,31 @@ def test_covariances_equal_the_moments_of_a_full_forward(tmp_path):
         torch.testing.assert_close(cov["value"][li], torch.einsum("thi,thj->hij", V[li], V[li]) / T)
         torch.testing.assert_close(cov["key"][li],
                                    torch.einsum("hti,htj->ij", K[li], K[li]) / (T * a.n_kv_heads))
+
+
+def test_fusing_needs_folded_norms(tmp_path):
+    model = tiny(tmp_path)  # norm gains random in [0.5, 1.5]
+    cov = Q.resq_covariances(model, torch.randint(0, 128, (2, 16)))
+    with pytest.raises(ValueError, match="fold_norms"):
+        Q.fuse_resq(model, Q.resq_bases(cov, model.args))
+
+
+def test_high_slice_holds_the_most_energy_of_the_quantized_activations(tmp_path):
+    # the basis comes from the activations that get quantized: the inputs of q/k/v and gate/up
+    # after the norms are folded (their gains, random in [0.5, 1.5] here, move into the weights)
+    model = tiny(tmp_path)
+    calib = torch.randint(0, 128, (4, 32), generator=torch.Generator().manual_seed(5))
+    Q.resq_prepare(model, calib, Q.method_config("resq", Q.QuantConfig(wbits=4)),
+                   log=lambda s: None)
+    seen = []
+    for b in model.layers:
+        for lin in (b.self_attn.q_proj, b.mlp.gate_proj):
+            lin.register_forward_hook(lambda m, i, o: seen.append(i[0].reshape(-1, 64)))
+    for c in calib:
+        model(c[None])
+    X = torch.cat(seen).double()  # (N, d) in the U_A basis; the high slice is the last d/8
+    top = torch.linalg.eigvalsh(X.T @ X)[-8:].sum()  # the most any 8-dim subspace can hold
+    assert X[:, -8:].pow(2).sum() / top > 1 - 1e-5
 
 
 def test_bases_are_orthogonal(tmp_path):
