@@ -67,10 +67,13 @@ class QuantConfig:
     mse: bool = False  # MSE clipping search over shrunken ranges (TaCQ uses it; GPTQ does not)
     percdamp: float = 0.01  # GPTQ damping: lambda = percdamp * mean(diag H)
     blocksize: int = 128  # GPTQ / QuantEase lazy-batch width (results do not depend on it)
-    act_order: bool = False  # GPTQ: columns by decreasing diag(H), groups fitted up front
-    iters: int = 10  # QuantEase sweeps
+    # GPTQ: columns by decreasing diag(H), groups fitted up front; QuantEase: sweeps in that order
+    act_order: bool = False
+    iters: int = 30  # QuantEase sweeps (the released code's default)
     init: str = "w"  # QuantEase start: "w" (the weights) or "gptq"
-    relaxed: bool = False  # QuantEase: unrounded sweeps at iterations 1, 4, ..., 25 (the code's)
+    # QuantEase: unrounded sweeps at iterations 1, 4, ..., 25 as the released code does; False:
+    # every sweep rounds, so f never rises (the monotone schedule)
+    relaxed: bool = True
     outliers: float = 0.0  # outlier-aware QuantEase: fraction of weights kept in 16 bits
     outlier_threshold: float = float("inf")  # SpQR-style: relative error threshold (0.2 in SpQR)
     stat_bits: int = 16  # bits per stored scale and zero; SpQR-style quantizes them to 3
@@ -501,10 +504,11 @@ def normalized_offdiag(Sigma):
 def quantease(W: torch.Tensor, Sigma: torch.Tensor, cfg: QuantConfig,
               start: Optional[Quantized] = None, history: Optional[list] = None) -> Quantized:
     """QuantEase: cfg.iters cyclic CD sweeps on the grid fitted to W, starting from W itself, or
-    from `start` (e.g. a GPTQ result), whose values and grid are then kept, so the result is
-    never worse than the start (unless cfg.relaxed). With cfg.relaxed, sweeps 1, 4, ..., 25
-    skip rounding (the released code's schedule); the last always rounds. history receives f
-    after every sweep."""
+    from `start` (e.g. a GPTQ result), whose values and grid are then kept. With cfg.relaxed
+    (the default, the released code's schedule) sweeps 1, 4, ..., 25 skip rounding and the last
+    always rounds; without it every sweep rounds, f never rises, and the result is never worse
+    than the start. cfg.act_order sweeps the columns by decreasing Sigma_jj (the grid stays on
+    the original columns). history receives (rounded, f) after every sweep."""
     W, Sigma = as_work(W), as_work(Sigma)
     if start is None:
         s, z, g = fit_groups(W, cfg)  # QuantEase's grid: fixed from the original W
@@ -512,7 +516,12 @@ def quantease(W: torch.Tensor, Sigma: torch.Tensor, cfg: QuantConfig,
     else:
         s, z, g = as_work(start.scales), as_work(start.zeros), start.groupsize
         What = as_work(start.dequantize()).clone()
-    se, ze = per_column(s, g), per_column(z, g)
+    se, ze = per_column(s, g), per_column(z, g)  # (m, n)
+    # act-order: the same problem with its columns permuted (f is unchanged), swept in order
+    perm = torch.argsort(torch.diag(Sigma), descending=True) if cfg.act_order else \
+        torch.arange(W.shape[1], device=W.device)
+    W, Sigma, What, se, ze = W[:, perm], Sigma[perm][:, perm], What[:, perm], se[:, perm], \
+        ze[:, perm]
     S_off = normalized_offdiag(Sigma)
     P = W + W @ S_off  # P_j = w_j + sum_{k != j} w_k Sigma_kj / Sigma_jj
     for it in range(cfg.iters):
@@ -520,9 +529,11 @@ def quantease(W: torch.Tensor, Sigma: torch.Tensor, cfg: QuantConfig,
         What = cd_sweep(What, P, S_off, se, ze, cfg.maxq, rounded, cfg.blocksize)
         if history is not None:
             history.append((rounded, layer_loss(W, What, Sigma)))
+    loss = layer_loss(W, What, Sigma)
+    back = torch.argsort(perm)
+    What, se, ze = What[:, back], se[:, back], ze[:, back]
     codes = quant_codes(What, se, ze, cfg.maxq)
-    return Quantized(codes, s, z, cfg.wbits, g, stat_bits=bits_per_statistic(cfg),
-                     loss=layer_loss(W, What, Sigma))
+    return Quantized(codes, s, z, cfg.wbits, g, stat_bits=bits_per_statistic(cfg), loss=loss)
 
 
 def top_k_mask(x, k: int):
@@ -531,6 +542,23 @@ def top_k_mask(x, k: int):
     if k > 0:
         mask[torch.topk(x.abs().flatten(), k).indices] = True
     return mask.view_as(x)
+
+
+def largest_eigenvalue(A: torch.Tensor, tol: float = 1e-6, max_iters: int = 10_000) -> float:
+    """lambda_max of a symmetric PSD matrix A (n, n) by power iteration: v <- A v / |A v|. The
+    Rayleigh quotient v^T A v rises to lambda_max from below; stop when a step raises it by
+    less than tol (relative). Matrix-vector products only, no decomposition (QuantEase's point;
+    the released code uses LOBPCG). The start is random but fixed, so results repeat."""
+    v = torch.randn(A.shape[0], 1, generator=torch.Generator().manual_seed(0), dtype=A.dtype)
+    v = v.to(A.device) / v.norm()
+    lam = 0.0
+    for _ in range(max_iters):
+        Av = A @ v
+        new = float(v.T @ Av)  # the Rayleigh quotient of the current v
+        if Av.norm() == 0 or new - lam <= tol * new:
+            return max(new, lam)
+        v, lam = Av / Av.norm(), new
+    return lam
 
 
 def quantease_outliers(W: torch.Tensor, Sigma: torch.Tensor, cfg: QuantConfig,
@@ -543,6 +571,8 @@ def quantease_outliers(W: torch.Tensor, Sigma: torch.Tensor, cfg: QuantConfig,
     the gradient 2 (W_hat + Hs - W) Sigma:  Hs <- TopK(Hs - (W_hat + Hs - W) Sigma / lambda_max).
     Both steps never increase f. Start: Hs = the k largest |W|, W_hat = W without them; the grid
     is fitted ignoring those k weights."""
+    if cfg.act_order:
+        raise ValueError("act_order: outlier-aware QuantEase sweeps in column order only")
     W, Sigma = as_work(W), as_work(Sigma)
     m, n = W.shape
     k = int(round(cfg.outliers * m * n))
@@ -550,7 +580,7 @@ def quantease_outliers(W: torch.Tensor, Sigma: torch.Tensor, cfg: QuantConfig,
     s, z, g = fit_groups(W, cfg, mask=Hs != 0)
     se, ze = per_column(s, g), per_column(z, g)
     S_off = normalized_offdiag(Sigma)
-    lam = torch.linalg.eigvalsh(Sigma)[-1].clamp(min=1e-12)  # lambda_max(Sigma): a step, no inverse
+    lam = max(largest_eigenvalue(Sigma), 1e-12)  # lambda_max(Sigma), for the step
     What = W - Hs
     for _ in range(cfg.iters):
         T = W - Hs  # (a) the dense part fits what the outliers leave
@@ -1469,6 +1499,9 @@ def run(ckpt=None, method="tacq", cfg: QuantConfig = QuantConfig(wbits=3, groups
                                ("--task-limit", task_limit, 1)]:
         if value is not None and value < least:
             raise ValueError(f"{flag} {value}: want at least {least}")
+    if cfg.act_order and (method == "rtn" or method == "quantease" and cfg.outliers > 0):
+        raise ValueError(f"--act-order: {'RTN' if method == 'rtn' else 'outlier-aware QuantEase'}"
+                         " has no column order to change; leave --act-order out")
     if method == "resq" and cfg.groupsize != -1:  # method_config would drop it silently
         raise ValueError(f"--groupsize {cfg.groupsize}: ResQ quantizes weights per output "
                          "channel (spec §7.3); leave --groupsize out")
@@ -1603,13 +1636,14 @@ def main():
     p.add_argument("--mse", action="store_true", help="MSE clipping search for each grid "
                    "(always on for tacq)")
     p.add_argument("--act-order", action="store_true", help="GPTQ: columns by decreasing "
-                   "Hessian diagonal (static groups)")
+                   "Hessian diagonal (static groups); QuantEase: sweeps in that order")
     p.add_argument("--percdamp", type=float, default=0.01, help="GPTQ damping, a fraction of "
                    "mean(diag H); raised automatically when Cholesky fails")
-    p.add_argument("--iters", type=int, default=10, help="QuantEase coordinate-descent sweeps")
+    p.add_argument("--iters", type=int, default=QuantConfig.iters,
+                   help="QuantEase coordinate-descent sweeps")
     p.add_argument("--init", default="w", choices=["w", "gptq"], help="QuantEase start")
-    p.add_argument("--relaxed", action="store_true", help="QuantEase: the released code's "
-                   "unrounded sweeps at iterations 1, 4, ..., 25")
+    p.add_argument("--rounded", action="store_true", help="QuantEase: round every sweep (f never "
+                   "rises) instead of the released code's unrounded sweeps 1, 4, ..., 25")
     p.add_argument("--outliers", type=float, default=0.0, help="QuantEase: fraction of weights "
                    "kept in 16 bits (outlier-aware variant when > 0)")
     p.add_argument("--outlier-threshold", type=float, default=None, help="SpQR-style: relative "
@@ -1648,7 +1682,7 @@ def main():
     try:
         cfg = QuantConfig(wbits=a.wbits, groupsize=a.groupsize, sym=a.sym, mse=a.mse,
                           percdamp=a.percdamp, act_order=a.act_order, iters=a.iters,
-                          init=a.init, relaxed=a.relaxed, outliers=a.outliers,
+                          init=a.init, relaxed=not a.rounded, outliers=a.outliers,
                           outlier_threshold=(math.inf if a.outlier_threshold is None
                                              else a.outlier_threshold), ratio=a.ratio,
                           abits=a.abits if a.method == "resq" else 16,

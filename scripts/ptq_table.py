@@ -1,7 +1,8 @@
 """The quantization-core table: every method at several bit widths on one checkpoint.
 
     python scripts/ptq_table.py [--ckpt X] [--nsamples 32] [--configs W4g64 W3g64 W2g64 W3]
-                                [--methods rtn gptq gptq-act quantease quantease-1% spqr]
+                                [--methods rtn gptq gptq-act quantease quantease-rounded
+                                           quantease-1% spqr]
                                 [--json results.json]
 
 Calibration: --nsamples random windows of 512 tokens from the pydoc calibration split (seed 0),
@@ -24,7 +25,8 @@ METHODS = {  # name -> (mixq method, option overrides)
     "rtn": ("rtn", {}),
     "gptq": ("gptq", {}),
     "gptq-act": ("gptq", {"act_order": True}),
-    "quantease": ("quantease", {"iters": 10}),
+    "quantease": ("quantease", {}),  # the released code's schedule: 30 sweeps, some unrounded
+    "quantease-rounded": ("quantease", {"iters": 10, "relaxed": False}),  # 10 rounded sweeps
     "quantease-1%": ("quantease", {"iters": 10, "outliers": 0.01}),
     "spqr": ("spqr", {}),
 }

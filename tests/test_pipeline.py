@@ -167,6 +167,9 @@ def test_cli_rtn_on_embedded_saves_a_checkpoint_eval_reproduces(tmp_path):
     (["--ratio", "2"], "--ratio 2.0: want a fraction in [0, 1]"),
     (["--method", "resq", "--abits", "1"], "--abits 1: want 2-16 bits"),
     (["--method", "resq", "--groupsize", "64"], "ResQ quantizes weights per output channel"),
+    (["--method", "rtn", "--act-order"], "--act-order: RTN has no column order"),
+    (["--method", "quantease", "--outliers", "0.01", "--act-order"],
+     "--act-order: outlier-aware QuantEase has no column order"),
 ])
 def test_cli_bad_input(args, msg):
     r = subprocess.run([sys.executable, str(ROOT / "mixq.py")] + args, capture_output=True,

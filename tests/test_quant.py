@@ -277,7 +277,7 @@ def test_spqr_threshold_outliers(seed):
 @given(cfg=configs, seed=st.integers(0, 10 ** 6), from_gptq=st.booleans())
 def test_quantease_rounded_sweeps_never_increase_the_loss(cfg, seed, from_gptq):
     W, S = random_problem(seed)
-    cfg = Q.QuantConfig(**{**vars(cfg), "iters": 4})
+    cfg = Q.QuantConfig(**{**vars(cfg), "iters": 4, "relaxed": False})
     start = Q.gptq(W, 2 * S, cfg) if from_gptq else None
     hist = []
     qz = Q.quantease(W, S, cfg, start=start, history=hist)
@@ -313,6 +313,35 @@ def test_quantease_fixed_point(seed):
     assert torch.equal(again.dequantize(), nxt.dequantize())
 
 
+@given(seed=st.integers(0, 10 ** 6), relaxed=st.booleans())
+def test_quantease_act_order_is_the_permuted_problem(seed, relaxed):
+    # sweeping by decreasing Sigma_jj = QuantEase on W and Sigma with their columns permuted
+    # that way, on the same per-row grid, permuted back
+    W, S = random_problem(seed)
+    cfg = Q.QuantConfig(wbits=3, iters=4, relaxed=relaxed)
+    perm = torch.argsort(torch.diag(S), descending=True)
+    ordered = Q.quantease(W, S, Q.QuantConfig(**{**vars(cfg), "act_order": True}))
+    permuted = Q.quantease(W[:, perm], S[perm][:, perm], cfg)
+    torch.testing.assert_close(ordered.dequantize()[:, perm], permuted.dequantize())
+    assert ordered.loss == pytest.approx(permuted.loss, rel=1e-9)
+    with pytest.raises(ValueError, match="column order"):
+        Q.quantease_outliers(W, S, Q.QuantConfig(wbits=3, outliers=0.01, act_order=True))
+
+
+@given(seed=st.integers(0, 10 ** 6), n=st.sampled_from([8, 64, 300]),
+       decay=st.floats(0.0, 3.0))
+def test_power_iteration_finds_lambda_max(seed, n, decay):
+    # Sigma = X^T X / N with column scales decaying as j^-decay: from isotropic (a small gap
+    # between the two largest eigenvalues) to one dominant direction
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(2 * n, n, generator=g, dtype=DT) * torch.arange(1, n + 1, dtype=DT) ** -decay
+    S = X.T @ X / (2 * n)
+    lam = Q.largest_eigenvalue(S)
+    exact = torch.linalg.eigvalsh(S)[-1].item()
+    assert lam <= exact * (1 + 1e-12)  # a Rayleigh quotient: never above
+    assert lam == pytest.approx(exact, rel=1e-3)
+
+
 def test_quantease_relaxed_sweeps_are_unrounded_but_the_last_rounds():
     W, S = random_problem(0)
     hist = []
@@ -337,7 +366,7 @@ def test_quantease_outliers_budget_monotone_and_helpful(seed, frac):
     assert qz.n_kept() <= round(frac * W.numel())
     losses = [f for _, f in hist]  # every CD sweep and every IHT step
     assert all(b <= a * (1 + 1e-9) for a, b in zip(losses, losses[1:]))
-    plain = Q.quantease(W, S, Q.QuantConfig(wbits=2, iters=4))
+    plain = Q.quantease(W, S, Q.QuantConfig(wbits=2, iters=4, relaxed=False))
     assert qz.loss < plain.loss  # the 16-bit weights buy a lower loss
 
 
