@@ -64,6 +64,7 @@ class QuantConfig:
     wbits: int = 3  # bits per weight code, 2-8
     groupsize: int = -1  # input columns per scale/zero; -1: one group per output row
     sym: bool = False  # symmetric grid (GPTQ convention: unsigned codes, fixed mid zero)
+    signed: bool = False  # with sym: the scale of QuaRot's and ResQ's signed grid (scale_zero)
     mse: bool = False  # MSE clipping search over shrunken ranges (TaCQ uses it; GPTQ does not)
     percdamp: float = 0.01  # GPTQ damping: lambda = percdamp * mean(diag H)
     blocksize: int = 128  # GPTQ / QuantEase lazy-batch width (results do not depend on it)
@@ -122,10 +123,14 @@ def round_up_fp16(s: torch.Tensor) -> torch.Tensor:
     return h.to(s.dtype)
 
 
-def scale_zero(xmin, xmax, maxq: int, sym: bool):
-    """Scale and zero point of the grid spanning [xmin, xmax] (tensors of the same shape)."""
+def scale_zero(xmin, xmax, maxq: int, sym: bool, signed: bool = False):
+    """Scale and zero point of the grid spanning [xmin, xmax] (tensors of the same shape).
+    Symmetric grids store codes c in [0, maxq] with zero z = 2^(b-1), so c - z runs from
+    -2^(b-1) to 2^(b-1) - 1. GPTQ's scale s = 2 max / maxq puts +max half a step past the top
+    code (it is clipped to (1 - 1/maxq) max); the signed grid of QuaRot's and ResQ's code,
+    s = max / (2^(b-1) - 1), represents +max exactly."""
     if sym:
-        s = round_up_fp16(2 * xmax / maxq)
+        s = round_up_fp16(xmax / (maxq // 2) if signed else 2 * xmax / maxq)
         return s, torch.full_like(s, (maxq + 1) / 2)
     s = round_up_fp16((xmax - xmin) / maxq)
     return s, torch.round(-xmin / s)
@@ -147,7 +152,7 @@ def quant_codes(x, s, z, maxq: int):
 MSE_CHUNK = {"cuda": 2 ** 26, "cpu": 1}
 
 
-def fit_grid(w, bits: int, sym=False, mse=False, zero_in_range=True):
+def fit_grid(w, bits: int, sym=False, mse=False, zero_in_range=True, signed=False):
     """Scale and zero of each row of w (m, k) -> s, z each (m, 1). spec §1.1."""
     maxq = 2 ** bits - 1
     xmin, xmax = w.min(1, keepdim=True).values, w.max(1, keepdim=True).values
@@ -159,7 +164,7 @@ def fit_grid(w, bits: int, sym=False, mse=False, zero_in_range=True):
     flat = xmax == xmin  # an all-equal (e.g. all-zero) row gets a unit range
     xmin, xmax = torch.where(flat, xmin - 1, xmin), torch.where(flat, xmax + 1, xmax)
     if not mse:
-        return scale_zero(xmin, xmax, maxq, sym)
+        return scale_zero(xmin, xmax, maxq, sym, signed)
     # shrink the range to [p xmin, p xmax], p = 1.00 ... 0.21, and keep per row the first p with
     # the smallest sum |Q(x) - x|^2.4 (the GPTQ repo's search: norm 2.4, grid 100, 80 steps).
     # c ranges at once, (c, m, k) with c m k <= MSE_CHUNK[device] (at least one range)
@@ -168,7 +173,7 @@ def fit_grid(w, bits: int, sym=False, mse=False, zero_in_range=True):
     best = None
     for p in ps.split(chunk):
         p = p[:, None, None]  # (c, 1, 1)
-        s1, z1 = scale_zero(p * xmin, p * xmax, maxq, sym)  # (c, m, 1)
+        s1, z1 = scale_zero(p * xmin, p * xmax, maxq, sym, signed)  # (c, m, 1)
         err = (fake_quant(w, s1, z1, maxq) - w).abs().pow(2.4).sum(2, keepdim=True)  # (c, m, 1)
         err, i = err.min(0)  # the first p with the chunk's smallest error, per row  (m, 1)
         s1, z1 = s1.gather(0, i[None])[0], z1.gather(0, i[None])[0]
@@ -194,7 +199,7 @@ def fill_masked(w, mask):
 def fit_group(w, cfg: QuantConfig, mask=None):
     """Grid of one group of columns w (m, g), ignoring masked weights; SpQR-style configs
     (stat_bits < 16) then quantize the statistics themselves (see quantize_stats)."""
-    s, z = fit_grid(fill_masked(w, mask), cfg.wbits, cfg.sym, cfg.mse)
+    s, z = fit_grid(fill_masked(w, mask), cfg.wbits, cfg.sym, cfg.mse, signed=cfg.signed)
     if cfg.stat_bits < 16:
         # the zero stays an integer (rounding the second-level value costs no storage), so a
         # kept weight's code still dequantizes to exactly 0
@@ -394,7 +399,8 @@ def initial_grids(W, cfg: QuantConfig, g: int, mask, high=None):
     if high is not None:
         if cfg.groupsize != -1:
             raise ValueError("ResQ's split grids are per channel: use --groupsize -1")
-        lo, hi = fit_group(W[:, ~high], cfg), fit_grid(W[:, high], cfg.high_bits, cfg.sym, cfg.mse)
+        lo = fit_group(W[:, ~high], cfg)
+        hi = fit_grid(W[:, high], cfg.high_bits, cfg.sym, cfg.mse, signed=cfg.signed)
         s, z = torch.cat([lo[0], hi[0]], 1), torch.cat([lo[1], hi[1]], 1)  # (m, 2)
         return s, z, high.long(), [cfg.maxq, 2 ** cfg.high_bits - 1]
     s = torch.zeros(m, n // g, dtype=W.dtype, device=W.device)
@@ -1199,17 +1205,22 @@ def resq_bases(cov: dict, args: M.ModelArgs, high_fraction: float = 0.125,
 
 
 class KeyRotation:
-    """Attention.post_rope for one layer: q <- q U_K, k <- k U_K (q k^T is unchanged), then
-    optional quantizers of the queries and of the keys (the KV cache)."""
+    """Attention.post_rope for one layer: q <- q U_K, k <- k U_K (q k^T is unchanged), then an
+    optional quantizer of the keys (the KV cache). With input_bits < 16, q and k are first
+    quantized per (token, head) and U_K per tensor (signed symmetric) to input_bits, as ResQ's
+    released code does before its online rotation (8 bits)."""
 
-    def __init__(self, U_K, quantize_queries=None, quantize_keys=None):
-        self.U_K, self.quantize_queries, self.quantize_keys = U_K, quantize_queries, quantize_keys
+    def __init__(self, U_K, input_bits: int = 16, quantize_keys=None):
+        self.U_K, self.input_bits, self.quantize_keys = U_K, input_bits, quantize_keys
 
     def __call__(self, q, k):
         U = self.U_K.to(q.device, torch.float32)
+        if self.input_bits < 16:
+            b = self.input_bits
+            q, k = quantize_activations(q, b, b), quantize_activations(k, b, b)
+            s, z = fit_grid(U.reshape(1, -1), b, sym=True, signed=True)
+            U = fake_quant(U, s, z, 2 ** b - 1)
         q, k = (q.float() @ U).to(q.dtype), (k.float() @ U).to(k.dtype)
-        if self.quantize_queries is not None:
-            q = self.quantize_queries(q)
         return q, (k if self.quantize_keys is None else self.quantize_keys(k))
 
 
@@ -1329,9 +1340,7 @@ def install_resq_quantizers(model: M.Transformer, cfg: QuantConfig) -> list:
             hooks.append(mlp.down_proj.register_forward_pre_hook(act(cfg.abits, 0)))
             if att.post_rope is None:
                 att.post_rope = KeyRotation(torch.eye(a.head_dim))
-            # queries: per (token, head) at the high bits, as ResQ does before q k^T
-            att.post_rope.quantize_queries = lambda q: quantize_activations(q, cfg.high_bits,
-                                                                            cfg.high_bits)
+            att.post_rope.input_bits = cfg.high_bits  # q, k and U_K at 8 bits, as ResQ's code
         if cfg.kvbits < 16:
             kv = per_head(lambda x: quantize_activations(x, cfg.kvbits, cfg.high_bits, r_head),
                           a.head_dim)
@@ -1481,8 +1490,8 @@ def method_config(method: str, cfg: QuantConfig) -> QuantConfig:
         return spqr_config(cfg)
     if method == "tacq":  # TaCQ's GPTQ settings: asymmetric with MSE clipping (§6.1 step 2)
         return replace(cfg, mse=True)
-    if method == "resq":  # ResQ's weights: per channel, symmetric, MSE clipping (§7.3)
-        return replace(cfg, groupsize=-1, sym=True, mse=True)
+    if method == "resq":  # ResQ's weights: per channel, signed symmetric, MSE clipping (§7.3)
+        return replace(cfg, groupsize=-1, sym=True, signed=True, mse=True)
     return cfg
 
 

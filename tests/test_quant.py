@@ -165,6 +165,21 @@ def test_gptq_mask_all_gives_w_and_empty_mask_gives_gptq(cfg, seed):
                        Q.gptq(W, S, cfg).dequantize())
 
 
+@given(seed=st.integers(0, 10 ** 6), bits=st.integers(2, 8))
+def test_signed_symmetric_grid_represents_the_largest_weight(seed, bits):
+    # QuaRot's and ResQ's grid: s = max|w| / (2^(b-1) - 1), so the largest |w| is a grid point
+    # (GPTQ's symmetric scale, 2 max / maxq, clips +max to (1 - 1/maxq) max)
+    w = torch.randn(8, 64, generator=torch.Generator().manual_seed(seed), dtype=DT)
+    s, z = Q.fit_grid(w, bits, sym=True, signed=True)
+    half, amax = 2 ** (bits - 1), w.abs().amax(1, keepdim=True)
+    assert (z == half).all()
+    assert (s >= amax / (half - 1)).all() and (s <= amax / (half - 1) * (1 + 2 ** -10)).all()
+    err = (Q.fake_quant(w, s, z, 2 ** bits - 1) - w).abs()
+    assert (err <= s / 2 * (1 + 1e-9)).all()
+    top = w.abs().argmax(1, keepdim=True)  # within fp16's rounding of s
+    assert (err.gather(1, top) <= amax * 2 ** -9).all()
+
+
 def mse_fit_loop(w, bits, sym):
     """fit_grid's MSE search written as the GPTQ repository's loop, one p at a time."""
     maxq = 2 ** bits - 1

@@ -131,6 +131,15 @@ def test_key_rotation_keeps_attention_scores():
     U = Q.random_orthogonal(16, g)
     q2, k2 = Q.KeyRotation(U)(q, k)
     assert torch.allclose(q2 @ k2.transpose(-1, -2), q @ k.transpose(-1, -2), atol=1e-5)
+    # ResQ's code at 8 bits: q and k per (token, head), then a rotation by an 8-bit U_K
+    q8, k8 = Q.KeyRotation(U, input_bits=8)(q, k)
+    step = Q.round_up_fp16(U.abs().max() / 127)  # U_K's grid: steps of max|U| / 127 (fp16)
+    U8 = torch.round(U / step) * step
+    assert torch.allclose(U8.float(), U.float(), atol=float(step) / 2 * 1.001)
+    for x, x8 in ((q, q8), (k, k8)):
+        torch.testing.assert_close(x8, Q.quantize_activations(x, 8, 8) @ U8.float(),
+                                   rtol=1e-3, atol=1e-3)
+    assert not torch.equal(q8, q2)
 
 
 @given(seed=st.integers(0, 10 ** 6), n=st.sampled_from([8, 12, 20]))
