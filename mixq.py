@@ -68,8 +68,11 @@ class QuantConfig:
     mse: bool = False  # MSE clipping search over shrunken ranges (TaCQ uses it; GPTQ does not)
     percdamp: float = 0.01  # GPTQ damping: lambda = percdamp * mean(diag H)
     blocksize: int = 128  # GPTQ / QuantEase lazy-batch width (results do not depend on it)
-    # GPTQ: columns by decreasing diag(H), groups fitted up front; QuantEase: sweeps in that order
-    act_order: bool = False
+    act_order: bool = False  # GPTQ: columns by decreasing diag(H); QuantEase: sweeps in that order
+    # GPTQ: every group's grid fitted up front on the original contiguous columns. Without it
+    # each grid is fitted when the sweep reaches it, on the error-updated weights; with
+    # act-order such a group is g consecutive columns of that order (the reference's default)
+    static_groups: bool = False
     iters: int = 30  # QuantEase sweeps (the released code's default)
     init: str = "w"  # QuantEase start: "w" (the weights) or "gptq"
     # QuantEase: unrounded sweeps at iterations 1, 4, ..., 25 as the released code does; False:
@@ -342,11 +345,13 @@ def gptq(W: torch.Tensor, H: torch.Tensor, cfg: QuantConfig,
     H[dead, dead] = 1
     W[:, dead] = 0
     s_all, z_all, group, maxqs = initial_grids(W, cfg, g, mask, high)
-    static = cfg.act_order or high is not None  # else each group is fitted when reached
+    static = cfg.static_groups or high is not None  # else each group is fitted when reached
     perm = torch.argsort(torch.diag(H), descending=True) if cfg.act_order else \
         torch.arange(n, device=W.device)
     W, H, mask = W[:, perm], H[perm][:, perm], mask[:, perm]  # act-order: by decreasing diag H
-    group = group[perm]  # the grid of each column, in quantization order
+    # the grid of each column, in quantization order: a static group keeps its columns; a
+    # dynamic one is the next g columns to quantize
+    group = group[perm] if static else torch.arange(n, device=W.device) // g
     col_maxq = torch.tensor(maxqs, dtype=W.dtype, device=W.device)[group]
     U = inverse_cholesky(H, cfg.percdamp)
     tau = math.inf
@@ -370,7 +375,10 @@ def gptq(W: torch.Tensor, H: torch.Tensor, cfg: QuantConfig,
         starts = [i1] + [i for i in range(i1 + 1, i2) if not static and i % g == 0]
         for a, b in zip(starts, starts[1:] + [i2]):
             if not static and a % g == 0:
-                # refit the group's grid on the current weights (updated by the earlier columns)
+                # fit the group's grid on its current weights, updated by every earlier column.
+                # (The reference code reads them from the matrix that is updated only once per
+                # block, so for g < B its grids miss this block's updates; mixq keeps the
+                # up-to-date weights, the method as the paper states it.)
                 k = a // g
                 cur = torch.cat([W1[:, a - i1:], W[:, i2:i2 + g]], dim=1)[:, :g]  # g columns
                 s_all[:, k:k + 1], z_all[:, k:k + 1] = fit_group(cur, cfg, mask[:, a:a + g])
@@ -386,15 +394,17 @@ def gptq(W: torch.Tensor, H: torch.Tensor, cfg: QuantConfig,
     if high is not None:
         qz.col_group = group
         qz.col_bits = torch.where(high, cfg.high_bits, cfg.wbits)
+    elif cfg.act_order and not static and g < n:  # dynamic groups: not contiguous in W
+        qz.col_group = group
     return with_kept(qz, Q, mask)
 
 
 def initial_grids(W, cfg: QuantConfig, g: int, mask, high=None):
     """The grids GPTQ starts with -> s, z (m, grids), group (n,): the grid of each column, and
-    each grid's top code. Plain GPTQ: a grid per row and group, left at zero here and fitted on
-    the current weights when the sweep reaches the group. Act-order: the same groups, fitted
-    now on the original contiguous columns (static groups). ResQ (high given): two per-row
-    grids, the low columns at wbits and the high columns at high_bits, fitted now."""
+    each grid's top code. A grid per row and group, left at zero here and fitted on the current
+    weights when the sweep reaches the group, or with cfg.static_groups fitted now on the
+    original contiguous columns. ResQ (high given): two per-row grids, the low columns at wbits
+    and the high columns at high_bits, fitted now."""
     m, n = W.shape
     if high is not None:
         if cfg.groupsize != -1:
@@ -405,7 +415,7 @@ def initial_grids(W, cfg: QuantConfig, g: int, mask, high=None):
         return s, z, high.long(), [cfg.maxq, 2 ** cfg.high_bits - 1]
     s = torch.zeros(m, n // g, dtype=W.dtype, device=W.device)
     z = torch.zeros_like(s)
-    if cfg.act_order:
+    if cfg.static_groups:
         for c in range(0, n, g):
             s[:, c // g:c // g + 1], z[:, c // g:c // g + 1] = fit_group(W[:, c:c + g], cfg,
                                                                          mask[:, c:c + g])
@@ -516,13 +526,16 @@ def quantease(W: torch.Tensor, Sigma: torch.Tensor, cfg: QuantConfig,
     than the start. cfg.act_order sweeps the columns by decreasing Sigma_jj (the grid stays on
     the original columns). history receives (rounded, f) after every sweep."""
     W, Sigma = as_work(W), as_work(Sigma)
+    col_group = None
     if start is None:
         s, z, g = fit_groups(W, cfg)  # QuantEase's grid: fixed from the original W
         What = W.clone()
     else:
         s, z, g = as_work(start.scales), as_work(start.zeros), start.groupsize
         What = as_work(start.dequantize()).clone()
-    se, ze = per_column(s, g), per_column(z, g)  # (m, n)
+        col_group = start.col_group  # act-order GPTQ's dynamic groups
+    idx = torch.arange(W.shape[1], device=W.device) // g if col_group is None else col_group
+    se, ze = s[:, idx], z[:, idx]  # (m, n): each weight's scale and zero
     # act-order: the same problem with its columns permuted (f is unchanged), swept in order
     perm = torch.argsort(torch.diag(Sigma), descending=True) if cfg.act_order else \
         torch.arange(W.shape[1], device=W.device)
@@ -539,7 +552,8 @@ def quantease(W: torch.Tensor, Sigma: torch.Tensor, cfg: QuantConfig,
     back = torch.argsort(perm)
     What, se, ze = What[:, back], se[:, back], ze[:, back]
     codes = quant_codes(What, se, ze, cfg.maxq)
-    return Quantized(codes, s, z, cfg.wbits, g, stat_bits=bits_per_statistic(cfg), loss=loss)
+    return Quantized(codes, s, z, cfg.wbits, g, stat_bits=bits_per_statistic(cfg), loss=loss,
+                     col_group=col_group)
 
 
 def top_k_mask(x, k: int):
@@ -683,7 +697,7 @@ def spqr_config(cfg: QuantConfig) -> QuantConfig:
     return replace(cfg, groupsize=16 if cfg.groupsize == -1 else cfg.groupsize,
                    stat_bits=3 if cfg.stat_bits == 16 else cfg.stat_bits,
                    outlier_threshold=0.2 if cfg.outlier_threshold == math.inf
-                   else cfg.outlier_threshold, act_order=True)
+                   else cfg.outlier_threshold, act_order=True, static_groups=True)
 
 
 def calibration_windows(spec: str, tok, nsamples: int, seqlen: int, seed: int) -> torch.Tensor:
@@ -793,7 +807,7 @@ def quantize_block(model, li: int, xs, rope, method: str, cfg: QuantConfig, devi
             rel = layer_loss(W, W_hat, sigma) / max(layer_loss(W, 0 * W, sigma), 1e-30)
             lin.weight.data = W_hat.to(W.dtype)
             results[f"layers.{li}.{name}"] = {
-                "tensors": packed_tensors(qz) if qz.bits in PACKED_BITS and qz.col_bits is None
+                "tensors": packed_tensors(qz) if qz.bits in PACKED_BITS and qz.col_group is None
                 else None,
                 "bits": qz.bits, "groupsize": qz.groupsize, "bits_stored": stored_bits(qz),
                 "numel": W.numel(), "kept": qz.n_kept(), "rel_err": rel}
@@ -1517,6 +1531,10 @@ def run(ckpt=None, method="tacq", cfg: QuantConfig = QuantConfig(wbits=3, groups
     if save and method == "resq":
         raise ValueError("ResQ is fake quantization (W4A4 needs activation-quantized kernels); "
                          "it can be evaluated but not saved")
+    if save and cfg.act_order and not cfg.static_groups and cfg.groupsize != -1 and \
+            method in ("gptq", "tacq"):
+        raise ValueError("--save with --act-order and groups needs --static-groups: dynamic "
+                         "groups are not contiguous columns, which the packed format stores")
     if save and cfg.wbits not in PACKED_BITS:
         raise ValueError(f"--save stores {', '.join(map(str, PACKED_BITS))}-bit codes; "
                          f"--wbits {cfg.wbits} can be evaluated but not saved")
@@ -1645,7 +1663,10 @@ def main():
     p.add_argument("--mse", action="store_true", help="MSE clipping search for each grid "
                    "(always on for tacq)")
     p.add_argument("--act-order", action="store_true", help="GPTQ: columns by decreasing "
-                   "Hessian diagonal (static groups); QuantEase: sweeps in that order")
+                   "Hessian diagonal; QuantEase: sweeps in that order")
+    p.add_argument("--static-groups", action="store_true", help="GPTQ: fit every group's grid "
+                   "up front on the original columns (else each when reached; with --act-order "
+                   "dynamic groups cannot be saved)")
     p.add_argument("--percdamp", type=float, default=0.01, help="GPTQ damping, a fraction of "
                    "mean(diag H); raised automatically when Cholesky fails")
     p.add_argument("--iters", type=int, default=QuantConfig.iters,
@@ -1690,7 +1711,8 @@ def main():
     a = p.parse_args()
     try:
         cfg = QuantConfig(wbits=a.wbits, groupsize=a.groupsize, sym=a.sym, mse=a.mse,
-                          percdamp=a.percdamp, act_order=a.act_order, iters=a.iters,
+                          percdamp=a.percdamp, act_order=a.act_order,
+                          static_groups=a.static_groups, iters=a.iters,
                           init=a.init, relaxed=not a.rounded, outliers=a.outliers,
                           outlier_threshold=(math.inf if a.outlier_threshold is None
                                              else a.outlier_threshold), ratio=a.ratio,

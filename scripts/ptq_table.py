@@ -1,8 +1,8 @@
 """The quantization-core table: every method at several bit widths on one checkpoint.
 
     python scripts/ptq_table.py [--ckpt X] [--nsamples 32] [--configs W4g64 W3g64 W2g64 W3]
-                                [--methods rtn gptq gptq-act quantease quantease-rounded
-                                           quantease-1% spqr]
+                                [--methods rtn gptq gptq-act gptq-act-static gptq-static
+                                           quantease quantease-rounded quantease-1% spqr]
                                 [--json results.json]
 
 Calibration: --nsamples random windows of 512 tokens from the pydoc calibration split (seed 0),
@@ -24,7 +24,9 @@ import model as M  # noqa: E402
 METHODS = {  # name -> (mixq method, option overrides)
     "rtn": ("rtn", {}),
     "gptq": ("gptq", {}),
-    "gptq-act": ("gptq", {"act_order": True}),
+    "gptq-act": ("gptq", {"act_order": True}),  # dynamic groups, the reference's default
+    "gptq-act-static": ("gptq", {"act_order": True, "static_groups": True}),
+    "gptq-static": ("gptq", {"static_groups": True}),
     "quantease": ("quantease", {}),  # the released code's schedule: 30 sweeps, some unrounded
     "quantease-rounded": ("quantease", {"iters": 10, "relaxed": False}),  # 10 rounded sweeps
     "quantease-1%": ("quantease", {"iters": 10, "outliers": 0.01}),

@@ -197,8 +197,8 @@ def test_gptq_block_kernel_equals_the_torch_loop(m, width, bits, mixed, spqr, dt
             torch.testing.assert_close(a, b, **tol)
 
 
-@pytest.mark.parametrize("name", ["gptq g32", "gptq act-order", "spqr", "resq high", "tacq",
-                                  "quantease", "quantease outliers"])
+@pytest.mark.parametrize("name", ["gptq g32", "gptq act-order", "gptq static act-order", "spqr",
+                                  "resq high", "tacq", "quantease", "quantease outliers"])
 def test_solvers_through_the_kernels_equal_the_torch_solvers(name, monkeypatch):
     # the glue around the block kernels (grids gathered per column, block sizes, permutations)
     g = torch.Generator().manual_seed(3)
@@ -214,6 +214,8 @@ def test_solvers_through_the_kernels_equal_the_torch_solvers(name, monkeypatch):
         return {"gptq g32": lambda: Q.gptq(W_, H_, Q.QuantConfig(wbits=3, groupsize=32)),
                 "gptq act-order": lambda: Q.gptq(W_, H_, Q.QuantConfig(wbits=2, groupsize=32,
                                                                        act_order=True)),
+                "gptq static act-order": lambda: Q.gptq(W_, H_, Q.QuantConfig(
+                    wbits=2, groupsize=32, act_order=True, static_groups=True)),
                 "spqr": lambda: Q.gptq(W_, H_, Q.spqr_config(Q.QuantConfig(wbits=3))),
                 "resq high": lambda: Q.gptq(W_, H_, Q.QuantConfig(wbits=4), high=high_),
                 "tacq": lambda: Q.gptq(W_, H_, Q.QuantConfig(wbits=2, mse=True), mask=mask_),

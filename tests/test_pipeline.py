@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 CASES = {  # method -> options (tiny model: hidden 64, MLP 160; groups of 32 divide both)
     "rtn": Q.QuantConfig(wbits=4, groupsize=32),
-    "gptq": Q.QuantConfig(wbits=3, groupsize=32, act_order=True),
+    "gptq": Q.QuantConfig(wbits=3, groupsize=32, act_order=True, static_groups=True),
     "quantease": Q.QuantConfig(wbits=2, groupsize=-1, iters=3, outliers=0.01),
     "spqr": Q.QuantConfig(wbits=3),
 }
@@ -168,6 +168,8 @@ def test_cli_rtn_on_embedded_saves_a_checkpoint_eval_reproduces(tmp_path):
     (["--method", "resq", "--abits", "1"], "--abits 1: want 2-16 bits"),
     (["--method", "resq", "--groupsize", "64"], "ResQ quantizes weights per output channel"),
     (["--method", "rtn", "--act-order"], "--act-order: RTN has no column order"),
+    (["--method", "gptq", "--act-order", "--groupsize", "64", "--save", "/tmp/x"],
+     "needs --static-groups"),
     (["--method", "quantease", "--outliers", "0.01", "--act-order"],
      "--act-order: outlier-aware QuantEase has no column order"),
 ])

@@ -138,14 +138,30 @@ def test_gptq_with_identity_hessian_is_rtn(cfg, seed):
     assert torch.equal(Q.gptq(W, H, cfg).dequantize(), Q.rtn(W, cfg).dequantize())
 
 
-@given(seed=st.integers(0, 10 ** 6), bits=st.integers(2, 4))
-def test_gptq_act_order_is_gptq_on_permuted_columns(seed, bits):
+@given(seed=st.integers(0, 10 ** 6), bits=st.integers(2, 4),
+       groupsize=st.sampled_from([-1, 16, 32]))
+def test_gptq_act_order_is_gptq_on_permuted_columns(seed, bits, groupsize):
+    # act-order with dynamic groups (the reference's default): each group is the next g columns
+    # in the order of decreasing diag(H), so it is plain GPTQ on the permuted problem
     W, S = random_problem(seed)
-    cfg = Q.QuantConfig(wbits=bits)
+    cfg = Q.QuantConfig(wbits=bits, groupsize=groupsize)
     perm = torch.argsort(torch.diag(S), descending=True)
-    a = Q.gptq(W, S, Q.QuantConfig(wbits=bits, act_order=True)).dequantize()
+    qz = Q.gptq(W, S, Q.QuantConfig(**{**vars(cfg), "act_order": True}))
     b = Q.gptq(W[:, perm], S[perm][:, perm], cfg).dequantize()[:, torch.argsort(perm)]
-    assert torch.allclose(a, b, atol=1e-10)
+    assert torch.allclose(qz.dequantize(), b, atol=1e-10)
+    if groupsize != -1:  # the grid of column perm[i] is grid i // g
+        assert torch.equal(qz.col_group[perm], torch.arange(64) // groupsize)
+
+
+@given(seed=st.integers(0, 10 ** 6), act_order=st.booleans(), groupsize=st.sampled_from([16, 32]))
+def test_gptq_static_groups_are_fitted_on_the_original_columns(seed, act_order, groupsize):
+    W, S = random_problem(seed)
+    cfg = Q.QuantConfig(wbits=3, groupsize=groupsize, act_order=act_order, static_groups=True)
+    qz = Q.gptq(W, S, cfg)
+    s, z, _ = Q.fit_groups(W, cfg)  # contiguous groups of the weights before any update
+    assert torch.equal(qz.scales, s) and torch.equal(qz.zeros, z) and qz.col_group is None
+    dynamic = Q.gptq(W, S, Q.QuantConfig(wbits=3, groupsize=groupsize, act_order=act_order))
+    assert not torch.equal(dynamic.scales, s)  # refitted on the error-updated weights
 
 
 @given(cfg=configs, seed=st.integers(0, 10 ** 6))
