@@ -919,9 +919,9 @@ def linear_names(model: M.Transformer) -> list:
 
 
 def next_token_loss(logits, tokens, answer=None):
-    """Mean cross-entropy of each next token (§6.1 step 3: all positions). With `answer`
-    (built-in or jsonl task data) only over the answer tokens: our choice, not the released
-    code's, so the task gradients are about the answers (text data is scored as in §6.1)."""
+    """Mean cross-entropy of each next token (§6.1 step 3: all positions). With `answer` (task
+    data under --answer-loss) only over the answer tokens: mixq's option, not the released
+    code's, so that the task gradients are about the answers alone."""
     nll = torch.nn.functional.cross_entropy(logits[0, :-1].float(), tokens[1:], reduction="none")
     if answer is None:
         return nll.mean()
@@ -1021,6 +1021,29 @@ def global_top_k_masks(scores: dict, ratio: float) -> dict:
         above = (b > lo).flatten()
         masks[name] = (above | take).view(b.shape).cpu()
     return masks
+
+
+def circuit_location(masks: dict) -> dict:
+    """Where TaCQ's 16-bit weights are: their number in each module type (q_proj ... down_proj)
+    and in each layer, and the share of that module type's / layer's weights they are."""
+    where = {"by_module": {}, "by_layer": {}}
+    for name, m in masks.items():  # "layers.{i}.self_attn.q_proj"
+        _, layer, *_, module = name.split(".")
+        for key, part in (("by_module", module), ("by_layer", int(layer))):
+            kept, total = where[key].get(part, (0, 0))
+            where[key][part] = (kept + int(m.sum()), total + m.numel())
+    return {key: {part: {"kept": k, "share": k / n} for part, (k, n) in d.items()}
+            for key, d in where.items()}
+
+
+def print_circuit(where: dict):
+    """The 16-bit weights by module type and by layer, on two lines each."""
+    for key, label in (("by_module", "module"), ("by_layer", "layer")):
+        parts = where[key]
+        print(f"  16-bit weights by {label}: " + ", ".join(
+            f"{part}: {v['kept']:,}" for part, v in parts.items()))
+        print(f"  share of the {label}'s weights: " + ", ".join(
+            f"{part}: {100 * v['share']:.2f}%" for part, v in parts.items()))
 
 
 def tacq_scores(model: M.Transformer, calib, answers, cfg: QuantConfig, device=None,
@@ -1475,16 +1498,32 @@ def evaluate(model, tok, specs, seqlen, windows=None, task_limit=None) -> dict:
     return out
 
 
-def calibration_data(spec: str, tok, nsamples: int, seqlen: int, seed: int):
-    """(token windows, answer masks or None). Corpora: random windows (calibration_windows).
-    Tasks: the calibration items, "prompt answer" joined by blank lines in a seeded order, cut
-    into consecutive windows of seqlen (fewer than nsamples if the items run out); the masks mark
-    the answer tokens, which TaCQ's loss scores."""
+def calibration_data(spec: str, tok, nsamples: int, seqlen: int, seed: int,
+                     answer_loss: bool = False):
+    """(samples, answer masks or None). Corpora: random windows (calibration_windows). Tasks, as
+    TaCQ's released code: one item ("prompt answer") per sample, cut at seqlen tokens, in a
+    seeded order, until the samples hold nsamples * seqlen tokens (or the items run out); the
+    loss then covers every position. With answer_loss (mixq's own protocol): the items joined
+    by blank lines and cut into consecutive windows of seqlen, fewer than nsamples if the items
+    run out, with masks of the answer tokens, the only ones the loss scores."""
     if not E.is_task(spec):
         return calibration_windows(spec, tok, nsamples, seqlen, seed), None
     task = E.load_task(spec, "calib")
     items = list(task.items)
     random.Random(seed).shuffle(items)
+    if not answer_loss:
+        samples, budget = [], nsamples * seqlen
+        for item in items:
+            ids = torch.tensor(tok.encode("".join(E.calibration_text(task, item))))[:seqlen]
+            if len(ids) < 2:  # nothing to predict
+                continue
+            if samples and len(ids) > budget:
+                break
+            samples.append(ids)
+            budget -= len(ids)
+        if not samples:
+            raise ValueError(f"--calib {spec}: no item has two tokens to predict")
+        return samples, None
     ids, answer = [], []
     for item in items:
         context, ans = E.calibration_text(task, item)
@@ -1512,7 +1551,7 @@ def method_config(method: str, cfg: QuantConfig) -> QuantConfig:
 def run(ckpt=None, method="tacq", cfg: QuantConfig = QuantConfig(wbits=3, groupsize=-1),
         calib="pydoc", nsamples=32, seqlen=512, seed=0, evals=("pydoc", "task:capitals"),
         eval_seqlen=512, eval_windows=None, task_limit=None, scores_dir=None, save=None,
-        json_out=None, device="cpu", dtype="fp32", resume=None) -> dict:
+        json_out=None, device="cpu", dtype="fp32", resume=None, answer_loss=False) -> dict:
     """Load, evaluate fp, quantize, evaluate, save. The CLI calls this; so can a notebook."""
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
@@ -1558,25 +1597,31 @@ def run(ckpt=None, method="tacq", cfg: QuantConfig = QuantConfig(wbits=3, groups
     print(f"mixq: {method} W{cfg.wbits} {g} on {ckpt or M.DEFAULT_MODEL}")
     print("fp model:")
     fp = evaluate(model, tok, evals, eval_seqlen, eval_windows, task_limit)
-    calib_tokens = answers = None
+    calib_tokens = answers = circuit = None
     if method != "rtn":
-        calib_tokens, answers = calibration_data(calib, tok, nsamples, seqlen, seed)
-        print(f"calibration: {len(calib_tokens)} windows of {len(calib_tokens[0])} tokens from "
-              f"{calib} (seed {seed})")
+        calib_tokens, answers = calibration_data(calib, tok, nsamples, seqlen, seed,
+                                                 answer_loss)
+        print(f"calibration: {len(calib_tokens)} samples, {sum(map(len, calib_tokens)):,} tokens "
+              f"from {calib} (seed {seed})")
+    # the protocol is part of what the fingerprints compare: other gradients, other scores
+    calib_id = calib + (" (answer loss)" if answers is not None else "")
     t0 = time.perf_counter()
     masks = None
     if method == "tacq":  # the scores do not depend on the ratio: a cache serves every ratio
-        scores_fp = run_fingerprint(ckpt, model, "tacq scores", replace(used, ratio=0.0), calib,
-                                    calib_tokens, seed, dtype)
+        scores_fp = run_fingerprint(ckpt, model, "tacq scores", replace(used, ratio=0.0),
+                                    calib_id, calib_tokens, seed, dtype)
         scores = cached_tacq_scores(model, calib_tokens, answers, used, scores_fp, scores_dir,
                                     device)
         masks = global_top_k_masks(scores, used.ratio)
         del scores
+        circuit = circuit_location(masks)
         print(f"TaCQ: keeping {sum(int(m.sum()) for m in masks.values()):,} weights in 16 bits "
-              f"(ratio {used.ratio}); final GPTQ with that mask:")
+              f"(ratio {used.ratio}):")
+        print_circuit(circuit)
+        print("final GPTQ with that mask:")
     if method == "resq":
         resq_prepare(model, calib_tokens, used, seed, device=device)
-    fingerprint = run_fingerprint(ckpt, model, method, used, calib, calib_tokens, seed, dtype)
+    fingerprint = run_fingerprint(ckpt, model, method, used, calib_id, calib_tokens, seed, dtype)
     results = quantize_model(model, calib_tokens, method, used, device, masks=masks,
                              resume=resume, fingerprint=fingerprint)
     if method == "resq":
@@ -1591,8 +1636,9 @@ def run(ckpt=None, method="tacq", cfg: QuantConfig = QuantConfig(wbits=3, groups
                "quant": quant, "quant_seconds": quant_seconds,
                "peak_memory_gb": peak_memory_gb(device), "config": options,
                "calib": None if method == "rtn" else {"spec": calib, "nsamples": nsamples,
-                                                      "seqlen": seqlen, "seed": seed},
-               "kept_weights": sum(r["kept"] for r in results.values()),
+                                                      "seqlen": seqlen, "seed": seed,
+                                                      "answer_loss": answers is not None},
+               "kept_weights": sum(r["kept"] for r in results.values()), "circuit": circuit,
                "ckpt": ckpt or M.DEFAULT_MODEL}
     print_summary(summary)
     if save:
@@ -1696,6 +1742,9 @@ def main():
     p.add_argument("--nsamples", type=int, default=32, help="calibration windows")
     p.add_argument("--seqlen", type=int, default=512, help="calibration window length")
     p.add_argument("--seed", type=int, default=0, help="calibration sampling seed")
+    p.add_argument("--answer-loss", action="store_true", help="TaCQ on a task: mixq's protocol, "
+                   "items packed into --seqlen windows and the loss on answer tokens only "
+                   "(default: TaCQ's, one item per sample and the loss on every position)")
     p.add_argument("--eval", nargs="*", default=["pydoc", "task:capitals"],
                    help="perplexity corpora (pydoc, text:PATH, wikitext2:DIR) and tasks "
                    f"(task:{{{','.join(E.TASKS)}}}, jsonl:PATH); none (or no value) to skip")
@@ -1723,7 +1772,7 @@ def main():
         evals = [] if a.eval == ["none"] else a.eval
         run(a.ckpt, a.method, cfg, a.calib, a.nsamples, a.seqlen, a.seed, evals,
             a.eval_seqlen, a.eval_windows, a.task_limit, a.scores, a.save, a.json, a.device,
-            a.dtype, a.resume)
+            a.dtype, a.resume, answer_loss=a.answer_loss)
     except (M.CheckpointError, ValueError, FileNotFoundError) as e:
         raise SystemExit(f"error: {e}")
 

@@ -4,12 +4,14 @@ with perplexity and task accuracy.
     python scripts/tacq_table.py --configs W3 W3g64 --runs gptq spqr tacq:pydoc tacq:task:capitals
     python scripts/tacq_table.py --configs W2 --runs tacq:pydoc --ratios 0.0035 0.01 0.03
 
-A run is `gptq`, `spqr` or `tacq:CALIB` (CALIB: pydoc or a task spec). GPTQ uses TaCQ's grid
-(asymmetric, MSE clipping) so the two differ only in the mask. SpQR-style runs at about TaCQ's
-average bits: groups of 64 against per-channel TaCQ, groups of 16 against TaCQ with groups. Every run calibrates on
---nsamples windows of 512 tokens (task calibration: that many windows of the task's items, or
-fewer when the items run out), seed 0. Scores are cached per (config, calibration) in
---scores-dir, so each extra ratio costs only the final GPTQ.
+A run is `gptq`, `spqr`, `tacq:CALIB` (CALIB: pydoc or a task spec; on a task, TaCQ's protocol:
+one item per sample, the loss on every position) or `tacq-answers:TASK` (mixq's --answer-loss:
+items packed into windows, the loss on the answers only). GPTQ uses TaCQ's grid (asymmetric,
+MSE clipping) so the two differ only in the mask. SpQR-style runs at about TaCQ's average bits:
+groups of 64 against per-channel TaCQ, groups of 16 against TaCQ with groups. Every run
+calibrates on --nsamples windows of 512 tokens (task calibration: items up to that many tokens),
+seed 0. Scores are cached per (config, calibration) in --scores-dir, so each extra ratio costs
+only the final GPTQ.
 """
 
 import argparse
@@ -63,7 +65,7 @@ def main():
         for run in a.runs:
             method, _, calib = run.partition(":")
             calib = calib or "pydoc"
-            ratios = a.ratios if method == "tacq" else [None]
+            ratios = a.ratios if method.startswith("tacq") else [None]
             for ratio in ratios:
                 cfg = Q.QuantConfig(**parse_config(conf), mse=True, ratio=ratio or 0.0)
                 if method == "spqr":  # matched bits: per-channel TaCQ (~3.16 at W3) against
@@ -72,12 +74,17 @@ def main():
                     c["groupsize"] = 64 if c["groupsize"] == -1 else 16
                     cfg = Q.spqr_config(Q.QuantConfig(**c, outlier_threshold=a.spqr_threshold))
                 model, _ = M.load()
-                data, answers = Q.calibration_data(calib, tok, a.nsamples, 512, 0)
+                answer_loss = method == "tacq-answers"
+                data, answers = Q.calibration_data(calib, tok, a.nsamples, 512, 0, answer_loss)
                 t0 = time.perf_counter()
                 masks = None
-                if method == "tacq":
+                if method.startswith("tacq"):
                     fingerprint = {"config": conf, "calib": calib, "nsamples": a.nsamples}
-                    d = Path(a.scores_dir) / f"{conf}-{calib.replace(':', '-')}"
+                    name = f"{conf}-{calib.replace(':', '-')}"
+                    if E.is_task(calib):  # the two protocols' scores
+                        fingerprint["answer_loss"] = answer_loss
+                        name += "-answers" if answer_loss else "-items"
+                    d = Path(a.scores_dir) / name
                     scores = Q.cached_tacq_scores(model, data, answers, cfg, fingerprint, d,
                                                   log=lambda s: None)
                     masks = Q.global_top_k_masks(scores, ratio)

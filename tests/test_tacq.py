@@ -176,3 +176,19 @@ def test_pipeline_gradients_over_processes_equal_one_process(world, tmp_path):
     assert sorted(G) == sorted(ref)
     for name in ref:
         torch.testing.assert_close(G[name], ref[name], rtol=1e-5, atol=1e-7)
+
+
+@given(seed=st.integers(0, 10 ** 6), ratio=st.floats(0, 0.2))
+def test_circuit_location_counts_every_kept_weight_once(seed, ratio):
+    shapes = {"q_proj": (8, 16), "down_proj": (16, 24)}
+    g = torch.Generator().manual_seed(seed)
+    masks = {f"layers.{li}.{'mlp' if m == 'down_proj' else 'self_attn'}.{m}":
+             torch.rand(s, generator=g) < ratio for li in range(3) for m, s in shapes.items()}
+    where = Q.circuit_location(masks)
+    total = sum(int(m.sum()) for m in masks.values())
+    for key in ("by_module", "by_layer"):
+        assert sum(v["kept"] for v in where[key].values()) == total
+    assert set(where["by_layer"]) == {0, 1, 2} and set(where["by_module"]) == set(shapes)
+    for module, (rows, cols) in shapes.items():
+        kept = sum(int(m.sum()) for n, m in masks.items() if n.endswith(module))
+        assert where["by_module"][module]["share"] == kept / (3 * rows * cols)

@@ -87,9 +87,26 @@ def test_multiple_choice_and_generation_scoring(tiny_with_tokenizer, tmp_path):
     assert E.task_accuracy(model, tok, f"jsonl:{g}")["exact_match"] == 0.5
 
 
+@pytest.mark.parametrize("name,seed", [("capitals", 0), ("arith", 1), ("compare", 2)])
+def test_task_calibration_is_one_whole_item_per_sample(name, seed):
+    # TaCQ's protocol: each sample is one item, prompt and answer, in a seeded order, until
+    # the next item would pass the token budget nsamples * seqlen; the loss covers every token
+    _, tok = M.load()
+    samples, answers = Q.calibration_data(f"task:{name}", tok, 4, 64, seed=seed)
+    assert answers is None
+    task = E.load_task(f"task:{name}", "calib")
+    whole = {tuple(tok.encode("".join(E.calibration_text(task, i)))) for i in task.items}
+    assert all(tuple(s.tolist()) in whole for s in samples)
+    assert len({tuple(s.tolist()) for s in samples}) == len(samples)  # no item twice
+    used = sum(len(s) for s in samples)
+    assert 4 * 64 - max(map(len, whole)) < used <= 4 * 64  # the next item did not fit
+    other, _ = Q.calibration_data(f"task:{name}", tok, 4, 64, seed=seed + 10)
+    assert [s.tolist() for s in other] != [s.tolist() for s in samples]  # the seed orders
+
+
 def test_task_calibration_marks_the_answer_tokens():
     _, tok = M.load()
-    windows, answers = Q.calibration_data("task:capitals", tok, 4, 64, seed=0)
+    windows, answers = Q.calibration_data("task:capitals", tok, 4, 64, seed=0, answer_loss=True)
     assert len(windows) == 4 and all(len(w) == 64 for w in windows)
     task = E.load_task("task:capitals", "calib")
     capitals = {i["choices"][i["answer"]] for i in task.items}
