@@ -61,6 +61,7 @@ def main():
     print(header)
     print("| fp | - | - | 16 | " + " | ".join(f"{fp[s]:.3f}" for s in a.evals) + " | - |",
           flush=True)
+    circuits = []  # where each TaCQ run's 16-bit weights are
     for conf in a.configs:
         for run in a.runs:
             method, _, calib = run.partition(":")
@@ -88,6 +89,7 @@ def main():
                     scores = Q.cached_tacq_scores(model, data, answers, cfg, fingerprint, d,
                                                   log=lambda s: None)
                     masks = Q.global_top_k_masks(scores, ratio)
+                    circuits.append((f"{conf} {run} ratio {ratio}", Q.circuit_location(masks)))
                 res = Q.quantize_model(model, data, "gptq", cfg, log=lambda s: None,
                                        masks=masks)
                 secs = time.perf_counter() - t0
@@ -95,6 +97,9 @@ def main():
                 print(f"| {conf} | {run} | {ratio if ratio is not None else '-'} | "
                       f"{Q.average_bits(res):.3f} | " + " | ".join(f"{r[s]:.3f}" for s in a.evals)
                       + f" | {secs:.0f} |", flush=True)
+    for title, where in circuits:
+        print(f"\nTaCQ {title}: where the 16-bit weights are")
+        Q.print_circuit(where)
 
 
 if __name__ == "__main__":
