@@ -310,6 +310,8 @@ def inverse_cholesky(H, percdamp: float, retries: int = 6):
     factorisation fails, raise the damping tenfold and retry, saying so."""
     lam = percdamp * torch.mean(torch.diag(H))
     eye = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
+    # on failure GPTQ's reference code stops, TaCQ's adds lambda again (up to 150 times); mixq
+    # multiplies it by 10, at most `retries` times, and says so: a few tries reach any scale
     for attempt in range(retries + 1):
         try:
             L = torch.linalg.cholesky(H + lam * eye)
@@ -474,6 +476,8 @@ def layer_loss(W, Q, H) -> float:
 # (in the code: S_off = Sigma_kj / Sigma_jj off the diagonal, 0 on it; see normalized_offdiag)
 # and rounding u_j to the nearest grid point is the exact minimizer over the grid, so every
 # rounded coordinate step can only lower f. No matrix is ever inverted.
+# (The released code sums Sigma = X X^T over the tokens; mixq averages. u_j, the rounding and
+# the IHT step 1 / lambda_max do not depend on that scale: the same iterates.)
 
 
 def cd_block(What, R, S_off, s, z, b1: int, b2: int, maxq: int, rounded: bool = True):
@@ -590,13 +594,18 @@ def quantease_outliers(W: torch.Tensor, Sigma: torch.Tensor, cfg: QuantConfig,
     thresholding step on Hs with step 1/L, L = 2 lambda_max(Sigma) the Lipschitz constant of
     the gradient 2 (W_hat + Hs - W) Sigma:  Hs <- TopK(Hs - (W_hat + Hs - W) Sigma / lambda_max).
     Both steps never increase f. Start: Hs = the k largest |W|, W_hat = W without them; the grid
-    is fitted ignoring those k weights."""
+    is fitted ignoring those k weights. Written from the paper's objective and Algorithm 3, not
+    from the released file, which writes each CD update into P_hat instead of W_hat (so it
+    returns the dense part unquantized) and leaves Sigma_jj out of its Gauss-Seidel term."""
     if cfg.act_order:
         raise ValueError("act_order: outlier-aware QuantEase sweeps in column order only")
     W, Sigma = as_work(W), as_work(Sigma)
     m, n = W.shape
     k = int(round(cfg.outliers * m * n))
     Hs = W * top_k_mask(W, k)
+    # the released code fits the grid on a robust range (each row without its n * outliers / 2
+    # smallest and largest values); mixq fits it without the k initial outliers themselves,
+    # the weights that Hs holds, as TaCQ and SpQR fit grids around their 16-bit weights
     s, z, g = fit_groups(W, cfg, mask=Hs != 0)
     se, ze = per_column(s, g), per_column(z, g)
     S_off = normalized_offdiag(Sigma)
@@ -990,6 +999,8 @@ def block_gradients(block, x, cos, sin, dh, G: dict, li: int):
 def tacq_score(W, W_ref, G):
     """S = |W| * |W - Q_ref(W)| * G: zero where W = 0, where quantization does not move W, or
     where the task loss is insensitive to W."""
+    # the released code multiplies fp16 copies of W and Q_ref(W); mixq takes the product in
+    # fp32, so that close scores are not tied by fp16 rounding before the global top-k
     W, W_ref = W.float(), W_ref.float()
     return W.abs() * (W - W_ref).abs() * G.float()
 
@@ -1104,7 +1115,9 @@ def cached_tacq_scores(model, calib, answers, cfg, fingerprint: dict, scores_dir
 
 def fold_norms(model: M.Transformer):
     """Fold each RMSNorm weight g into the linears it feeds and set g = 1. Exact:
-    (x / rms(x) * g) W^T = (x / rms(x)) (W diag(g))^T. Unties a tied lm_head first."""
+    (x / rms(x) * g) W^T = (x / rms(x)) (W diag(g))^T. Unties a tied lm_head first.
+    (ResQ's code, after QuaRot's, also subtracts each embedding row's mean, which is exact only
+    before a LayerNorm; mixq leaves it out, so that every step here is exact for RMSNorm.)"""
     if model.lm_head.weight is model.embed_tokens.weight:
         model.lm_head.weight = torch.nn.Parameter(model.embed_tokens.weight.data.clone(),
                                                   requires_grad=False)
@@ -1204,7 +1217,10 @@ def hadamard_transform(x: torch.Tensor, odd: Optional[torch.Tensor] = None) -> t
 
 
 def odd_factor(n: int, gen: torch.Generator) -> Optional[torch.Tensor]:
-    """The random orthogonal m x m matrix for n = m * 2^k, m odd > 1 (None if n is 2^k)."""
+    """The random orthogonal m x m matrix for n = m * 2^k, m odd > 1 (None if n is 2^k).
+    (ResQ's code takes a known Hadamard matrix of size 12, 20, 28, ... for that factor, e.g.
+    14336 = 28 * 512, through the fast-hadamard-transform package; any orthogonal factor keeps
+    the transform exact, and a random one needs no table of special matrices.)"""
     m = n
     while m % 2 == 0:
         m //= 2
@@ -1405,7 +1421,9 @@ def resq_prepare(model: M.Transformer, calib, cfg: QuantConfig, seed: int = 0, l
     model is still fp, in the new bases."""
     t0 = time.perf_counter()
     # the norms first: the bases are of the activations that get quantized, x / rms(x), not of
-    # g * x / rms(x) (g moves into the weights). As ResQ's get_basis.py does.
+    # g * x / rms(x) (g moves into the weights). As ResQ's get_basis.py does. (Its bases come
+    # from 512 x 2048 tokens of WikiText-2 and its GPTQ from 128 x 2048; mixq uses the same
+    # calibration windows for both.)
     fold_norms(model)
     cov = resq_covariances(model, calib, device)
     hf = cfg.high_fraction if cfg.rotation == "pca" else 0.0
@@ -1739,6 +1757,8 @@ def main():
     p.add_argument("--w-rtn", action="store_true", help="ResQ: round weights to nearest")
     p.add_argument("--calib", default="pydoc", help="calibration data: pydoc (its calibration "
                    "split) | text:PATH | wikitext2:DIR (train file) | task:NAME | jsonl:PATH")
+    # the papers calibrate on 128 x 2048 tokens (ResQ's bases on 512 x 2048); 32 x 512 keeps
+    # the default job to minutes on a CPU
     p.add_argument("--nsamples", type=int, default=32, help="calibration windows")
     p.add_argument("--seqlen", type=int, default=512, help="calibration window length")
     p.add_argument("--seed", type=int, default=0, help="calibration sampling seed")
