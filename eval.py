@@ -18,6 +18,7 @@ import json
 import math
 import os
 import random
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +41,14 @@ def pydoc_text() -> str:
     return "\n\n".join(topics[k] for k in sorted(topics))
 
 
+def read_text(path: Path) -> str:
+    """A UTF-8 text file's contents, or a clear error naming it."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ValueError(f"{path} is not UTF-8 text") from None
+
+
 def corpus_text(spec: str, split: str = "eval") -> str:
     """The raw text behind a corpus spec. split: 'eval' (test) or 'calib' (train) where the corpus
     has files for both; pydoc is split by tokens instead, in corpus_tokens."""
@@ -50,14 +59,14 @@ def corpus_text(spec: str, split: str = "eval") -> str:
         path = Path(arg).expanduser()
         if not path.is_file():
             raise FileNotFoundError(f"corpus file {path} does not exist")
-        return path.read_text(encoding="utf-8")
+        return read_text(path)
     if kind == "wikitext2" and arg:
         name = "wiki.test.raw" if split == "eval" else "wiki.train.raw"
         path = Path(arg).expanduser() / name
         if not path.is_file():
             raise FileNotFoundError(f"{path} not found: wikitext2:DIR wants the directory of "
                                     f"wikitext-2-raw-v1 (wiki.train.raw, wiki.test.raw)")
-        return path.read_text(encoding="utf-8")
+        return read_text(path)
     raise ValueError(f"unknown corpus {spec!r}: use pydoc, text:PATH or wikitext2:DIR")
 
 
@@ -251,12 +260,13 @@ def load_task(spec: str, split: str = "eval") -> Task:
         path = Path(arg).expanduser()
         if not path.is_file():
             raise FileNotFoundError(f"task file {path} does not exist")
-        items = []
-        for i, line in enumerate(path.read_text().splitlines(), 1):
+        items, where = [], []
+        for i, line in enumerate(read_text(path).splitlines(), 1):
             try:
                 items += [json.loads(line)] if line.strip() else []
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path}, line {i}: not JSON ({e})") from None
+            where += [f"{path}, line {i}"] if line.strip() else []
         if not items:
             raise ValueError(f"{path} holds no items")
         first = items[0] if isinstance(items[0], dict) else {}
@@ -264,13 +274,39 @@ def load_task(spec: str, split: str = "eval") -> Task:
             "text" if "text" in first else None
         fields = {"mc": ("question", "choices", "answer"), "gen": ("question", "answer"),
                   "text": ("text",), None: ("question", "choices", "answer")}[kind]
-        for i, item in enumerate(items, 1):
+        for at, item in zip(where, items):
             if not isinstance(item, dict) or any(f not in item for f in fields):
-                raise ValueError(f"{path}, item {i}: want fields {'/'.join(fields)} like the "
-                                 "first item (multiple choice: question/choices/answer; "
-                                 "generation: question/answer; text: text)")
+                raise ValueError(f"{at}: want fields {'/'.join(fields)} like the first item "
+                                 "(multiple choice: question/choices/answer; generation: "
+                                 "question/answer; text: text)")
+            problem = item_problem(kind, item)
+            if problem:
+                raise ValueError(f"{at}: {problem}")
         return Task(path.stem, kind, items)
     raise ValueError(f"unknown task spec {spec!r}: use task:NAME or jsonl:PATH")
+
+
+def item_problem(kind: str, item: dict) -> Optional[str]:
+    """What is wrong with one jsonl item's fields (None: nothing): a text is a non-empty string;
+    a question a string; choices a list of at least two strings; a multiple-choice answer the
+    integer index of one of them; a generation answer a string or a number."""
+    def is_number(x):
+        return isinstance(x, (int, float)) and not isinstance(x, bool)
+    if kind == "text":
+        return None if isinstance(item["text"], str) and item["text"] else \
+            f"text {item['text']!r}: want a non-empty string"
+    if not isinstance(item["question"], str):
+        return f"question {item['question']!r}: want a string"
+    if kind == "gen":
+        return None if isinstance(item["answer"], str) or is_number(item["answer"]) else \
+            f"answer {item['answer']!r}: want a string or a number"
+    choices, answer = item["choices"], item["answer"]
+    if not isinstance(choices, list) or len(choices) < 2 or \
+            not all(isinstance(c, str) for c in choices):
+        return f"choices {choices!r}: want a list of at least two strings"
+    if not isinstance(answer, int) or isinstance(answer, bool) or not 0 <= answer < len(choices):
+        return f"answer {answer!r}: want the index of the right choice, 0 to {len(choices) - 1}"
+    return None
 
 
 def is_task(spec: str) -> bool:
@@ -355,13 +391,43 @@ def task_protocol(spec: str, res: dict) -> str:
 # 5. CLI
 
 
+def json_safe(obj):
+    """obj with every non-finite float written as a string ("nan", "inf"): strict JSON."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return str(obj)
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return obj
+
+
+def check_output_file(path, flag: str):
+    """Fail now, not after the work, when `path` cannot become a file: it is a directory, or
+    its nearest existing parent is not a directory we can create files in."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        raise ValueError(f"{flag} {path} is a directory: give a file name")
+    parent = path.parent
+    while not parent.exists():
+        parent = parent.parent
+    try:
+        with tempfile.TemporaryFile(dir=parent):
+            pass
+    except OSError as e:
+        raise ValueError(f"{flag} {path}: cannot write in {parent} ({e.strerror})") from None
+
+
 def write_json(path, obj):
-    """Write JSON atomically: a temp file next to `path`, then rename."""
+    """Write strict JSON atomically: a temp file next to `path`, then rename."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2))
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(json.dumps(json_safe(obj), indent=2, allow_nan=False))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def main():
@@ -388,6 +454,8 @@ def main():
     a = p.parse_args()
     try:
         check_windows(a.seqlen, a.windows)
+        if a.json:
+            check_output_file(a.json, "--json")
         corpus_text(a.corpus)  # check the specs before the (slow) model load
         for spec in a.tasks:
             load_task(spec)

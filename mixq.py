@@ -35,6 +35,7 @@ import json
 import math
 import os
 import random
+import re
 import resource
 import time
 from dataclasses import asdict, dataclass, replace
@@ -826,9 +827,41 @@ def quantize_block(model, li: int, xs, rope, method: str, cfg: QuantConfig, devi
 # -- resume: every finished block on disk, with a fingerprint of what produced it --------------
 
 
-def differing_keys(a: dict, b: dict) -> str:
-    """The keys on which two fingerprints disagree, for an error message."""
-    return ", ".join(sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k)))
+def differing_keys(saved: dict, now: dict) -> str:
+    """The settings on which two fingerprints disagree, with the saved and the current value
+    where they are short; inside the JSON-encoded options and model config, each option."""
+    def short(v):
+        return repr(v) if len(repr(v)) <= 40 else "..."
+    out = []
+    for key in sorted(set(saved) | set(now)):
+        a, b = saved.get(key), now.get(key)
+        if a == b:
+            continue
+        try:
+            a_opts, b_opts = json.loads(a), json.loads(b)
+        except (TypeError, ValueError):
+            a_opts = b_opts = None
+        if isinstance(a_opts, dict) and isinstance(b_opts, dict):
+            out += [f"{key}.{k}: {short(a_opts.get(k))} there, {short(b_opts.get(k))} now"
+                    for k in sorted(set(a_opts) | set(b_opts)) if a_opts.get(k) != b_opts.get(k)]
+        else:
+            out.append(f"{key}: {short(a)} there, {short(b)} now")
+    return "; ".join(out)
+
+
+def check_resume_dir(resume):
+    """--resume takes a new or empty directory, or one that holds only an earlier run's files
+    (state.json, block-NNNN.safetensors and their temp names): mixq mixes nothing into a
+    directory of the user's."""
+    d = Path(resume)
+    if d.exists() and not d.is_dir():
+        raise ValueError(f"--resume {resume} is a file: give a directory")
+    ours = re.compile(r"state\.json|\.state\.json\.tmp-\d+|\.?block-\d{4}(\.safetensors|\.tmp)")
+    others = sorted(p.name for p in d.iterdir() if not ours.fullmatch(p.name)) if d.is_dir() else []
+    if others:
+        raise ValueError(f"--resume {resume} holds files that are not an earlier run's "
+                         f"({', '.join(others[:3])}{' ...' if len(others) > 3 else ''}): give a "
+                         "new or empty directory")
 
 
 def resume_state(resume: str, fingerprint: dict) -> int:
@@ -859,6 +892,7 @@ def save_block(resume: str, li: int, block, block_results: dict, fingerprint: di
         meta[name] = {k: v for k, v in r.items() if k != "tensors"}
     tmp = d / f".block-{li:04d}.tmp"
     save_file(tensors, str(tmp), metadata={"results": json.dumps(meta)})
+    M.with_umask(tmp)
     os.replace(tmp, d / f"block-{li:04d}.safetensors")
     E.write_json(d / "state.json", {"fingerprint": fingerprint, "blocks_done": li + 1})
 
@@ -1082,6 +1116,19 @@ def tacq_scores(model: M.Transformer, calib, answers, cfg: QuantConfig, device=N
     return scores
 
 
+def check_scores_dir(scores_dir, fingerprint: dict) -> bool:
+    """Whether scores_dir holds scores for these settings (False: none yet); other settings
+    are refused."""
+    path = Path(scores_dir) / "scores.json"
+    if not path.exists():
+        return False
+    saved = json.loads(path.read_text())
+    if saved != fingerprint:
+        raise ValueError(f"--scores {scores_dir} holds scores for other settings (differs in: "
+                         f"{differing_keys(saved, fingerprint)}); use another directory")
+    return True
+
+
 def cached_tacq_scores(model, calib, answers, cfg, fingerprint: dict, scores_dir=None,
                        device=None, log=print) -> dict:
     """tacq_scores, cached in scores_dir (safetensors + a JSON fingerprint of the model, the
@@ -1090,15 +1137,11 @@ def cached_tacq_scores(model, calib, answers, cfg, fingerprint: dict, scores_dir
     if scores_dir is None:
         return tacq_scores(model, calib, answers, cfg, device, log)
     d = Path(scores_dir)
-    if (d / "scores.json").exists():
-        saved = json.loads((d / "scores.json").read_text())
-        if saved != fingerprint:
-            raise ValueError(f"--scores {d} holds scores for other settings (differs in: "
-                             f"{differing_keys(saved, fingerprint)}); use another directory")
+    if check_scores_dir(d, fingerprint):
         log(f"scores: reusing {d}")
         return load_file(str(d / "scores.safetensors"))
     scores = tacq_scores(model, calib, answers, cfg, device, log)
-    with M.atomic_dir(d, marker="scores.json") as tmp:
+    with M.atomic_dir(d, marker="scores.json", files=M.SCORES_FILES) as tmp:
         save_file({k: v.cpu() for k, v in scores.items()}, str(tmp / "scores.safetensors"))
         (tmp / "scores.json").write_text(json.dumps(fingerprint, indent=2))
     return scores
@@ -1493,9 +1536,12 @@ def peak_memory_gb(device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # Linux: KiB
 
 
-def check_spec(spec: str, split: str):
-    """Fail on a bad corpus or task spec before any long work."""
-    E.load_task(spec, split) if E.is_task(spec) else E.corpus_text(spec, split)
+def check_spec(spec: str, split: str, flag: str):
+    """Fail on a bad corpus or task spec before any long work, naming the flag."""
+    try:
+        E.load_task(spec, split) if E.is_task(spec) else E.corpus_text(spec, split)
+    except (ValueError, FileNotFoundError) as e:
+        raise type(e)(f"{flag} {spec}: {e}") from None
 
 
 def evaluate(model, tok, specs, seqlen, windows=None, task_limit=None) -> dict:
@@ -1596,38 +1642,52 @@ def run(ckpt=None, method="tacq", cfg: QuantConfig = QuantConfig(wbits=3, groups
         raise ValueError(f"--save stores {', '.join(map(str, PACKED_BITS))}-bit codes; "
                          f"--wbits {cfg.wbits} can be evaluated but not saved")
     for spec in evals:
-        check_spec(spec, "eval")
+        check_spec(spec, "eval", "--eval")
+    if json_out:
+        E.check_output_file(json_out, "--json")
     if save:  # before the work, not after it
         check_save_dir(save)
     if scores_dir:
-        M.check_replaceable(scores_dir, marker="scores.json")
-    if resume and Path(resume).exists() and not Path(resume).is_dir():
-        raise ValueError(f"--resume {resume} is a file: give a directory")
+        M.check_replaceable(scores_dir, marker="scores.json", files=M.SCORES_FILES)
+    if resume:
+        check_resume_dir(resume)
     if method != "rtn":
-        check_spec(calib, "calib")
+        check_spec(calib, "calib", "--calib")
     used = method_config(method, cfg)
     model, tok = M.load(ckpt, dtype, device)
     if tok is None:
         raise M.CheckpointError("the checkpoint has no tokenizer.json")
     for n in (model.args.dim, model.args.hidden_dim):
         group_size(used, n)
+    check_finite_weights(model, ckpt)
+    # the calibration data and the fingerprints before the fp evaluation: a short text or a
+    # --resume / --scores directory from other settings fails now, not minutes later
+    calib_tokens = answers = circuit = None
+    if method != "rtn":
+        try:
+            calib_tokens, answers = calibration_data(calib, tok, nsamples, seqlen, seed,
+                                                     answer_loss)
+        except ValueError as e:
+            raise ValueError(f"--calib {calib}: {e}") from None
+    # the protocol is part of what the fingerprints compare: other gradients, other scores
+    calib_id = calib + (" (answer loss)" if answers is not None else "")
+    fingerprint = run_fingerprint(ckpt, model, method, used, calib_id, calib_tokens, seed, dtype)
+    scores_fp = run_fingerprint(ckpt, model, "tacq scores", replace(used, ratio=0.0), calib_id,
+                                calib_tokens, seed, dtype)
+    if resume:
+        resume_state(resume, fingerprint)
+    if scores_dir and method == "tacq":
+        check_scores_dir(scores_dir, scores_fp)
     g = "per-channel" if used.groupsize == -1 else f"g{used.groupsize}"
     print(f"mixq: {method} W{cfg.wbits} {g} on {ckpt or M.DEFAULT_MODEL}")
     print("fp model:")
     fp = evaluate(model, tok, evals, eval_seqlen, eval_windows, task_limit)
-    calib_tokens = answers = circuit = None
-    if method != "rtn":
-        calib_tokens, answers = calibration_data(calib, tok, nsamples, seqlen, seed,
-                                                 answer_loss)
+    if calib_tokens is not None:
         print(f"calibration: {len(calib_tokens)} samples, {sum(map(len, calib_tokens)):,} tokens "
               f"from {calib} (seed {seed})")
-    # the protocol is part of what the fingerprints compare: other gradients, other scores
-    calib_id = calib + (" (answer loss)" if answers is not None else "")
     t0 = time.perf_counter()
     masks = None
     if method == "tacq":  # the scores do not depend on the ratio: a cache serves every ratio
-        scores_fp = run_fingerprint(ckpt, model, "tacq scores", replace(used, ratio=0.0),
-                                    calib_id, calib_tokens, seed, dtype)
         scores = cached_tacq_scores(model, calib_tokens, answers, used, scores_fp, scores_dir,
                                     device)
         masks = global_top_k_masks(scores, used.ratio)
@@ -1639,7 +1699,6 @@ def run(ckpt=None, method="tacq", cfg: QuantConfig = QuantConfig(wbits=3, groups
         print("final GPTQ with that mask:")
     if method == "resq":
         resq_prepare(model, calib_tokens, used, seed, device=device)
-    fingerprint = run_fingerprint(ckpt, model, method, used, calib_id, calib_tokens, seed, dtype)
     results = quantize_model(model, calib_tokens, method, used, device, masks=masks,
                              resume=resume, fingerprint=fingerprint)
     if method == "resq":
@@ -1669,6 +1728,15 @@ def run(ckpt=None, method="tacq", cfg: QuantConfig = QuantConfig(wbits=3, groups
     if json_out:
         E.write_json(json_out, summary)
     return summary
+
+
+def check_finite_weights(model: M.Transformer, ckpt):
+    """Refuse a model with a NaN or an infinite weight, naming the tensors: every method would
+    turn it into a NaN perplexity or a failed factorisation much later."""
+    bad = [name for name, p in model.named_parameters() if not torch.isfinite(p).all()]
+    if bad:
+        raise M.CheckpointError(f"{ckpt or M.DEFAULT_MODEL}: non-finite weights (NaN or Inf) in "
+                                f"{', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}")
 
 
 def run_fingerprint(ckpt, model, method, cfg: QuantConfig, calib_spec, calib_tokens, seed,

@@ -24,11 +24,15 @@ to stack quantized q/k/v for decoding), through `import_kernels`.
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import glob
 import json
 import math
 import os
+import re
 import shutil
+import signal
 import tempfile
 import time
 from contextlib import contextmanager
@@ -643,7 +647,7 @@ def resolve_ckpt(ckpt: Optional[str]) -> Path:
         raise CheckpointError(
             f"checkpoint {ckpt!r} not found. Looked in ./{local}/ and in the Hugging Face cache "
             f"($HF_HOME/hub/models--meta-llama--{repo}/snapshots/*/). mixq downloads nothing: get it "
-            f"with `huggingface-cli download meta-llama/{repo} --local-dir checkpoints/{ckpt}` "
+            f"with `hf download meta-llama/{repo} --local-dir checkpoints/{ckpt}` "
             f"(the repository is gated: accept the license on the Hub first), then rerun.")
     if "/" in ckpt or ckpt.endswith(".gguf"):
         raise CheckpointError(f"checkpoint path {ckpt!r} does not exist")
@@ -674,35 +678,116 @@ def embedded_checkpoint() -> Path:
     return cache
 
 
-def check_replaceable(final, marker: str = "config.json"):
+# the files of the outputs atomic_dir writes: a checkpoint, or TaCQ's score cache
+CHECKPOINT_FILES = r"config\.json|model(-\d+-of-\d+)?\.safetensors|model\.safetensors\.index\.json" \
+    r"|tokenizer(_config)?\.json"
+SCORES_FILES = r"scores\.(json|safetensors)"
+
+
+def check_replaceable(final, marker: str = "config.json", files: str = CHECKPOINT_FILES):
     """atomic_dir replaces the directory it writes. Refuse a file, or a non-empty directory
-    without `marker` (the file every output of that kind holds), which is not ours to delete."""
+    that is not an earlier output of the same kind: without `marker` (the file every such
+    output holds), or with any file whose name `files` does not match (a file of the user's,
+    which mixq must never delete)."""
     final = Path(final)
     if final.exists() and not final.is_dir():
         raise ValueError(f"{final} is a file: give a directory to write")
-    if final.is_dir() and any(final.iterdir()) and not (final / marker).exists():
+    entries = sorted(p.name for p in final.iterdir()) if final.is_dir() else []
+    if entries and marker not in entries:
         raise ValueError(f"{final} holds other files (no {marker}); mixq replaces only its own "
                          f"earlier output there: choose a new directory")
+    others = [e for e in entries if not re.fullmatch(files, e)]
+    if others:
+        raise ValueError(f"{final} holds files mixq did not write ({', '.join(others[:3])}"
+                         f"{' ...' if len(others) > 3 else ''}); mixq would delete them when it "
+                         f"replaces its output there: move them, or choose a new directory")
+
+
+def with_umask(path):
+    """Give path the mode a plain open() or mkdir() would: 0666 / 0777 less the umask."""
+    umask = os.umask(0)
+    os.umask(umask)
+    Path(path).chmod((0o777 if Path(path).is_dir() else 0o666) & ~umask)
+
+
+def kill_point(step: str):
+    """For the kill tests: with MIXQ_KILL_AT=step, the process kills itself (SIGKILL) here."""
+    if os.environ.get("MIXQ_KILL_AT") == step:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def exchange(a: Path, b: Path) -> bool:
+    """Swap two paths in one atomic step (Linux renameat2 with RENAME_EXCHANGE); False where
+    the system or the file system cannot."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    if ctypes.get_errno() in (errno.EINVAL, errno.ENOSYS, errno.EPERM):
+        return False
+    raise OSError(ctypes.get_errno(), f"cannot exchange {a} and {b}")
+
+
+def clean_leftovers(final: Path):
+    """What a killed atomic_dir left next to `final`: its temp directories (named with the dead
+    process's id) are deleted; an old output renamed aside is put back if `final` is missing."""
+    for leftover in sorted(final.parent.glob(f".{final.name}.*-*")):
+        kind, _, rest = leftover.name[len(final.name) + 2:].partition("-")
+        pid = rest.split("-")[0]
+        if kind not in ("tmp", "old") or not pid.isdigit() or pid_alive(int(pid)):
+            continue
+        if kind == "old" and not final.exists():
+            os.replace(leftover, final)
+        else:
+            shutil.rmtree(leftover, ignore_errors=True)
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True
 
 
 @contextmanager
-def atomic_dir(final, marker: str = "config.json"):
-    """with atomic_dir(final) as tmp: write files into tmp; on success tmp is renamed to `final`
-    (replacing an earlier output, see check_replaceable), on any error it is removed: nothing
-    half-written is ever visible at final."""
+def atomic_dir(final, marker: str = "config.json", files: str = CHECKPOINT_FILES):
+    """with atomic_dir(final) as tmp: write files into tmp; on success tmp takes the place of
+    `final` (replacing an earlier output, see check_replaceable), on any error it is removed.
+    At every moment `final` holds a whole output, the old one or the new one: the swap is one
+    atomic exchange of the two directories, after which the old one is deleted. (Where the
+    system cannot exchange, the old output is renamed aside first; a kill between the two
+    renames leaves it there, and the next atomic_dir puts it back.)"""
     final = Path(final)
-    check_replaceable(final, marker)
+    clean_leftovers(final)
+    check_replaceable(final, marker, files)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-{os.getpid()}-", dir=final.parent))
     try:
         yield tmp
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    tmp.chmod(0o755)
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+    for f in [tmp, *tmp.rglob("*")]:  # mkdtemp's 0700 and safetensors' 0600 become the usual
+        with_umask(f)
+    kill_point("written")
+    if not final.exists():
+        os.replace(tmp, final)
+    elif exchange(tmp, final):  # final: the new output; tmp: the old one
+        kill_point("exchanged")
+        shutil.rmtree(tmp)
+    else:
+        old = final.with_name(f".{final.name}.old-{os.getpid()}")
+        os.replace(final, old)
+        kill_point("renamed aside")
+        os.replace(tmp, final)
+        shutil.rmtree(old)
 
 
 def copy_tokenizer(src_dir, dst_dir):
@@ -838,7 +923,13 @@ def read_config(ckpt_dir: Path) -> dict:
     cfg_path = ckpt_dir / "config.json"
     if not cfg_path.exists():
         raise CheckpointError(f"{ckpt_dir}: no config.json")
-    return json.loads(cfg_path.read_text())
+    try:
+        cfg = json.loads(cfg_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{cfg_path} is not JSON ({e})") from None
+    if not isinstance(cfg, dict):
+        raise CheckpointError(f"{cfg_path} holds a {type(cfg).__name__}, not a JSON object")
+    return cfg
 
 
 def validate(args: ModelArgs, shapes: dict, where: str):

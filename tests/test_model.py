@@ -367,6 +367,49 @@ def test_failed_save_leaves_nothing(tiny_ckpt, tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny"]  # no out/, no temp dir
 
 
+KILLED_SAVE = """
+import sys
+sys.path.insert(0, {root!r})
+import model as M
+if {fallback}:  # as on a system that cannot exchange two directories
+    M.exchange = lambda a, b: False
+new, _ = M.load({new!r})
+M.save_hf(new, None, {final!r})
+"""
+
+
+@pytest.mark.parametrize("kill_at,fallback", [("written", False), ("exchanged", False),
+                                              ("written", True), ("renamed aside", True)])
+def test_a_save_killed_at_any_step_leaves_the_old_or_the_new_checkpoint(tmp_path, kill_at,
+                                                                        fallback):
+    import os
+    import signal
+    import subprocess
+    import sys
+    old_dir = tiny_checkpoint(tmp_path / "old", seed=1)
+    new_dir = tiny_checkpoint(tmp_path / "new", seed=2)
+    ids = torch.randint(0, 128, (1, 16), generator=torch.Generator().manual_seed(0))
+    logits = {name: M.load(str(d))[0](ids) for name, d in (("old", old_dir), ("new", new_dir))}
+    final = tmp_path / "out"
+    M.save_hf(M.load(str(old_dir))[0], None, final)
+
+    def holds():  # which whole checkpoint is at final
+        out = M.load(str(final))[0](ids)
+        return next(name for name, ref in logits.items() if torch.equal(out, ref))
+
+    code = KILLED_SAVE.format(root=str(M.Path(M.__file__).parent), fallback=fallback,
+                              new=str(new_dir), final=str(final))
+    r = subprocess.run([sys.executable, "-c", code], env={**os.environ, "MIXQ_KILL_AT": kill_at})
+    assert r.returncode == -signal.SIGKILL
+    if kill_at == "renamed aside":  # the one moment the fallback has no output at final
+        assert not final.exists()
+        M.clean_leftovers(final)  # what the next save does first: the old one comes back
+    assert holds() == ("new" if kill_at == "exchanged" else "old")
+    M.save_hf(M.load(str(new_dir))[0], None, final)  # the next save cleans up and completes
+    assert holds() == "new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["new", "old", "out"]
+
+
 def test_truncated_gguf_is_a_clear_error(tmp_path):
     src = M.embedded_gguf()
     bad = tmp_path / "bad.gguf"

@@ -197,6 +197,13 @@ def test_save_never_replaces_what_mixq_did_not_write(tmp_path):
     (tmp_path / "old").mkdir()
     (tmp_path / "old" / "config.json").write_text(json.dumps(
         {"quantization_config": {"quant_method": "mixq"}}))
+    (tmp_path / "mine").mkdir()  # an earlier mixq checkpoint with a file of the user's in it
+    (tmp_path / "mine" / "config.json").write_text(json.dumps(
+        {"quantization_config": {"quant_method": "mixq"}}))
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    with pytest.raises(ValueError, match=r"files mixq did not write \(notes.txt\)"):
+        Q.check_save_dir(tmp_path / "mine")
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
     for ok in ("new", "empty", "old"):
         Q.check_save_dir(tmp_path / ok)
         with M.atomic_dir(tmp_path / ok) as tmp:
@@ -236,11 +243,13 @@ def test_resume_after_a_kill_reproduces_the_uninterrupted_run(tiny_dir, tmp_path
                          resume=str(tmp_path / "st"), fingerprint={"run": 2})
 
 
-def test_cli_resume_refuses_other_settings(tmp_path):
+def test_cli_resume_refuses_other_settings_before_the_fp_evaluation(tmp_path, embedded):
     st = tmp_path / "st"
     st.mkdir()
-    (st / "state.json").write_text(json.dumps({"fingerprint": {"method": "rtn"},
-                                               "blocks_done": 3}))
-    r = subprocess.run([sys.executable, str(ROOT / "mixq.py"), "--method", "rtn", "--eval",
-                        "none", "--resume", str(st)], capture_output=True, text=True)
+    fingerprint = Q.run_fingerprint(None, embedded[0], "rtn", Q.QuantConfig(wbits=4), "pydoc",
+                                    None, 0)
+    (st / "state.json").write_text(json.dumps({"fingerprint": fingerprint, "blocks_done": 3}))
+    r = subprocess.run([sys.executable, str(ROOT / "mixq.py"), "--method", "rtn", "--wbits", "3",
+                        "--resume", str(st)], capture_output=True, text=True)
     assert r.returncode != 0 and "holds a run with other settings" in r.stderr
+    assert "options.wbits: 4 there, 3 now" in r.stderr and "fp model" not in r.stdout
