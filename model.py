@@ -837,7 +837,8 @@ def read_gguf(path: Path):
     try:
         reader = GGUFReader(str(path))
     except Exception as e:  # the gguf package raises bare errors on truncated files
-        raise CheckpointError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e})") from e
+        raise CheckpointError(f"{path}: not a readable GGUF file, truncated or damaged "
+                              f"({type(e).__name__}: {e})") from e
     meta = {}
     for key, f in reader.fields.items():
         try:

@@ -120,6 +120,15 @@ def test_bad_checkpoints_name_the_file_and_the_tensor(tmp_path):
                 (script, r.stderr)
 
 
+def test_a_gguf_cut_in_half_is_called_truncated(tmp_path):
+    half = tmp_path / "half.gguf"
+    data = M.embedded_gguf().read_bytes()
+    half.write_bytes(data[:len(data) // 2])
+    r = run("model.py", "--ckpt", half, "--prompt", "hi")
+    assert r.returncode != 0 and "not a readable GGUF file, truncated" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
 def test_json_is_strict_even_with_a_nan(tmp_path):
     import eval as E
     E.write_json(tmp_path / "s.json", {"ppl": float("nan"), "runs": [float("inf"), 1.5]})
