@@ -804,6 +804,11 @@ def quantize_block(model, li: int, xs, rope, method: str, cfg: QuantConfig, devi
     results = {}
     for group in SEQUENTIAL:
         stats = collect_input_stats(block, group, xs, rope, device) if xs else {}
+        for name, st in stats.items():
+            if not torch.isfinite(st.sigma).all():
+                raise ValueError(f"layers.{li}.{name}: its calibration inputs hold NaN or Inf. "
+                                 "That comes from the data or the model (activations that "
+                                 "overflow, e.g. in fp16), not from the damping")
         for name in group:
             lin = block.get_submodule(name)
             W = lin.weight.data
@@ -1026,6 +1031,9 @@ def block_gradients(block, x, cos, sin, dh, G: dict, li: int):
     with torch.enable_grad():
         dx, *dws = torch.autograd.grad(block(x, cos, sin), [x, *ws], grad_outputs=dh)
     for n, dw in zip(LINEARS, dws):
+        if not torch.isfinite(dw).all():
+            raise ValueError(f"layers.{li}.{n}: its loss gradient holds NaN or Inf. That comes "
+                             "from the data or the model (activations that overflow)")
         G[f"layers.{li}.{n}"] += dw.abs()  # |dL_s/dW|: per sample, then the sum
     return dx
 

@@ -150,3 +150,17 @@ def test_outputs_get_the_usual_file_modes(tmp_path):
     assert (tmp_path / "out2").stat().st_mode & 0o777 == 0o755  # not mkdtemp's 0700
     assert torch.equal(M.load(str(tmp_path / "out"))[0].embed_tokens.weight,
                        M.load(str(d))[0].embed_tokens.weight)
+
+
+def test_non_finite_statistics_stop_at_the_layer_that_sees_them(tmp_path):
+    import mixq as Q
+    model, _ = M.load(str(tiny_checkpoint(tmp_path / "t")))
+    model.layers[0].mlp.down_proj.weight.data[0] = 3e38  # finite weights, infinite activations
+    calib = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match=r"layers.1.self_attn.q_proj: its calibration inputs "
+                                         r"hold NaN or Inf.*not from the damping"):
+        Q.quantize_model(model, calib, "gptq", Q.QuantConfig(wbits=3), log=lambda s: None)
+    model, _ = M.load(str(tmp_path / "t"))  # (run() refuses a NaN weight before this point)
+    model.layers[1].self_attn.o_proj.weight.data[0, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"layers.1.self_attn.q_proj: its loss gradient holds NaN"):
+        Q.gradient_magnitudes(model, calib, log=lambda s: None)

@@ -44,7 +44,7 @@ def test_jsonl_formats_and_errors(tmp_path):
         E.load_task(f"jsonl:{bad}")
     bad.write_text(json.dumps({"question": "q", "answer": "a"}) + "\n" +
                    json.dumps({"question": "q2"}) + "\n")  # the second item lacks its answer
-    with pytest.raises(ValueError, match="item 2: want fields question/answer"):
+    with pytest.raises(ValueError, match="line 2: want fields question/answer"):
         E.load_task(f"jsonl:{bad}")
 
 
