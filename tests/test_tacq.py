@@ -192,3 +192,23 @@ def test_circuit_location_counts_every_kept_weight_once(seed, ratio):
     for module, (rows, cols) in shapes.items():
         kept = sum(int(m.sum()) for n, m in masks.items() if n.endswith(module))
         assert where["by_module"][module]["share"] == kept / (3 * rows * cols)
+
+
+@pytest.mark.parametrize("answer_loss", [False, True])
+def test_run_on_a_task_reports_where_the_circuit_is(tmp_path, answer_loss):
+    # end to end through run(): task calibration by either protocol, the summary's circuit
+    import json
+    import shutil
+    d = tiny_checkpoint(tmp_path / "m", vocab_size=49152)
+    shutil.copy(M.embedded_checkpoint() / "tokenizer.json", d / "tokenizer.json")
+    cfg = Q.QuantConfig(wbits=3, ratio=0.01)
+    s = Q.run(str(d), "tacq", cfg, calib="task:capitals", nsamples=2, seqlen=32, evals=[],
+              json_out=tmp_path / "s.json", answer_loss=answer_loss)
+    assert s["calib"]["answer_loss"] is answer_loss
+    where = json.loads((tmp_path / "s.json").read_text())["circuit"]
+    model = M.load(str(d))[0]
+    kept = int(0.01 * sum(model.get_submodule(n).weight.numel() for n in Q.linear_names(model)))
+    assert s["kept_weights"] == kept
+    for part in ("by_module", "by_layer"):
+        assert sum(v["kept"] for v in where[part].values()) == kept
+    assert set(where["by_layer"]) == {"0", "1"}  # JSON keys
