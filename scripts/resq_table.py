@@ -2,6 +2,7 @@
 high slice), ResQ W4A4KV4 and ResQ W4A16, perplexity on the pydoc evaluation split.
 
     python scripts/resq_table.py [--nsamples 32] [--runs rtn quarot resq resq-w4a16]
+    python scripts/resq_table.py --energy   # the residual basis, norms folded before or after
 
 Calibration: --nsamples windows of 512 tokens from the pydoc calibration split (seed 0), used for
 the bases and for GPTQ.
@@ -12,6 +13,8 @@ import resource
 import sys
 import time
 from pathlib import Path
+
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import eval as E  # noqa: E402
@@ -26,12 +29,30 @@ RUNS = {  # name -> ResQ options (W4, per channel, symmetric, MSE clipping)
 }
 
 
+def energy_shares(model, calib, high_fraction=0.125):
+    """The share of the quantized activations' energy (the inputs of q/k/v and gate/up after the
+    norms are folded) that the top high_fraction slice of the residual basis holds, for the
+    basis from those activations and for one from the activations before folding (g * x/rms)."""
+    before = Q.resq_covariances(model, calib)["resid"]
+    Q.fold_norms(model)
+    after = Q.resq_covariances(model, calib)["resid"]  # what gets quantized
+    r = int(high_fraction * after.shape[0])
+    for name, cov in (("norms folded first (ResQ's code)", after), ("norms folded after", before)):
+        P = Q.pca_basis(cov)[:, -r:]  # the high slice
+        share = torch.trace(P.T @ after @ P) / torch.trace(after)
+        print(f"basis from the activations with {name}: top 1/8 holds {100 * share:.1f}% of "
+              "the quantized activations' energy")
+
+
 def main():
     p = argparse.ArgumentParser(formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--nsamples", type=int, default=32)
     p.add_argument("--runs", nargs="+", default=list(RUNS), choices=list(RUNS))
+    p.add_argument("--energy", action="store_true", help="only compare the two residual bases")
     a = p.parse_args()
     model, tok = M.load()
+    if a.energy:
+        return energy_shares(model, Q.calibration_windows("pydoc", tok, a.nsamples, 512, seed=0))
     ev = E.corpus_tokens("pydoc", tok, "eval")
     fp = E.perplexity(model, ev, 512)
     calib = Q.calibration_windows("pydoc", tok, a.nsamples, 512, seed=0)

@@ -111,6 +111,15 @@ def test_bad_checkpoints_name_the_file_and_the_tensor(tmp_path):
     r = run("mixq.py", "--ckpt", d, "--method", "rtn")
     assert r.returncode != 0 and "non-finite weights (NaN or Inf) in layers.1.mlp.up_proj.weight" \
         in r.stderr and "fp model" not in r.stdout
+    cfg = json.loads((d / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps({**cfg, "intermediate_size": 128}))
+    r = run("mixq.py", "--ckpt", d, "--method", "rtn")  # the tensors hold 160
+    assert r.returncode != 0 and "gate_proj.weight' has shape (160, 64)" in r.stderr
+    (d / "config.json").write_text(json.dumps(cfg))
+    data = (d / "model.safetensors").read_bytes()
+    (d / "model.safetensors").write_bytes(data[:len(data) // 2])
+    r = run("mixq.py", "--ckpt", d, "--method", "rtn")
+    assert r.returncode != 0 and "truncated" in r.stderr and "Traceback" not in r.stderr
     for text, msg in [("{not json", "config.json is not JSON"),
                       ("[1, 2]", "config.json holds a list, not a JSON object")]:
         (d / "config.json").write_text(text)
