@@ -541,11 +541,10 @@ def quantease(W: torch.Tensor, Sigma: torch.Tensor, cfg: QuantConfig,
         col_group = start.col_group  # act-order GPTQ's dynamic groups
     idx = torch.arange(W.shape[1], device=W.device) // g if col_group is None else col_group
     se, ze = s[:, idx], z[:, idx]  # (m, n): each weight's scale and zero
-    # act-order: the same problem with its columns permuted (f is unchanged), swept in order
-    perm = torch.argsort(torch.diag(Sigma), descending=True) if cfg.act_order else \
-        torch.arange(W.shape[1], device=W.device)
-    W, Sigma, What, se, ze = W[:, perm], Sigma[perm][:, perm], What[:, perm], se[:, perm], \
-        ze[:, perm]
+    if cfg.act_order:  # the same problem, its columns permuted (f is unchanged), swept in order
+        perm = torch.argsort(torch.diag(Sigma), descending=True)
+        W, Sigma, What, se, ze = (W[:, perm], Sigma[perm][:, perm], What[:, perm], se[:, perm],
+                                  ze[:, perm])
     S_off = normalized_offdiag(Sigma)
     P = W + W @ S_off  # P_j = w_j + sum_{k != j} w_k Sigma_kj / Sigma_jj
     for it in range(cfg.iters):
@@ -554,8 +553,9 @@ def quantease(W: torch.Tensor, Sigma: torch.Tensor, cfg: QuantConfig,
         if history is not None:
             history.append((rounded, layer_loss(W, What, Sigma)))
     loss = layer_loss(W, What, Sigma)
-    back = torch.argsort(perm)
-    What, se, ze = What[:, back], se[:, back], ze[:, back]
+    if cfg.act_order:  # back to the columns' own order
+        back = torch.argsort(perm)
+        What, se, ze = What[:, back], se[:, back], ze[:, back]
     codes = quant_codes(What, se, ze, cfg.maxq)
     return Quantized(codes, s, z, cfg.wbits, g, stat_bits=bits_per_statistic(cfg), loss=loss,
                      col_group=col_group)
