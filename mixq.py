@@ -1594,7 +1594,7 @@ def calibration_data(spec: str, tok, nsamples: int, seqlen: int, seed: int,
             samples.append(ids)
             budget -= len(ids)
         if not samples:
-            raise ValueError(f"--calib {spec}: no item has two tokens to predict")
+            raise ValueError("no item has two tokens to predict")
         return samples, None
     ids, answer = [], []
     for item in items:
@@ -1642,8 +1642,8 @@ def run(ckpt=None, method="tacq", cfg: QuantConfig = QuantConfig(wbits=3, groups
     if save and method == "resq":
         raise ValueError("ResQ is fake quantization (W4A4 needs activation-quantized kernels); "
                          "it can be evaluated but not saved")
-    if save and cfg.act_order and not cfg.static_groups and cfg.groupsize != -1 and \
-            method in ("gptq", "tacq"):
+    gptq_inside = method in ("gptq", "tacq") or method == "quantease" and cfg.init == "gptq"
+    if save and cfg.act_order and not cfg.static_groups and cfg.groupsize != -1 and gptq_inside:
         raise ValueError("--save with --act-order and groups needs --static-groups: dynamic "
                          "groups are not contiguous columns, which the packed format stores")
     if save and cfg.wbits not in PACKED_BITS:
