@@ -27,7 +27,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-import model as M
+import model as llama
 
 # -----------------------------------------------------------------------------
 # 1. Corpora
@@ -70,7 +70,7 @@ def corpus_text(spec: str, split: str = "eval") -> str:
     raise ValueError(f"unknown corpus {spec!r}: use pydoc, text:PATH or wikitext2:DIR")
 
 
-def corpus_tokens(spec: str, tokenizer: M.Tokenizer, split: str = "eval") -> torch.Tensor:
+def corpus_tokens(spec: str, tokenizer: llama.Tokenizer, split: str = "eval") -> torch.Tensor:
     """Token ids (1-D), tokenized once without BOS. For pydoc, split='eval' is the last 10% of the
     tokens and split='calib' the first 90%; 'all' is everything."""
     ids = torch.tensor(tokenizer.encode(corpus_text(spec, split)), dtype=torch.long)
@@ -92,7 +92,7 @@ def check_windows(seqlen: int, windows: Optional[int] = None):
 
 
 @torch.no_grad()
-def perplexity(model: M.Transformer, tokens: torch.Tensor, seqlen: int = 512,
+def perplexity(model: llama.Transformer, tokens: torch.Tensor, seqlen: int = 512,
                windows: Optional[int] = None, progress: bool = False) -> dict:
     """GPTQ-protocol perplexity of `tokens` (1-D): windows [i*seqlen, (i+1)*seqlen), no context
     across windows, the remainder dropped; ppl = exp(sum of NLL / number of predicted tokens)."""
@@ -130,7 +130,7 @@ def protocol(corpus: str, split: str, seqlen: int, windows: int, tokens: int) ->
 
 
 @torch.no_grad()
-def speed(model: M.Transformer, prompt_len: int = 512, new_tokens: int = 32, repeats: int = 3,
+def speed(model: llama.Transformer, prompt_len: int = 512, new_tokens: int = 32, repeats: int = 3,
           vocab: Optional[int] = None, static: bool = False, compile: bool = False) -> dict:
     """Prefill tokens/s (one forward of prompt_len tokens) and decode tokens/s (batch 1, KV
     cache, one token per step), best of `repeats`, on random token ids. static: decode with
@@ -448,7 +448,7 @@ def main():
                    help="--speed: --static, the decoding step through torch.compile first")
     p.add_argument("--fuse", action="store_true",
                    help="stack q/k/v and gate/up into one linear each (same outputs)")
-    p.add_argument("--dtype", default="fp32", choices=sorted(M.DTYPES), help="weights dtype")
+    p.add_argument("--dtype", default="fp32", choices=sorted(llama.DTYPES), help="weights dtype")
     p.add_argument("--device", default="cpu", help="cpu, cuda, ...")
     p.add_argument("--json", default=None, help="write the results to this JSON file")
     a = p.parse_args()
@@ -459,8 +459,8 @@ def main():
         corpus_text(a.corpus)  # check the specs before the (slow) model load
         for spec in a.tasks:
             load_task(spec)
-        model, tok = M.load(a.ckpt, a.dtype, a.device)
-    except (M.CheckpointError, ValueError, FileNotFoundError) as e:
+        model, tok = llama.load(a.ckpt, a.dtype, a.device)
+    except (llama.CheckpointError, ValueError, FileNotFoundError) as e:
         raise SystemExit(f"error: {e}")
     if tok is None:
         raise SystemExit("error: the checkpoint has no tokenizer.json")
@@ -475,7 +475,7 @@ def main():
     print(protocol(a.corpus, split, a.seqlen, res["windows"], res["tokens"]))
     print(f"ppl {res['ppl']:.4f}  ({res['seconds']:.1f}s, "
           f"{res['windows'] * a.seqlen / res['seconds']:.0f} tokens/s)")
-    res |= {"corpus": a.corpus, "split": split, "ckpt": a.ckpt or M.DEFAULT_MODEL,
+    res |= {"corpus": a.corpus, "split": split, "ckpt": a.ckpt or llama.DEFAULT_MODEL,
             "dtype": a.dtype, "device": a.device}
     for spec in a.tasks:
         r = task_accuracy(model, tok, spec)

@@ -44,10 +44,10 @@ from typing import Optional
 
 import torch
 
-import eval as E
-import model as M
+import eval as metrics
+import model as llama
 
-kernels = M.import_kernels()  # our kernels.py, not Hugging Face's package of the same name
+kernels = llama.import_kernels()  # our kernels.py, not Hugging Face's package of the same name
 
 # -----------------------------------------------------------------------------
 # 1. The grid (spec §1.1)
@@ -713,7 +713,7 @@ def spqr_config(cfg: QuantConfig) -> QuantConfig:
 def calibration_windows(spec: str, tok, nsamples: int, seqlen: int, seed: int) -> torch.Tensor:
     """(nsamples, seqlen) token windows at random offsets in the calibration text: for pydoc the
     calibration split (never the evaluation split), for wikitext2:DIR the train file."""
-    tokens = E.corpus_tokens(spec, tok, "calib")
+    tokens = metrics.corpus_tokens(spec, tok, "calib")
     if len(tokens) <= seqlen:
         raise ValueError(f"calibration text {spec} has {len(tokens)} tokens; need > {seqlen}")
     g = torch.Generator().manual_seed(seed)
@@ -722,7 +722,7 @@ def calibration_windows(spec: str, tok, nsamples: int, seqlen: int, seed: int) -
 
 
 @torch.no_grad()
-def quantize_model(model: M.Transformer, calib: Optional[torch.Tensor], method: str,
+def quantize_model(model: llama.Transformer, calib: Optional[torch.Tensor], method: str,
                    cfg: QuantConfig, device=None, log=print, masks: Optional[dict] = None,
                    resume: Optional[str] = None, fingerprint: Optional[dict] = None) -> dict:
     """Quantize every linear of every block, in place (the weights become W_hat), one block on
@@ -781,7 +781,7 @@ def activation_store(xs: list, device):
     return pinned
 
 
-def block_inputs(model: M.Transformer, calib, device):
+def block_inputs(model: llama.Transformer, calib, device):
     """The inputs of block 0 (the embeddings of each calibration window, (1, T, dim) each) where
     activations wait between blocks (activation_store), the function that puts a block's outputs
     there, and rope(x) -> (cos, sin) on `device` for x's length (cached; lengths may differ)."""
@@ -897,9 +897,9 @@ def save_block(resume: str, li: int, block, block_results: dict, fingerprint: di
         meta[name] = {k: v for k, v in r.items() if k != "tensors"}
     tmp = d / f".block-{li:04d}.tmp"
     save_file(tensors, str(tmp), metadata={"results": json.dumps(meta)})
-    M.with_umask(tmp)
+    llama.with_umask(tmp)
     os.replace(tmp, d / f"block-{li:04d}.safetensors")
-    E.write_json(d / "state.json", {"fingerprint": fingerprint, "blocks_done": li + 1})
+    metrics.write_json(d / "state.json", {"fingerprint": fingerprint, "blocks_done": li + 1})
 
 
 def load_block(resume: str, li: int, block) -> dict:
@@ -961,7 +961,7 @@ def collect_input_stats(block, group, xs, rope, device) -> dict:
 # with one global top-k over every q/k/v/o/gate/up/down matrix, then GPTQ with that mask.
 
 
-def linear_names(model: M.Transformer) -> list:
+def linear_names(model: llama.Transformer) -> list:
     """Every quantized linear: layers.{i}.self_attn.q_proj ... layers.{i}.mlp.down_proj."""
     return [f"layers.{i}.{n}" for i in range(len(model.layers)) for n in LINEARS]
 
@@ -977,7 +977,7 @@ def next_token_loss(logits, tokens, answer=None):
     return (nll * target).sum() / target.sum().clamp(min=1)
 
 
-def gradient_magnitudes(model: M.Transformer, calib, answers=None, loss_scale: float = 1.0,
+def gradient_magnitudes(model: llama.Transformer, calib, answers=None, loss_scale: float = 1.0,
                         log=print) -> dict:
     """G[name] = sum over samples s of |dL_s/dW| for every linear of every block (fp32, batch
     size 1), by backpropagation written out one block at a time (gradient checkpointing per
@@ -1007,7 +1007,7 @@ def gradient_magnitudes(model: M.Transformer, calib, answers=None, loss_scale: f
     return G
 
 
-def fp32_head(model: M.Transformer) -> torch.nn.ModuleDict:
+def fp32_head(model: llama.Transformer) -> torch.nn.ModuleDict:
     """The final norm and lm_head, copied once in fp32."""
     head = torch.nn.ModuleDict({"norm": model.norm, "lm_head": model.lm_head})
     return copy.deepcopy(head).float()
@@ -1099,7 +1099,7 @@ def print_circuit(where: dict):
             f"{part}: {100 * v['share']:.2f}%" for part, v in parts.items()))
 
 
-def tacq_scores(model: M.Transformer, calib, answers, cfg: QuantConfig, device=None,
+def tacq_scores(model: llama.Transformer, calib, answers, cfg: QuantConfig, device=None,
                 log=print, G: Optional[dict] = None) -> dict:
     """§6.1 steps 2-4: gradients on the fp model (or G, computed elsewhere, e.g. over several
     GPUs by scripts/tacq_pipeline.py), the reference GPTQ (no mask), the scores. The model's
@@ -1149,7 +1149,7 @@ def cached_tacq_scores(model, calib, answers, cfg, fingerprint: dict, scores_dir
         log(f"scores: reusing {d}")
         return load_file(str(d / "scores.safetensors"))
     scores = tacq_scores(model, calib, answers, cfg, device, log)
-    with M.atomic_dir(d, marker="scores.json", files=M.SCORES_FILES) as tmp:
+    with llama.atomic_dir(d, marker="scores.json", files=llama.SCORES_FILES) as tmp:
         save_file({k: v.cpu() for k, v in scores.items()}, str(tmp / "scores.safetensors"))
         (tmp / "scores.json").write_text(json.dumps(fingerprint, indent=2))
     return scores
@@ -1164,7 +1164,7 @@ def cached_tacq_scores(model, calib, answers, cfg, fingerprint: dict, scores_dir
 # of basis here leaves the fp logits unchanged; quantization comes on top (section 8b).
 
 
-def fold_norms(model: M.Transformer):
+def fold_norms(model: llama.Transformer):
     """Fold each RMSNorm weight g into the linears it feeds and set g = 1. Exact:
     (x / rms(x) * g) W^T = (x / rms(x)) (W diag(g))^T. Unties a tied lm_head first.
     (ResQ's code, after QuaRot's, also subtracts each embedding row's mean, which is exact only
@@ -1183,7 +1183,7 @@ def fold_norms(model: M.Transformer):
 
 
 @torch.no_grad()
-def resq_covariances(model: M.Transformer, calib, device=None) -> dict:
+def resq_covariances(model: llama.Transformer, calib, device=None) -> dict:
     """Uncentred second moments in fp64 (spec §7.2): "resid" (d, d) over the inputs of q/k/v and
     of gate/up in every layer; per layer "value" (n_kv, hd, hd) of each KV head's v_proj outputs
     and "key" (hd, hd) of the keys after RoPE, summed over KV heads. Each divided by its count.
@@ -1211,7 +1211,7 @@ def resq_covariances(model: M.Transformer, calib, device=None) -> dict:
             v = b.self_attn.v_proj(h).view(T, a.n_kv_heads, hd).double()  # (T, Hkv, hd)
             cov["value"][li] += torch.einsum("thi,thj->hij", v, v)
             k = b.self_attn.k_proj(h).view(1, T, a.n_kv_heads, hd).transpose(1, 2)
-            k = M.apply_rope(k, cos, sin)[0].double()  # (Hkv, T, hd)
+            k = llama.apply_rope(k, cos, sin)[0].double()  # (Hkv, T, hd)
             cov["key"][li] += torch.einsum("hti,htj->ij", k, k)
             xs[i] = park(b(x, cos, sin))
         b.to(home)
@@ -1287,7 +1287,7 @@ class ResQBases:
     odd: Optional[torch.Tensor]  # its odd factor (None when hidden_dim is a power of two)
 
 
-def resq_bases(cov: dict, args: M.ModelArgs, high_fraction: float = 0.125,
+def resq_bases(cov: dict, args: llama.ModelArgs, high_fraction: float = 0.125,
                rotation: str = "pca", seed: int = 0) -> ResQBases:
     """rotation "pca" (ResQ: PCA, then random rotations inside each subspace), "random"
     (QuaRot-style: one random rotation, no subspaces), "none" (identity)."""
@@ -1329,7 +1329,7 @@ class KeyRotation:
 
 
 @torch.no_grad()
-def fuse_resq(model: M.Transformer, bases: ResQBases, device=None):
+def fuse_resq(model: llama.Transformer, bases: ResQBases, device=None):
     """Write every fixed change of basis into the weights of a model whose norms are folded
     (x W^T with x -> x U is W -> W U on the input side; W -> U^T W on the output side), and
     install the two online ones: the key rotation after RoPE and the Hadamard before down_proj.
@@ -1412,7 +1412,7 @@ def n_high(n: int, cfg: QuantConfig) -> int:
     return int(cfg.high_fraction * n) if cfg.rotation == "pca" else 0
 
 
-def resq_high_columns(name: str, args: M.ModelArgs, cfg: QuantConfig):
+def resq_high_columns(name: str, args: llama.ModelArgs, cfg: QuantConfig):
     """The input columns a linear keeps on the 8-bit grid (None: all at wbits): the last r of the
     residual basis for q/k/v/gate/up, the last hd/8 of every head for o_proj, none for down."""
     if cfg.rotation != "pca" or cfg.high_fraction == 0:
@@ -1425,7 +1425,7 @@ def resq_high_columns(name: str, args: M.ModelArgs, cfg: QuantConfig):
     return torch.arange(args.dim) >= args.dim - n_high(args.dim, cfg)
 
 
-def install_resq_quantizers(model: M.Transformer, cfg: QuantConfig) -> list:
+def install_resq_quantizers(model: llama.Transformer, cfg: QuantConfig) -> list:
     """Forward hooks that fake-quantize activations and the KV cache as ResQ does."""
     a = model.args
     r_res, r_head = n_high(a.dim, cfg), n_high(a.head_dim, cfg)
@@ -1455,7 +1455,7 @@ def install_resq_quantizers(model: M.Transformer, cfg: QuantConfig) -> list:
     return hooks
 
 
-def activation_bits(args: M.ModelArgs, cfg: QuantConfig) -> float:
+def activation_bits(args: llama.ModelArgs, cfg: QuantConfig) -> float:
     """Average activation bits over the inputs of the seven linears (per input channel)."""
     if cfg.abits >= 16:
         return 16.0
@@ -1466,7 +1466,7 @@ def activation_bits(args: M.ModelArgs, cfg: QuantConfig) -> float:
 
 
 @torch.no_grad()
-def resq_prepare(model: M.Transformer, calib, cfg: QuantConfig, seed: int = 0, log=print,
+def resq_prepare(model: llama.Transformer, calib, cfg: QuantConfig, seed: int = 0, log=print,
                  device=None):
     """Fold the norms, then covariances, bases and fusion (one block on `device` at a time): the
     model is still fp, in the new bases."""
@@ -1504,7 +1504,7 @@ def packed_tensors(qz: Quantized) -> dict:
 def check_save_dir(out_dir):
     """The save replaces out_dir: only an empty or new directory or an earlier mixq checkpoint
     (never the source checkpoint, or any other directory with files in it)."""
-    M.check_replaceable(out_dir)
+    llama.check_replaceable(out_dir)
     cfg = Path(out_dir) / "config.json"
     if cfg.exists() and (json.loads(cfg.read_text()).get("quantization_config") or {}).get(
             "quant_method") != "mixq":
@@ -1512,7 +1512,7 @@ def check_save_dir(out_dir):
                          "choose a new directory")
 
 
-def save_quantized(model: M.Transformer, results: dict, tokenizer_dir, out_dir, qconfig: dict):
+def save_quantized(model: llama.Transformer, results: dict, tokenizer_dir, out_dir, qconfig: dict):
     """A checkpoint directory: config.json with quantization_config, model.safetensors (packed
     linears + the 16-bit rest), tokenizer files. Written to a temp dir, then renamed."""
     from safetensors.torch import save_file
@@ -1522,16 +1522,16 @@ def save_quantized(model: M.Transformer, results: dict, tokenizer_dir, out_dir, 
         module = name.rsplit(".", 1)[0]
         if module in results or (name == "lm_head.weight" and model.args.tie_embeddings):
             continue
-        tensors[M.ours_to_hf(name)] = p.contiguous()
+        tensors[llama.ours_to_hf(name)] = p.contiguous()
     for module, r in results.items():
         for k, v in r["tensors"].items():
-            tensors[M.ours_to_hf(f"{module}.{k}")] = v
+            tensors[llama.ours_to_hf(f"{module}.{k}")] = v
     qconfig = qconfig | {"format": kernels.FORMAT}  # what model.load checks it can read
     cfg = model.args.to_hf() | {"quantization_config": qconfig}
-    with M.atomic_dir(out_dir) as tmp:
+    with llama.atomic_dir(out_dir) as tmp:
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
-        M.copy_tokenizer(tokenizer_dir, tmp)
+        llama.copy_tokenizer(tokenizer_dir, tmp)
 
 
 # -----------------------------------------------------------------------------
@@ -1547,7 +1547,7 @@ def peak_memory_gb(device) -> float:
 def check_spec(spec: str, split: str, flag: str):
     """Fail on a bad corpus or task spec before any long work, naming the flag."""
     try:
-        E.load_task(spec, split) if E.is_task(spec) else E.corpus_text(spec, split)
+        metrics.load_task(spec, split) if metrics.is_task(spec) else metrics.corpus_text(spec, split)
     except (ValueError, FileNotFoundError) as e:
         raise type(e)(f"{flag} {spec}: {e}") from None
 
@@ -1556,16 +1556,16 @@ def evaluate(model, tok, specs, seqlen, windows=None, task_limit=None) -> dict:
     """Perplexity for corpus specs, accuracy for task specs; each printed with its protocol."""
     out = {}
     for spec in specs:
-        if E.is_task(spec):
-            out[spec] = r = E.task_accuracy(model, tok, spec, task_limit)
+        if metrics.is_task(spec):
+            out[spec] = r = metrics.task_accuracy(model, tok, spec, task_limit)
             score = " ".join(f"{k} {v:.3f}" for k, v in r.items() if k != "n")
-            print(f"  {E.task_protocol(spec, r)}: {score}")
+            print(f"  {metrics.task_protocol(spec, r)}: {score}")
             continue
-        r = E.perplexity(model, E.corpus_tokens(spec, tok, "eval"), seqlen, windows)
+        r = metrics.perplexity(model, metrics.corpus_tokens(spec, tok, "eval"), seqlen, windows)
         out[spec] = {"ppl": r["ppl"], "tokens": r["tokens"], "windows": r["windows"],
                      "seqlen": seqlen}
         split = "eval" if spec == "pydoc" else "test"
-        print(f"  {E.protocol(spec, split, seqlen, r['windows'], r['tokens'])}: "
+        print(f"  {metrics.protocol(spec, split, seqlen, r['windows'], r['tokens'])}: "
               f"ppl {r['ppl']:.3f}")
     return out
 
@@ -1578,15 +1578,15 @@ def calibration_data(spec: str, tok, nsamples: int, seqlen: int, seed: int,
     loss then covers every position. With answer_loss (mixq's own protocol): the items joined
     by blank lines and cut into consecutive windows of seqlen, fewer than nsamples if the items
     run out, with masks of the answer tokens, the only ones the loss scores."""
-    if not E.is_task(spec):
+    if not metrics.is_task(spec):
         return calibration_windows(spec, tok, nsamples, seqlen, seed), None
-    task = E.load_task(spec, "calib")
+    task = metrics.load_task(spec, "calib")
     items = list(task.items)
     random.Random(seed).shuffle(items)
     if not answer_loss:
         samples, budget = [], nsamples * seqlen
         for item in items:
-            ids = torch.tensor(tok.encode("".join(E.calibration_text(task, item))))[:seqlen]
+            ids = torch.tensor(tok.encode("".join(metrics.calibration_text(task, item))))[:seqlen]
             if len(ids) < 2:  # nothing to predict
                 continue
             if samples and len(ids) > budget:
@@ -1598,7 +1598,7 @@ def calibration_data(spec: str, tok, nsamples: int, seqlen: int, seed: int,
         return samples, None
     ids, answer = [], []
     for item in items:
-        context, ans = E.calibration_text(task, item)
+        context, ans = metrics.calibration_text(task, item)
         a, b = tok.encode(context), tok.encode(context + ans + "\n\n")
         n_ans = len(tok.encode(context + ans)) - len(a)
         ids += b
@@ -1652,19 +1652,19 @@ def run(ckpt=None, method="tacq", cfg: QuantConfig = QuantConfig(wbits=3, groups
     for spec in evals:
         check_spec(spec, "eval", "--eval")
     if json_out:
-        E.check_output_file(json_out, "--json")
+        metrics.check_output_file(json_out, "--json")
     if save:  # before the work, not after it
         check_save_dir(save)
     if scores_dir:
-        M.check_replaceable(scores_dir, marker="scores.json", files=M.SCORES_FILES)
+        llama.check_replaceable(scores_dir, marker="scores.json", files=llama.SCORES_FILES)
     if resume:
         check_resume_dir(resume)
     if method != "rtn":
         check_spec(calib, "calib", "--calib")
     used = method_config(method, cfg)
-    model, tok = M.load(ckpt, dtype, device)
+    model, tok = llama.load(ckpt, dtype, device)
     if tok is None:
-        raise M.CheckpointError("the checkpoint has no tokenizer.json")
+        raise llama.CheckpointError("the checkpoint has no tokenizer.json")
     for n in (model.args.dim, model.args.hidden_dim):
         group_size(used, n)
     check_finite_weights(model, ckpt)
@@ -1687,7 +1687,7 @@ def run(ckpt=None, method="tacq", cfg: QuantConfig = QuantConfig(wbits=3, groups
     if scores_dir and method == "tacq":
         check_scores_dir(scores_dir, scores_fp)
     g = "per-channel" if used.groupsize == -1 else f"g{used.groupsize}"
-    print(f"mixq: {method} W{cfg.wbits} {g} on {ckpt or M.DEFAULT_MODEL}")
+    print(f"mixq: {method} W{cfg.wbits} {g} on {ckpt or llama.DEFAULT_MODEL}")
     print("fp model:")
     fp = evaluate(model, tok, evals, eval_seqlen, eval_windows, task_limit)
     if calib_tokens is not None:
@@ -1724,26 +1724,26 @@ def run(ckpt=None, method="tacq", cfg: QuantConfig = QuantConfig(wbits=3, groups
                                                       "seqlen": seqlen, "seed": seed,
                                                       "answer_loss": answers is not None},
                "kept_weights": sum(r["kept"] for r in results.values()), "circuit": circuit,
-               "ckpt": ckpt or M.DEFAULT_MODEL}
+               "ckpt": ckpt or llama.DEFAULT_MODEL}
     print_summary(summary)
     if save:
         qconfig = {"quant_method": "mixq", "method": method, "bits": cfg.wbits,
                    "group_size": used.groupsize, "avg_bits": avg, "options": options,
                    "calib": summary["calib"], "modules": sorted(results)}
-        save_quantized(model, results, M.resolve_ckpt(ckpt) if ckpt else M.embedded_checkpoint(),
+        save_quantized(model, results, llama.resolve_ckpt(ckpt) if ckpt else llama.embedded_checkpoint(),
                        save, qconfig)
         print(f"saved to {save}")
     if json_out:
-        E.write_json(json_out, summary)
+        metrics.write_json(json_out, summary)
     return summary
 
 
-def check_finite_weights(model: M.Transformer, ckpt):
+def check_finite_weights(model: llama.Transformer, ckpt):
     """Refuse a model with a NaN or an infinite weight, naming the tensors: every method would
     turn it into a NaN perplexity or a failed factorisation much later."""
     bad = [name for name, p in model.named_parameters() if not torch.isfinite(p).all()]
     if bad:
-        raise M.CheckpointError(f"{ckpt or M.DEFAULT_MODEL}: non-finite weights (NaN or Inf) in "
+        raise llama.CheckpointError(f"{ckpt or llama.DEFAULT_MODEL}: non-finite weights (NaN or Inf) in "
                                 f"{', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}")
 
 
@@ -1755,18 +1755,18 @@ def run_fingerprint(ckpt, model, method, cfg: QuantConfig, calib_spec, calib_tok
     digest = hashlib.sha256()
     for t in calib_tokens if calib_tokens is not None else []:
         digest.update(t.to(torch.int64).numpy().tobytes())
-    return {"ckpt": str(ckpt or M.DEFAULT_MODEL), "model": json.dumps(model.args.to_hf()),
+    return {"ckpt": str(ckpt or llama.DEFAULT_MODEL), "model": json.dumps(model.args.to_hf()),
             "method": method, "options": json.dumps(asdict(cfg) | {
                 "outlier_threshold": str(cfg.outlier_threshold)}),
             "calib": calib_spec, "calib_sha256": digest.hexdigest(), "seed": seed,
             "dtype": str(dtype), "format": kernels.FORMAT}
 
 
-def headline(metrics: dict) -> str:
+def headline(result: dict) -> str:
     """The number a table shows for one eval spec: ppl, acc or exact match."""
     for k in ("ppl", "acc", "exact_match"):
-        if k in metrics:
-            return f"{metrics[k]:.3f}"
+        if k in result:
+            return f"{result[k]:.3f}"
     return "-"
 
 
@@ -1843,7 +1843,7 @@ def main():
                    "(default: TaCQ's, one item per sample and the loss on every position)")
     p.add_argument("--eval", nargs="*", default=["pydoc", "task:capitals"],
                    help="perplexity corpora (pydoc, text:PATH, wikitext2:DIR) and tasks "
-                   f"(task:{{{','.join(E.TASKS)}}}, jsonl:PATH); none (or no value) to skip")
+                   f"(task:{{{','.join(metrics.TASKS)}}}, jsonl:PATH); none (or no value) to skip")
     p.add_argument("--eval-seqlen", type=int, default=512, help="perplexity window length")
     p.add_argument("--eval-windows", type=int, default=None, help="evaluate only N windows")
     p.add_argument("--task-limit", type=int, default=None, help="score only N task items")
@@ -1852,7 +1852,7 @@ def main():
                    "and, if it holds an interrupted run with the same settings, continue it")
     p.add_argument("--json", default=None, help="write the summary here")
     p.add_argument("--device", default="cpu", help="cpu | cuda")
-    p.add_argument("--dtype", default="fp32", choices=sorted(M.DTYPES), help="model dtype")
+    p.add_argument("--dtype", default="fp32", choices=sorted(llama.DTYPES), help="model dtype")
     a = p.parse_args()
     try:
         cfg = QuantConfig(wbits=a.wbits, groupsize=a.groupsize, sym=a.sym, mse=a.mse,
@@ -1869,7 +1869,7 @@ def main():
         run(a.ckpt, a.method, cfg, a.calib, a.nsamples, a.seqlen, a.seed, evals,
             a.eval_seqlen, a.eval_windows, a.task_limit, a.scores, a.save, a.json, a.device,
             a.dtype, a.resume, answer_loss=a.answer_loss)
-    except (M.CheckpointError, ValueError, FileNotFoundError) as e:
+    except (llama.CheckpointError, ValueError, FileNotFoundError) as e:
         raise SystemExit(f"error: {e}")
 
 

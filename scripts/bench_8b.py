@@ -28,8 +28,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import mixq as Q  # noqa: E402
-import model as M  # noqa: E402
+import mixq  # noqa: E402
+import model as llama  # noqa: E402
 from bench_load import checkpoint_bytes, peak_rss_gb, time_generation  # noqa: E402
 from e2e_gpu import swap_in_quant_linears  # noqa: E402
 
@@ -38,7 +38,7 @@ HEADER = ("| method | wbits | groupsize | blocks | calibration | quantize s | s/
 
 
 def load(a, device="cpu"):
-    model, _ = M.load(a.ckpt, "bf16", device)
+    model, _ = llama.load(a.ckpt, "bf16", device)
     n_all = len(model.layers)
     if a.layers:
         model.layers = model.layers[:a.layers]
@@ -61,7 +61,7 @@ def tacq_masks(model, calib, cfg, device, work, fp, log):
             raise SystemExit(f"{path} is from a run with other settings; use another --work")
         log(f"masks: reusing {path}")
         return load_file(str(path))
-    masks = Q.global_top_k_masks(Q.tacq_scores(model, calib, None, cfg, device, log), cfg.ratio)
+    masks = mixq.global_top_k_masks(mixq.tacq_scores(model, calib, None, cfg, device, log), cfg.ratio)
     if path is not None:
         work.mkdir(parents=True, exist_ok=True)
         save_file(masks, str(work / ".masks.tmp"))
@@ -77,11 +77,11 @@ def child_method(a):
     g = torch.Generator().manual_seed(0)
     calib = None if a.one == "rtn" else torch.randint(0, model.args.vocab_size,
                                                       (a.nsamples, a.seqlen), generator=g)
-    cfg = Q.method_config(a.one, Q.QuantConfig(wbits=a.wbits, groupsize=a.groupsize,
+    cfg = mixq.method_config(a.one, mixq.QuantConfig(wbits=a.wbits, groupsize=a.groupsize,
                                                iters=a.iters, ratio=a.ratio))
     work = Path(a.work) / a.one if a.work else None  # a run split over several calls
     resume = str(work / "blocks") if work else a.resume_dir
-    fp = Q.run_fingerprint(a.ckpt, model, a.one, cfg, "random-tokens", calib, 0) | {
+    fp = mixq.run_fingerprint(a.ckpt, model, a.one, cfg, "random-tokens", calib, 0) | {
         "layers": len(model.layers)} if resume else None
     log = lambda s: print("   ", s, flush=True)  # noqa: E731
     t0 = time.perf_counter()
@@ -91,17 +91,17 @@ def child_method(a):
         log(f"TaCQ scores and mask: {time.perf_counter() - t0:.1f}s, peak GPU "
             f"{fmt(gpu_gb(a.device, True), '{:.2f}')} GiB")
     if a.one == "resq":  # covariances and fused bases, one block on the GPU at a time
-        Q.resq_prepare(model, calib, cfg, log=log, device=a.device)
+        mixq.resq_prepare(model, calib, cfg, log=log, device=a.device)
         log(f"ResQ bases: {time.perf_counter() - t0:.1f}s, peak GPU "
             f"{fmt(gpu_gb(a.device, True), '{:.2f}')} GiB")
-    res = Q.quantize_model(model, calib, "gptq" if a.one == "tacq" else a.one, cfg,
+    res = mixq.quantize_model(model, calib, "gptq" if a.one == "tacq" else a.one, cfg,
                            device=a.device, resume=resume, fingerprint=fp, log=log,
                            masks=masks)
     secs, n = time.perf_counter() - t0, len(model.layers)
     row = {"method": a.one, "wbits": cfg.wbits, "groupsize": cfg.groupsize, "blocks": n,
            "blocks_total": n_all, "calib": None if a.one == "rtn" else [a.nsamples, a.seqlen],
            "quantize_s": secs, "s_per_block": secs / n, "peak_gpu_gb": gpu_gb(a.device, True),
-           "peak_host_gb": peak_rss_gb(), "avg_bits": Q.average_bits(res)}
+           "peak_host_gb": peak_rss_gb(), "avg_bits": mixq.average_bits(res)}
     if a.save_tensors:  # final weights and packed tensors of every linear, for --resume-check
         from safetensors.torch import save_file
         t = {f"{k}.{p}": v for k, r in res.items() for p, v in (r["tensors"] or {}).items()}
@@ -148,8 +148,8 @@ def child_decode(a):
         model.fuse_projections()
         out |= fused_speeds(model, a, "bf16")
         model.split_projections()
-    cfg = Q.QuantConfig(wbits=a.wbits, groupsize=a.groupsize)
-    res = Q.quantize_model(model, None, "rtn", cfg, device=a.device, log=lambda s: None)
+    cfg = mixq.QuantConfig(wbits=a.wbits, groupsize=a.groupsize)
+    res = mixq.quantize_model(model, None, "rtn", cfg, device=a.device, log=lambda s: None)
     swap_in_quant_linears(model, res, cfg.groupsize)
     del res
     torch.cuda.empty_cache()  # a no-op without CUDA
@@ -278,7 +278,7 @@ def main():
     p.add_argument("--wbits", type=int, default=4)
     p.add_argument("--groupsize", type=int, default=128)
     p.add_argument("--ratio", type=float, default=0.0035, help="TaCQ's 16-bit share")
-    p.add_argument("--iters", type=int, default=Q.QuantConfig.iters, help="QuantEase sweeps")
+    p.add_argument("--iters", type=int, default=mixq.QuantConfig.iters, help="QuantEase sweeps")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--json", default=None)
     p.add_argument("--resume-check", action="store_true", help="GPTQ kill-and-resume check")
@@ -300,7 +300,7 @@ def main():
         if a.result:
             Path(a.result).write_text(json.dumps(out))
         return
-    ckpt_gb = checkpoint_bytes(M.resolve_ckpt(a.ckpt)) / 2 ** 30
+    ckpt_gb = checkpoint_bytes(llama.resolve_ckpt(a.ckpt)) / 2 ** 30
     print(f"{a.ckpt}: {ckpt_gb:.2f} GiB of safetensors; device {a.device}", flush=True)
     with tempfile.TemporaryDirectory(prefix="bench_8b-") as tmp:
         tmp = Path(tmp)

@@ -16,7 +16,7 @@ import torch
 
 ROOT = str(Path(__file__).resolve().parents[1])
 sys.path.insert(0, ROOT)
-import model as M  # noqa: E402
+import model as llama  # noqa: E402
 
 
 def best_time(fn, repeats):
@@ -43,8 +43,8 @@ def main():
     transformers.LlamaForCausalLM  # noqa: B018 (imports the model classes now)
     sys.path.insert(0, ROOT)
     torch.set_num_threads(a.threads)
-    path = M.resolve_ckpt(a.ckpt)
-    ours, _ = M.load(str(path))
+    path = llama.resolve_ckpt(a.ckpt)
+    ours, _ = llama.load(str(path))
     theirs = transformers.LlamaForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
     x = torch.randint(0, ours.args.vocab_size, (1, a.seqlen), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():

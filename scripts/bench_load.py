@@ -19,7 +19,7 @@ import torch
 
 ROOT = str(Path(__file__).resolve().parents[1])
 sys.path.insert(0, ROOT)
-import model as M  # noqa: E402
+import model as llama  # noqa: E402
 
 
 def peak_rss_gb():
@@ -60,10 +60,10 @@ def main():
     p.add_argument("--static", action="store_true",
                    help="mixq: decode with static shapes, a CUDA graph on a GPU")
     a = p.parse_args()
-    path = M.resolve_ckpt(a.ckpt)
+    path = llama.resolve_ckpt(a.ckpt)
     t0 = time.perf_counter()
     if a.impl == "mixq":
-        model, _ = M.load(str(path), a.dtype, a.device)
+        model, _ = llama.load(str(path), a.dtype, a.device)
         load_s = time.perf_counter() - t0
         model.setup_cache(1, a.prompt_len + a.new_tokens)
         step = model.static_decoder() if a.static else None
@@ -80,7 +80,7 @@ def main():
         import transformers
         transformers.LlamaForCausalLM  # noqa: B018 (imports the model classes now)
         sys.path.insert(0, ROOT)
-        dtype = M.DTYPES[a.dtype]
+        dtype = llama.DTYPES[a.dtype]
         model = transformers.LlamaForCausalLM.from_pretrained(str(path), dtype=dtype,
                                                               device_map=a.device).eval()
         load_s = time.perf_counter() - t0

@@ -35,14 +35,14 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.backends.nvidia.compiler import get_ptxas  # noqa: E402
 
-import kernels as K  # noqa: E402
+import kernels  # noqa: E402
 
 PACKED = {"x_ptr": "*fp16", "qw_ptr": "*i32", "qhi_ptr": "*i32", "s_ptr": "*fp16",
           "z_ptr": "*fp16"}
 
 
-def jobs(K):
-    """The kernels of module K to compile: (name, kernel, signature, constexprs, num_warps,
+def jobs(kernels):
+    """The kernels of a kernels.py module to compile: (name, kernel, signature, constexprs, num_warps,
     weights), weights per program, or ("K loop", weights per iteration) to count the
     instructions of the loop over K, or None."""
     csr = {"rowptr_ptr": "*i32", "cols_ptr": "*i16", "vals_ptr": "*fp16"}
@@ -50,7 +50,7 @@ def jobs(K):
                                  (2, "fp16", False, 14336), (4, "bf16", False, 14336),
                                  (4, "fp16", True, 14336), (4, "fp16", "run sums", 14336),
                                  (4, "fp16", False, 4096)]:
-        c = K.config_for(1, N, 4096, 128)  # the MLP matrices' tile, then q/o's
+        c = kernels.config_for(1, N, 4096, 128)  # the MLP matrices' tile, then q/o's
         gemv = dict(G=128, BLOCK_N=c["BLOCK_N"], BLOCK_K=c["BLOCK_K"], ITERS=c["ITERS"],
                     ROW_STATS=True, EVEN=True, OUT_BLOCK=128, SUM_ROWS=outliers == "run sums")
         sig = PACKED | {"x_ptr": f"*{x}", "rowptr_ptr": "*i32", "rows_ptr": "*i32",
@@ -59,12 +59,12 @@ def jobs(K):
         name = f"gemv {bits}-bit" + (", bf16 x" if x == "bf16" else "") + \
             (", outliers" if outliers else "") + \
             (" in run sums" if outliers == "run sums" else "") + f" (M=1, {N}x4096)"
-        yield (name, K._gemv_kernel, sig, gemv | dict(BITS=bits, OUTLIERS=bool(outliers)),
+        yield (name, kernels._gemv_kernel, sig, gemv | dict(BITS=bits, OUTLIERS=bool(outliers)),
                c["num_warps"], c["BLOCK_N"] * c["BLOCK_K"] * c["ITERS"])
     # the small-batch GEMM: config_for's tile, bf16 and fp16 activations, and the `--tune`
     # candidate with the weight tile as tl.dot's first operand (swap, a 64 x 16 wgmma)
-    c = K.config_for(16, 4096, 4096, 128)
-    has_swap = "SWAP" in K._gemm_kernel.arg_names  # (not in kernels.py before 1dd1165)
+    c = kernels.config_for(16, 4096, 4096, 128)
+    has_swap = "SWAP" in kernels._gemm_kernel.arg_names  # (not in kernels.py before 1dd1165)
     swapped = dict(c, BLOCK_N=64, BLOCK_K=128, swap=has_swap)
     for bits, x, cfg in [(4, "bf16", c), (4, "fp16", c), (3, "fp16", c), (4, "fp16", swapped)]:
         const = dict(G=128, BITS=bits, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
@@ -76,26 +76,26 @@ def jobs(K):
         name = f"gemm {bits}-bit" + (", bf16 x" if x == "bf16" else "") + (
             ", swap" if cfg.get("swap") else "") + (
             f", {cfg['BLOCK_N']}x{cfg['BLOCK_K']} tile" if cfg is swapped else "")
-        yield (f"{name} (M=16)", K._gemm_kernel, sig, const, cfg["num_warps"],
+        yield (f"{name} (M=16)", kernels._gemm_kernel, sig, const, cfg["num_warps"],
                ("K loop", cfg["BLOCK_N"] * cfg["BLOCK_K"]))  # weights per loop iteration
-    c = K.config_for(256, 4096, 4096, 128)
+    c = kernels.config_for(256, 4096, 4096, 128)
     sig = {k: v for k, v in PACKED.items() if k != "x_ptr"} | {
         "wt_ptr": "*fp16", "N": "i32", "K": "i32"}
-    yield ("dequant 4-bit (M=256)", K._dequant_kernel, sig,
+    yield ("dequant 4-bit (M=256)", kernels._dequant_kernel, sig,
            dict(G=128, BITS=4, BLOCK_N=c["BLOCK_N"], BLOCK_K=c["BLOCK_K"], ROW_STATS=True),
            c["num_warps"], c["BLOCK_N"] * c["BLOCK_K"])
     for M, block in [(1, 128), (16, 64)]:  # after the unfused GEMV; after the GEMM
-        yield (f"outliers (M={M})", K._outliers_kernel,
+        yield (f"outliers (M={M})", kernels._outliers_kernel,
                {"xt_ptr": "*fp16"} | csr | {"y_ptr": "*fp32", "M": "i32", "N": "i32"},
                dict(BLOCK_M=M, ROWS=16, BLOCK=block), 4, None)
-    yield ("add outliers (prefill)", K._add_outliers_kernel,
+    yield ("add outliers (prefill)", kernels._add_outliers_kernel,
            csr | {"wt_ptr": "*fp16", "N": "i32"}, dict(ROWS=16, BLOCK=128), 4, None)
     f32 = "*fp32"
-    yield ("QuantEase block (calibration)", K._cd_block_kernel,
+    yield ("QuantEase block (calibration)", kernels._cd_block_kernel,
            {n: f32 for n in ("What", "R", "S", "Sc", "Z", "D")} | {
                "m": "i32", "n": "i32", "b1": "i32", "width": "i32", "maxq": "fp32"},
            dict(ROUNDED=True, B=128, BLOCK_R=8), 4, None)
-    yield ("GPTQ block (calibration)", K._gptq_block_kernel,
+    yield ("GPTQ block (calibration)", kernels._gptq_block_kernel,
            {"W1": f32, "U1": f32, "Sc": f32, "Z": f32, "Maxq": f32, "Keep": "*u8",
             "Codes": f32, "Qv": f32, "Err": f32, "m": "i32", "width": "i32", "tau": "fp32"},
            dict(SPQR=True, B=128, BLOCK_R=8), 4, None)
@@ -167,7 +167,7 @@ def main():
     p.add_argument("--kernels", default=None,
                    help="another kernels.py to compile (e.g. an older commit's, from git show)")
     a = p.parse_args()
-    mod = K
+    mod = kernels
     if a.kernels:  # loaded under its own name, beside this checkout's
         spec = importlib.util.spec_from_file_location("kernels_other", a.kernels)
         mod = importlib.util.module_from_spec(spec)

@@ -20,10 +20,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import eval as E  # noqa: E402
+import eval as metrics  # noqa: E402
 import kernels  # noqa: E402
-import mixq as Q  # noqa: E402
-import model as M  # noqa: E402
+import mixq  # noqa: E402
+import model as llama  # noqa: E402
 
 
 def swap_in_quant_linears(model, results, groupsize):
@@ -64,15 +64,15 @@ def main():
     on_device = kernels.use_triton
     for bits in a.bits:
         kernels.use_triton = on_device  # quantize with the torch solvers on a CPU
-        model, tok = M.load(a.ckpt, a.dtype, a.device)
+        model, tok = llama.load(a.ckpt, a.dtype, a.device)
         prompt = tok.encode(tok.chat_prompt("Write a short paragraph about the ocean."))
-        calib = Q.calibration_windows("pydoc", tok, a.nsamples, 512, 0)
-        cfg = Q.QuantConfig(wbits=bits, groupsize=64)
+        calib = mixq.calibration_windows("pydoc", tok, a.nsamples, 512, 0)
+        cfg = mixq.QuantConfig(wbits=bits, groupsize=64)
         g = torch.Generator().manual_seed(0)
         masks = {f"layers.{i}.{n}": torch.rand(lin.weight.shape, generator=g) < 0.0035
                  for i, blk in enumerate(model.layers) for n, lin in blk.named_modules()
                  if isinstance(lin, torch.nn.Linear)}
-        res = Q.quantize_model(model, calib, "gptq", cfg, a.device, log=lambda s: None,
+        res = mixq.quantize_model(model, calib, "gptq", cfg, a.device, log=lambda s: None,
                                masks=masks)
         swap_in_quant_linears(model, res, cfg.groupsize)
         if a.interpret:  # QuantLinear through the kernels (interpreted), but MIXQ_TORCH_PATH
@@ -80,8 +80,8 @@ def main():
         ids_k, ids_t = both_paths(lambda: model.generate(prompt, a.new_tokens))
         same = next((i for i, (u, v) in enumerate(zip(ids_k, ids_t)) if u != v),
                     min(len(ids_k), len(ids_t)))
-        toks = E.corpus_tokens("pydoc", tok, "eval")
-        ppl_k, ppl_t = both_paths(lambda: E.perplexity(model, toks, 512, a.windows)["ppl"])
+        toks = metrics.corpus_tokens("pydoc", tok, "eval")
+        ppl_k, ppl_t = both_paths(lambda: metrics.perplexity(model, toks, 512, a.windows)["ppl"])
         print(f"W{bits} g64 GPTQ + 0.35% outliers, {a.dtype} on {a.device}:"
               f" greedy tokens equal for {same} of {len(ids_k)} (kernel) / {len(ids_t)} (torch);"
               f" pydoc eval ppl ({a.windows} x 512) kernel {ppl_k:.4f}, torch {ppl_t:.4f}")

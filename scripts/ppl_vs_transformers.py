@@ -14,8 +14,8 @@ import torch
 
 ROOT = str(Path(__file__).resolve().parents[1])
 sys.path.insert(0, ROOT)
-import eval as E  # noqa: E402
-import model as M  # noqa: E402
+import eval as metrics  # noqa: E402
+import model as llama  # noqa: E402
 
 
 class HFModel:
@@ -38,14 +38,14 @@ def main():
     import transformers
     transformers.LlamaForCausalLM  # noqa: B018 (imports the model classes now)
     sys.path.insert(0, ROOT)
-    ours, tok = M.load()
-    tokens = E.corpus_tokens("pydoc", tok, "eval")
-    path = M.embedded_gguf()
+    ours, tok = llama.load()
+    tokens = metrics.corpus_tokens("pydoc", tok, "eval")
+    path = llama.embedded_gguf()
     hf = transformers.AutoModelForCausalLM.from_pretrained(
         str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
-    r_ours = E.perplexity(ours, tokens, a.seqlen)
-    r_hf = E.perplexity(HFModel(hf), tokens, a.seqlen)
-    print(E.protocol("pydoc", "eval", a.seqlen, r_ours["windows"], r_ours["tokens"]))
+    r_ours = metrics.perplexity(ours, tokens, a.seqlen)
+    r_hf = metrics.perplexity(HFModel(hf), tokens, a.seqlen)
+    print(metrics.protocol("pydoc", "eval", a.seqlen, r_ours["windows"], r_ours["tokens"]))
     print(f"mixq model.py  ppl {r_ours['ppl']:.4f}")
     print(f"transformers   ppl {r_hf['ppl']:.4f}   (relative difference "
           f"{abs(r_ours['ppl'] / r_hf['ppl'] - 1):.2e})")

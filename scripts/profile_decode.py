@@ -9,13 +9,13 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-import model as M  # noqa: E402
+import model as llama  # noqa: E402
 
 p = argparse.ArgumentParser()
 p.add_argument("--ckpt", required=True)
 p.add_argument("--steps", type=int, default=5)
 a = p.parse_args()
-m = M.load(a.ckpt, dtype="bf16", device="cuda")[0]
+m = llama.load(a.ckpt, dtype="bf16", device="cuda")[0]
 with torch.no_grad():
     m.setup_cache(1, 128)
     step = m.static_decoder()  # captured graph; time it, then profile the eager step

@@ -17,9 +17,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import eval as E  # noqa: E402
-import mixq as Q  # noqa: E402
-import model as M  # noqa: E402
+import eval as metrics  # noqa: E402
+import mixq  # noqa: E402
+import model as llama  # noqa: E402
 
 METHODS = {  # name -> (mixq method, option overrides)
     "rtn": ("rtn", {}),
@@ -49,11 +49,11 @@ def main():
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     p.add_argument("--json", default=None)
     a = p.parse_args()
-    model, tok = M.load(a.ckpt)
-    ev = E.corpus_tokens("pydoc", tok, "eval")
-    fp = E.perplexity(model, ev, 512)
-    calib = Q.calibration_windows("pydoc", tok, a.nsamples, a.seqlen, seed=0)
-    print(f"{E.protocol('pydoc', 'eval', 512, fp['windows'], fp['tokens'])}; calibration "
+    model, tok = llama.load(a.ckpt)
+    ev = metrics.corpus_tokens("pydoc", tok, "eval")
+    fp = metrics.perplexity(model, ev, 512)
+    calib = mixq.calibration_windows("pydoc", tok, a.nsamples, a.seqlen, seed=0)
+    print(f"{metrics.protocol('pydoc', 'eval', 512, fp['windows'], fp['tokens'])}; calibration "
           f"{a.nsamples} x {a.seqlen} pydoc calib-split windows, seed 0")
     print(f"fp ppl {fp['ppl']:.3f}\n")
     header = "| config | method | avg bits | ppl | quant seconds |\n|---|---|---|---|---|"
@@ -62,21 +62,21 @@ def main():
     for conf in a.configs:
         for name in a.methods:
             method, over = METHODS[name]
-            cfg = Q.QuantConfig(**parse_config(conf), **over)
-            model, _ = M.load(a.ckpt)
+            cfg = mixq.QuantConfig(**parse_config(conf), **over)
+            model, _ = llama.load(a.ckpt)
             t0 = time.perf_counter()
-            res = Q.quantize_model(model, None if method == "rtn" else calib, method, cfg,
+            res = mixq.quantize_model(model, None if method == "rtn" else calib, method, cfg,
                                    log=lambda s: None)
             secs = time.perf_counter() - t0
-            ppl = E.perplexity(model, ev, 512)["ppl"]
-            row = f"| {conf} | {name} | {Q.average_bits(res):.3f} | {ppl:.2f} | {secs:.0f} |"
+            ppl = metrics.perplexity(model, ev, 512)["ppl"]
+            row = f"| {conf} | {name} | {mixq.average_bits(res):.3f} | {ppl:.2f} | {secs:.0f} |"
             print(row, flush=True)
             rows.append(row)
-            out.append({"config": conf, "method": name, "avg_bits": Q.average_bits(res),
+            out.append({"config": conf, "method": name, "avg_bits": mixq.average_bits(res),
                         "ppl": ppl if math.isfinite(ppl) else str(ppl), "seconds": secs})
     print(f"\nfp ppl {fp['ppl']:.3f}\n{header}\n" + "\n".join(rows))
     if a.json:
-        E.write_json(a.json, {"fp_ppl": fp["ppl"], "nsamples": a.nsamples, "runs": out})
+        metrics.write_json(a.json, {"fp_ppl": fp["ppl"], "nsamples": a.nsamples, "runs": out})
 
 
 if __name__ == "__main__":

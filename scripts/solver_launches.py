@@ -17,14 +17,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
-import kernels as K  # noqa: E402
-import mixq as Q  # noqa: E402
+import kernels  # noqa: E402
+import mixq  # noqa: E402
 
 
 def count(fn) -> tuple:
     """(top-level torch operations, Triton block-kernel calls) while fn runs."""
     calls = {"n": 0}
-    wrapped = {name: getattr(K, name) for name in ("gptq_block", "cd_block")}
+    wrapped = {name: getattr(kernels, name) for name in ("gptq_block", "cd_block")}
 
     def counting(f):
         def g(*args, **kw):
@@ -32,13 +32,13 @@ def count(fn) -> tuple:
             return f(*args, **kw)
         return g
     for name, f in wrapped.items():
-        setattr(K, name, counting(f))
+        setattr(kernels, name, counting(f))
     try:
         with profile(activities=[ProfilerActivity.CPU]) as p:
             fn()
     finally:
         for name, f in wrapped.items():
-            setattr(K, name, f)
+            setattr(kernels, name, f)
     top = [e for e in p.events() if e.cpu_parent is None]
     return len(top), calls["n"]
 
@@ -52,19 +52,19 @@ def main():
     W = torch.randn(a.m, a.n, generator=g)
     X = torch.randn(a.n, 2 * a.n, generator=g)
     sigma = X @ X.T / (2 * a.n)
-    cfg = Q.QuantConfig(wbits=4, groupsize=128, iters=1)
-    jobs = {"GPTQ (W4 g128)": lambda: Q.gptq(W, 2 * sigma, cfg),
-            "QuantEase, one sweep (W4 g128)": lambda: Q.quantease(W, sigma, cfg)}
+    cfg = mixq.QuantConfig(wbits=4, groupsize=128, iters=1)
+    jobs = {"GPTQ (W4 g128)": lambda: mixq.gptq(W, 2 * sigma, cfg),
+            "QuantEase, one sweep (W4 g128)": lambda: mixq.quantease(W, sigma, cfg)}
     print(f"W {a.m} x {a.n}: top-level torch operations and block-kernel launches\n")
     print("| solver | torch loop: ops | per column | block kernels: ops + launches | per column |")
     print("|---|---|---|---|---|")
-    real = K.use_triton
+    real = kernels.use_triton
     for name, job in jobs.items():
-        K.use_triton = lambda x: False
+        kernels.use_triton = lambda x: False
         torch_ops, _ = count(job)
-        K.use_triton = lambda x: True
+        kernels.use_triton = lambda x: True
         ops, launches = count(job)
-        K.use_triton = real
+        kernels.use_triton = real
         print(f"| {name} | {torch_ops:,} | {torch_ops / a.n:.1f} | {ops:,} + {launches} | "
               f"{(ops + launches) / a.n:.2f} |")
 

@@ -25,8 +25,8 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import mixq as Q  # noqa: E402
-import model as M  # noqa: E402
+import mixq  # noqa: E402
+import model as llama  # noqa: E402
 
 
 def stage_blocks(n_layers: int, rank: int, world: int) -> range:
@@ -34,7 +34,7 @@ def stage_blocks(n_layers: int, rank: int, world: int) -> range:
     return range(rank * n_layers // world, (rank + 1) * n_layers // world)
 
 
-def stage_tensors(args: M.ModelArgs, rank: int, world: int):
+def stage_tensors(args: llama.ModelArgs, rank: int, world: int):
     """name -> whether stage `rank` needs that tensor: its blocks, the embeddings on the first
     stage, the final norm and lm_head on the last (for model.load's `only`)."""
     blocks = stage_blocks(args.n_layers, rank, world)
@@ -48,7 +48,7 @@ def stage_tensors(args: M.ModelArgs, rank: int, world: int):
     return needed
 
 
-def pipeline_gradient_magnitudes(model: M.Transformer, calib, answers=None, device="cpu",
+def pipeline_gradient_magnitudes(model: llama.Transformer, calib, answers=None, device="cpu",
                                  log=print) -> dict:
     """This rank's part of mixq.gradient_magnitudes: G for the linears of its blocks. Call in
     every process of an initialised process group, with the same model and calibration data."""
@@ -58,8 +58,8 @@ def pipeline_gradient_magnitudes(model: M.Transformer, calib, answers=None, devi
     for li in blocks:  # only this stage's blocks go to its device
         model.layers[li].to(device)
     G = {name: torch.zeros(model.get_submodule(name).weight.shape, device=device)
-         for name in Q.linear_names(model) if int(name.split(".")[1]) in blocks}
-    head = Q.fp32_head(model).to(device) if last else None
+         for name in mixq.linear_names(model) if int(name.split(".")[1]) in blocks}
+    head = mixq.fp32_head(model).to(device) if last else None
     dim, dtype = model.args.dim, model.embed_tokens.weight.dtype
     for i, tokens in enumerate(calib):
         T = len(tokens)
@@ -78,12 +78,12 @@ def pipeline_gradient_magnitudes(model: M.Transformer, calib, answers=None, devi
             if not last:
                 dist.send(h.contiguous(), rank + 1)
         if last:  # dL/dh at the top
-            dh = Q.head_gradient(head, h, tokens, None if answers is None else answers[i])
+            dh = mixq.head_gradient(head, h, tokens, None if answers is None else answers[i])
         else:
             dh = torch.empty(1, T, dim, dtype=torch.float32, device=device)
             dist.recv(dh, rank + 1)
         for li in reversed(blocks):  # this stage's blocks, backwards
-            dh = Q.block_gradients(model.layers[li], inputs.pop(), cos, sin, dh, G, li)
+            dh = mixq.block_gradients(model.layers[li], inputs.pop(), cos, sin, dh, G, li)
         if not first:
             dist.send(dh.contiguous(), rank - 1)
         if rank == 0 and (i + 1) % max(1, len(calib) // 4) == 0:
@@ -99,17 +99,17 @@ def main():
     p.add_argument("--nsamples", type=int, default=128)
     p.add_argument("--seqlen", type=int, default=2048)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--dtype", default="bf16", choices=list(M.DTYPES))
+    p.add_argument("--dtype", default="bf16", choices=list(llama.DTYPES))
     a = p.parse_args()
     cuda = torch.cuda.is_available()
     dist.init_process_group("nccl" if cuda else "gloo")
     rank = dist.get_rank()
     device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if cuda else "cpu"
     # only this stage's tensors are read (on the host; each stage moves its blocks to its GPU)
-    args = M.ModelArgs.from_hf(M.read_config(M.resolve_ckpt(a.ckpt)))
+    args = llama.ModelArgs.from_hf(llama.read_config(llama.resolve_ckpt(a.ckpt)))
     only = stage_tensors(args, rank, dist.get_world_size())
-    model, tok = M.load(a.ckpt, a.dtype, "cpu", only=only)
-    calib, answers = Q.calibration_data(a.calib, tok, a.nsamples, a.seqlen, a.seed)
+    model, tok = llama.load(a.ckpt, a.dtype, "cpu", only=only)
+    calib, answers = mixq.calibration_data(a.calib, tok, a.nsamples, a.seqlen, a.seed)
     G = pipeline_gradient_magnitudes(model, calib, answers, device)
     from safetensors.torch import save_file
     out = Path(a.out)

@@ -20,9 +20,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import eval as E  # noqa: E402
-import mixq as Q  # noqa: E402
-import model as M  # noqa: E402
+import eval as metrics  # noqa: E402
+import mixq  # noqa: E402
+import model as llama  # noqa: E402
 
 
 def parse_config(name: str) -> dict:
@@ -33,11 +33,11 @@ def parse_config(name: str) -> dict:
 def evaluate(model, tok, specs):
     out = {}
     for spec in specs:
-        if E.is_task(spec):
-            r = E.task_accuracy(model, tok, spec)
+        if metrics.is_task(spec):
+            r = metrics.task_accuracy(model, tok, spec)
             out[spec] = r.get("acc", r.get("exact_match"))
         else:
-            out[spec] = E.perplexity(model, E.corpus_tokens(spec, tok, "eval"), 512)["ppl"]
+            out[spec] = metrics.perplexity(model, metrics.corpus_tokens(spec, tok, "eval"), 512)["ppl"]
     return out
 
 
@@ -53,7 +53,7 @@ def main():
     p.add_argument("--nsamples", type=int, default=32)
     p.add_argument("--scores-dir", default="out/tacq-scores")
     a = p.parse_args()
-    model, tok = M.load()
+    model, tok = llama.load()
     fp = evaluate(model, tok, a.evals)
     cols = " | ".join(a.evals)
     header = f"| config | run | ratio | avg bits | {cols} | seconds |\n" + \
@@ -68,38 +68,38 @@ def main():
             calib = calib or "pydoc"
             ratios = a.ratios if method.startswith("tacq") else [None]
             for ratio in ratios:
-                cfg = Q.QuantConfig(**parse_config(conf), mse=True, ratio=ratio or 0.0)
+                cfg = mixq.QuantConfig(**parse_config(conf), mse=True, ratio=ratio or 0.0)
                 if method == "spqr":  # matched bits: per-channel TaCQ (~3.16 at W3) against
                     # SpQR-style g64 (3.16 + outliers); TaCQ g64 (3.61) against g16 (3.63 + ...)
                     c = parse_config(conf)
                     c["groupsize"] = 64 if c["groupsize"] == -1 else 16
-                    cfg = Q.spqr_config(Q.QuantConfig(**c, outlier_threshold=a.spqr_threshold))
-                model, _ = M.load()
+                    cfg = mixq.spqr_config(mixq.QuantConfig(**c, outlier_threshold=a.spqr_threshold))
+                model, _ = llama.load()
                 answer_loss = method == "tacq-answers"
-                data, answers = Q.calibration_data(calib, tok, a.nsamples, 512, 0, answer_loss)
+                data, answers = mixq.calibration_data(calib, tok, a.nsamples, 512, 0, answer_loss)
                 t0 = time.perf_counter()
                 masks = None
                 if method.startswith("tacq"):
                     fingerprint = {"config": conf, "calib": calib, "nsamples": a.nsamples}
                     name = f"{conf}-{calib.replace(':', '-')}"
-                    if E.is_task(calib):  # the two protocols' scores
+                    if metrics.is_task(calib):  # the two protocols' scores
                         fingerprint["answer_loss"] = answer_loss
                         name += "-answers" if answer_loss else "-items"
                     d = Path(a.scores_dir) / name
-                    scores = Q.cached_tacq_scores(model, data, answers, cfg, fingerprint, d,
+                    scores = mixq.cached_tacq_scores(model, data, answers, cfg, fingerprint, d,
                                                   log=lambda s: None)
-                    masks = Q.global_top_k_masks(scores, ratio)
-                    circuits.append((f"{conf} {run} ratio {ratio}", Q.circuit_location(masks)))
-                res = Q.quantize_model(model, data, "gptq", cfg, log=lambda s: None,
+                    masks = mixq.global_top_k_masks(scores, ratio)
+                    circuits.append((f"{conf} {run} ratio {ratio}", mixq.circuit_location(masks)))
+                res = mixq.quantize_model(model, data, "gptq", cfg, log=lambda s: None,
                                        masks=masks)
                 secs = time.perf_counter() - t0
                 r = evaluate(model, tok, a.evals)
                 print(f"| {conf} | {run} | {ratio if ratio is not None else '-'} | "
-                      f"{Q.average_bits(res):.3f} | " + " | ".join(f"{r[s]:.3f}" for s in a.evals)
+                      f"{mixq.average_bits(res):.3f} | " + " | ".join(f"{r[s]:.3f}" for s in a.evals)
                       + f" | {secs:.0f} |", flush=True)
     for title, where in circuits:
         print(f"\nTaCQ {title}: where the 16-bit weights are")
-        Q.print_circuit(where)
+        mixq.print_circuit(where)
 
 
 if __name__ == "__main__":

@@ -48,5 +48,5 @@ def tiny_ckpt(tmp_path):
 @pytest.fixture(scope="session")
 def embedded():
     """The embedded SmolLM2-135M-Instruct through model.py (fp32, CPU)."""
-    import model as M
-    return M.load()
+    import model as llama
+    return llama.load()

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import model as M
+import model as llama
 from conftest import tiny_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -98,7 +98,7 @@ def test_resume_and_save_never_mix_into_the_users_files(tmp_path):
 
 def tiny_with_tokenizer(d):
     tiny_checkpoint(d, vocab_size=49152)
-    shutil.copy(M.embedded_checkpoint() / "tokenizer.json", d / "tokenizer.json")
+    shutil.copy(llama.embedded_checkpoint() / "tokenizer.json", d / "tokenizer.json")
     return d
 
 
@@ -131,7 +131,7 @@ def test_bad_checkpoints_name_the_file_and_the_tensor(tmp_path):
 
 def test_a_gguf_cut_in_half_is_called_truncated(tmp_path):
     half = tmp_path / "half.gguf"
-    data = M.embedded_gguf().read_bytes()
+    data = llama.embedded_gguf().read_bytes()
     half.write_bytes(data[:len(data) // 2])
     r = run("model.py", "--ckpt", half, "--prompt", "hi")
     assert r.returncode != 0 and "not a readable GGUF file, truncated" in r.stderr
@@ -139,37 +139,37 @@ def test_a_gguf_cut_in_half_is_called_truncated(tmp_path):
 
 
 def test_json_is_strict_even_with_a_nan(tmp_path):
-    import eval as E
-    E.write_json(tmp_path / "s.json", {"ppl": float("nan"), "runs": [float("inf"), 1.5]})
+    import eval as metrics
+    metrics.write_json(tmp_path / "s.json", {"ppl": float("nan"), "runs": [float("inf"), 1.5]})
     text = (tmp_path / "s.json").read_text()
     assert json.loads(text) == {"ppl": "nan", "runs": ["inf", 1.5]} and "NaN" not in text
 
 
 def test_outputs_get_the_usual_file_modes(tmp_path):
     d = tiny_checkpoint(tmp_path / "t")
-    M.save_hf(M.load(str(d))[0], None, tmp_path / "out")
+    llama.save_hf(llama.load(str(d))[0], None, tmp_path / "out")
     import os
     umask = os.umask(0o022)  # as most systems set it (and back afterwards)
     try:
-        M.save_hf(M.load(str(d))[0], None, tmp_path / "out2")
+        llama.save_hf(llama.load(str(d))[0], None, tmp_path / "out2")
     finally:
         os.umask(umask)
     modes = {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "out2").iterdir()}
     assert modes == {"config.json": 0o644, "model.safetensors": 0o644}  # not safetensors' 0600
     assert (tmp_path / "out2").stat().st_mode & 0o777 == 0o755  # not mkdtemp's 0700
-    assert torch.equal(M.load(str(tmp_path / "out"))[0].embed_tokens.weight,
-                       M.load(str(d))[0].embed_tokens.weight)
+    assert torch.equal(llama.load(str(tmp_path / "out"))[0].embed_tokens.weight,
+                       llama.load(str(d))[0].embed_tokens.weight)
 
 
 def test_non_finite_statistics_stop_at_the_layer_that_sees_them(tmp_path):
-    import mixq as Q
-    model, _ = M.load(str(tiny_checkpoint(tmp_path / "t")))
+    import mixq
+    model, _ = llama.load(str(tiny_checkpoint(tmp_path / "t")))
     model.layers[0].mlp.down_proj.weight.data[0] = 3e38  # finite weights, infinite activations
     calib = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0))
     with pytest.raises(ValueError, match=r"layers.1.self_attn.q_proj: its calibration inputs "
                                          r"hold NaN or Inf.*not from the damping"):
-        Q.quantize_model(model, calib, "gptq", Q.QuantConfig(wbits=3), log=lambda s: None)
-    model, _ = M.load(str(tmp_path / "t"))  # (run() refuses a NaN weight before this point)
+        mixq.quantize_model(model, calib, "gptq", mixq.QuantConfig(wbits=3), log=lambda s: None)
+    model, _ = llama.load(str(tmp_path / "t"))  # (run() refuses a NaN weight before this point)
     model.layers[1].self_attn.o_proj.weight.data[0, 0] = float("nan")
     with pytest.raises(ValueError, match=r"layers.1.self_attn.q_proj: its loss gradient holds NaN"):
-        Q.gradient_magnitudes(model, calib, log=lambda s: None)
+        mixq.gradient_magnitudes(model, calib, log=lambda s: None)

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-import eval as E
-import model as M
+import eval as metrics
+import model as llama
 from conftest import ORACLE
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -24,57 +24,57 @@ class CharTokenizer:
 
 def test_pydoc_splits_are_disjoint_and_cover_the_corpus():
     tok = CharTokenizer()
-    all_ = E.corpus_tokens("pydoc", tok, "all")
-    calib, ev = E.corpus_tokens("pydoc", tok, "calib"), E.corpus_tokens("pydoc", tok, "eval")
+    all_ = metrics.corpus_tokens("pydoc", tok, "all")
+    calib, ev = metrics.corpus_tokens("pydoc", tok, "calib"), metrics.corpus_tokens("pydoc", tok, "eval")
     assert torch.equal(torch.cat([calib, ev]), all_)
     assert len(ev) == len(all_) - int(0.9 * len(all_))
 
 
 def test_text_and_wikitext_corpora(tmp_path):
     (tmp_path / "a.txt").write_text("hello world")
-    assert E.corpus_tokens(f"text:{tmp_path / 'a.txt'}", CharTokenizer()).tolist() == \
+    assert metrics.corpus_tokens(f"text:{tmp_path / 'a.txt'}", CharTokenizer()).tolist() == \
         list(b"hello world")
     (tmp_path / "wiki.test.raw").write_text(" = Title = \n test")
     (tmp_path / "wiki.train.raw").write_text("train text")
-    assert E.corpus_text(f"wikitext2:{tmp_path}", "eval") == " = Title = \n test"
-    assert E.corpus_text(f"wikitext2:{tmp_path}", "calib") == "train text"
+    assert metrics.corpus_text(f"wikitext2:{tmp_path}", "eval") == " = Title = \n test"
+    assert metrics.corpus_text(f"wikitext2:{tmp_path}", "calib") == "train text"
 
 
 def test_bad_corpus_specs(tmp_path):
     with pytest.raises(ValueError, match="unknown corpus 'c4'"):
-        E.corpus_text("c4")
+        metrics.corpus_text("c4")
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        E.corpus_text(f"text:{tmp_path / 'missing.txt'}")
+        metrics.corpus_text(f"text:{tmp_path / 'missing.txt'}")
     with pytest.raises(FileNotFoundError, match="wiki.test.raw"):
-        E.corpus_text(f"wikitext2:{tmp_path}")
+        metrics.corpus_text(f"wikitext2:{tmp_path}")
 
 
 def test_perplexity_follows_the_gptq_protocol(tiny_ckpt):
-    ours, _ = M.load(str(tiny_ckpt))
+    ours, _ = llama.load(str(tiny_ckpt))
     tokens = torch.randint(0, 128, (3 * 50 + 17,), generator=torch.Generator().manual_seed(0))
-    res = E.perplexity(ours, tokens, seqlen=50)
+    res = metrics.perplexity(ours, tokens, seqlen=50)
     assert res["windows"] == 3 and res["tokens"] == 3 * 49  # remainder of 17 dropped
     # the oracle: transformers' mean loss per window (49 predictions each), averaged
     losses = ORACLE.forward(tiny_ckpt, tokens[:150].view(3, 50))["loss"]
     assert res["ppl"] == pytest.approx(math.exp(losses.mean().item()), rel=1e-4)
-    assert E.perplexity(ours, tokens, seqlen=50, windows=2)["windows"] == 2
+    assert metrics.perplexity(ours, tokens, seqlen=50, windows=2)["windows"] == 2
     # no autograd graph, even for weights that require gradients (a model built in code)
     grad_on = []
     ours.layers[0].self_attn.q_proj.weight.requires_grad_(True)
     ours.register_forward_hook(lambda *_: grad_on.append(torch.is_grad_enabled()))
-    E.perplexity(ours, tokens, seqlen=50, windows=1)
+    metrics.perplexity(ours, tokens, seqlen=50, windows=1)
     assert grad_on == [False]
     with pytest.raises(ValueError, match="fewer than one window"):
-        E.perplexity(ours, tokens[:40], seqlen=50)
+        metrics.perplexity(ours, tokens[:40], seqlen=50)
     for seqlen, windows in [(1, None), (50, 0)]:  # no prediction in a window; no window
         with pytest.raises(ValueError, match="want a window of at least 2 tokens"):
-            E.perplexity(ours, tokens, seqlen=seqlen, windows=windows)
+            metrics.perplexity(ours, tokens, seqlen=seqlen, windows=windows)
 
 
 @pytest.mark.parametrize("static,compile", [(False, False), (True, False), (False, True)])
 def test_speed_reports_both_phases(tiny_ckpt, static, compile):
-    ours, _ = M.load(str(tiny_ckpt))
-    s = E.speed(ours, prompt_len=16, new_tokens=4, repeats=1, static=static, compile=compile)
+    ours, _ = llama.load(str(tiny_ckpt))
+    s = metrics.speed(ours, prompt_len=16, new_tokens=4, repeats=1, static=static, compile=compile)
     assert s["prefill_tokens_per_s"] > 0 and s["decode_tokens_per_s"] > 0
 
 
@@ -83,7 +83,7 @@ def tiny_with_tokenizer(d):
     from shutil import copy
     from conftest import tiny_checkpoint
     tiny_checkpoint(d, vocab_size=49152)
-    copy(M.embedded_checkpoint() / "tokenizer.json", d / "tokenizer.json")
+    copy(llama.embedded_checkpoint() / "tokenizer.json", d / "tokenizer.json")
     return d
 
 

@@ -4,11 +4,11 @@ import pytest
 import torch
 from hypothesis import given, strategies as st
 
-import kernels as K
-import mixq as Q
+import kernels
+import mixq
 
-pytestmark = pytest.mark.skipif(K.triton is None, reason="triton is not installed")
-DEVICE = "cuda" if torch.cuda.is_available() and not K.os.environ.get("TRITON_INTERPRET") \
+pytestmark = pytest.mark.skipif(kernels.triton is None, reason="triton is not installed")
+DEVICE = "cuda" if torch.cuda.is_available() and not kernels.os.environ.get("TRITON_INTERPRET") \
     else "cpu"
 
 
@@ -16,21 +16,21 @@ def random_packed(bits, N, Kd, groupsize, outliers, seed):
     """A random weight in the packed format, with about `outliers` of it in CSR corrections."""
     g = torch.Generator().manual_seed(seed)
     gs = Kd if groupsize == -1 else groupsize
-    t = K.pack_codes(torch.randint(0, 2 ** bits, (Kd, N), generator=g), bits)
+    t = kernels.pack_codes(torch.randint(0, 2 ** bits, (Kd, N), generator=g), bits)
     t["scales"] = (torch.rand(Kd // gs, N, generator=g) * 0.1 + 0.01).half()
     t["zeros"] = torch.randint(0, 2 ** bits, (Kd // gs, N), generator=g).half()
     if outliers:
         mask = torch.rand(N, Kd, generator=g) < outliers
         mask[0, :] = True  # one dense row: the skewed case
-        t |= K.to_csr(torch.randn(N, Kd, generator=g), mask)
+        t |= kernels.to_csr(torch.randn(N, Kd, generator=g), mask)
     return {k: v.to(DEVICE) for k, v in t.items()}
 
 
 def check(bits, M, N, Kd, groupsize, outliers, dtype, seed, config=None):
     t = random_packed(bits, N, Kd, groupsize, outliers, seed)
     x = torch.randn(M, Kd, generator=torch.Generator().manual_seed(seed + 1)).to(DEVICE, dtype)
-    y = K.quant_matmul(x, t, bits, groupsize, N, Kd, config)
-    ref = x.double() @ K.dequantize(t, bits, groupsize, N, Kd).double().T  # the oracle, fp64
+    y = kernels.quant_matmul(x, t, bits, groupsize, N, Kd, config)
+    ref = x.double() @ kernels.dequantize(t, bits, groupsize, N, Kd).double().T  # the oracle, fp64
     assert y.dtype == dtype and y.shape == (M, N)
     assert torch.isfinite(y).all()  # every element written (single-split outputs start as NaN)
     err = (y.double() - ref).abs().max() / ref.abs().max()
@@ -60,7 +60,7 @@ def test_kernel_dtypes(bits, dtype):
     dict(path="gemv", BLOCK_N=8, BLOCK_K=32, ITERS=1, sum_rows=True),  # runs per program
     dict(path="gemv", BLOCK_N=8, BLOCK_K=64, ITERS=3, sum_rows=True),  # one split: the dense
     # row's run of 192 outliers crosses a 128-entry chunk
-    K.config_for(1, 14336, 4096, 128),  # the MLP matrices' decode tile (masked to N = 40)
+    kernels.config_for(1, 14336, 4096, 128),  # the MLP matrices' decode tile (masked to N = 40)
     dict(path="gemm", BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, SPLIT_K=1),
     dict(path="gemm", BLOCK_M=16, BLOCK_N=32, BLOCK_K=64, SPLIT_K=3),
     dict(path="gemm", BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, SPLIT_K=1, swap=True),  # y^T = W x^T
@@ -78,7 +78,7 @@ def test_every_path(config, groupsize):
 def test_wide_decode_tile_on_whole_tiles(bits):
     # the MLP matrices' GEMV tile where it divides N and K (no masks: the EVEN path), with
     # outliers and split K over two programs
-    cfg = K.config_for(1, 14336, 4096, 128)
+    cfg = kernels.config_for(1, 14336, 4096, 128)
     check(bits, 1, cfg["BLOCK_N"], 2 * cfg["BLOCK_K"] * cfg["ITERS"], 64, 0.01, torch.float16,
           seed=bits, config=cfg)
 
@@ -90,39 +90,39 @@ def test_stacked_quant_linears_equal_the_separate_ones(bits):
     # through the kernels (decode GEMV, small-batch GEMM) and the torch path, the stacked
     # output is the separate outputs side by side
     sizes, outliers = [24, 8, 16], [0.05, 0.0, 0.1]
-    lins = [K.QuantLinear(96, n, bits, 32, random_packed(bits, n, 96, 32, o, seed=n))
+    lins = [kernels.QuantLinear(96, n, bits, 32, random_packed(bits, n, 96, 32, o, seed=n))
             for n, o in zip(sizes, outliers)]
-    stacked = K.stack_quant_linears(lins)
+    stacked = kernels.stack_quant_linears(lins)
     assert stacked.out_features == 48 and stacked.outlier_vals.numel() == sum(
         m.outlier_vals.numel() for m in lins if hasattr(m, "outlier_vals"))
     for M in (1, 3):
         x = torch.randn(M, 96, generator=torch.Generator().manual_seed(M)).to(DEVICE)
-        parts = [K.quant_matmul(x, m.stored(), bits, 32, m.out_features, 96) for m in lins]
-        y = K.quant_matmul(x, stacked.stored(), bits, 32, 48, 96)
+        parts = [kernels.quant_matmul(x, m.stored(), bits, 32, m.out_features, 96) for m in lins]
+        y = kernels.quant_matmul(x, stacked.stored(), bits, 32, 48, 96)
         torch.testing.assert_close(y, torch.cat(parts, dim=1), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(stacked.dequantized_weight(),
                                torch.cat([m.dequantized_weight() for m in lins]))
-    other = K.QuantLinear(96, 8, 2, 32, random_packed(2, 8, 96, 32, 0.0, seed=0))
-    assert K.stack_quant_linears([lins[0], other]) is None  # different bits: not stackable
+    other = kernels.QuantLinear(96, 8, 2, 32, random_packed(2, 8, 96, 32, 0.0, seed=0))
+    assert kernels.stack_quant_linears([lins[0], other]) is None  # different bits: not stackable
 
 
 def test_quantized_linear_refuses_fractional_or_far_zero_points():
     t = random_packed(4, 8, 64, 32, 0.0, seed=0)
     for zeros in (t["zeros"] + 0.5, t["zeros"] - 1025):
         with pytest.raises(ValueError, match="integer zero points"):
-            K.QuantLinear(64, 8, 4, 32, t | {"zeros": zeros})
-    K.QuantLinear(64, 8, 4, 32, t | {"zeros": t["zeros"] - 1024})  # the edge of the range
+            kernels.QuantLinear(64, 8, 4, 32, t | {"zeros": zeros})
+    kernels.QuantLinear(64, 8, 4, 32, t | {"zeros": t["zeros"] - 1024})  # the edge of the range
 
 
 def test_quantized_linear_triton_path_equals_torch_path():
     W = torch.randn(48, 128, generator=torch.Generator().manual_seed(0))
     S = torch.eye(128) + 0.1
     mask = torch.rand(W.shape, generator=torch.Generator().manual_seed(1)) < 0.01
-    qz = Q.gptq(W, S, Q.QuantConfig(wbits=3, groupsize=32), mask=mask)
-    lin = K.QuantLinear(128, 48, 3, 32, Q.packed_tensors(qz)).to(DEVICE)
+    qz = mixq.gptq(W, S, mixq.QuantConfig(wbits=3, groupsize=32), mask=mask)
+    lin = kernels.QuantLinear(128, 48, 3, 32, mixq.packed_tensors(qz)).to(DEVICE)
     x = torch.randn(2, 5, 128).to(DEVICE)
     via_torch = torch.nn.functional.linear(x, lin.dequantized_weight())
-    via_triton = K.quant_matmul(x, lin.stored(), 3, 32, 48, 128)
+    via_triton = kernels.quant_matmul(x, lin.stored(), 3, 32, 48, 128)
     assert via_triton.shape == (2, 5, 48)
     assert torch.allclose(via_triton, via_torch, rtol=1e-4, atol=1e-4)
 
@@ -137,15 +137,15 @@ def test_quantease_block_kernel_equals_the_torch_loop(m, n, data, bits, rounded,
     g = torch.Generator().manual_seed(seed)
     W = torch.randn(m, n, generator=g, dtype=dtype)
     X = torch.randn(n, 3 * n, generator=g, dtype=dtype)
-    S = Q.normalized_offdiag(X @ X.T)
-    s, z, gs = Q.fit_groups(W, Q.QuantConfig(wbits=bits))
-    s, z = Q.per_column(s, gs), Q.per_column(z, gs)
+    S = mixq.normalized_offdiag(X @ X.T)
+    s, z, gs = mixq.fit_groups(W, mixq.QuantConfig(wbits=bits))
+    s, z = mixq.per_column(s, gs), mixq.per_column(z, gs)
     What = W + 0.1 * torch.randn(m, n, generator=g, dtype=dtype)
     R = (W + W @ S - What @ S)[:, b1:b2]
     ref = What.clone()
-    D_ref = Q.cd_block(ref, R, S, s, z, b1, b2, 2 ** bits - 1, rounded)
+    D_ref = mixq.cd_block(ref, R, S, s, z, b1, b2, 2 ** bits - 1, rounded)
     out = What.clone().to(DEVICE)
-    D = K.cd_block(out, R.to(DEVICE), S.to(DEVICE), s.to(DEVICE), z.to(DEVICE), b1, b2,
+    D = kernels.cd_block(out, R.to(DEVICE), S.to(DEVICE), s.to(DEVICE), z.to(DEVICE), b1, b2,
                    2 ** bits - 1, rounded)
     tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-12)
     if rounded and dtype == torch.float32:  # summation order may flip a rare rounding
@@ -163,9 +163,9 @@ def test_quantease_block_kernel_rounds_ties_to_even_like_torch():
     m, n = R.shape
     s, z = torch.full((m, n), 0.25), torch.full((m, n), 1.0)
     out = torch.zeros(m, n).to(DEVICE)
-    K.cd_block(out, R.to(DEVICE), torch.zeros(n, n).to(DEVICE), s.to(DEVICE), z.to(DEVICE),
+    kernels.cd_block(out, R.to(DEVICE), torch.zeros(n, n).to(DEVICE), s.to(DEVICE), z.to(DEVICE),
                0, n, 3)
-    assert torch.equal(out.cpu(), Q.fake_quant(R, s, z, 3))
+    assert torch.equal(out.cpu(), mixq.fake_quant(R, s, z, 3))
 
 
 @given(m=st.integers(1, 40), width=st.integers(1, 70), bits=st.sampled_from([2, 3, 4]),
@@ -177,17 +177,17 @@ def test_gptq_block_kernel_equals_the_torch_loop(m, width, bits, mixed, spqr, dt
     g = torch.Generator().manual_seed(seed)
     W = torch.randn(m, width, generator=g, dtype=dtype)
     X = torch.randn(width, 2 * width + 4, generator=g, dtype=dtype)
-    U = Q.inverse_cholesky(2 * X @ X.T, 0.01)
-    s, z, _ = Q.fit_groups(W, Q.QuantConfig(wbits=bits))
+    U = mixq.inverse_cholesky(2 * X @ X.T, 0.01)
+    s, z, _ = mixq.fit_groups(W, mixq.QuantConfig(wbits=bits))
     s, z = s.expand(m, width).contiguous(), z.expand(m, width).contiguous()
     maxq = torch.full((width,), 2.0 ** bits - 1, dtype=dtype)
     if mixed:
         maxq[torch.rand(width, generator=g) < 0.3] = 255.0
     mask = torch.rand(m, width, generator=g) < 0.05
     tau = 0.1 * float((W.var(0) / torch.diag(U) ** 2).mean()) if spqr and m > 1 else float("inf")
-    ref = Q.gptq_block(W.clone(), U, s, z, maxq, mask, tau)
+    ref = mixq.gptq_block(W.clone(), U, s, z, maxq, mask, tau)
     dev = [t.to(DEVICE) for t in (W, U, s, z, maxq, mask)]
-    out = [t.cpu() for t in K.gptq_block(*dev, tau)]
+    out = [t.cpu() for t in kernels.gptq_block(*dev, tau)]
     assert torch.equal(out[3], ref[3]) or dtype == torch.float32  # the same weights kept
     tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=1e-10, atol=1e-10)
     if dtype == torch.float32:  # summation order may flip a rare rounding
@@ -211,20 +211,20 @@ def test_solvers_through_the_kernels_equal_the_torch_solvers(name, monkeypatch):
 
     def run(dev):
         W_, H_, mask_, high_ = (t.to(dev) for t in (W, H, mask, high))
-        return {"gptq g32": lambda: Q.gptq(W_, H_, Q.QuantConfig(wbits=3, groupsize=32)),
-                "gptq act-order": lambda: Q.gptq(W_, H_, Q.QuantConfig(wbits=2, groupsize=32,
+        return {"gptq g32": lambda: mixq.gptq(W_, H_, mixq.QuantConfig(wbits=3, groupsize=32)),
+                "gptq act-order": lambda: mixq.gptq(W_, H_, mixq.QuantConfig(wbits=2, groupsize=32,
                                                                        act_order=True)),
-                "gptq static act-order": lambda: Q.gptq(W_, H_, Q.QuantConfig(
+                "gptq static act-order": lambda: mixq.gptq(W_, H_, mixq.QuantConfig(
                     wbits=2, groupsize=32, act_order=True, static_groups=True)),
-                "spqr": lambda: Q.gptq(W_, H_, Q.spqr_config(Q.QuantConfig(wbits=3))),
-                "resq high": lambda: Q.gptq(W_, H_, Q.QuantConfig(wbits=4), high=high_),
-                "tacq": lambda: Q.gptq(W_, H_, Q.QuantConfig(wbits=2, mse=True), mask=mask_),
-                "quantease": lambda: Q.quantease(W_, H_, Q.QuantConfig(
+                "spqr": lambda: mixq.gptq(W_, H_, mixq.spqr_config(mixq.QuantConfig(wbits=3))),
+                "resq high": lambda: mixq.gptq(W_, H_, mixq.QuantConfig(wbits=4), high=high_),
+                "tacq": lambda: mixq.gptq(W_, H_, mixq.QuantConfig(wbits=2, mse=True), mask=mask_),
+                "quantease": lambda: mixq.quantease(W_, H_, mixq.QuantConfig(
                     wbits=3, groupsize=32, iters=3, blocksize=40)),
-                "quantease outliers": lambda: Q.quantease_outliers(
-                    W_, H_, Q.QuantConfig(wbits=2, iters=2, outliers=0.02))}[name]()
+                "quantease outliers": lambda: mixq.quantease_outliers(
+                    W_, H_, mixq.QuantConfig(wbits=2, iters=2, outliers=0.02))}[name]()
     ref = run("cpu")  # the torch loops
-    monkeypatch.setattr(K, "use_triton", lambda x: True)  # the kernels (interpreted on a CPU)
+    monkeypatch.setattr(kernels, "use_triton", lambda x: True)  # the kernels (interpreted on a CPU)
     out = run(DEVICE)
     torch.testing.assert_close(out.dequantize().cpu(), ref.dequantize(), rtol=1e-10, atol=1e-10)
     assert out.n_kept() == ref.n_kept() and out.loss == pytest.approx(ref.loss, rel=1e-9)
@@ -239,17 +239,17 @@ def test_quant_matmul_op_is_opaque_to_torch_compile(bits, outliers):
     N, Kd = 40, 96
     t = random_packed(bits, N, Kd, 32, outliers, seed=bits)
     if outliers:
-        t["outlier_rows"] = K.outlier_rows(t)
+        t["outlier_rows"] = kernels.outlier_rows(t)
     names = ["qweight", "qweight_hi", "scales", "zeros", "outlier_rowptr", "outlier_cols",
              "outlier_vals", "outlier_rows"]
-    workspace = K.new_workspace(N, DEVICE)
+    workspace = kernels.new_workspace(N, DEVICE)
     args = [t.get(n) for n in names] + [workspace, bits, 32, N, Kd]
     x = torch.randn(1, Kd, generator=torch.Generator().manual_seed(7)).to(DEVICE, torch.float16)
-    eager = K.quant_matmul_op(x, *args)
-    assert torch.equal(eager, K.quant_matmul(x, t, bits, 32, N, Kd))
-    compiled = torch.compile(lambda x: K.quant_matmul_op(x, *args) * 2, fullgraph=True)(x)
+    eager = kernels.quant_matmul_op(x, *args)
+    assert torch.equal(eager, kernels.quant_matmul(x, t, bits, 32, N, Kd))
+    compiled = torch.compile(lambda x: kernels.quant_matmul_op(x, *args) * 2, fullgraph=True)(x)
     assert torch.equal(compiled, eager * 2)
-    torch.library.opcheck(K.quant_matmul_op, (x, *args),  # (also: no argument changed)
+    torch.library.opcheck(kernels.quant_matmul_op, (x, *args),  # (also: no argument changed)
                           test_utils=("test_schema", "test_faketensor"))
 
 
@@ -261,12 +261,12 @@ def test_gemv_leaves_its_workspace_at_zero(bits, outliers):
     # next call. 3 column blocks x 6 K-splits, four calls in a row on one workspace.
     N, Kd = 40, 192
     t = random_packed(bits, N, Kd, 32, outliers, seed=bits)
-    workspace = K.new_workspace(N, DEVICE)
+    workspace = kernels.new_workspace(N, DEVICE)
     cfg = dict(path="gemv", BLOCK_N=16, BLOCK_K=32, ITERS=1)
     for seed in range(4):
         x = torch.randn(1, Kd, generator=torch.Generator().manual_seed(seed)).to(DEVICE)
-        y = K.quant_matmul(x, t, bits, 32, N, Kd, cfg, workspace=workspace)
-        ref = x.double() @ K.dequantize(t, bits, 32, N, Kd).double().T
+        y = kernels.quant_matmul(x, t, bits, 32, N, Kd, cfg, workspace=workspace)
+        ref = x.double() @ kernels.dequantize(t, bits, 32, N, Kd).double().T
         torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-5)
         assert not workspace.any(), workspace
 
@@ -279,19 +279,19 @@ def test_gemv_workspace_survives_many_calls_on_a_gpu():
     # each checked against the fp64 reference
     N, Kd = 4096, 4096
     t = random_packed(4, N, Kd, 128, 0.0035, seed=11)
-    t["outlier_rows"] = K.outlier_rows(t)
-    W = K.dequantize(t, 4, 128, N, Kd).double()
-    workspace = K.new_workspace(N, DEVICE)
+    t["outlier_rows"] = kernels.outlier_rows(t)
+    W = kernels.dequantize(t, 4, 128, N, Kd).double()
+    workspace = kernels.new_workspace(N, DEVICE)
     xs = torch.randn(100, 1, Kd, device=DEVICE).half()
     x = torch.empty(1, Kd, device=DEVICE, dtype=torch.float16)
     for i in range(100):
         x.copy_(xs[i])
-        y = K.quant_matmul(x, t, 4, 128, N, Kd, workspace=workspace)
+        y = kernels.quant_matmul(x, t, 4, 128, N, Kd, workspace=workspace)
         err = (y.double() - x.double() @ W.T).abs().max() / (x.double() @ W.T).abs().max()
         assert err < 2e-3, (i, float(err))
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        y = K.quant_matmul(x, t, 4, 128, N, Kd, workspace=workspace)
+        y = kernels.quant_matmul(x, t, 4, 128, N, Kd, workspace=workspace)
     for i in range(100):
         x.copy_(xs[i])
         graph.replay()
@@ -315,9 +315,9 @@ def test_dequantized_tiles_are_rounded_once(bits, N, k_words, groupsize, seed):
     g = torch.Generator().manual_seed(seed)
     t["scales"] = (t["scales"].cpu().float() * 2.0 ** torch.randint(
         -14, 9, t["scales"].shape, generator=g)).half().to(DEVICE)
-    ref = K.dequantize(t, bits, groupsize, N, Kd).T  # (K, N) fp32, exact
+    ref = kernels.dequantize(t, bits, groupsize, N, Kd).T  # (K, N) fp32, exact
     for dtype in [torch.float16, torch.float32] + [torch.bfloat16] * (DEVICE == "cuda"):
-        wt = K.dequantize_t(t, bits, groupsize, N, Kd, dtype)
+        wt = kernels.dequantize_t(t, bits, groupsize, N, Kd, dtype)
         assert wt.dtype == dtype and torch.equal(wt, ref.to(dtype)), dtype
 
 
@@ -329,7 +329,7 @@ def test_every_kernel_compiles_for_the_h100():
     import sys
     from pathlib import Path
     script = Path(__file__).resolve().parents[1] / "scripts" / "compile_kernels.py"
-    env = {k: v for k, v in K.os.environ.items() if k != "TRITON_INTERPRET"}
+    env = {k: v for k, v in kernels.os.environ.items() if k != "TRITON_INTERPRET"}
     out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env)
     assert out.returncode == 0, out.stderr[-3000:]
     rows = [ln for ln in out.stdout.splitlines() if ln.startswith("| ") and "registers" not in ln]
@@ -354,27 +354,27 @@ def test_quantized_tiny_llama_generates_the_same_through_the_kernels(tmp_path, m
     # 16-bit outliers through their kernel; against the torch path of the same QuantLinears,
     # then again with the projections fused
     from conftest import tiny_checkpoint
-    import model as M
+    import model as llama
     d = tmp_path / "m"
     tiny_checkpoint(d)
-    model, _ = M.load(str(d))
+    model, _ = llama.load(str(d))
     calib = torch.randint(0, 128, (4, 48), generator=torch.Generator().manual_seed(0))
-    cfg = Q.QuantConfig(wbits=3, groupsize=32, iters=2, outliers=0.01)
-    res = Q.quantize_model(model, calib, "quantease", cfg, log=lambda s: None)
+    cfg = mixq.QuantConfig(wbits=3, groupsize=32, iters=2, outliers=0.01)
+    res = mixq.quantize_model(model, calib, "quantease", cfg, log=lambda s: None)
     qc = {"quant_method": "mixq", "bits": 3, "group_size": 32, "modules": sorted(res)}
-    Q.save_quantized(model, res, None, tmp_path / "q", qc)
-    back, _ = M.load(str(tmp_path / "q"))
+    mixq.save_quantized(model, res, None, tmp_path / "q", qc)
+    back, _ = llama.load(str(tmp_path / "q"))
     back.to(DEVICE)
     prompt = [5, 17, 33, 8, 90, 2, 41]
     one, seven = torch.tensor([prompt[:1]], device=DEVICE), torch.tensor([prompt], device=DEVICE)
     via_torch = back.generate(prompt, 6, stop_ids=[])
     logits_torch = back(one), back(seven)  # M = 1 (the GEMV) and M = 7 (the GEMM)
-    monkeypatch.setattr(K, "use_triton", lambda x: True)  # the kernels (interpreted on a CPU)
+    monkeypatch.setattr(kernels, "use_triton", lambda x: True)  # the kernels (interpreted on a CPU)
     assert back.generate(prompt, 6, stop_ids=[]) == via_torch
     for x, ref in zip((one, seven), logits_torch):
         torch.testing.assert_close(back(x), ref, rtol=1e-4, atol=1e-4)
     back.fuse_projections()  # q/k/v and gate/up stacked: one kernel launch each
-    assert isinstance(back.layers[0].self_attn.qkv_proj, K.QuantLinear)
+    assert isinstance(back.layers[0].self_attn.qkv_proj, kernels.QuantLinear)
     assert back.generate(prompt, 6, stop_ids=[]) == via_torch
     for x, ref in zip((one, seven), logits_torch):
         torch.testing.assert_close(back(x), ref, rtol=1e-4, atol=1e-4)

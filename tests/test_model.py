@@ -7,16 +7,16 @@ import pytest
 import torch
 from hypothesis import given, strategies as st
 
-import model as M
+import model as llama
 from conftest import ORACLE, tiny_checkpoint
 
 
 def test_tiny_gqa_logits_equal_transformers(tiny_ckpt):
-    ours, _ = M.load(str(tiny_ckpt))
+    ours, _ = llama.load(str(tiny_ckpt))
     ids = torch.randint(0, 128, (2, 80), generator=torch.Generator().manual_seed(1))
     theirs = ORACLE.forward(tiny_ckpt, ids)
     # the weights are small (std 0.02), so check RoPE's frequencies directly too
-    torch.testing.assert_close(M.rope_frequencies(ours.args), theirs["inv_freq"])
+    torch.testing.assert_close(llama.rope_frequencies(ours.args), theirs["inv_freq"])
     diff = (ours(ids) - theirs["logits"]).abs().max().item()
     assert diff < 1e-3, diff
 
@@ -27,13 +27,13 @@ def test_llama31_rope_scaling_logits_equal_transformers(tmp_path):
     rs = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
           "original_max_position_embeddings": 64}
     d = tiny_checkpoint(tmp_path / "t", rope_scaling=rs, rope_theta=10000.0)
-    ours, _ = M.load(str(d))
+    ours, _ = llama.load(str(d))
     assert ours.args.rope_scaling["rope_type"] == "llama3"
     ids = torch.randint(0, 128, (1, 120), generator=torch.Generator().manual_seed(2))
     theirs = ORACLE.forward(d, ids)
-    inv = M.rope_frequencies(ours.args)
+    inv = llama.rope_frequencies(ours.args)
     torch.testing.assert_close(inv, theirs["inv_freq"])  # the oracle's
-    plain = M.rope_frequencies(M.ModelArgs(**{**vars(ours.args), "rope_scaling": None}))
+    plain = llama.rope_frequencies(llama.ModelArgs(**{**vars(ours.args), "rope_scaling": None}))
     wavelen = 2 * math.pi / plain
     assert (inv == plain)[wavelen < 16].all() and (inv == plain / 8)[wavelen > 64].all()
     assert ((inv != plain) & (inv != plain / 8)).any()  # the interpolated band is exercised
@@ -43,7 +43,7 @@ def test_llama31_rope_scaling_logits_equal_transformers(tmp_path):
 
 def test_tied_embeddings_logits_equal_transformers(tmp_path):
     d = tiny_checkpoint(tmp_path / "t", tie_word_embeddings=True)
-    ours, _ = M.load(str(d))
+    ours, _ = llama.load(str(d))
     assert ours.lm_head.weight is ours.embed_tokens.weight
     ids = torch.randint(0, 128, (1, 64), generator=torch.Generator().manual_seed(3))
     assert (ours(ids) - ORACLE.forward(d, ids)["logits"]).abs().max().item() < 1e-3
@@ -54,20 +54,20 @@ def test_config_variants_map_the_same():
                 intermediate_size=160, vocab_size=128)
     rs = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
           "original_max_position_embeddings": 8192}
-    old = M.ModelArgs.from_hf({**base, "rope_theta": 500000.0, "rope_scaling": rs})
-    new = M.ModelArgs.from_hf({**base, "rope_parameters": {**rs, "rope_theta": 500000.0}})
+    old = llama.ModelArgs.from_hf({**base, "rope_theta": 500000.0, "rope_scaling": rs})
+    new = llama.ModelArgs.from_hf({**base, "rope_parameters": {**rs, "rope_theta": 500000.0}})
     assert old == new and old.rope_theta == 500000.0
-    plain = M.ModelArgs.from_hf({**base, "rope_parameters": {"rope_type": "default",
+    plain = llama.ModelArgs.from_hf({**base, "rope_parameters": {"rope_type": "default",
                                                              "rope_theta": 1e4}})
     assert plain.rope_scaling is None and plain.head_dim == 16
-    assert M.ModelArgs.from_hf(M.ModelArgs.from_hf(base).to_hf()) == M.ModelArgs.from_hf(base)
+    assert llama.ModelArgs.from_hf(llama.ModelArgs.from_hf(base).to_hf()) == llama.ModelArgs.from_hf(base)
 
 
 def test_embedded_smollm2_logits_equal_transformers(embedded):
-    import eval as E
+    import eval as metrics
     ours, tok = embedded
-    path = M.embedded_gguf()
-    ids = E.corpus_tokens("pydoc", tok, "all")[:128][None]
+    path = llama.embedded_gguf()
+    ids = metrics.corpus_tokens("pydoc", tok, "all")[:128][None]
     # transformers reads the GGUF itself: its own dequantization and q/k un-permutation
     theirs = ORACLE.forward(path.parent, ids, gguf_file=path.name)["logits"]
     with torch.no_grad():
@@ -77,7 +77,7 @@ def test_embedded_smollm2_logits_equal_transformers(embedded):
 
 @given(st.text(alphabet=st.characters(codec="utf-8"), max_size=60))
 def test_tokenizer_equals_transformers_gguf(embedded, text):
-    assert [embedded[1].encode(text)] == ORACLE.tokenize(M.embedded_gguf(), [text])
+    assert [embedded[1].encode(text)] == ORACLE.tokenize(llama.embedded_gguf(), [text])
 
 
 # a byte-level vocabulary whose merges tell the pre-tokenizers apart: "2024" is one token in
@@ -119,7 +119,7 @@ def tiny_gguf_vocabulary(path, pre):
 def gguf_vocabulary(request, tmp_path_factory):
     path = tmp_path_factory.mktemp("vocab") / "tiny.gguf"
     meta = tiny_gguf_vocabulary(path, request.param)
-    return request.param, M.Tokenizer.from_gguf(meta), path
+    return request.param, llama.Tokenizer.from_gguf(meta), path
 
 
 @given(st.text(alphabet=st.sampled_from(list("0123456789 \n\t'sSthel.x\u00e9")), max_size=40))
@@ -135,7 +135,7 @@ def test_gguf_pre_tokenizer_equals_transformers(gguf_vocabulary, text):
 def test_unknown_gguf_pre_tokenizer_is_refused(tmp_path):
     meta = tiny_gguf_vocabulary(tmp_path / "v.gguf", "qwen2")
     with pytest.raises(ValueError, match="pre-tokenizer 'qwen2' is not supported"):
-        M.Tokenizer.from_gguf(meta)
+        llama.Tokenizer.from_gguf(meta)
 
 
 @pytest.mark.parametrize("text", [
@@ -146,12 +146,12 @@ def test_unknown_gguf_pre_tokenizer_is_refused(tmp_path):
 def test_tokenizer_varied_strings(embedded, text):
     ours = embedded[1]
     ids = ours.encode(text)
-    assert [ids] == ORACLE.tokenize(M.embedded_gguf(), [text])
+    assert [ids] == ORACLE.tokenize(llama.embedded_gguf(), [text])
     assert ours.decode(ids) == text
 
 
 def test_kv_cache_decoding_equals_full_forward(tiny_ckpt):
-    ours, _ = M.load(str(tiny_ckpt))
+    ours, _ = llama.load(str(tiny_ckpt))
     ids = torch.randint(0, 128, (1, 40), generator=torch.Generator().manual_seed(4))
     full = ours(ids)
     ours.setup_cache(1, 40)
@@ -164,7 +164,7 @@ def test_kv_cache_decoding_equals_full_forward(tiny_ckpt):
 
 def test_static_decoding_step_equals_full_forward(tiny_ckpt):
     # the CUDA-graph step's computation (0-d position tensor, whole cache under a mask), eagerly
-    ours, _ = M.load(str(tiny_ckpt))
+    ours, _ = llama.load(str(tiny_ckpt))
     ids = torch.randint(0, 128, (1, 24), generator=torch.Generator().manual_seed(5))
     full = ours(ids)
     ours.setup_cache(1, 32)  # longer than used: the unwritten positions must stay masked
@@ -180,7 +180,7 @@ def test_static_decoding_step_equals_full_forward(tiny_ckpt):
 def test_compiled_static_step_equals_the_eager_one(tiny_ckpt):
     # static_decoder(compile=True): the same step through torch.compile (inductor fuses the
     # elementwise kernels; on a CPU it generates C++), same logits to fp32 rounding
-    ours, _ = M.load(str(tiny_ckpt))
+    ours, _ = llama.load(str(tiny_ckpt))
     ids = torch.randint(0, 128, (1, 16), generator=torch.Generator().manual_seed(6))
     runs = []
     for compile in (False, True):
@@ -197,7 +197,7 @@ def test_compiled_static_step_equals_the_eager_one(tiny_ckpt):
 def test_fused_projections_give_the_same_model(tiny_ckpt):
     # fuse_projections stacks q/k/v and gate/up into one linear each: the same logits and the
     # same greedy tokens (static decoding too); split_projections gives the original back
-    ours, _ = M.load(str(tiny_ckpt))
+    ours, _ = llama.load(str(tiny_ckpt))
     ids = torch.randint(0, 128, (1, 12), generator=torch.Generator().manual_seed(8))
     before, sd = ours(ids), {k: v.clone() for k, v in ours.state_dict().items()}
     prompt = [5, 17, 33, 8]
@@ -215,7 +215,7 @@ def test_fused_projections_give_the_same_model(tiny_ckpt):
 
 
 def test_greedy_generation_deterministic_and_matches_argmax(tiny_ckpt):
-    ours, _ = M.load(str(tiny_ckpt))
+    ours, _ = llama.load(str(tiny_ckpt))
     prompt = [5, 17, 33, 8]
     a = ours.generate(prompt, 12, stop_ids=[])
     assert a == ours.generate(prompt, 12, stop_ids=[]) and len(a) == 12
@@ -230,22 +230,22 @@ def test_greedy_generation_deterministic_and_matches_argmax(tiny_ckpt):
 def test_top_p_keeps_only_the_nucleus():
     logits = torch.tensor([5.0, 4.0, -10.0, -10.0])  # p ~ (0.73, 0.27, 0, 0)
     g = torch.Generator().manual_seed(0)
-    draws = {M.sample(logits, 1.0, 0.5, g) for _ in range(50)}
+    draws = {llama.sample(logits, 1.0, 0.5, g) for _ in range(50)}
     assert draws == {0}
-    draws = {M.sample(logits, 1.0, 0.99, g) for _ in range(200)}
+    draws = {llama.sample(logits, 1.0, 0.99, g) for _ in range(200)}
     assert draws == {0, 1}
 
 
 def test_shards_with_a_straddling_layer_load_equal(tiny_ckpt, tmp_path):
-    ours, _ = M.load(str(tiny_ckpt))
+    ours, _ = llama.load(str(tiny_ckpt))
     names = [("model." + k if not k.startswith("lm_head") else k) for k in ours.state_dict()]
-    M.save_hf(ours, tiny_ckpt, tmp_path / "sharded", shards=2, order=names)
+    llama.save_hf(ours, tiny_ckpt, tmp_path / "sharded", shards=2, order=names)
     index = json.loads((tmp_path / "sharded" / "model.safetensors.index.json").read_text())
     files_of_layer0 = {f for k, f in index["weight_map"].items() if ".layers.0." in k}
     files_of_layer1 = {f for k, f in index["weight_map"].items() if ".layers.1." in k}
     assert len(files_of_layer0 | files_of_layer1) == 2
     assert len(files_of_layer0) == 2 or len(files_of_layer1) == 2  # one layer straddles
-    back, _ = M.load(str(tmp_path / "sharded"))
+    back, _ = llama.load(str(tmp_path / "sharded"))
     for k, v in ours.state_dict().items():
         assert torch.equal(v, back.state_dict()[k]), k
 
@@ -259,13 +259,13 @@ def test_loaded_weights_do_not_keep_the_file_mapped(tiny_ckpt):
     if not maps.exists():
         pytest.skip("needs /proc (Linux)")
     files = {str(p.resolve()) for p in Path(tiny_ckpt).glob("*.safetensors")}
-    model, _ = M.load(str(tiny_ckpt))  # fp32 file into an fp32 model: nothing converts
+    model, _ = llama.load(str(tiny_ckpt))  # fp32 file into an fp32 model: nothing converts
     assert model.layers[0].mlp.up_proj.weight.dtype == torch.float32 and files
     assert not [ln for ln in maps.read_text().splitlines() if any(f in ln for f in files)]
 
 
 def test_bf16_load_casts_weights(tiny_ckpt):
-    ours, _ = M.load(str(tiny_ckpt), dtype="bf16")
+    ours, _ = llama.load(str(tiny_ckpt), dtype="bf16")
     assert ours.layers[0].mlp.up_proj.weight.dtype == torch.bfloat16
     ids = torch.randint(0, 128, (1, 16))
     assert torch.isfinite(ours(ids).float()).all()
@@ -275,19 +275,19 @@ def test_bf16_load_casts_weights(tiny_ckpt):
 
 
 def test_missing_shard(tiny_ckpt, tmp_path):
-    ours, _ = M.load(str(tiny_ckpt))
-    M.save_hf(ours, None, tmp_path / "s", shards=2)
+    ours, _ = llama.load(str(tiny_ckpt))
+    llama.save_hf(ours, None, tmp_path / "s", shards=2)
     (tmp_path / "s" / "model-00002-of-00002.safetensors").unlink()
-    with pytest.raises(M.CheckpointError, match="model-00002-of-00002.safetensors.*missing"):
-        M.load(str(tmp_path / "s"))
+    with pytest.raises(llama.CheckpointError, match="model-00002-of-00002.safetensors.*missing"):
+        llama.load(str(tmp_path / "s"))
 
 
 def test_truncated_file(tiny_ckpt):
     f = tiny_ckpt / "model.safetensors"
     data = f.read_bytes()
     f.write_bytes(data[: len(data) // 2])
-    with pytest.raises(M.CheckpointError, match="truncated"):
-        M.load(str(tiny_ckpt))
+    with pytest.raises(llama.CheckpointError, match="truncated"):
+        llama.load(str(tiny_ckpt))
 
 
 def test_wrong_shape_names_tensor_and_shapes(tiny_ckpt):
@@ -295,8 +295,8 @@ def test_wrong_shape_names_tensor_and_shapes(tiny_ckpt):
     cfg = json.loads(cfg_path.read_text())
     cfg["intermediate_size"] = 128  # the tensors hold 160
     cfg_path.write_text(json.dumps(cfg))
-    with pytest.raises(M.CheckpointError, match=r"gate_proj.weight.*\(160, 64\).*\(128, 64\)"):
-        M.load(str(tiny_ckpt))
+    with pytest.raises(llama.CheckpointError, match=r"gate_proj.weight.*\(160, 64\).*\(128, 64\)"):
+        llama.load(str(tiny_ckpt))
 
 
 def test_missing_tensor_is_named(tiny_ckpt):
@@ -304,8 +304,8 @@ def test_missing_tensor_is_named(tiny_ckpt):
     cfg = json.loads(cfg_path.read_text())
     cfg["num_hidden_layers"] = 3  # the file has only 2 layers
     cfg_path.write_text(json.dumps(cfg))
-    with pytest.raises(M.CheckpointError, match="layers.2.input_layernorm.weight.*missing"):
-        M.load(str(tiny_ckpt))
+    with pytest.raises(llama.CheckpointError, match="layers.2.input_layernorm.weight.*missing"):
+        llama.load(str(tiny_ckpt))
 
 
 def test_unknown_rope_type(tiny_ckpt):
@@ -314,16 +314,16 @@ def test_unknown_rope_type(tiny_ckpt):
     cfg["rope_parameters"] = {"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4}
     cfg_path.write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match="unknown rope type 'yarn'"):
-        M.load(str(tiny_ckpt))
+        llama.load(str(tiny_ckpt))
 
 
 def test_bad_device_and_sampling_options(tiny_ckpt):
     with pytest.raises(ValueError, match="--device gpu"):
-        M.load(str(tiny_ckpt), device="gpu")
+        llama.load(str(tiny_ckpt), device="gpu")
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="sees no CUDA GPU"):
-            M.load(str(tiny_ckpt), device="cuda")
-    model, _ = M.load(str(tiny_ckpt))
+            llama.load(str(tiny_ckpt), device="cuda")
+    model, _ = llama.load(str(tiny_ckpt))
     for bad in [dict(max_new_tokens=-1), dict(temperature=-0.5), dict(top_p=0.0),
                 dict(top_p=1.5)]:
         with pytest.raises(ValueError, match="want max_new_tokens >= 0"):
@@ -332,18 +332,18 @@ def test_bad_device_and_sampling_options(tiny_ckpt):
 
 def test_heads_that_do_not_divide():
     with pytest.raises(ValueError, match="not a multiple"):
-        M.ModelArgs(n_heads=9, n_kv_heads=2)
+        llama.ModelArgs(n_heads=9, n_kv_heads=2)
 
 
 def test_unknown_short_name_and_missing_checkpoint(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
-    with pytest.raises(M.CheckpointError, match="unknown checkpoint name 'llama9-1t'"):
-        M.load("llama9-1t")
-    with pytest.raises(M.CheckpointError, match=r"(?s)not found.*checkpoints/llama3-8b.*download"):
-        M.load("llama3-8b")
-    with pytest.raises(M.CheckpointError, match="does not exist"):
-        M.load(str(tmp_path / "nope.gguf"))
+    with pytest.raises(llama.CheckpointError, match="unknown checkpoint name 'llama9-1t'"):
+        llama.load("llama9-1t")
+    with pytest.raises(llama.CheckpointError, match=r"(?s)not found.*checkpoints/llama3-8b.*download"):
+        llama.load("llama3-8b")
+    with pytest.raises(llama.CheckpointError, match="does not exist"):
+        llama.load(str(tmp_path / "nope.gguf"))
 
 
 def test_short_name_found_in_hf_cache_layout(tiny_ckpt, tmp_path, monkeypatch):
@@ -352,29 +352,29 @@ def test_short_name_found_in_hf_cache_layout(tiny_ckpt, tmp_path, monkeypatch):
     snap = tmp_path / "hf" / "hub" / "models--meta-llama--Llama-3.2-1B" / "snapshots" / "abc123"
     snap.parent.mkdir(parents=True)
     tiny_ckpt.rename(snap)
-    assert M.resolve_ckpt("llama3.2-1b") == snap
+    assert llama.resolve_ckpt("llama3.2-1b") == snap
 
 
 def test_failed_save_leaves_nothing(tiny_ckpt, tmp_path, monkeypatch):
-    ours, _ = M.load(str(tiny_ckpt))
+    ours, _ = llama.load(str(tiny_ckpt))
     import safetensors.torch
 
     def boom(*a, **k):
         raise OSError("disk full")
     monkeypatch.setattr(safetensors.torch, "save_file", boom)
     with pytest.raises(OSError, match="disk full"):
-        M.save_hf(ours, None, tmp_path / "out")
+        llama.save_hf(ours, None, tmp_path / "out")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny"]  # no out/, no temp dir
 
 
 KILLED_SAVE = """
 import sys
 sys.path.insert(0, {root!r})
-import model as M
+import model as llama
 if {fallback}:  # as on a system that cannot exchange two directories
-    M.exchange = lambda a, b: False
-new, _ = M.load({new!r})
-M.save_hf(new, None, {final!r})
+    llama.exchange = lambda a, b: False
+new, _ = llama.load({new!r})
+llama.save_hf(new, None, {final!r})
 """
 
 
@@ -389,31 +389,31 @@ def test_a_save_killed_at_any_step_leaves_the_old_or_the_new_checkpoint(tmp_path
     old_dir = tiny_checkpoint(tmp_path / "old", seed=1)
     new_dir = tiny_checkpoint(tmp_path / "new", seed=2)
     ids = torch.randint(0, 128, (1, 16), generator=torch.Generator().manual_seed(0))
-    logits = {name: M.load(str(d))[0](ids) for name, d in (("old", old_dir), ("new", new_dir))}
+    logits = {name: llama.load(str(d))[0](ids) for name, d in (("old", old_dir), ("new", new_dir))}
     final = tmp_path / "out"
-    M.save_hf(M.load(str(old_dir))[0], None, final)
+    llama.save_hf(llama.load(str(old_dir))[0], None, final)
 
     def holds():  # which whole checkpoint is at final
-        out = M.load(str(final))[0](ids)
+        out = llama.load(str(final))[0](ids)
         return next(name for name, ref in logits.items() if torch.equal(out, ref))
 
-    code = KILLED_SAVE.format(root=str(M.Path(M.__file__).parent), fallback=fallback,
+    code = KILLED_SAVE.format(root=str(llama.Path(llama.__file__).parent), fallback=fallback,
                               new=str(new_dir), final=str(final))
     r = subprocess.run([sys.executable, "-c", code], env={**os.environ, "MIXQ_KILL_AT": kill_at})
     assert r.returncode == -signal.SIGKILL
     if kill_at == "renamed aside":  # the one moment the fallback has no output at final
         assert not final.exists()
-        M.clean_leftovers(final)  # what the next save does first: the old one comes back
+        llama.clean_leftovers(final)  # what the next save does first: the old one comes back
     assert holds() == ("new" if kill_at == "exchanged" else "old")
-    M.save_hf(M.load(str(new_dir))[0], None, final)  # the next save cleans up and completes
+    llama.save_hf(llama.load(str(new_dir))[0], None, final)  # the next save cleans up and completes
     assert holds() == "new"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["new", "old", "out"]
 
 
 def test_truncated_gguf_is_a_clear_error(tmp_path):
-    src = M.embedded_gguf()
+    src = llama.embedded_gguf()
     bad = tmp_path / "bad.gguf"
     with open(src, "rb") as f:
         bad.write_bytes(f.read(1 << 20))
-    with pytest.raises(M.CheckpointError, match="not a readable GGUF"):
-        M.load(str(bad))
+    with pytest.raises(llama.CheckpointError, match="not a readable GGUF"):
+        llama.load(str(bad))

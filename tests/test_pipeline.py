@@ -9,17 +9,17 @@ import pytest
 import torch
 
 import kernels
-import mixq as Q
-import model as M
+import mixq
+import model as llama
 from conftest import tiny_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 
 CASES = {  # method -> options (tiny model: hidden 64, MLP 160; groups of 32 divide both)
-    "rtn": Q.QuantConfig(wbits=4, groupsize=32),
-    "gptq": Q.QuantConfig(wbits=3, groupsize=32, act_order=True, static_groups=True),
-    "quantease": Q.QuantConfig(wbits=2, groupsize=-1, iters=3, outliers=0.01),
-    "spqr": Q.QuantConfig(wbits=3),
+    "rtn": mixq.QuantConfig(wbits=4, groupsize=32),
+    "gptq": mixq.QuantConfig(wbits=3, groupsize=32, act_order=True, static_groups=True),
+    "quantease": mixq.QuantConfig(wbits=2, groupsize=-1, iters=3, outliers=0.01),
+    "spqr": mixq.QuantConfig(wbits=3),
 }
 
 
@@ -32,11 +32,11 @@ def tiny_dir(tmp_path_factory):
 
 @pytest.mark.parametrize("method", list(CASES))
 def test_pipeline_save_load_same_logits(method, tiny_dir, tmp_path):
-    model, _ = M.load(str(tiny_dir))
+    model, _ = llama.load(str(tiny_dir))
     fp = {k: v.clone() for k, v in model.state_dict().items()}
     calib = torch.randint(0, 128, (4, 48), generator=torch.Generator().manual_seed(0))
     lines = []
-    res = Q.quantize_model(model, None if method == "rtn" else calib, method, CASES[method],
+    res = mixq.quantize_model(model, None if method == "rtn" else calib, method, CASES[method],
                            log=lines.append)
     assert len(lines) == 2 and all("ETA" in ln for ln in lines)  # one progress line per block
     assert len(res) == 2 * 7
@@ -48,11 +48,11 @@ def test_pipeline_save_load_same_logits(method, tiny_dir, tmp_path):
         method == "spqr" else -1
     qc = {"quant_method": "mixq", "bits": CASES[method].wbits, "group_size": gs,
           "modules": sorted(res)}
-    Q.save_quantized(model, res, None, tmp_path / "q", qc)
-    back, _ = M.load(str(tmp_path / "q"))
+    mixq.save_quantized(model, res, None, tmp_path / "q", qc)
+    back, _ = llama.load(str(tmp_path / "q"))
     assert isinstance(back.layers[1].mlp.down_proj, kernels.QuantLinear)
     assert torch.equal(back(x), logits)
-    avg = Q.average_bits(res)
+    avg = mixq.average_bits(res)
     if method == "rtn":  # 4 bits + two 16-bit statistics per 32 weights
         assert avg == 4 + 32 / 32
     kept = sum(r["kept"] for r in res.values())
@@ -61,50 +61,50 @@ def test_pipeline_save_load_same_logits(method, tiny_dir, tmp_path):
 
 def test_a_3_bit_checkpoint_with_a_wrong_high_plane_is_refused(tiny_dir, tmp_path):
     from safetensors.torch import load_file, save_file
-    model, _ = M.load(str(tiny_dir))
-    res = Q.quantize_model(model, None, "rtn", Q.QuantConfig(wbits=3, groupsize=32),
+    model, _ = llama.load(str(tiny_dir))
+    res = mixq.quantize_model(model, None, "rtn", mixq.QuantConfig(wbits=3, groupsize=32),
                            log=lambda s: None)
     qc = {"quant_method": "mixq", "bits": 3, "group_size": 32, "modules": sorted(res)}
-    Q.save_quantized(model, res, None, tmp_path / "q", qc)
+    mixq.save_quantized(model, res, None, tmp_path / "q", qc)
     f = tmp_path / "q" / "model.safetensors"
     t = load_file(str(f))
     name = "model.layers.1.mlp.down_proj.qweight_hi"
     t[name] = t[name][:-1].contiguous()  # one row of words short
     save_file(t, str(f), metadata={"format": "pt"})
-    with pytest.raises(M.CheckpointError, match="down_proj.qweight_hi has shape"):
-        M.load(str(tmp_path / "q"))
+    with pytest.raises(llama.CheckpointError, match="down_proj.qweight_hi has shape"):
+        llama.load(str(tmp_path / "q"))
 
 
 def test_a_checkpoint_in_another_packed_format_is_refused(tiny_dir, tmp_path):
-    model, _ = M.load(str(tiny_dir))
-    res = Q.quantize_model(model, None, "rtn", Q.QuantConfig(wbits=3, groupsize=32),
+    model, _ = llama.load(str(tiny_dir))
+    res = mixq.quantize_model(model, None, "rtn", mixq.QuantConfig(wbits=3, groupsize=32),
                            log=lambda s: None)
-    Q.save_quantized(model, res, None, tmp_path / "q",
+    mixq.save_quantized(model, res, None, tmp_path / "q",
                      {"quant_method": "mixq", "bits": 3, "group_size": 32, "modules": sorted(res)})
     cfg = json.loads((tmp_path / "q" / "config.json").read_text())
     assert cfg["quantization_config"]["format"] == kernels.FORMAT  # the writer names it
     cfg["quantization_config"]["format"] = "kernels.py packed v1"  # 3-bit codes in code order
     (tmp_path / "q" / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(M.CheckpointError, match="packed as 'kernels.py packed v1'.*again"):
-        M.load(str(tmp_path / "q"))
+    with pytest.raises(llama.CheckpointError, match="packed as 'kernels.py packed v1'.*again"):
+        llama.load(str(tmp_path / "q"))
 
 
 def test_fingerprint_covers_what_changes_the_result(tiny_dir):
-    model, _ = M.load(str(tiny_dir))
+    model, _ = llama.load(str(tiny_dir))
     calib = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0))
-    cfg = Q.QuantConfig(wbits=3)
-    fp = lambda c=cfg, tokens=calib, dtype="fp32": Q.run_fingerprint(  # noqa: E731
+    cfg = mixq.QuantConfig(wbits=3)
+    fp = lambda c=cfg, tokens=calib, dtype="fp32": mixq.run_fingerprint(  # noqa: E731
         "x", model, "tacq", c, "pydoc", tokens, 0, dtype)
     assert fp() == fp()
     assert fp()["format"] == kernels.FORMAT  # saved blocks hold packed codes
-    for other in [fp(c=Q.QuantConfig(wbits=3, act_order=True)), fp(dtype="bf16"),
-                  fp(tokens=calib.flip(0)), fp(c=Q.QuantConfig(wbits=3, percdamp=0.1))]:
+    for other in [fp(c=mixq.QuantConfig(wbits=3, act_order=True)), fp(dtype="bf16"),
+                  fp(tokens=calib.flip(0)), fp(c=mixq.QuantConfig(wbits=3, percdamp=0.1))]:
         assert other != fp()
 
 
-@pytest.mark.parametrize("group", Q.SEQUENTIAL)
+@pytest.mark.parametrize("group", mixq.SEQUENTIAL)
 def test_input_stats_are_x_xt_over_n_shared_by_linears_that_read_one_input(group, tiny_dir):
-    model, _ = M.load(str(tiny_dir))
+    model, _ = llama.load(str(tiny_dir))
     block = model.layers[1]
     xs = [torch.randn(1, T, model.args.dim, generator=torch.Generator().manual_seed(T))
           for T in (7, 12)]
@@ -116,7 +116,7 @@ def test_input_stats_are_x_xt_over_n_shared_by_linears_that_read_one_input(group
         block(x, *model.rope(0, x.shape[1]))
     for h in hooks:
         h.remove()
-    stats = Q.collect_input_stats(block, group, xs, lambda x: model.rope(0, x.shape[1]), "cpu")
+    stats = mixq.collect_input_stats(block, group, xs, lambda x: model.rope(0, x.shape[1]), "cpu")
     for name in group:
         X = torch.cat(inputs[name])  # (N, n)
         torch.testing.assert_close(stats[name].sigma, X.T @ X / len(X), rtol=1e-5, atol=1e-6)
@@ -128,13 +128,13 @@ def test_calibration_never_touches_the_evaluation_split():
     class Tok:
         def encode(self, text, bos=False):
             return list(text.encode())
-    import eval as E
-    calib = Q.calibration_windows("pydoc", Tok(), 64, 256, seed=0)
-    n_calib = len(E.corpus_tokens("pydoc", Tok(), "calib"))
+    import eval as metrics
+    calib = mixq.calibration_windows("pydoc", Tok(), 64, 256, seed=0)
+    n_calib = len(metrics.corpus_tokens("pydoc", Tok(), "calib"))
     assert calib.shape == (64, 256)
     # every window is a piece of the calibration split (bytes here, so a substring search)
-    calib_split = bytes(E.corpus_tokens("pydoc", Tok(), "calib").tolist())
-    assert n_calib < len(E.corpus_tokens("pydoc", Tok(), "all"))  # an evaluation split remains
+    calib_split = bytes(metrics.corpus_tokens("pydoc", Tok(), "calib").tolist())
+    assert n_calib < len(metrics.corpus_tokens("pydoc", Tok(), "all"))  # an evaluation split remains
     assert all(bytes(w.tolist()) in calib_split for w in calib)
     assert len({tuple(w.tolist()) for w in calib}) > 60  # random offsets, not one window
 
@@ -188,9 +188,9 @@ def test_save_never_replaces_what_mixq_did_not_write(tmp_path):
     for target, msg in [("file", "is a file"), ("other", "holds other files"),
                         ("hf", "mixq did not write")]:
         with pytest.raises(ValueError, match=msg):
-            Q.check_save_dir(tmp_path / target)
+            mixq.check_save_dir(tmp_path / target)
     with pytest.raises(ValueError, match="holds other files"):  # the writer itself refuses too
-        with M.atomic_dir(tmp_path / "other") as tmp:
+        with llama.atomic_dir(tmp_path / "other") as tmp:
             (tmp / "config.json").write_text("{}")
     assert (tmp_path / "other" / "notes.txt").read_text() == "keep me"
     (tmp_path / "empty").mkdir()
@@ -202,35 +202,35 @@ def test_save_never_replaces_what_mixq_did_not_write(tmp_path):
         {"quantization_config": {"quant_method": "mixq"}}))
     (tmp_path / "mine" / "notes.txt").write_text("keep me")
     with pytest.raises(ValueError, match=r"files mixq did not write \(notes.txt\)"):
-        Q.check_save_dir(tmp_path / "mine")
+        mixq.check_save_dir(tmp_path / "mine")
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
     for ok in ("new", "empty", "old"):
-        Q.check_save_dir(tmp_path / ok)
-        with M.atomic_dir(tmp_path / ok) as tmp:
+        mixq.check_save_dir(tmp_path / ok)
+        with llama.atomic_dir(tmp_path / ok) as tmp:
             (tmp / "config.json").write_text("{}")
         assert sorted(p.name for p in (tmp_path / ok).iterdir()) == ["config.json"]
 
 
 def test_resume_after_a_kill_reproduces_the_uninterrupted_run(tiny_dir, tmp_path):
-    cfg = Q.QuantConfig(wbits=3, groupsize=32)
+    cfg = mixq.QuantConfig(wbits=3, groupsize=32)
     calib = torch.randint(0, 128, (4, 48), generator=torch.Generator().manual_seed(0))
     fp = {"run": 1}
-    whole, _ = M.load(str(tiny_dir))
-    ref = Q.quantize_model(whole, calib, "gptq", cfg, log=lambda s: None)
+    whole, _ = llama.load(str(tiny_dir))
+    ref = mixq.quantize_model(whole, calib, "gptq", cfg, log=lambda s: None)
 
     def killed_after_first_block(line):
         if line.startswith("block  1/"):
             raise KeyboardInterrupt  # as if the process were killed once block 0 was saved
 
-    model, _ = M.load(str(tiny_dir))
+    model, _ = llama.load(str(tiny_dir))
     with pytest.raises(KeyboardInterrupt):
-        Q.quantize_model(model, calib, "gptq", cfg, log=killed_after_first_block,
+        mixq.quantize_model(model, calib, "gptq", cfg, log=killed_after_first_block,
                          resume=str(tmp_path / "st"), fingerprint=fp)
     assert (tmp_path / "st" / "block-0000.safetensors").exists()
     assert not (tmp_path / "st" / "block-0001.safetensors").exists()
     lines = []
-    model, _ = M.load(str(tiny_dir))  # a fresh process: the fp model again
-    res = Q.quantize_model(model, calib, "gptq", cfg, log=lines.append,
+    model, _ = llama.load(str(tiny_dir))  # a fresh process: the fp model again
+    res = mixq.quantize_model(model, calib, "gptq", cfg, log=lines.append,
                            resume=str(tmp_path / "st"), fingerprint=fp)
     assert "(resumed)" in lines[0] and "(resumed)" not in lines[1]
     for k, v in whole.state_dict().items():
@@ -239,14 +239,14 @@ def test_resume_after_a_kill_reproduces_the_uninterrupted_run(tiny_dir, tmp_path
         for t in ref[name]["tensors"]:
             assert torch.equal(res[name]["tensors"][t], ref[name]["tensors"][t])
     with pytest.raises(ValueError, match="other settings.*run"):
-        Q.quantize_model(model, calib, "gptq", cfg, log=lambda s: None,
+        mixq.quantize_model(model, calib, "gptq", cfg, log=lambda s: None,
                          resume=str(tmp_path / "st"), fingerprint={"run": 2})
 
 
 def test_cli_resume_refuses_other_settings_before_the_fp_evaluation(tmp_path, embedded):
     st = tmp_path / "st"
     st.mkdir()
-    fingerprint = Q.run_fingerprint(None, embedded[0], "rtn", Q.QuantConfig(wbits=4), "pydoc",
+    fingerprint = mixq.run_fingerprint(None, embedded[0], "rtn", mixq.QuantConfig(wbits=4), "pydoc",
                                     None, 0)
     (st / "state.json").write_text(json.dumps({"fingerprint": fingerprint, "blocks_done": 3}))
     r = subprocess.run([sys.executable, str(ROOT / "mixq.py"), "--method", "rtn", "--wbits", "3",

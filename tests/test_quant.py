@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, strategies as st
 
 import kernels
-import mixq as Q
+import mixq
 
 DT = torch.float64  # exactness tests run in fp64
 
@@ -26,7 +26,7 @@ def random_problem(seed, m=8, n=64, tokens=256, correlated=True):
     return W, X.T @ X / tokens
 
 
-configs = st.builds(Q.QuantConfig, wbits=st.integers(2, 8), groupsize=st.sampled_from([-1, 16, 32]),
+configs = st.builds(mixq.QuantConfig, wbits=st.integers(2, 8), groupsize=st.sampled_from([-1, 16, 32]),
                     sym=st.booleans())
 
 
@@ -36,7 +36,7 @@ configs = st.builds(Q.QuantConfig, wbits=st.integers(2, 8), groupsize=st.sampled
 @given(cfg=configs, seed=st.integers(0, 10 ** 6))
 def test_rtn_error_at_most_half_a_step_and_on_grid(cfg, seed):
     W, _ = random_problem(seed)
-    qz = Q.rtn(W, cfg)
+    qz = mixq.rtn(W, cfg)
     g = qz.groupsize
     s = qz.scales.repeat_interleave(g, 1)
     Wq = qz.dequantize()
@@ -45,22 +45,22 @@ def test_rtn_error_at_most_half_a_step_and_on_grid(cfg, seed):
     assert qz.codes.max() <= cfg.maxq  # every entry is s * (integer in [0, maxq] - z)
     # idempotent with the same grid
     z = qz.zeros.repeat_interleave(g, 1)
-    assert torch.equal(Q.fake_quant(Wq, s, z, cfg.maxq), Wq)
+    assert torch.equal(mixq.fake_quant(Wq, s, z, cfg.maxq), Wq)
 
 
 @given(cfg=configs, seed=st.integers(0, 10 ** 6))
 def test_zero_is_exact(cfg, seed):
     W, _ = random_problem(seed)
     W[:, ::5] = 0
-    assert (Q.rtn(W, cfg).dequantize()[:, ::5] == 0).all()
+    assert (mixq.rtn(W, cfg).dequantize()[:, ::5] == 0).all()
 
 
 def test_scales_are_fp16_and_cover_the_range():
     W, _ = random_problem(0)
-    qz = Q.rtn(W, Q.QuantConfig(wbits=4, groupsize=16))
+    qz = mixq.rtn(W, mixq.QuantConfig(wbits=4, groupsize=16))
     assert torch.equal(qz.scales, qz.scales.half().to(DT))
     # no clipping without --mse: every weight within half a step of its grid point
-    step = Q.per_column(qz.scales, 16)
+    step = mixq.per_column(qz.scales, 16)
     assert ((qz.dequantize() - W).abs() <= step / 2 * (1 + 1e-9)).all()
 
 
@@ -69,7 +69,7 @@ def test_mse_clipping_never_worse_in_its_norm(seed, bits):
     W, _ = random_problem(seed)
     err = {}
     for mse in (False, True):
-        qz = Q.rtn(W, Q.QuantConfig(wbits=bits, mse=mse))
+        qz = mixq.rtn(W, mixq.QuantConfig(wbits=bits, mse=mse))
         err[mse] = ((qz.dequantize() - W).abs() ** 2.4).sum(1)
     assert (err[True] <= err[False] + 1e-9).all()
 
@@ -77,16 +77,16 @@ def test_mse_clipping_never_worse_in_its_norm(seed, bits):
 def test_per_channel_rtn_invariant_to_column_permutation():
     W, _ = random_problem(1)
     perm = torch.randperm(W.shape[1], generator=torch.Generator().manual_seed(0))
-    cfg = Q.QuantConfig(wbits=3)
-    assert torch.equal(Q.rtn(W[:, perm], cfg).dequantize(), Q.rtn(W, cfg).dequantize()[:, perm])
+    cfg = mixq.QuantConfig(wbits=3)
+    assert torch.equal(mixq.rtn(W[:, perm], cfg).dequantize(), mixq.rtn(W, cfg).dequantize()[:, perm])
 
 
 def test_group_size_that_does_not_divide():
     W, _ = random_problem(0, n=48)
     with pytest.raises(ValueError, match="does not divide the input dimension 48"):
-        Q.rtn(W, Q.QuantConfig(groupsize=32))
+        mixq.rtn(W, mixq.QuantConfig(groupsize=32))
     with pytest.raises(ValueError, match="2-8 bits"):
-        Q.QuantConfig(wbits=1)
+        mixq.QuantConfig(wbits=1)
 
 
 @pytest.mark.parametrize("option,value", [("percdamp", -0.1), ("iters", 0), ("init", "zero"),
@@ -95,7 +95,7 @@ def test_group_size_that_does_not_divide():
                                           ("high_fraction", 1.0), ("rotation", "hadamard")])
 def test_config_refuses_out_of_range_options(option, value):
     with pytest.raises(ValueError, match=f"--{option.replace('_', '-')} {value}: want"):
-        Q.QuantConfig(**{option: value})
+        mixq.QuantConfig(**{option: value})
 
 
 # -- GPTQ (§3) -----------------------------------------------------------------------------------
@@ -106,11 +106,11 @@ def test_gptq_loss_identity(cfg, seed, act_order):
     # tr((W - Q) H_damped (W - Q)^T) = ||E||^2, E the scaled errors
     W, S = random_problem(seed)
     H = 2 * S
-    cfg = Q.QuantConfig(**{**vars(cfg), "act_order": act_order})
-    qz = Q.gptq(W, H, cfg)
+    cfg = mixq.QuantConfig(**{**vars(cfg), "act_order": act_order})
+    qz = mixq.gptq(W, H, cfg)
     lam = cfg.percdamp * torch.diag(H).mean()
     Hd = H + lam * torch.eye(H.shape[0], dtype=DT)
-    assert Q.layer_loss(W, qz.dequantize(), Hd) == pytest.approx(qz.loss, rel=1e-8)
+    assert mixq.layer_loss(W, qz.dequantize(), Hd) == pytest.approx(qz.loss, rel=1e-8)
 
 
 @given(seed=st.integers(0, 10 ** 6), groupsize=st.sampled_from([-1, 16, 24, 48]),
@@ -124,7 +124,7 @@ def test_gptq_lazy_batches_do_not_change_the_result(seed, groupsize, blocksize, 
     keep = torch.rand(W.shape, generator=torch.Generator().manual_seed(seed)) < 0.05 \
         if mask else None
     tau = 0.5 if spqr else math.inf
-    a, b = (Q.gptq(W, S, Q.QuantConfig(wbits=3, groupsize=groupsize, blocksize=B,
+    a, b = (mixq.gptq(W, S, mixq.QuantConfig(wbits=3, groupsize=groupsize, blocksize=B,
                                        outlier_threshold=tau), mask=keep) for B in (1, blocksize))
     torch.testing.assert_close(a.dequantize(), b.dequantize(), rtol=1e-9, atol=1e-9)
     assert torch.equal(a.codes, b.codes) and a.n_kept() == b.n_kept()
@@ -133,9 +133,9 @@ def test_gptq_lazy_batches_do_not_change_the_result(seed, groupsize, blocksize, 
 @given(cfg=configs, seed=st.integers(0, 10 ** 6))
 def test_gptq_with_identity_hessian_is_rtn(cfg, seed):
     W, _ = random_problem(seed)
-    cfg = Q.QuantConfig(**{**vars(cfg), "percdamp": 0.0})
+    cfg = mixq.QuantConfig(**{**vars(cfg), "percdamp": 0.0})
     H = torch.eye(W.shape[1], dtype=DT)
-    assert torch.equal(Q.gptq(W, H, cfg).dequantize(), Q.rtn(W, cfg).dequantize())
+    assert torch.equal(mixq.gptq(W, H, cfg).dequantize(), mixq.rtn(W, cfg).dequantize())
 
 
 @given(seed=st.integers(0, 10 ** 6), bits=st.integers(2, 4),
@@ -144,10 +144,10 @@ def test_gptq_act_order_is_gptq_on_permuted_columns(seed, bits, groupsize):
     # act-order with dynamic groups (the reference's default): each group is the next g columns
     # in the order of decreasing diag(H), so it is plain GPTQ on the permuted problem
     W, S = random_problem(seed)
-    cfg = Q.QuantConfig(wbits=bits, groupsize=groupsize)
+    cfg = mixq.QuantConfig(wbits=bits, groupsize=groupsize)
     perm = torch.argsort(torch.diag(S), descending=True)
-    qz = Q.gptq(W, S, Q.QuantConfig(**{**vars(cfg), "act_order": True}))
-    b = Q.gptq(W[:, perm], S[perm][:, perm], cfg).dequantize()[:, torch.argsort(perm)]
+    qz = mixq.gptq(W, S, mixq.QuantConfig(**{**vars(cfg), "act_order": True}))
+    b = mixq.gptq(W[:, perm], S[perm][:, perm], cfg).dequantize()[:, torch.argsort(perm)]
     assert torch.allclose(qz.dequantize(), b, atol=1e-10)
     if groupsize != -1:  # the grid of column perm[i] is grid i // g
         assert torch.equal(qz.col_group[perm], torch.arange(64) // groupsize)
@@ -156,29 +156,29 @@ def test_gptq_act_order_is_gptq_on_permuted_columns(seed, bits, groupsize):
 @given(seed=st.integers(0, 10 ** 6), act_order=st.booleans(), groupsize=st.sampled_from([16, 32]))
 def test_gptq_static_groups_are_fitted_on_the_original_columns(seed, act_order, groupsize):
     W, S = random_problem(seed)
-    cfg = Q.QuantConfig(wbits=3, groupsize=groupsize, act_order=act_order, static_groups=True)
-    qz = Q.gptq(W, S, cfg)
-    s, z, _ = Q.fit_groups(W, cfg)  # contiguous groups of the weights before any update
+    cfg = mixq.QuantConfig(wbits=3, groupsize=groupsize, act_order=act_order, static_groups=True)
+    qz = mixq.gptq(W, S, cfg)
+    s, z, _ = mixq.fit_groups(W, cfg)  # contiguous groups of the weights before any update
     assert torch.equal(qz.scales, s) and torch.equal(qz.zeros, z) and qz.col_group is None
-    dynamic = Q.gptq(W, S, Q.QuantConfig(wbits=3, groupsize=groupsize, act_order=act_order))
+    dynamic = mixq.gptq(W, S, mixq.QuantConfig(wbits=3, groupsize=groupsize, act_order=act_order))
     assert not torch.equal(dynamic.scales, s)  # refitted on the error-updated weights
 
 
 @given(cfg=configs, seed=st.integers(0, 10 ** 6))
 def test_gptq_scale_invariance(cfg, seed):
     W, S = random_problem(seed)
-    assert torch.equal(Q.gptq(W, S, cfg).codes, Q.gptq(W, 4.0 * S, cfg).codes)
+    assert torch.equal(mixq.gptq(W, S, cfg).codes, mixq.gptq(W, 4.0 * S, cfg).codes)
 
 
 @given(cfg=configs, seed=st.integers(0, 10 ** 6))
 def test_gptq_mask_all_gives_w_and_empty_mask_gives_gptq(cfg, seed):
     W, S = random_problem(seed)
     everything = torch.ones_like(W, dtype=torch.bool)
-    qz = Q.gptq(W, S, cfg, mask=everything)
+    qz = mixq.gptq(W, S, cfg, mask=everything)
     assert torch.equal(qz.dequantize(), W) and qz.n_kept() == W.numel()
     nothing = torch.zeros_like(W, dtype=torch.bool)
-    assert torch.equal(Q.gptq(W, S, cfg, mask=nothing).dequantize(),
-                       Q.gptq(W, S, cfg).dequantize())
+    assert torch.equal(mixq.gptq(W, S, cfg, mask=nothing).dequantize(),
+                       mixq.gptq(W, S, cfg).dequantize())
 
 
 @given(seed=st.integers(0, 10 ** 6), bits=st.integers(2, 8))
@@ -186,11 +186,11 @@ def test_signed_symmetric_grid_represents_the_largest_weight(seed, bits):
     # QuaRot's and ResQ's grid: s = max|w| / (2^(b-1) - 1), so the largest |w| is a grid point
     # (GPTQ's symmetric scale, 2 max / maxq, clips +max to (1 - 1/maxq) max)
     w = torch.randn(8, 64, generator=torch.Generator().manual_seed(seed), dtype=DT)
-    s, z = Q.fit_grid(w, bits, sym=True, signed=True)
+    s, z = mixq.fit_grid(w, bits, sym=True, signed=True)
     half, amax = 2 ** (bits - 1), w.abs().amax(1, keepdim=True)
     assert (z == half).all()
     assert (s >= amax / (half - 1)).all() and (s <= amax / (half - 1) * (1 + 2 ** -10)).all()
-    err = (Q.fake_quant(w, s, z, 2 ** bits - 1) - w).abs()
+    err = (mixq.fake_quant(w, s, z, 2 ** bits - 1) - w).abs()
     assert (err <= s / 2 * (1 + 1e-9)).all()
     top = w.abs().argmax(1, keepdim=True)  # within fp16's rounding of s
     assert (err.gather(1, top) <= amax * 2 ** -9).all()
@@ -206,12 +206,12 @@ def mse_fit_loop(w, bits, sym):
         xmin = -xmax
     flat = xmax == xmin
     xmin, xmax = torch.where(flat, xmin - 1, xmin), torch.where(flat, xmax + 1, xmax)
-    s, z = Q.scale_zero(xmin, xmax, maxq, sym)
-    best = (Q.fake_quant(w, s, z, maxq) - w).abs().pow(2.4).sum(1, keepdim=True)
+    s, z = mixq.scale_zero(xmin, xmax, maxq, sym)
+    best = (mixq.fake_quant(w, s, z, maxq) - w).abs().pow(2.4).sum(1, keepdim=True)
     for i in range(1, 80):
         p = 1 - i / 100
-        s1, z1 = Q.scale_zero(p * xmin, p * xmax, maxq, sym)
-        err = (Q.fake_quant(w, s1, z1, maxq) - w).abs().pow(2.4).sum(1, keepdim=True)
+        s1, z1 = mixq.scale_zero(p * xmin, p * xmax, maxq, sym)
+        err = (mixq.fake_quant(w, s1, z1, maxq) - w).abs().pow(2.4).sum(1, keepdim=True)
         better = err < best
         best = torch.where(better, err, best)
         s, z = torch.where(better, s1, s), torch.where(better, z1, z)
@@ -229,8 +229,8 @@ def test_mse_search_in_chunks_equals_the_loop(seed, m, k, bits, sym, chunk, dtyp
     w[0] = 0.0  # ties: a zero row has error 0 at every p, and the loop keeps p = 1
     w[-1, : k // 2] = 0.0
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(Q, "MSE_CHUNK", {"cpu": chunk * m * k})
-        s, z = Q.fit_grid(w, bits, sym=sym, mse=True)
+        mp.setattr(mixq, "MSE_CHUNK", {"cpu": chunk * m * k})
+        s, z = mixq.fit_grid(w, bits, sym=sym, mse=True)
     s_ref, z_ref = mse_fit_loop(w, bits, sym)
     assert torch.equal(s, s_ref) and torch.equal(z, z_ref)
 
@@ -240,14 +240,14 @@ def test_gptq_mask_kept_weights_and_grid(seed):
     W, S = random_problem(seed)
     g = torch.Generator().manual_seed(seed)
     mask = torch.rand(W.shape, generator=g) < 0.1
-    cfg = Q.QuantConfig(wbits=3)
-    qz = Q.gptq(W, S, cfg, mask=mask)
+    cfg = mixq.QuantConfig(wbits=3)
+    qz = mixq.gptq(W, S, cfg, mask=mask)
     Wq = qz.dequantize()
     # unmasked entries are on the row grid, fitted ignoring the masked ones (min-max: the row
     # mean of the unmasked weights lies inside their range, so the fit equals theirs alone)
-    s, z = Q.fit_grid(Q.fill_masked(W, mask), 3)
+    s, z = mixq.fit_grid(mixq.fill_masked(W, mask), 3)
     assert torch.equal(qz.scales, s) and torch.equal(qz.zeros, z)
-    on_grid = Q.fake_quant(Wq, s, z, cfg.maxq)
+    on_grid = mixq.fake_quant(Wq, s, z, cfg.maxq)
     assert torch.equal(Wq[~mask], on_grid[~mask])
     # kept entries hold the error-updated values, not the originals (the first column's are
     # exact since nothing was spread onto it)
@@ -259,19 +259,19 @@ def test_gptq_beats_rtn_on_correlated_inputs():
     wins = 0
     for seed in range(10):
         W, S = random_problem(seed, m=16, n=64)
-        cfg = Q.QuantConfig(wbits=3)
-        wins += Q.layer_loss(W, Q.gptq(W, S, cfg).dequantize(), S) < \
-            Q.layer_loss(W, Q.rtn(W, cfg).dequantize(), S)
+        cfg = mixq.QuantConfig(wbits=3)
+        wins += mixq.layer_loss(W, mixq.gptq(W, S, cfg).dequantize(), S) < \
+            mixq.layer_loss(W, mixq.rtn(W, cfg).dequantize(), S)
     assert wins >= 9
 
 
 def test_gptq_dead_columns_and_cholesky_retry(capsys):
     W, S = random_problem(3)
     S[5, :], S[:, 5] = 0, 0  # an input never active
-    qz = Q.gptq(W, S, Q.QuantConfig(wbits=3))
+    qz = mixq.gptq(W, S, mixq.QuantConfig(wbits=3))
     assert (qz.dequantize()[:, 5] == 0).all()
     singular = torch.ones(64, 64, dtype=DT)  # rank 1: needs more damping than 0
-    Q.gptq(W, singular, Q.QuantConfig(wbits=3, percdamp=0.0))
+    mixq.gptq(W, singular, mixq.QuantConfig(wbits=3, percdamp=0.0))
     assert "Cholesky failed" in capsys.readouterr().out
 
 
@@ -281,23 +281,23 @@ def test_gptq_dead_columns_and_cholesky_retry(capsys):
 @given(seed=st.integers(0, 10 ** 6))
 def test_spqr_infinite_threshold_is_gptq(seed):
     W, S = random_problem(seed)
-    cfg = Q.QuantConfig(wbits=3, groupsize=16)
-    assert torch.equal(Q.gptq(W, S, cfg).dequantize(),
-                       Q.gptq(W, S, Q.QuantConfig(wbits=3, groupsize=16,
+    cfg = mixq.QuantConfig(wbits=3, groupsize=16)
+    assert torch.equal(mixq.gptq(W, S, cfg).dequantize(),
+                       mixq.gptq(W, S, mixq.QuantConfig(wbits=3, groupsize=16,
                                                   outlier_threshold=math.inf)).dequantize())
 
 
 @given(seed=st.integers(0, 10 ** 6))
 def test_spqr_threshold_outliers(seed):
     W, S = random_problem(seed)
-    cfg = Q.spqr_config(Q.QuantConfig(wbits=2))
-    qz = Q.gptq(W, S, cfg)
+    cfg = mixq.spqr_config(mixq.QuantConfig(wbits=2))
+    qz = mixq.gptq(W, S, cfg)
     assert 0 < qz.n_kept() < W.numel() // 2
-    zero = Q.gptq(W, S, Q.spqr_config(Q.QuantConfig(wbits=2, outlier_threshold=0.0)))
+    zero = mixq.gptq(W, S, mixq.spqr_config(mixq.QuantConfig(wbits=2, outlier_threshold=0.0)))
     assert torch.equal(zero.dequantize(), W)  # every weight with any error becomes an outlier
     # the statistics are quantized: 3-bit codes per 16 rows -> at most 8 values per 16 rows
     W64, S64 = random_problem(seed, m=64)
-    scales = Q.gptq(W64, S64, cfg).scales[:, 0]
+    scales = mixq.gptq(W64, S64, cfg).scales[:, 0]
     assert all(len(torch.unique(scales[r:r + 16])) <= 8 for r in range(0, 64, 16))
     assert len(torch.unique(scales)) > 8  # each block of rows has its own second-level grid
 
@@ -308,39 +308,39 @@ def test_spqr_threshold_outliers(seed):
 @given(cfg=configs, seed=st.integers(0, 10 ** 6), from_gptq=st.booleans())
 def test_quantease_rounded_sweeps_never_increase_the_loss(cfg, seed, from_gptq):
     W, S = random_problem(seed)
-    cfg = Q.QuantConfig(**{**vars(cfg), "iters": 4, "relaxed": False})
-    start = Q.gptq(W, 2 * S, cfg) if from_gptq else None
+    cfg = mixq.QuantConfig(**{**vars(cfg), "iters": 4, "relaxed": False})
+    start = mixq.gptq(W, 2 * S, cfg) if from_gptq else None
     hist = []
-    qz = Q.quantease(W, S, cfg, start=start, history=hist)
+    qz = mixq.quantease(W, S, cfg, start=start, history=hist)
     losses = [f for _, f in hist]
     assert all(b <= a * (1 + 1e-12) for a, b in zip(losses, losses[1:]))
     if from_gptq:  # never worse than its GPTQ start
-        assert qz.loss <= Q.layer_loss(W, start.dequantize(), S) * (1 + 1e-12)
+        assert qz.loss <= mixq.layer_loss(W, start.dequantize(), S) * (1 + 1e-12)
 
 
 @given(cfg=configs, seed=st.integers(0, 10 ** 6))
 def test_quantease_diagonal_sigma_is_rtn(cfg, seed):
     W, _ = random_problem(seed)
     d = torch.rand(W.shape[1], generator=torch.Generator().manual_seed(seed), dtype=DT) + 0.1
-    cfg = Q.QuantConfig(**{**vars(cfg), "iters": 1})
-    assert torch.equal(Q.quantease(W, torch.diag(d), cfg).dequantize(),
-                       Q.rtn(W, cfg).dequantize())
+    cfg = mixq.QuantConfig(**{**vars(cfg), "iters": 1})
+    assert torch.equal(mixq.quantease(W, torch.diag(d), cfg).dequantize(),
+                       mixq.rtn(W, cfg).dequantize())
 
 
 @given(seed=st.integers(0, 10 ** 6))
 def test_quantease_fixed_point(seed):
     W, S = random_problem(seed)
-    one = Q.QuantConfig(wbits=3, iters=1)
-    qz = Q.quantease(W, S, one)
+    one = mixq.QuantConfig(wbits=3, iters=1)
+    qz = mixq.quantease(W, S, one)
     for _ in range(100):  # sweep until the codes stop changing: a coordinate-wise minimum
-        nxt = Q.quantease(W, S, one, start=qz)
+        nxt = mixq.quantease(W, S, one, start=qz)
         assert nxt.loss <= qz.loss * (1 + 1e-12)
         if torch.equal(nxt.codes, qz.codes):
             break
         qz = nxt
     else:
         pytest.fail("no fixed point in 100 sweeps")
-    again = Q.quantease(W, S, one, start=nxt)  # a sweep started there returns it unchanged
+    again = mixq.quantease(W, S, one, start=nxt)  # a sweep started there returns it unchanged
     assert torch.equal(again.dequantize(), nxt.dequantize())
 
 
@@ -349,14 +349,14 @@ def test_quantease_act_order_is_the_permuted_problem(seed, relaxed):
     # sweeping by decreasing Sigma_jj = QuantEase on W and Sigma with their columns permuted
     # that way, on the same per-row grid, permuted back
     W, S = random_problem(seed)
-    cfg = Q.QuantConfig(wbits=3, iters=4, relaxed=relaxed)
+    cfg = mixq.QuantConfig(wbits=3, iters=4, relaxed=relaxed)
     perm = torch.argsort(torch.diag(S), descending=True)
-    ordered = Q.quantease(W, S, Q.QuantConfig(**{**vars(cfg), "act_order": True}))
-    permuted = Q.quantease(W[:, perm], S[perm][:, perm], cfg)
+    ordered = mixq.quantease(W, S, mixq.QuantConfig(**{**vars(cfg), "act_order": True}))
+    permuted = mixq.quantease(W[:, perm], S[perm][:, perm], cfg)
     torch.testing.assert_close(ordered.dequantize()[:, perm], permuted.dequantize())
     assert ordered.loss == pytest.approx(permuted.loss, rel=1e-9)
     with pytest.raises(ValueError, match="column order"):
-        Q.quantease_outliers(W, S, Q.QuantConfig(wbits=3, outliers=0.01, act_order=True))
+        mixq.quantease_outliers(W, S, mixq.QuantConfig(wbits=3, outliers=0.01, act_order=True))
 
 
 @given(seed=st.integers(0, 10 ** 6), n=st.sampled_from([8, 64, 300]),
@@ -367,7 +367,7 @@ def test_power_iteration_finds_lambda_max(seed, n, decay):
     g = torch.Generator().manual_seed(seed)
     X = torch.randn(2 * n, n, generator=g, dtype=DT) * torch.arange(1, n + 1, dtype=DT) ** -decay
     S = X.T @ X / (2 * n)
-    lam = Q.largest_eigenvalue(S)
+    lam = mixq.largest_eigenvalue(S)
     exact = torch.linalg.eigvalsh(S)[-1].item()
     assert lam <= exact * (1 + 1e-12)  # a Rayleigh quotient: never above
     assert lam == pytest.approx(exact, rel=1e-3)
@@ -376,7 +376,7 @@ def test_power_iteration_finds_lambda_max(seed, n, decay):
 def test_quantease_relaxed_sweeps_are_unrounded_but_the_last_rounds():
     W, S = random_problem(0)
     hist = []
-    Q.quantease(W, S, Q.QuantConfig(wbits=3, iters=6, relaxed=True), history=hist)
+    mixq.quantease(W, S, mixq.QuantConfig(wbits=3, iters=6, relaxed=True), history=hist)
     assert [r for r, _ in hist] == [True, False, True, True, False, True]
     # an unrounded sweep is exact coordinate descent on a convex quadratic: it never raises f,
     # and it leaves the grid, so it lands strictly below the rounded sweep before it
@@ -384,26 +384,26 @@ def test_quantease_relaxed_sweeps_are_unrounded_but_the_last_rounds():
         if not rounded:
             assert after < before
     hist = []
-    Q.quantease(W, S, Q.QuantConfig(wbits=3, iters=2, relaxed=True), history=hist)
+    mixq.quantease(W, S, mixq.QuantConfig(wbits=3, iters=2, relaxed=True), history=hist)
     assert [r for r, _ in hist] == [True, True]  # the last sweep always rounds
 
 
 @given(seed=st.integers(0, 10 ** 6), frac=st.sampled_from([0.01, 0.05, 0.2]))
 def test_quantease_outliers_budget_monotone_and_helpful(seed, frac):
     W, S = random_problem(seed, m=16)
-    cfg = Q.QuantConfig(wbits=2, iters=4, outliers=frac)
+    cfg = mixq.QuantConfig(wbits=2, iters=4, outliers=frac)
     hist = []
-    qz = Q.quantease_outliers(W, S, cfg, history=hist)
+    qz = mixq.quantease_outliers(W, S, cfg, history=hist)
     assert qz.n_kept() <= round(frac * W.numel())
     losses = [f for _, f in hist]  # every CD sweep and every IHT step
     assert all(b <= a * (1 + 1e-9) for a, b in zip(losses, losses[1:]))
-    plain = Q.quantease(W, S, Q.QuantConfig(wbits=2, iters=4, relaxed=False))
+    plain = mixq.quantease(W, S, mixq.QuantConfig(wbits=2, iters=4, relaxed=False))
     assert qz.loss < plain.loss  # the 16-bit weights buy a lower loss
 
 
 def test_quantease_all_outliers_is_exact():
     W, S = random_problem(2)
-    qz = Q.quantease_outliers(W, S, Q.QuantConfig(wbits=2, iters=3, outliers=1.0))
+    qz = mixq.quantease_outliers(W, S, mixq.QuantConfig(wbits=2, iters=3, outliers=1.0))
     assert torch.equal(qz.dequantize(), W) and qz.loss == 0
 
 
@@ -413,18 +413,18 @@ def test_quantease_all_outliers_is_exact():
 def test_bit_count_by_hand():
     m, n = 8, 64
     codes = torch.zeros(m, n, dtype=DT)
-    qz = Q.Quantized(codes, torch.ones(m, 2), torch.zeros(m, 2), 3, 32)
-    assert Q.stored_bits(qz) == 8 * 64 * 3 + 8 * 2 * 2 * 16  # codes + scale and zero per group
+    qz = mixq.Quantized(codes, torch.ones(m, 2), torch.zeros(m, 2), 3, 32)
+    assert mixq.stored_bits(qz) == 8 * 64 * 3 + 8 * 2 * 2 * 16  # codes + scale and zero per group
     qz.kept = torch.zeros(m, n, dtype=torch.bool)
     qz.kept[0, :5] = True
-    assert Q.stored_bits(qz) == 8 * 64 * 3 + 8 * 2 * 2 * 16 + 5 * 32  # + value and index
+    assert mixq.stored_bits(qz) == 8 * 64 * 3 + 8 * 2 * 2 * 16 + 5 * 32  # + value and index
     # SpQR's README configuration: w3, groups of 16, 3-bit statistics in groups of 16 -> 3.625
-    cfg = Q.spqr_config(Q.QuantConfig(wbits=3))
-    qz = Q.Quantized(torch.zeros(16, 64), torch.ones(16, 4), torch.zeros(16, 4), 3, 16,
-                     stat_bits=Q.bits_per_statistic(cfg))
-    assert Q.stored_bits(qz) / (16 * 64) == 3.625
+    cfg = mixq.spqr_config(mixq.QuantConfig(wbits=3))
+    qz = mixq.Quantized(torch.zeros(16, 64), torch.ones(16, 4), torch.zeros(16, 4), 3, 16,
+                     stat_bits=mixq.bits_per_statistic(cfg))
+    assert mixq.stored_bits(qz) / (16 * 64) == 3.625
     r = {"a": {"bits_stored": 300, "numel": 100}, "b": {"bits_stored": 500, "numel": 100}}
-    assert Q.average_bits(r) == 4.0
+    assert mixq.average_bits(r) == 4.0
 
 
 @given(bits=st.sampled_from([1, 2, 3, 4, 8]), words=st.integers(1, 4), N=st.integers(1, 9),
@@ -457,11 +457,11 @@ def test_3_bit_high_plane_puts_each_high_bit_above_its_low_bits(words, N, seed):
                 assert torch.equal((odd >> 4 * j) & 7, codes[k + 1])
 
 
-@given(seed=st.integers(0, 10 ** 6), cfg=configs.filter(lambda c: c.wbits in Q.PACKED_BITS))
+@given(seed=st.integers(0, 10 ** 6), cfg=configs.filter(lambda c: c.wbits in mixq.PACKED_BITS))
 def test_packed_form_dequantizes_to_the_same_weights(seed, cfg):
     W, S = random_problem(seed, n=64)
     mask = torch.rand(W.shape, generator=torch.Generator().manual_seed(seed)) < 0.05
-    qz = Q.gptq(W.float(), S.float(), cfg, mask=mask)
-    t = Q.packed_tensors(qz)
+    qz = mixq.gptq(W.float(), S.float(), cfg, mask=mask)
+    t = mixq.packed_tensors(qz)
     back = kernels.dequantize(t, cfg.wbits, qz.groupsize, *W.shape)
     assert torch.equal(back, qz.dequantize())

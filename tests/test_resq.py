@@ -4,14 +4,14 @@ import pytest
 import torch
 from hypothesis import given, strategies as st
 
-import mixq as Q
-import model as M
+import mixq
+import model as llama
 from conftest import tiny_checkpoint
 
 
 def tiny(tmp_path, **over):
     tiny_checkpoint(tmp_path / "m", **over)
-    return M.load(str(tmp_path / "m"))[0]
+    return llama.load(str(tmp_path / "m"))[0]
 
 
 def rel_diff(a, b):
@@ -23,7 +23,7 @@ def test_fold_norms_is_exact(tmp_path, tied):
     model = tiny(tmp_path, tie_word_embeddings=tied)
     x = torch.randint(0, 128, (1, 40))
     before = model(x)
-    Q.fold_norms(model)
+    mixq.fold_norms(model)
     assert all((b.input_layernorm.weight == 1).all() for b in model.layers)
     assert rel_diff(model(x), before) < 1e-5
 
@@ -35,10 +35,10 @@ def test_fused_bases_leave_logits_unchanged(tmp_path, rotation):
     x = torch.randint(0, 128, (2, 48), generator=torch.Generator().manual_seed(0))
     before = model(x)
     down = model.layers[0].mlp.down_proj.weight.clone()
-    Q.fold_norms(model)
-    cov = Q.resq_covariances(model, torch.randint(0, 128, (3, 32)))
-    bases = Q.resq_bases(cov, model.args, rotation=rotation)
-    Q.fuse_resq(model, bases)
+    mixq.fold_norms(model)
+    cov = mixq.resq_covariances(model, torch.randint(0, 128, (3, 32)))
+    bases = mixq.resq_bases(cov, model.args, rotation=rotation)
+    mixq.fuse_resq(model, bases)
     assert rel_diff(model(x), before) < 1e-4
     # the weights really changed (or not, without rotations)
     assert torch.equal(model.layers[0].mlp.down_proj.weight, down) == (rotation == "none")
@@ -46,13 +46,13 @@ def test_fused_bases_leave_logits_unchanged(tmp_path, rotation):
 
 def test_fused_bases_on_the_embedded_model(embedded):
     import copy
-    import eval as E
+    import eval as metrics
     model = copy.deepcopy(embedded[0])
-    ids = E.corpus_tokens("pydoc", embedded[1], "all")[:64][None]
+    ids = metrics.corpus_tokens("pydoc", embedded[1], "all")[:64][None]
     before = model(ids)
-    Q.fold_norms(model)
-    cov = Q.resq_covariances(model, [E.corpus_tokens("pydoc", embedded[1], "calib")[:128]])
-    Q.fuse_resq(model, Q.resq_bases(cov, model.args))
+    mixq.fold_norms(model)
+    cov = mixq.resq_covariances(model, [metrics.corpus_tokens("pydoc", embedded[1], "calib")[:128]])
+    mixq.fuse_resq(model, mixq.resq_bases(cov, model.args))
     assert rel_diff(model(ids), before) < 1e-4
 
 
@@ -77,7 +77,7 @@ def test_covariances_equal_the_moments_of_a_full_forward(tmp_path):
         h.remove()
     for b in model.layers:
         b.self_attn.post_rope = None
-    cov = Q.resq_covariances(model, calib)
+    cov = mixq.resq_covariances(model, calib)
     X = torch.cat(seen["resid"]).double()
     torch.testing.assert_close(cov["resid"], X.T @ X / len(X))
     L, T = a.n_layers, calib.numel()
@@ -91,9 +91,9 @@ def test_covariances_equal_the_moments_of_a_full_forward(tmp_path):
 
 def test_fusing_needs_folded_norms(tmp_path):
     model = tiny(tmp_path)  # norm gains random in [0.5, 1.5]
-    cov = Q.resq_covariances(model, torch.randint(0, 128, (2, 16)))
+    cov = mixq.resq_covariances(model, torch.randint(0, 128, (2, 16)))
     with pytest.raises(ValueError, match="fold_norms"):
-        Q.fuse_resq(model, Q.resq_bases(cov, model.args))
+        mixq.fuse_resq(model, mixq.resq_bases(cov, model.args))
 
 
 def test_high_slice_holds_the_most_energy_of_the_quantized_activations(tmp_path):
@@ -101,7 +101,7 @@ def test_high_slice_holds_the_most_energy_of_the_quantized_activations(tmp_path)
     # after the norms are folded (their gains, random in [0.5, 1.5] here, move into the weights)
     model = tiny(tmp_path)
     calib = torch.randint(0, 128, (4, 32), generator=torch.Generator().manual_seed(5))
-    Q.resq_prepare(model, calib, Q.method_config("resq", Q.QuantConfig(wbits=4)),
+    mixq.resq_prepare(model, calib, mixq.method_config("resq", mixq.QuantConfig(wbits=4)),
                    log=lambda s: None)
     seen = []
     for b in model.layers:
@@ -116,8 +116,8 @@ def test_high_slice_holds_the_most_energy_of_the_quantized_activations(tmp_path)
 
 def test_bases_are_orthogonal(tmp_path):
     model = tiny(tmp_path)
-    cov = Q.resq_covariances(model, torch.randint(0, 128, (2, 32)))
-    b = Q.resq_bases(cov, model.args)
+    cov = mixq.resq_covariances(model, torch.randint(0, 128, (2, 32)))
+    b = mixq.resq_bases(cov, model.args)
     eye = torch.eye(64, dtype=torch.float64)
     assert torch.allclose(b.U_A.T @ b.U_A, eye, atol=1e-10)
     hd = model.args.head_dim
@@ -128,16 +128,16 @@ def test_bases_are_orthogonal(tmp_path):
 def test_key_rotation_keeps_attention_scores():
     g = torch.Generator().manual_seed(0)
     q, k = torch.randn(1, 4, 10, 16, generator=g), torch.randn(1, 4, 10, 16, generator=g)
-    U = Q.random_orthogonal(16, g)
-    q2, k2 = Q.KeyRotation(U)(q, k)
+    U = mixq.random_orthogonal(16, g)
+    q2, k2 = mixq.KeyRotation(U)(q, k)
     assert torch.allclose(q2 @ k2.transpose(-1, -2), q @ k.transpose(-1, -2), atol=1e-5)
     # ResQ's code at 8 bits: q and k per (token, head), then a rotation by an 8-bit U_K
-    q8, k8 = Q.KeyRotation(U, input_bits=8)(q, k)
-    step = Q.round_up_fp16(U.abs().max() / 127)  # U_K's grid: steps of max|U| / 127 (fp16)
+    q8, k8 = mixq.KeyRotation(U, input_bits=8)(q, k)
+    step = mixq.round_up_fp16(U.abs().max() / 127)  # U_K's grid: steps of max|U| / 127 (fp16)
     U8 = torch.round(U / step) * step
     assert torch.allclose(U8.float(), U.float(), atol=float(step) / 2 * 1.001)
     for x, x8 in ((q, q8), (k, k8)):
-        torch.testing.assert_close(x8, Q.quantize_activations(x, 8, 8) @ U8.float(),
+        torch.testing.assert_close(x8, mixq.quantize_activations(x, 8, 8) @ U8.float(),
                                    rtol=1e-3, atol=1e-3)
     assert not torch.equal(q8, q2)
 
@@ -150,19 +150,19 @@ def test_pca_subspace_has_the_most_energy(seed, n):
                                                                             dtype=torch.float64)
     cov = X.T @ X / 200
     r = max(1, n // 4)
-    P = Q.pca_basis(cov, percdamp=0.0)[:, -r:]
-    V = Q.random_orthogonal(n, g)[:, :r]
+    P = mixq.pca_basis(cov, percdamp=0.0)[:, -r:]
+    V = mixq.random_orthogonal(n, g)[:, :r]
     assert (X @ P).pow(2).sum() >= (X @ V).pow(2).sum() - 1e-9
     # the rotation inside the subspace keeps its energy
-    U = Q.subspace_rotation(Q.pca_basis(cov, percdamp=0.0), r, g)[:, -r:]
+    U = mixq.subspace_rotation(mixq.pca_basis(cov, percdamp=0.0), r, g)[:, -r:]
     assert torch.isclose((X @ U).pow(2).sum(), (X @ P).pow(2).sum())
 
 
 @pytest.mark.parametrize("n", [16, 96, 160])
 def test_hadamard_transform_is_orthogonal(n):
     g = torch.Generator().manual_seed(n)
-    odd = Q.odd_factor(n, g)
-    H = Q.hadamard_transform(torch.eye(n, dtype=torch.float64), odd)  # rows: e_i H
+    odd = mixq.odd_factor(n, g)
+    H = mixq.hadamard_transform(torch.eye(n, dtype=torch.float64), odd)  # rows: e_i H
     assert torch.allclose(H @ H.T, torch.eye(n, dtype=torch.float64), atol=1e-10)
     if odd is None:  # a power of two: the Sylvester Hadamard matrix / sqrt(n)
         assert torch.allclose(H.abs(), torch.full((n, n), n ** -0.5, dtype=torch.float64))
@@ -175,17 +175,17 @@ def test_hadamard_transform_is_orthogonal(n):
 def test_activation_error_at_most_half_a_step_and_batch_independent(seed, bits, r):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(6, 32, generator=g) * torch.rand(32, generator=g) * 10
-    xq = Q.quantize_activations(x, bits, 8, r)
+    xq = mixq.quantize_activations(x, bits, 8, r)
     for sl, b in ((slice(0, 32 - r), bits), (slice(32 - r, 32), 8)):
         part = x[:, sl]
         if part.shape[1] == 0:
             continue
-        s, _ = Q.fit_grid(part, b)  # the slice's own per-token scale
+        s, _ = mixq.fit_grid(part, b)  # the slice's own per-token scale
         assert ((xq[:, sl] - part).abs() <= s / 2 + 1e-6).all()
     # each token alone gives the same numbers as the batch
-    assert torch.equal(torch.cat([Q.quantize_activations(x[i:i + 1], bits, 8, r)
+    assert torch.equal(torch.cat([mixq.quantize_activations(x[i:i + 1], bits, 8, r)
                                   for i in range(6)]), xq)
-    assert torch.equal(Q.quantize_activations(x, 16, 16, r), x)  # 16 bits: exact
+    assert torch.equal(mixq.quantize_activations(x, 16, 16, r), x)  # 16 bits: exact
 
 
 @given(seed=st.integers(0, 10 ** 6))
@@ -193,16 +193,16 @@ def test_gptq_high_columns_get_their_own_grid(seed):
     g = torch.Generator().manual_seed(seed)
     W = torch.randn(8, 32, generator=g, dtype=torch.float64)
     high = torch.arange(32) >= 28
-    cfg = Q.QuantConfig(wbits=4, sym=True, high_bits=8)
-    qz = Q.gptq(W, torch.eye(32, dtype=torch.float64), Q.QuantConfig(**{**vars(cfg),
+    cfg = mixq.QuantConfig(wbits=4, sym=True, high_bits=8)
+    qz = mixq.gptq(W, torch.eye(32, dtype=torch.float64), mixq.QuantConfig(**{**vars(cfg),
                                                                         "percdamp": 0.0}),
                 high=high)
     assert qz.codes[:, ~high].max() <= 15 and qz.codes[:, high].max() <= 255
     # with H = I nothing propagates: each slice is RTN on its own grid
     for cols, b in ((~high, 4), (high, 8)):
-        s, z = Q.fit_grid(W[:, cols], b, sym=True)
-        assert torch.equal(qz.dequantize()[:, cols], Q.fake_quant(W[:, cols], s, z, 2 ** b - 1))
-    assert Q.stored_bits(qz) == 8 * (28 * 4 + 4 * 8) + 2 * 8 * 2 * 16
+        s, z = mixq.fit_grid(W[:, cols], b, sym=True)
+        assert torch.equal(qz.dequantize()[:, cols], mixq.fake_quant(W[:, cols], s, z, 2 ** b - 1))
+    assert mixq.stored_bits(qz) == 8 * (28 * 4 + 4 * 8) + 2 * 8 * 2 * 16
 
 
 @pytest.mark.parametrize("rotation,abits", [("pca", 4), ("pca", 16), ("random", 4),
@@ -212,12 +212,12 @@ def test_resq_pipeline_on_a_tiny_model(tmp_path, rotation, abits):
     x = torch.randint(0, 128, (1, 40), generator=torch.Generator().manual_seed(3))
     fp = model(x)
     calib = torch.randint(0, 128, (4, 32), generator=torch.Generator().manual_seed(4))
-    cfg = Q.method_config("resq", Q.QuantConfig(wbits=4, abits=abits, kvbits=abits,
+    cfg = mixq.method_config("resq", mixq.QuantConfig(wbits=4, abits=abits, kvbits=abits,
                                                 rotation=rotation))
-    Q.resq_prepare(model, calib, cfg, log=lambda s: None)
-    res = Q.quantize_model(model, calib, "resq", cfg, log=lambda s: None)
+    mixq.resq_prepare(model, calib, cfg, log=lambda s: None)
+    res = mixq.quantize_model(model, calib, "resq", cfg, log=lambda s: None)
     w4 = model(x)
-    Q.install_resq_quantizers(model, cfg)
+    mixq.install_resq_quantizers(model, cfg)
     out = model(x)
     assert torch.isfinite(out).all() and not torch.equal(out, fp)
     assert torch.equal(out, w4) == (abits == 16)  # A16: the quantizers change nothing
@@ -227,24 +227,24 @@ def test_resq_pipeline_on_a_tiny_model(tmp_path, rotation, abits):
         if abits < 16:  # the 8-bit slices raise the average above 4
             # tiny model: inputs of q/k/v/gate/up 5 x 64 (8 high each), o 4 heads x 16 (2
             # high each), down 160 (all low): (8 * 48 + 4 * 496) / 544
-            assert Q.activation_bits(model.args, cfg) == pytest.approx(2368 / 544)
+            assert mixq.activation_bits(model.args, cfg) == pytest.approx(2368 / 544)
     else:
         assert q["bits_stored"] == 64 * 64 * 4 + 2 * 64 * 1 * 16
 
 
 def test_high_fraction_zero_is_the_quarot_style_path(tmp_path):
     model = tiny(tmp_path)
-    pca0 = Q.method_config("resq", Q.QuantConfig(wbits=4, abits=4, kvbits=4, high_fraction=0.0))
-    quarot = Q.method_config("resq", Q.QuantConfig(wbits=4, abits=4, kvbits=4,
+    pca0 = mixq.method_config("resq", mixq.QuantConfig(wbits=4, abits=4, kvbits=4, high_fraction=0.0))
+    quarot = mixq.method_config("resq", mixq.QuantConfig(wbits=4, abits=4, kvbits=4,
                                                    rotation="random"))
     for cfg in (pca0, quarot):  # no 8-bit columns, no 8-bit activation slice
-        assert all(Q.resq_high_columns(n, model.args, cfg) is None
+        assert all(mixq.resq_high_columns(n, model.args, cfg) is None
                    for n in ("layers.0.self_attn.q_proj", "layers.0.self_attn.o_proj"))
-        assert Q.activation_bits(model.args, cfg) == 4
-    cov = Q.resq_covariances(model, torch.randint(0, 128, (2, 16)))
-    U = Q.resq_bases(cov, model.args, high_fraction=0.0, rotation="pca").U_A
+        assert mixq.activation_bits(model.args, cfg) == 4
+    cov = mixq.resq_covariances(model, torch.randint(0, 128, (2, 16)))
+    U = mixq.resq_bases(cov, model.args, high_fraction=0.0, rotation="pca").U_A
     # one Haar rotation of the whole space after the PCA basis: no subspace structure is kept
-    P = Q.pca_basis(cov["resid"])
+    P = mixq.pca_basis(cov["resid"])
     R = P.T @ U
     assert torch.allclose(R.T @ R, torch.eye(64, dtype=torch.float64), atol=1e-10)
     assert R[:-8, -8:].abs().max() > 1e-3  # the top-8 directions mix with the rest

@@ -7,8 +7,8 @@ import pytest
 import torch
 from hypothesis import given, strategies as st
 
-import mixq as Q
-import model as M
+import mixq
+import model as llama
 from conftest import tiny_checkpoint
 
 
@@ -37,14 +37,14 @@ def test_mask_is_the_stable_sort_selection(seed, ratio):
     flat = torch.cat([s.flatten() for s in scores.values()])
     chosen = torch.zeros(flat.numel(), dtype=torch.bool)
     chosen[torch.sort(flat, descending=True, stable=True).indices[:k]] = True
-    got = torch.cat([m.flatten() for m in Q.global_top_k_masks(scores, ratio).values()])
+    got = torch.cat([m.flatten() for m in mixq.global_top_k_masks(scores, ratio).values()])
     assert torch.equal(got, chosen)
 
 
 @given(seed=st.integers(0, 10 ** 6), ratio=st.floats(0, 1))
 def test_budget_is_exact_and_global(seed, ratio):
     scores = random_scores(seed)
-    masks = Q.global_top_k_masks(scores, ratio)
+    masks = mixq.global_top_k_masks(scores, ratio)
     N = sum(s.numel() for s in scores.values())
     assert sum(int(m.sum()) for m in masks.values()) == int(ratio * N)
     # global: every kept score >= every dropped score, whatever matrix it is in
@@ -58,7 +58,7 @@ def test_budget_is_exact_and_global(seed, ratio):
 def test_smaller_budget_is_a_subset(seed, r1, r2):
     lo, hi = sorted((r1, r2))
     scores = random_scores(seed)
-    a, b = Q.global_top_k_masks(scores, lo), Q.global_top_k_masks(scores, hi)
+    a, b = mixq.global_top_k_masks(scores, lo), mixq.global_top_k_masks(scores, hi)
     assert all((a[k] & ~b[k]).sum() == 0 for k in scores)
 
 
@@ -71,18 +71,18 @@ def test_score_is_zero_where_nothing_moves(seed):
     Wref[:, 3] = W[:, 3]
     G = torch.rand(6, 10, generator=g)
     G[2] = 0
-    S = Q.tacq_score(W, Wref, G)
+    S = mixq.tacq_score(W, Wref, G)
     assert (S[0] == 0).all() and (S[:, 3] == 0).all() and (S[2] == 0).all() and (S >= 0).all()
 
 
 def test_gradients_equal_autograd_on_the_full_model(tiny):
-    model, _ = M.load(str(tiny))
+    model, _ = llama.load(str(tiny))
     x = calib(1)[0]
-    G = Q.gradient_magnitudes(model, [x], log=lambda s: None)
+    G = mixq.gradient_magnitudes(model, [x], log=lambda s: None)
     ws = [model.get_submodule(n).weight for n in G]
     for w in ws:
         w.requires_grad_(True)
-    loss = Q.next_token_loss(model(x[None]), x)
+    loss = mixq.next_token_loss(model(x[None]), x)
     grads = torch.autograd.grad(loss, ws)
     for (name, acc), g in zip(G.items(), grads):
         assert torch.allclose(acc, g.abs(), rtol=1e-5, atol=1e-8), name
@@ -90,30 +90,30 @@ def test_gradients_equal_autograd_on_the_full_model(tiny):
 
 
 def test_sum_of_abs_bounds_abs_of_sum_and_loss_scale_keeps_the_mask(tiny):
-    model, _ = M.load(str(tiny))
+    model, _ = llama.load(str(tiny))
     xs = calib(3)
-    G = Q.gradient_magnitudes(model, xs, log=lambda s: None)
+    G = mixq.gradient_magnitudes(model, xs, log=lambda s: None)
     ws = [model.get_submodule(n).weight for n in G]
     for w in ws:
         w.requires_grad_(True)
-    total = sum(Q.next_token_loss(model(x[None]), x) for x in xs)
+    total = sum(mixq.next_token_loss(model(x[None]), x) for x in xs)
     for acc, g in zip(G.values(), torch.autograd.grad(total, ws)):
         assert (acc >= g.abs() - 1e-6).all()  # sum_s |g_s| >= |sum_s g_s|
     for w in ws:
         w.requires_grad_(False)
-    G3 = Q.gradient_magnitudes(model, xs, loss_scale=3.0, log=lambda s: None)
+    G3 = mixq.gradient_magnitudes(model, xs, loss_scale=3.0, log=lambda s: None)
     W = {n: model.get_submodule(n).weight.data for n in G}
-    s1 = {n: Q.tacq_score(W[n], W[n].round(), G[n]) for n in G}
-    s3 = {n: Q.tacq_score(W[n], W[n].round(), G3[n]) for n in G}
-    m1, m3 = Q.global_top_k_masks(s1, 0.01), Q.global_top_k_masks(s3, 0.01)
+    s1 = {n: mixq.tacq_score(W[n], W[n].round(), G[n]) for n in G}
+    s3 = {n: mixq.tacq_score(W[n], W[n].round(), G3[n]) for n in G}
+    m1, m3 = mixq.global_top_k_masks(s1, 0.01), mixq.global_top_k_masks(s3, 0.01)
     assert all(torch.equal(m1[n], m3[n]) for n in G)
 
 
 def test_calibration_order_does_not_change_the_scores(tiny):
-    model, _ = M.load(str(tiny))
+    model, _ = llama.load(str(tiny))
     xs = calib(4)
-    a = Q.gradient_magnitudes(model, xs, log=lambda s: None)
-    b = Q.gradient_magnitudes(model, xs.flip(0), log=lambda s: None)
+    a = mixq.gradient_magnitudes(model, xs, log=lambda s: None)
+    b = mixq.gradient_magnitudes(model, xs.flip(0), log=lambda s: None)
     assert all(torch.allclose(a[n], b[n], rtol=1e-5, atol=1e-9) for n in a)
 
 
@@ -122,20 +122,20 @@ def test_answer_tokens_only_loss():
     tokens = torch.tensor([1, 2, 3, 4, 5])
     answer = torch.tensor([False, False, False, True, True])
     nll = torch.nn.functional.cross_entropy(logits[0, :-1], tokens[1:], reduction="none")
-    assert torch.isclose(Q.next_token_loss(logits, tokens, answer), nll[2:].mean())
+    assert torch.isclose(mixq.next_token_loss(logits, tokens, answer), nll[2:].mean())
 
 
 @pytest.mark.parametrize("ratio", [0.0, 1.0])
 def test_ratio_zero_is_gptq_and_ratio_one_is_w(tiny, ratio):
-    cfg = Q.QuantConfig(wbits=3, groupsize=32, mse=True)
+    cfg = mixq.QuantConfig(wbits=3, groupsize=32, mse=True)
     xs = calib(3)
-    ref, _ = M.load(str(tiny))
-    fp = {n: ref.get_submodule(n).weight.data.clone() for n in Q.linear_names(ref)}
-    Q.quantize_model(ref, xs, "gptq", cfg, log=lambda s: None)
-    model, _ = M.load(str(tiny))
-    scores = Q.tacq_scores(model, xs, None, cfg, log=lambda s: None)
-    masks = Q.global_top_k_masks(scores, ratio)
-    Q.quantize_model(model, xs, "tacq", cfg, log=lambda s: None, masks=masks)
+    ref, _ = llama.load(str(tiny))
+    fp = {n: ref.get_submodule(n).weight.data.clone() for n in mixq.linear_names(ref)}
+    mixq.quantize_model(ref, xs, "gptq", cfg, log=lambda s: None)
+    model, _ = llama.load(str(tiny))
+    scores = mixq.tacq_scores(model, xs, None, cfg, log=lambda s: None)
+    masks = mixq.global_top_k_masks(scores, ratio)
+    mixq.quantize_model(model, xs, "tacq", cfg, log=lambda s: None, masks=masks)
     for n in fp:
         got = model.get_submodule(n).weight.data
         want = ref.get_submodule(n).weight.data if ratio == 0 else fp[n].half().float()
@@ -148,8 +148,8 @@ def _pipeline_rank(rank, world, ckpt, calib, answers, init, out):
     import tacq_pipeline
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
-    args = M.ModelArgs.from_hf(M.read_config(M.resolve_ckpt(ckpt)))
-    model, _ = M.load(ckpt, only=tacq_pipeline.stage_tensors(args, rank, world))  # the rest: meta
+    args = llama.ModelArgs.from_hf(llama.read_config(llama.resolve_ckpt(ckpt)))
+    model, _ = llama.load(ckpt, only=tacq_pipeline.stage_tensors(args, rank, world))  # the rest: meta
     G = tacq_pipeline.pipeline_gradient_magnitudes(model, calib, answers, log=lambda s: None)
     torch.save(G, f"{out}-{rank}.pt")
     dist.destroy_process_group()
@@ -165,8 +165,8 @@ def test_pipeline_gradients_over_processes_equal_one_process(world, tmp_path):
     g = torch.Generator().manual_seed(0)
     calib = [torch.randint(0, 128, (T,), generator=g) for T in (12, 20)]
     answers = [torch.rand(len(c), generator=g) < 0.5 for c in calib]
-    model, _ = M.load(str(d))
-    ref = Q.gradient_magnitudes(model, calib, answers, log=lambda s: None)
+    model, _ = llama.load(str(d))
+    ref = mixq.gradient_magnitudes(model, calib, answers, log=lambda s: None)
     mp.spawn(_pipeline_rank, args=(world, str(d), calib, answers,
                                    f"file://{tmp_path / 'store'}", str(tmp_path / "G")),
              nprocs=world)
@@ -184,7 +184,7 @@ def test_circuit_location_counts_every_kept_weight_once(seed, ratio):
     g = torch.Generator().manual_seed(seed)
     masks = {f"layers.{li}.{'mlp' if m == 'down_proj' else 'self_attn'}.{m}":
              torch.rand(s, generator=g) < ratio for li in range(3) for m, s in shapes.items()}
-    where = Q.circuit_location(masks)
+    where = mixq.circuit_location(masks)
     total = sum(int(m.sum()) for m in masks.values())
     for key in ("by_module", "by_layer"):
         assert sum(v["kept"] for v in where[key].values()) == total
@@ -200,14 +200,14 @@ def test_run_on_a_task_reports_where_the_circuit_is(tmp_path, answer_loss):
     import json
     import shutil
     d = tiny_checkpoint(tmp_path / "m", vocab_size=49152)
-    shutil.copy(M.embedded_checkpoint() / "tokenizer.json", d / "tokenizer.json")
-    cfg = Q.QuantConfig(wbits=3, ratio=0.01)
-    s = Q.run(str(d), "tacq", cfg, calib="task:capitals", nsamples=2, seqlen=32, evals=[],
+    shutil.copy(llama.embedded_checkpoint() / "tokenizer.json", d / "tokenizer.json")
+    cfg = mixq.QuantConfig(wbits=3, ratio=0.01)
+    s = mixq.run(str(d), "tacq", cfg, calib="task:capitals", nsamples=2, seqlen=32, evals=[],
               json_out=tmp_path / "s.json", answer_loss=answer_loss)
     assert s["calib"]["answer_loss"] is answer_loss
     where = json.loads((tmp_path / "s.json").read_text())["circuit"]
-    model = M.load(str(d))[0]
-    kept = int(0.01 * sum(model.get_submodule(n).weight.numel() for n in Q.linear_names(model)))
+    model = llama.load(str(d))[0]
+    kept = int(0.01 * sum(model.get_submodule(n).weight.numel() for n in mixq.linear_names(model)))
     assert s["kept_weights"] == kept
     for part in ("by_module", "by_layer"):
         assert sum(v["kept"] for v in where[part].values()) == kept
