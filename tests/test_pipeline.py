@@ -253,3 +253,20 @@ def test_cli_resume_refuses_other_settings_before_the_fp_evaluation(tmp_path, em
                         "--resume", str(st)], capture_output=True, text=True)
     assert r.returncode != 0 and "holds a run with other settings" in r.stderr
     assert "options.wbits: 4 there, 3 now" in r.stderr and "fp model" not in r.stdout
+
+def test_mixq_imports_and_quantizes_without_triton():
+    # the algorithms need only torch: with triton unimportable, mixq imports, quantizes a layer
+    # and packs it; only the GPU paths need triton
+    code = """
+import sys
+sys.modules["triton"] = None  # any `import triton` now raises ImportError
+import torch, mixq
+W = torch.randn(16, 64, dtype=torch.float64)
+X = torch.randn(64, 256, dtype=torch.float64)
+for method in ("gptq", "quantease", "rtn"):
+    qz = mixq.solve(method, W, X @ X.T / 256, mixq.QuantConfig(wbits=3, groupsize=32, iters=2))
+    assert mixq.packed_tensors(qz)["qweight"].dtype == torch.int32
+print("ok")
+"""
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
