@@ -4,21 +4,23 @@ Every algorithm is a pure function on tensors: a weight W (m out x n in), the la
 (H = 2 X X^T / N, or Sigma = X X^T / N) and options, returning a `Quantized` (codes on a grid,
 scales, zeros, and any weights kept in 16 bits). The layer-wise pipeline feeds them.
 
-Sections (the spec is ../shared/algorithms.md; section numbers refer to it)
-  1. The grid          uniform asymmetric / symmetric quantizer, min-max or MSE clipping  (§1.1)
-  2. RTN               round to nearest                                                   (§2)
-  3. GPTQ              Frantar et al. 2022, arXiv 2210.17323; IST-DASLab/gptq gptq.py.
-                       With an optional mask of 16-bit weights (TaCQ §6.1.6) and SpQR-style
-                       outliers chosen by an error threshold (§5)
-  4. QuantEase         Behdin et al. 2023, arXiv 2309.01885: coordinate descent on a fixed grid,
-                       and the outlier-aware variant (CD + iterative hard thresholding)   (§4)
-  5. Bit count         one function for every method                                      (§1.3)
-  6. Pipeline          layer-wise, true-sequential, one block at a time                   (§1.2)
-  7. TaCQ              Xiao et al. 2025, arXiv 2504.07389: gradient saliency, a global 16-bit
-                       budget, GPTQ with that mask                                        (§6)
-  8. ResQ              Saxena et al. 2024, arXiv 2412.14363: norm folding, PCA bases, random
-                       rotations fused into the weights, online key rotation and Hadamard;
-                       then W4A4KV4 fake quantization with an 8-bit high slice           (§7)
+Sections (each method opens with the paper's version, a short function; the fast version
+follows, and a test checks that both give the same result)
+  1. The grid          uniform asymmetric / symmetric quantizer, min-max or MSE clipping
+  2. RTN               round to nearest
+  3. GPTQ              Frantar et al. 2022, arXiv 2210.17323: gptq_paper, then gptq. With an
+                       optional mask of 16-bit weights (TaCQ) and SpQR-style outliers chosen
+                       by an error threshold (Dettmers et al. 2023, arXiv 2306.03078)
+  4. QuantEase         Behdin et al. 2023, arXiv 2309.01885: quantease_paper, then quantease
+                       (coordinate descent on a fixed grid) and quantease_outliers (CD +
+                       iterative hard thresholding)
+  5. Bit count         one function for every method
+  6. Pipeline          layer-wise, true-sequential, one block at a time: quantize_model
+  7. TaCQ              Xiao et al. 2025, arXiv 2504.07389: tacq, the steps in order (gradient
+                       saliency, a global 16-bit budget, GPTQ with that mask)
+  8. ResQ              Saxena et al. 2024, arXiv 2412.14363: resq, the steps in order (norm
+                       folding, PCA bases, random rotations fused into the weights, online key
+                       rotation and Hadamard; then W4A4KV4 fake quantization, 8-bit high slice)
   9. Save              packed codes (the format in kernels.py), atomically
   10. CLI              python mixq.py [--ckpt X] --method gptq --wbits 3 --groupsize 64 ...
 
@@ -50,7 +52,7 @@ import model as llama
 kernels = llama.import_kernels()  # our kernels.py, not Hugging Face's package of the same name
 
 # -----------------------------------------------------------------------------
-# 1. The grid (spec §1.1)
+# 1. The grid
 #
 # One grid per row and group: Q(x) = s * (clamp(round(x/s + z), 0, maxq) - z), maxq = 2^b - 1.
 #   asymmetric: s = (xmax - xmin) / maxq, z = round(-xmin / s)
@@ -157,7 +159,7 @@ MSE_CHUNK = {"cuda": 2 ** 26, "cpu": 1}
 
 
 def fit_grid(w, bits: int, sym=False, mse=False, zero_in_range=True, signed=False):
-    """Scale and zero of each row of w (m, k) -> s, z each (m, 1). spec §1.1."""
+    """Scale and zero of each row of w (m, k) -> s, z each (m, 1)."""
     maxq = 2 ** bits - 1
     xmin, xmax = w.min(1, keepdim=True).values, w.max(1, keepdim=True).values
     if zero_in_range:
@@ -213,7 +215,7 @@ def fit_group(w, cfg: QuantConfig, mask=None):
 
 
 def quantize_stats(v, bits: int, group: int = 16):
-    """SpQR's second level (§5.3): a column of first-level statistics v (m, 1) is quantized to
+    """SpQR's second level (arXiv 2306.03078, its bilevel statistics): a column of first-level statistics v (m, 1) is quantized to
     `bits` in groups of `group` rows, each group with its own 16-bit scale and zero."""
     m = v.shape[0]
     pad = (-m) % group
@@ -275,7 +277,7 @@ def per_column(stat, g: int):
 
 
 # -----------------------------------------------------------------------------
-# 2. RTN (spec §2)
+# 2. RTN
 
 
 def rtn(W: torch.Tensor, cfg: QuantConfig) -> Quantized:
@@ -297,13 +299,38 @@ def bits_per_statistic(cfg: QuantConfig) -> float:
 
 
 # -----------------------------------------------------------------------------
-# 3. GPTQ (spec §3), with 16-bit masks (TaCQ, §6.1.6) and threshold outliers (SpQR-style, §5)
+# 3. GPTQ (Frantar et al. 2022, arXiv 2210.17323), with 16-bit masks (TaCQ) and threshold
+#    outliers (SpQR-style, Dettmers et al. 2023, arXiv 2306.03078)
 #
-# min over the grid of ||W X - Q X||^2 = tr((W - Q) H (W - Q)^T), H = 2 X X^T / N. Columns are
-# quantized one at a time; the error of column i is spread onto the columns not yet quantized
-# through U, the upper Cholesky factor of H^-1:  e_i = (w_i - q_i) / U_ii,  W[:, j>i] -= e_i U_ij.
-# Lazy batches: inside a block of B columns the updates are applied column by column
-# (gptq_block); the block's errors reach the later blocks in one matrix product.
+# min over the grid of ||W X - Q X||^2 = tr((W - Q) H (W - Q)^T), H = 2 X X^T / N (the paper's
+# eq. 1). Columns are quantized one at a time; the error of column i is spread onto the columns
+# not yet quantized through U, the upper Cholesky factor of H^-1 (the paper's Algorithm 1):
+#   e_i = (w_i - q_i) / U_ii,   W[:, j>i] -= e_i U_ij
+# `gptq_paper` is exactly that loop. `gptq` gives the same result faster, with the paper's
+# lazy batches (inside a block of B columns the updates are applied column by column, in
+# gptq_block; the block's errors reach the later blocks in one matrix product), and adds
+# act-order, static groups, 16-bit masks, SpQR's outliers and ResQ's two grids.
+
+
+def gptq_paper(W: torch.Tensor, H: torch.Tensor, cfg: QuantConfig) -> torch.Tensor:
+    """GPTQ as the paper's Algorithm 1 states it, one column at a time: W (m, n), H (n, n) ->
+    the quantized weights Q (m, n). A group's grid is fitted when the loop reaches it, on the
+    weights as the earlier columns' errors left them. (`gptq` below: the same Q, faster.)"""
+    W, H = as_work(W).clone(), as_work(H).clone()
+    n = W.shape[1]
+    g = group_size(cfg, n)
+    dead = torch.diag(H) == 0  # inputs never active in the calibration data: any value will do
+    H[dead, dead] = 1
+    W[:, dead] = 0
+    U = inverse_cholesky(H, cfg.percdamp)  # U^T U = (H + lambda I)^-1, U upper triangular
+    Q = torch.zeros_like(W)
+    for j in range(n):
+        if j % g == 0:  # the grid of columns j .. j+g-1, on their current weights
+            s, z = fit_group(W[:, j:j + g], cfg)  # (m, 1) each
+        Q[:, j] = fake_quant(W[:, j], s[:, 0], z[:, 0], cfg.maxq)  # q_j = quant(w_j)
+        e = (W[:, j] - Q[:, j]) / U[j, j]  # e_j = (w_j - q_j) / U_jj
+        W[:, j:] -= e[:, None] * U[j, j:][None, :]  # w_k -= e_j U_jk for k >= j
+    return Q
 
 
 def inverse_cholesky(H, percdamp: float, retries: int = 6):
@@ -469,16 +496,42 @@ def layer_loss(W, Q, H) -> float:
 
 
 # -----------------------------------------------------------------------------
-# 4. QuantEase (spec §4)
+# 4. QuantEase (Behdin et al. 2023, arXiv 2309.01885)
 #
 # f(W_hat) = tr((W - W_hat) Sigma (W - W_hat)^T), Sigma = X X^T / N, on a grid fixed from the
 # original W. For column j (all rows at once) f is a 1-D convex quadratic whose minimizer is
 #   u_j = w_j + sum_{k != j} (w_k - w_hat_k) Sigma_kj / Sigma_jj
-# (in the code: S_off = Sigma_kj / Sigma_jj off the diagonal, 0 on it; see normalized_offdiag)
 # and rounding u_j to the nearest grid point is the exact minimizer over the grid, so every
-# rounded coordinate step can only lower f. No matrix is ever inverted.
+# rounded coordinate step can only lower f. No matrix is ever inverted (the paper's
+# Algorithm 1). `quantease_paper` is that cyclic sweep as written; `quantease` gives the same
+# result with the sums kept up to date a block of columns at a time (P, Phat, D below).
 # (The released code sums Sigma = X X^T over the tokens; mixq averages. u_j, the rounding and
 # the IHT step 1 / lambda_max do not depend on that scale: the same iterates.)
+
+
+def rounds(it: int, cfg: QuantConfig) -> bool:
+    """Whether sweep `it` (0-based) rounds. The released code's schedule (cfg.relaxed): sweeps
+    1, 4, ..., 25 leave the columns at their unrounded minimizers u_j, the last always rounds."""
+    return not (cfg.relaxed and it % 3 == 1 and it <= 25 and it < cfg.iters - 1)
+
+
+def quantease_paper(W: torch.Tensor, Sigma: torch.Tensor, cfg: QuantConfig) -> torch.Tensor:
+    """QuantEase's coordinate descent as the paper writes it: W (m, n), Sigma (n, n) -> W_hat
+    (m, n) on the grid. cfg.iters cyclic sweeps over the columns, starting from W.
+    (`quantease` below: the same W_hat, faster.)"""
+    W, Sigma = as_work(W), as_work(Sigma)
+    s, z, g = fit_groups(W, cfg)  # the grid, fitted once on the original W
+    s, z = per_column(s, g), per_column(z, g)  # (m, n): each weight's scale and zero
+    d = torch.diag(Sigma).clone()
+    d[d == 0] = 1  # a dead input (Sigma_jj = 0, so Sigma_kj = 0): u_j = w_j, simply rounded
+    What = W.clone()
+    for it in range(cfg.iters):
+        for j in range(W.shape[1]):
+            # u_j = w_j + sum_{k != j} (w_k - w_hat_k) Sigma_kj / Sigma_jj
+            r = (W - What) @ Sigma[:, j] - (W[:, j] - What[:, j]) * Sigma[j, j]
+            u = W[:, j] + r / d[j]
+            What[:, j] = fake_quant(u, s[:, j], z[:, j], cfg.maxq) if rounds(it, cfg) else u
+    return What
 
 
 def cd_block(What, R, S_off, s, z, b1: int, b2: int, maxq: int, rounded: bool = True):
@@ -548,7 +601,7 @@ def quantease(W: torch.Tensor, Sigma: torch.Tensor, cfg: QuantConfig,
     S_off = normalized_offdiag(Sigma)
     P = W + W @ S_off  # P_j = w_j + sum_{k != j} w_k Sigma_kj / Sigma_jj
     for it in range(cfg.iters):
-        rounded = not (cfg.relaxed and it % 3 == 1 and it <= 25 and it < cfg.iters - 1)
+        rounded = rounds(it, cfg)
         What = cd_sweep(What, P, S_off, se, ze, cfg.maxq, rounded, cfg.blocksize)
         if history is not None:
             history.append((rounded, layer_loss(W, What, Sigma)))
@@ -588,7 +641,7 @@ def largest_eigenvalue(A: torch.Tensor, tol: float = 1e-6, max_iters: int = 10_0
 
 def quantease_outliers(W: torch.Tensor, Sigma: torch.Tensor, cfg: QuantConfig,
                        history: Optional[list] = None) -> Quantized:
-    """Outlier-aware QuantEase (§4.2), from its objective:
+    """Outlier-aware QuantEase (the paper's outlier-aware variant), from its objective:
         min  f(W_hat, Hs) = tr((W - W_hat - Hs) Sigma (W - W_hat - Hs)^T)
         over W_hat on the grid and Hs with at most k = round(outliers * m * n) nonzeros (16-bit).
     Alternate (a) one rounded CD sweep on W_hat with target W - Hs, and (b) one iterative hard
@@ -629,7 +682,7 @@ def quantease_outliers(W: torch.Tensor, Sigma: torch.Tensor, cfg: QuantConfig,
 
 
 # -----------------------------------------------------------------------------
-# 5. Bit count (spec §1.3): everything stored, for every method
+# 5. Bit count: everything stored, for every method
 
 
 def stored_bits(qz: Quantized) -> float:
@@ -648,7 +701,7 @@ def average_bits(results: dict) -> float:
 
 
 # -----------------------------------------------------------------------------
-# 6. The layer-wise pipeline (spec §1.2)
+# 6. The layer-wise pipeline
 
 SEQUENTIAL = [  # true-sequential groups: each is quantized after the ones before it
     ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"],
@@ -954,11 +1007,75 @@ def collect_input_stats(block, group, xs, rope, device) -> dict:
 
 
 # -----------------------------------------------------------------------------
-# 7. TaCQ (spec §6; Xiao et al. 2025, arXiv 2504.07389; The-Inscrutable-X/TACQ)
+# 7. TaCQ (Xiao et al. 2025, arXiv 2504.07389)
 #
 # Keep in 16 bits the weights whose quantization would hurt the task most, scored by
 #   S = |W| * |W - Q_ref(W)| * sum_s |dL_s/dW|        (Q_ref: plain GPTQ, same bits and data)
 # with one global top-k over every q/k/v/o/gate/up/down matrix, then GPTQ with that mask.
+# `tacq` runs the steps in order. The paper versions of its two non-obvious parts come first:
+# the gradient sum by plain autograd and the top-k by one sort; the versions `tacq` runs give
+# the same numbers with the memory of an 8B model in mind.
+
+
+def gradient_magnitudes_paper(model: llama.Transformer, calib, answers=None) -> dict:
+    """G[name] = sum over samples s of |dL_s/dW| for every linear, by autograd on the whole
+    model, one sample at a time (batch size 1): the definition. (`gradient_magnitudes`: the
+    same G, one block in memory at a time.)"""
+    names = linear_names(model)
+    weights = [model.get_submodule(name).weight for name in names]
+    G = {name: torch.zeros(w.shape, device=w.device) for name, w in zip(names, weights)}
+    for i, tokens in enumerate(calib):
+        tokens = tokens.to(model.device)
+        with torch.enable_grad():
+            for w in weights:
+                w.requires_grad_(True)
+            logits = model(tokens[None])  # (1, T, vocab)
+            loss = next_token_loss(logits, tokens, None if answers is None else answers[i])
+            grads = torch.autograd.grad(loss, weights)
+        for name, g in zip(names, grads):
+            G[name] += g.abs().float()  # |dL_s/dW| of this sample, added to the sum
+    for w in weights:
+        w.requires_grad_(False)
+    return G
+
+
+def global_top_k_paper(scores: dict, ratio: float) -> dict:
+    """Masks of the k = int(ratio * N) highest scores over all matrices together (N their total
+    size): one stable descending sort of every score; ties go to the first matrix, then the
+    first index. (`global_top_k_masks`: the same masks without sorting N numbers.)"""
+    flat = torch.cat([s.flatten().float().cpu() for s in scores.values()])  # (N,)
+    k = int(ratio * flat.numel())
+    keep = torch.zeros(flat.numel(), dtype=torch.bool)
+    keep[torch.sort(flat, descending=True, stable=True).indices[:k]] = True
+    masks, start = {}, 0
+    for name, s in scores.items():
+        masks[name] = keep[start:start + s.numel()].view(s.shape)
+        start += s.numel()
+    return masks
+
+
+def tacq(model: llama.Transformer, calib, answers, cfg: QuantConfig, device=None, log=print,
+         scores_dir=None, scores_fingerprint=None, resume=None, fingerprint=None):
+    """TaCQ on a model, in place, step by step -> (results of the final GPTQ, masks):
+      1. G = sum_s |dL_s/dW| on the fp model                   gradient_magnitudes
+      2. Q_ref(W): plain GPTQ of every linear (same bits, data) quantize_model(..., "gptq")
+      3. S = |W| * |W - Q_ref(W)| * G, on the fp weights       tacq_score
+      4. the k = ratio * N highest S over all linears          global_top_k_masks
+      5. GPTQ again, those weights kept in 16 bits             quantize_model(..., masks)
+    Steps 1-3 are `tacq_scores`, cached in scores_dir when one is given (the scores do not
+    depend on the ratio, so another ratio costs only step 5). answers: per sample, the answer
+    tokens the loss scores (--answer-loss), or None for every position."""
+    scores = cached_tacq_scores(model, calib, answers, cfg, scores_fingerprint, scores_dir,
+                                device, log)  # steps 1-3
+    masks = global_top_k_masks(scores, cfg.ratio)  # step 4
+    del scores
+    log(f"TaCQ: keeping {sum(int(m.sum()) for m in masks.values()):,} weights in 16 bits "
+        f"(ratio {cfg.ratio}):")
+    print_circuit(circuit_location(masks), log)
+    log("final GPTQ with that mask:")
+    results = quantize_model(model, calib, "tacq", cfg, device, log, masks=masks, resume=resume,
+                             fingerprint=fingerprint)  # step 5
+    return results, masks
 
 
 def linear_names(model: llama.Transformer) -> list:
@@ -967,7 +1084,7 @@ def linear_names(model: llama.Transformer) -> list:
 
 
 def next_token_loss(logits, tokens, answer=None):
-    """Mean cross-entropy of each next token (§6.1 step 3: all positions). With `answer` (task
+    """Mean cross-entropy of each next token, over all positions (as TaCQ's released code). With `answer` (task
     data under --answer-loss) only over the answer tokens: mixq's option, not the released
     code's, so that the task gradients are about the answers alone."""
     nll = torch.nn.functional.cross_entropy(logits[0, :-1].float(), tokens[1:], reduction="none")
@@ -1089,19 +1206,19 @@ def circuit_location(masks: dict) -> dict:
             for key, d in where.items()}
 
 
-def print_circuit(where: dict):
+def print_circuit(where: dict, log=print):
     """The 16-bit weights by module type and by layer, on two lines each."""
     for key, label in (("by_module", "module"), ("by_layer", "layer")):
         parts = where[key]
-        print(f"  16-bit weights by {label}: " + ", ".join(
+        log(f"  16-bit weights by {label}: " + ", ".join(
             f"{part}: {v['kept']:,}" for part, v in parts.items()))
-        print(f"  share of the {label}'s weights: " + ", ".join(
+        log(f"  share of the {label}'s weights: " + ", ".join(
             f"{part}: {100 * v['share']:.2f}%" for part, v in parts.items()))
 
 
 def tacq_scores(model: llama.Transformer, calib, answers, cfg: QuantConfig, device=None,
                 log=print, G: Optional[dict] = None) -> dict:
-    """§6.1 steps 2-4: gradients on the fp model (or G, computed elsewhere, e.g. over several
+    """TaCQ's steps 1-3: gradients on the fp model (or G, computed elsewhere, e.g. over several
     GPUs by scripts/tacq_pipeline.py), the reference GPTQ (no mask), the scores. The model's
     weights are restored before returning."""
     if G is None:
@@ -1156,7 +1273,7 @@ def cached_tacq_scores(model, calib, answers, cfg, fingerprint: dict, scores_dir
 
 
 # -----------------------------------------------------------------------------
-# 8. ResQ, part 1: the exact transformations (spec §7; Saxena et al. 2024, arXiv 2412.14363)
+# 8. ResQ (Saxena et al. 2024, arXiv 2412.14363), part 1: the exact transformations
 #
 # In an orthogonal basis U = [U_l | U_h] of the activations, X W^T = (X U)(W U)^T exactly. ResQ
 # takes U_h = the top r = d/8 eigen-directions of E[x x^T] (where the energy is, kept at 8 bits)
@@ -1184,7 +1301,7 @@ def fold_norms(model: llama.Transformer):
 
 @torch.no_grad()
 def resq_covariances(model: llama.Transformer, calib, device=None) -> dict:
-    """Uncentred second moments in fp64 (spec §7.2): "resid" (d, d) over the inputs of q/k/v and
+    """Uncentred second moments in fp64: "resid" (d, d) over the inputs of q/k/v and
     of gate/up in every layer; per layer "value" (n_kv, hd, hd) of each KV head's v_proj outputs
     and "key" (hd, hd) of the keys after RoPE, summed over KV heads. Each divided by its count.
     Layer by layer like quantize_model: one block on `device` at a time, the activations of
@@ -1374,7 +1491,7 @@ def fuse_resq(model: llama.Transformer, bases: ResQBases, device=None):
 
 
 # -----------------------------------------------------------------------------
-# 8b. ResQ, part 2: W4A4KV4 fake quantization on the fused model (spec §7.3)
+# 8b. ResQ, part 2: W4A4KV4 fake quantization on the fused model
 #
 # Activations per token, asymmetric, the low slice at abits and the high slice (the last
 # r channels: the top-r PCA directions) at high_bits; o_proj inputs and the KV cache per head
@@ -1613,9 +1730,9 @@ def method_config(method: str, cfg: QuantConfig) -> QuantConfig:
     """The options a method actually runs with."""
     if method == "spqr":
         return spqr_config(cfg)
-    if method == "tacq":  # TaCQ's GPTQ settings: asymmetric with MSE clipping (§6.1 step 2)
+    if method == "tacq":  # TaCQ's GPTQ settings: asymmetric with MSE clipping
         return replace(cfg, mse=True)
-    if method == "resq":  # ResQ's weights: per channel, signed symmetric, MSE clipping (§7.3)
+    if method == "resq":  # ResQ's weights: per channel, signed symmetric, MSE clipping
         return replace(cfg, groupsize=-1, sym=True, signed=True, mse=True)
     return cfg
 
@@ -1638,7 +1755,7 @@ def run(ckpt=None, method="tacq", cfg: QuantConfig = QuantConfig(wbits=3, groups
                          " has no column order to change; leave --act-order out")
     if method == "resq" and cfg.groupsize != -1:  # method_config would drop it silently
         raise ValueError(f"--groupsize {cfg.groupsize}: ResQ quantizes weights per output "
-                         "channel (spec §7.3); leave --groupsize out")
+                         "channel; leave --groupsize out")
     if save and method == "resq":
         raise ValueError("ResQ is fake quantization (W4A4 needs activation-quantized kernels); "
                          "it can be evaluated but not saved")

@@ -1,4 +1,5 @@
-"""The quantization algorithms as pure functions: the invariants of ../shared/algorithms.md §2-§5."""
+"""The quantization algorithms as pure functions: each fast version against the paper's, and the
+invariants of the grid, RTN, GPTQ, SpQR-style outliers, QuantEase and the bit count."""
 
 import math
 
@@ -99,6 +100,18 @@ def test_config_refuses_out_of_range_options(option, value):
 
 
 # -- GPTQ (§3) -----------------------------------------------------------------------------------
+
+
+@given(cfg=configs, seed=st.integers(0, 10 ** 6), blocksize=st.sampled_from([16, 128]),
+       mse=st.booleans())
+def test_gptq_is_the_papers_column_loop(cfg, seed, blocksize, mse):
+    # gptq (lazy blocks, segments refitted at group starts) = Algorithm 1, one column at a time
+    W, S = random_problem(seed, n=96)
+    W[:, 5] = 0
+    S[7, :], S[:, 7] = 0, 0  # a dead input
+    cfg = mixq.QuantConfig(**{**vars(cfg), "blocksize": blocksize, "mse": mse})
+    torch.testing.assert_close(mixq.gptq(W, 2 * S, cfg).dequantize(),
+                               mixq.gptq_paper(W, 2 * S, cfg), rtol=1e-9, atol=1e-9)
 
 
 @given(cfg=configs, seed=st.integers(0, 10 ** 6), act_order=st.booleans())
@@ -303,6 +316,17 @@ def test_spqr_threshold_outliers(seed):
 
 
 # -- QuantEase (§4) ------------------------------------------------------------------------------
+
+
+@given(cfg=configs, seed=st.integers(0, 10 ** 6), iters=st.integers(1, 8),
+       relaxed=st.booleans())
+def test_quantease_is_the_papers_coordinate_descent(cfg, seed, iters, relaxed):
+    # quantease (blocked sums P, Phat, D) = the cyclic sweep written from f, one column at a time
+    W, S = random_problem(seed, n=64)
+    S[7, :], S[:, 7] = 0, 0  # a dead input
+    cfg = mixq.QuantConfig(**{**vars(cfg), "iters": iters, "relaxed": relaxed, "blocksize": 16})
+    torch.testing.assert_close(mixq.quantease(W, S, cfg).dequantize(),
+                               mixq.quantease_paper(W, S, cfg), rtol=1e-9, atol=1e-9)
 
 
 @given(cfg=configs, seed=st.integers(0, 10 ** 6), from_gptq=st.booleans())
