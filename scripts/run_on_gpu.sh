@@ -40,11 +40,11 @@ case "$1" in
 kernels)
   MIXQ_TEST_GPU=1 python3 -m pytest -q -rf tests/test_kernels.py > "$OUT/gpu_tests.txt" 2>&1
   tail -1 "$OUT/gpu_tests.txt"
-  python3 kernels.py --bench 2>&1 | tee "$OUT/bench_kernels.txt"
-  python3 kernels.py --bench --tune --M 1 --shapes 14336x4096 4096x14336 > "$OUT/tune_m1.txt" 2>&1
+  python3 scripts/bench_kernels.py 2>&1 | tee "$OUT/bench_kernels.txt"
+  python3 scripts/bench_kernels.py --tune --M 1 --shapes 14336x4096 4096x14336 > "$OUT/tune_m1.txt" 2>&1
   grep "^|" "$OUT/tune_m1.txt" ;;
 tune)  # small-batch and prefill tiles at 4 bits: does a fused GEMM now beat dequantize + cuBLAS?
-  python3 kernels.py --bench --tune --M 16 256 --bits 4 --shapes 14336x4096 4096x14336 \
+  python3 scripts/bench_kernels.py --tune --M 16 256 --bits 4 --shapes 14336x4096 4096x14336 \
     > "$OUT/tune_m16_m256.txt" 2>&1
   grep "^|" "$OUT/tune_m16_m256.txt" ;;
 load)
