@@ -1,12 +1,12 @@
 """kernels.py: the packed low-bit weight format of mixq and y = x @ dequant(Wq)^T in Triton.
 
-This file imports torch and triton and nothing of ours, so it can be copied alone. It holds the
-format (pack/unpack, dequantize), a plain torch path every device runs, the Triton kernels
-(quant_matmul: a GEMV for decode, a dequantize-in-tile GEMM for small batches, dequantize +
-cuBLAS for prefill, and a CSR outlier kernel), QuantLinear, which model.py swaps in for a
-quantized nn.Linear, and the column loops of GPTQ and QuantEase that mixq.py runs on a GPU
-(one launch per block of columns). Tests run the kernels on the CPU with TRITON_INTERPRET=1;
-`python kernels.py --bench` times them on a GPU.
+This file imports torch and triton and nothing of ours, so it can be copied alone. In order:
+the format (pack/unpack, dequantize: the torch reference every device runs); one simple Triton
+kernel, simple_quant_matmul, to read first; the fast paths (quant_matmul: a GEMV for decode, a
+dequantize-in-tile GEMM for small batches, dequantize + cuBLAS for prefill, and CSR outlier
+kernels); QuantLinear, which model.py swaps in for a quantized nn.Linear; and the column loops
+of GPTQ and QuantEase that mixq.py runs on a GPU (one launch per block of columns). Tests run
+the kernels on the CPU with TRITON_INTERPRET=1; scripts/bench_kernels.py times them on a GPU.
 
 The format, one quantized nn.Linear of weight W (N out_features x K in_features), g = group size
 (g = K for one group per output channel):
@@ -141,22 +141,97 @@ def dequantize(t: dict, bits: int, groupsize: int, N: int, K: int) -> torch.Tens
 
 
 # -----------------------------------------------------------------------------
-# Triton: y = x @ dequant(Wq)^T (+ the sparse outliers), three paths chosen by M (rows of x)
+# The simple kernel: y = x @ dequant(Wq)^T, one output tile per program
 #
-#   M = 1       _gemv_kernel: no tensor cores. Program (pid_n, pid_k) owns BLOCK_N outputs and
-#               ITERS * BLOCK_K rows of K (split-K: many programs stream one matrix), adds its
-#               partial sums into an fp32 workspace with relaxed atomics; the last program of
-#               each column block writes y and clears the workspace (one launch in all). When a
-#               K-tile lies inside one group the statistics factor out of the sum:
-#                 sum_k x_k s (q_kn - z) = s (sum_k x_k q_kn - z sum_k x_k)
-#   2..64       _gemm_kernel: dequantize a (BLOCK_K, BLOCK_N) weight tile in registers and
-#               multiply on the tensor cores (tl.dot, fp32 accumulation); split-K programs
-#               add into a zeroed fp32 y with atomics, cast to x's dtype after the launch
-#               (without split-K, each program writes its tile of y in x's dtype). For fp16
-#               x the tile is made in fp16 arithmetic, two weights per instruction (_fields);
-#               config swap=True computes y^T = W x^T (the weight tile as the first operand).
-#   > 64        _dequant_kernel writes W^T (K, N) in x's dtype once, then cuBLAS (torch.matmul):
-#               compute-bound sizes, where a dequantize-in-tile GEMM loses to cuBLAS.
+# Read this one first. Each program owns a (BLOCK_M, BLOCK_N) tile of y and walks K in steps of
+# BLOCK_K: it loads the int32 words that hold the codes of a (BLOCK_K, BLOCK_N) weight tile (a
+# word once per code it holds, the repeats from cache), shifts each code down and masks it, makes
+# w = s (q - z) with the statistics of each code's group, and accumulates x_tile @ w_tile in fp32.
+# The fast paths below compute the same numbers; each section says what it adds.
+
+if triton is not None:
+
+    @triton.jit
+    def _simple_matmul_kernel(x_ptr, qw_ptr, qhi_ptr, s_ptr, z_ptr, y_ptr, M, N, K, G,
+                              BITS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                              BLOCK_K: tl.constexpr):
+        """y (M, N) fp32 = x (M, K) @ W^T, W[n, k] = s[k // G, n] * (q[k, n] - z[k // G, n]),
+        for the packed codes of the format above (BITS in {2, 3, 4, 8}); no outliers."""
+        offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            x = tl.load(x_ptr + offs_m[:, None] * K + offs_k[None, :],
+                        mask=(offs_m[:, None] < M) & (offs_k[None, :] < K), other=0.0)
+            kn_mask = (offs_k[:, None] < K) & (offs_n[None, :] < N)
+            col = offs_n[None, :]
+            if BITS == 3:  # low 2 bits: the 2-bit plane; high bit: bit HI_ORDER^-1(k % 32)
+                lo = tl.load(qw_ptr + (offs_k // 16)[:, None] * N + col, mask=kn_mask, other=0)
+                lo = (lo >> ((offs_k % 16) * 2)[:, None]) & 3
+                i = offs_k % 32
+                bit = 4 * (i % 16 // 2) + 2 * (1 - i // 16) + i % 2  # HI_ORDER[bit] == i
+                hi = tl.load(qhi_ptr + (offs_k // 32)[:, None] * N + col, mask=kn_mask, other=0)
+                q = lo | (((hi >> bit[:, None]) & 1) << 2)
+            else:  # code k of column n: word k // PER, bits (k % PER) * BITS and up
+                PER: tl.constexpr = 32 // BITS
+                word = tl.load(qw_ptr + (offs_k // PER)[:, None] * N + col, mask=kn_mask,
+                               other=0)
+                q = (word >> ((offs_k % PER) * BITS)[:, None]) & ((1 << BITS) - 1)
+            stat = (offs_k // G)[:, None] * N + col  # the group of each row k
+            s = tl.load(s_ptr + stat, mask=kn_mask, other=0.0).to(tl.float32)
+            z = tl.load(z_ptr + stat, mask=kn_mask, other=0.0).to(tl.float32)
+            w = s * (q.to(tl.float32) - z)  # (BLOCK_K, BLOCK_N)
+            acc += tl.dot(x.to(tl.float32), w, input_precision="ieee")  # exact fp32 products
+        tl.store(y_ptr + offs_m[:, None] * N + col, acc,
+                 mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
+
+
+def simple_quant_matmul(x: torch.Tensor, t: dict, bits: int, groupsize: int, N: int,
+                        K: int) -> torch.Tensor:
+    """y = x @ W^T (..., N) in x's dtype for x (..., K) and W (N, K) in the packed format t: the
+    dense part with _simple_matmul_kernel, the outliers added in torch (x @ their dense matrix).
+    The readable reference of quant_matmul: the same numbers up to summation order."""
+    if triton is None:
+        raise RuntimeError("the Triton path needs the triton package: pip install triton")
+    x2 = x.reshape(-1, K).contiguous()
+    M = x2.shape[0]
+    g = K if groupsize in (-1, None) else groupsize
+    y = torch.empty(M, N, device=x.device, dtype=torch.float32)
+    BLOCK_M, BLOCK_N, BLOCK_K = 16, 32, 32  # tl.dot takes tiles of at least 16
+    grid = (triton.cdiv(M, BLOCK_M), triton.cdiv(N, BLOCK_N))
+    _simple_matmul_kernel[grid](x2, *_packed_args(t), y, M, N, K, g, BITS=bits,
+                                BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K)
+    if "outlier_vals" in t and t["outlier_vals"].numel():
+        y += x2.float() @ csr_to_dense(t, N, K).T
+    return y.to(x.dtype).reshape(*x.shape[:-1], N)
+
+
+def _packed_args(t: dict) -> tuple:
+    """What every kernel reads of a packed weight: the codes (both planes at 3 bits; otherwise
+    qweight again in the high plane's place, never read unless BITS == 3), scales, zeros."""
+    return t["qweight"], t.get("qweight_hi", t["qweight"]), t["scales"], t["zeros"]
+
+
+# -----------------------------------------------------------------------------
+# Fast paths: the same y = x @ dequant(Wq)^T (+ the sparse outliers), three paths chosen by M
+# (rows of x) in quant_matmul, each adding to the simple kernel what its sizes need:
+#
+#   M = 1       _gemv_kernel (decode). Adds split-K: program (pid_n, pid_k) owns BLOCK_N
+#               outputs and ITERS * BLOCK_K rows of K, so many programs stream one matrix; they
+#               add partial sums into an fp32 workspace with relaxed atomics and the last
+#               program of each column block writes y and clears the workspace (one launch in
+#               all). No tensor cores: when a K-tile lies inside one group the statistics factor
+#               out of the sum,  sum_k x_k s (q_kn - z) = s (sum_k x_k q_kn - z sum_k x_k),  and
+#               the codes are multiplied as denormal floats (_fields_dot), one AND + one FMA each.
+#   2..64       _gemm_kernel (small batches). The simple kernel's tile loop plus: optional
+#               split-K (programs add into a zeroed fp32 y with atomics, cast after the launch),
+#               fp16/bf16 tensor cores, every word read once and split into its codes with the
+#               fp16 magic number (_fields: 1024 + q, two codes per instruction), and config
+#               swap=True, which computes y^T = W x^T (the weight tile as the first operand).
+#   > 64        _dequant_kernel (prefill): writes W^T (K, N) in x's dtype once with the same
+#               tile code, then cuBLAS (torch.matmul): at compute-bound sizes a dequantize-in-tile
+#               GEMM loses to cuBLAS.
 #   outliers    M = 1: inside the GEMV (_outlier_adds: each split-K program adds an even share
 #               of its column block's entries into the workspace, relaxed atomics). 2..64:
 #               _outliers_kernel after the GEMM, a program per 16 rows r of W walks their CSR
@@ -169,10 +244,12 @@ def dequantize(t: dict, bits: int, groupsize: int, N: int, K: int) -> torch.Tens
 # (BLOCK_K*b/32, BLOCK_N) tile of int32 into its codes by halving the fields of both 16-bit
 # halves of each word at once, as fp16 1024 + q (_fields); the GEMV masks each code in place
 # (see _fields_dot); 3-bit codes first become 3-bit fields of nibbles (_three_bit_fields).
-# Neither turns codes into floats with an int-to-float instruction (quarter rate on Hopper):
-# bit tricks do it with an AND or an OR (_fields_dot, _fields). Activations in bf16 are converted
-# at the load; the GEMV's arithmetic is fp32, the GEMM's weights are fp16 arithmetic for fp16 x
-# and fp32 otherwise, each weight rounded once (fp16/bf16 only as tl.dot inputs).
+# Neither turns codes into floats with an int-to-float instruction: bit tricks do it with an AND
+# or an OR (_fields_dot, _fields). Activations in bf16 are converted at the load; the GEMV's
+# arithmetic is fp32, the GEMM's weights are fp16 arithmetic for fp16 x and fp32 otherwise, each
+# weight rounded once (fp16/bf16 only as tl.dot inputs).
+# perf: int-to-float conversion (I2F) runs at a quarter rate on Hopper; it held the GEMV at
+# ~16 us per MLP matrix whatever the bit width until the bit tricks replaced it.
 
 if triton is not None:
 
@@ -198,13 +275,13 @@ if triton is not None:
     def _fields(t, FB: tl.constexpr, CB: tl.constexpr):
         """The codes q (CB bits) in the 32/FB fields of FB bits of the int32 words t, as the
         fp16 numbers 1024 + q, (R, BLOCK_N) -> (R, BLOCK_N, 32/FB), field i at [.., i]:
-          fp16 with exponent 2^10 and q in its mantissa is 1024 + q (the magic number of fp16;
-          no int-to-float instruction, quarter rate on Hopper), so t & (m << 16 | m) |
-          0x64006400 holds two codes' 1024 + q, one per 16-bit lane: fields i and i + 16/FB.
-        Fields of 16 bits are halved down to FB bits in both lanes at once (tl.join: the new
-        axis is last and stays in the same thread, so a thread keeps all the codes of its
-        words and the tile goes to shared memory for tl.dot in 16-byte stores, not one 2-byte
-        store per weight), one AND or shift for two codes."""
+          fp16 with exponent 2^10 and q in its mantissa is 1024 + q (the magic number of fp16),
+          so t & (m << 16 | m) | 0x64006400 holds two codes' 1024 + q, one per 16-bit lane:
+          fields i and i + 16/FB.
+        Fields of 16 bits are halved down to FB bits in both lanes at once, one AND or shift
+        for two codes (tl.join: the new axis is last and stays in the same thread)."""
+        # perf: a thread keeping all the codes of its words lets the tile go to shared memory
+        # for tl.dot in 16-byte stores, not one 2-byte store per weight
         for level in tl.static_range(1, 5):
             if (16 >> level) >= FB:  # in both lanes, fields of 2h bits -> h bits
                 t = tl.join(t & (((1 << (16 >> level)) - 1) * 0x10001),
@@ -281,8 +358,7 @@ if triton is not None:
                     CB: tl.constexpr, EVEN: tl.constexpr):
         """acc + 2^-60 sum_i x_(k + i STEP) q_i and xsum + sum_i x_(k + i STEP), for the codes
         q_i (CB bits) in the 32/FB fields of FB bits of word: field i at bit i FB. Per weight
-        one AND and one FMA, with no int-to-float conversion (a quarter-rate instruction on
-        Hopper, which held the GEMV at ~16 us whatever the bit width):
+        one AND and one FMA, with no int-to-float conversion:
           code i masked in place at bit p (word & (m << p)) and read as an fp32 has a zero
           exponent field: it is the denormal q 2^(p-149) (GPUs add and multiply denormals at
           full speed); times x_k 2^(89-p) (exact: a power of two) it adds x_k q 2^-60 to the
@@ -307,9 +383,9 @@ if triton is not None:
     def _codes_dot(x_ptr, qw_ptr, qhi_ptr, k0, offs_n, N, K, BITS: tl.constexpr,
                    BLOCK_K: tl.constexpr, n_mask, EVEN: tl.constexpr):
         """2^-60 sum_k x_k q_kn over rows k0 .. k0+BLOCK_K-1 -> (BLOCK_N,) fp32, and sum_k x_k
-        (a scalar). Everything stays in the layout the words were loaded in (a 2-D (codes,
-        BLOCK_N) form made the compiler shuffle every word through shared memory, with
-        barriers)."""
+        (a scalar). Everything stays in the layout the words were loaded in."""
+        # perf: a 2-D (codes, BLOCK_N) form made the compiler shuffle every word through
+        # shared memory, with barriers
         acc = tl.zeros(offs_n.shape, dtype=tl.float32)
         xsum = 0.0
         if BITS == 3:  # per 32 codes: words 2r, 2r+1 of the low plane, word r of the high one
@@ -374,6 +450,10 @@ if triton is not None:
                      BITS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                      ITERS: tl.constexpr, ROW_STATS: tl.constexpr, EVEN: tl.constexpr,
                      OUTLIERS: tl.constexpr, OUT_BLOCK: tl.constexpr, SUM_ROWS: tl.constexpr):
+        """y (N,) = x (K,) @ W^T (+ outliers) for one row of x (decode), in one launch. Over the
+        simple kernel: split-K with an fp32 workspace, statistics factored out of the sum when a
+        K-tile lies in one group, codes multiplied as denormals (_fields_dot), no tensor cores,
+        the outliers fused (_outlier_adds)."""
         pid_n, pid_k = tl.program_id(0), tl.program_id(1)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         n_mask = offs_n < N
@@ -413,6 +493,10 @@ if triton is not None:
                      BITS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                      BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, ROW_STATS: tl.constexpr,
                      DOT: tl.constexpr, SWAP: tl.constexpr):
+        """y (M, N) = x (M, K) @ W^T without outliers (_outliers_kernel adds them after), for
+        2..64 rows of x. Over the simple kernel: split-K (SPLIT_K > 1: atomic adds into a zeroed
+        fp32 y), tensor cores in DOT (fp16/bf16; fp32 x: exact fp32 products), the weight tile
+        made from whole words by _weights (fp16 magic number), SWAP: y^T = W x^T."""
         pid_m, pid_n, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -445,7 +529,8 @@ if triton is not None:
     def _dequant_kernel(qw_ptr, qhi_ptr, s_ptr, z_ptr, wt_ptr, N, K, G: tl.constexpr,
                         BITS: tl.constexpr,
                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ROW_STATS: tl.constexpr):
-        """W^T (K, N) in wt's dtype, one (BLOCK_K, BLOCK_N) tile per program."""
+        """W^T (K, N) in wt's dtype, one (BLOCK_K, BLOCK_N) tile per program: the GEMM's weight
+        tile (_weights) written out, for cuBLAS to multiply (the prefill path)."""
         offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         k0 = tl.program_id(1) * BLOCK_K
         offs_k = k0 + tl.arange(0, BLOCK_K)
@@ -516,28 +601,24 @@ if triton is not None:
 
 
 def config_for(M: int, N: int, K: int, G: int) -> dict:
-    """Tile sizes by M and the matrix size, from `python kernels.py --bench --tune` on an H100.
-    M = 1: on the Llama-3-8B MLP matrices (14336 x 4096 and 4096 x 14336, 58.7M weights) 1024 x
-    32 tiles, two K-tiles per program, 4 warps, were the fastest candidate at 2 and 3 bits and
-    within 5% of it at 4 bits (the 512 x 64 tile: 5-14% slower). Smaller matrices (q/o 4096 x
-    4096, k/v 1024 x 4096) keep the 512 x 64 tile measured on them: a wide tile leaves fewer
-    programs for 132 SMs. BLOCK_K is at least 32 (a 1-bit plane packs 32 codes per word) and
-    stays inside one group when it can (G is a multiple of 32)."""
+    """The path and tile sizes quant_matmul uses for x (M, K) and W (N, K) in groups of G:
+    the GEMV at M = 1, the GEMM up to M = 64, dequantize + cuBLAS above (chosen with
+    `python scripts/bench_kernels.py --tune` on an H100). BLOCK_K is at least 32 (a 1-bit
+    plane packs 32 codes per word) and stays inside one group when it can (G is a multiple
+    of 32)."""
     BK = 64 if G % 64 == 0 else 32
     if M == 1 and N * K >= 2 ** 25:  # 32M weights
+        # perf: on the Llama-3-8B MLP matrices (14336 x 4096, 4096 x 14336) 1024 x 32 tiles, two
+        # K-tiles per program, were the fastest candidate at 2 and 3 bits and within 5% of it
+        # at 4 bits (the 512 x 64 tile: 5-14% slower)
         return dict(path="gemv", BLOCK_N=1024, BLOCK_K=32, ITERS=2, num_warps=4)
-    if M == 1:
+    if M == 1:  # perf: q/o (4096 x 4096), k/v (1024 x 4096): a wider tile leaves fewer
+        # programs for 132 SMs
         return dict(path="gemv", BLOCK_N=512, BLOCK_K=BK, ITERS=1, num_warps=4)
     if M <= 64:
         return dict(path="gemm", BLOCK_M=16 if M <= 16 else 64, BLOCK_N=64, BLOCK_K=BK,
                     SPLIT_K=max(1, min(8, K // 512)), num_warps=4, num_stages=3)
     return dict(path="dequant", BLOCK_N=64, BLOCK_K=BK, num_warps=4)
-
-
-def _packed_args(t: dict) -> tuple:
-    """What every kernel reads of a packed weight: the codes (both planes at 3 bits; otherwise
-    qweight again in the high plane's place, never read unless BITS == 3), scales, zeros."""
-    return t["qweight"], t.get("qweight_hi", t["qweight"]), t["scales"], t["zeros"]
 
 
 def new_workspace(N: int, device) -> torch.Tensor:
@@ -891,177 +972,3 @@ def gptq_block(W1, U1, s, z, maxq, mask, tau: float):
         float(min(tau, 3e38)), SPQR=tau < float("inf"), B=max(16, triton.next_power_of_2(width)),
         BLOCK_R=BLOCK_R)
     return codes, Q, Err, keep.bool()
-
-
-# -----------------------------------------------------------------------------
-# Benchmark: python kernels.py --bench [--tune]   (a CUDA GPU; prints markdown tables)
-
-
-def _graph_time(fn, args_list, reps=3):
-    """Seconds per call of fn: calls cycling through args_list captured in a CUDA graph (no
-    Python or launch overhead), replayed after warm-up, timed with CUDA events, median of 7."""
-    for a in args_list:
-        fn(*a)  # compile and warm up
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(reps):
-            for a in args_list:
-                fn(*a)
-    graph.replay()
-    times = []
-    for _ in range(7):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) / 1e3 / (reps * len(args_list)))
-    return sorted(times)[len(times) // 2]
-
-
-def _random_weights(N, K, bits, groupsize, outlier_share, copies, dev):
-    """`copies` random packed weights (so L2, 50 MB on an H100, cannot hold the working set)."""
-    out = []
-    for c in range(copies):
-        g = torch.Generator(dev).manual_seed(c)
-        t = pack_codes(torch.randint(0, 2 ** bits, (K, N), generator=g, device=dev), bits)
-        t["scales"] = (torch.rand(K // groupsize, N, generator=g, device=dev) * 0.01).half()
-        t["zeros"] = torch.full((K // groupsize, N), 2.0 ** (bits - 1), device=dev).half()
-        if outlier_share:
-            mask = torch.rand(N, K, generator=g, device=dev) < outlier_share
-            t |= to_csr(torch.randn(N, K, generator=g, device=dev) * 0.01, mask)
-            t["outlier_rows"] = outlier_rows(t)  # as QuantLinear keeps them
-        out.append(t)
-    return out
-
-
-def _tune_candidates(M, G):
-    if M == 1:
-        return [dict(path="gemv", BLOCK_N=bn, BLOCK_K=bk, ITERS=it, num_warps=w)
-                for bn, bk, it, w in [(128, 32, 2, 2), (256, 32, 2, 4), (256, 64, 2, 4),
-                                      (512, 64, 1, 8), (512, 64, 1, 4), (512, 32, 2, 4),
-                                      (512, 64, 2, 4), (512, 128, 1, 4), (512, 32, 4, 4),
-                                      (1024, 64, 1, 8), (1024, 32, 2, 8), (1024, 64, 1, 4),
-                                      (1024, 32, 2, 4), (2048, 64, 1, 8), (2048, 64, 1, 4),
-                                      (512, 64, 1, 2), (1024, 32, 4, 4), (1024, 64, 2, 4),
-                                      (2048, 32, 2, 8)] if G % bk == 0] + \
-            [dict(path="gemv", BLOCK_N=512, BLOCK_K=64, ITERS=1, num_warps=4,
-                  fused_outliers=False)] + \
-            [dict(path="gemv", BLOCK_N=bn, BLOCK_K=bk, ITERS=it, num_warps=4, sum_rows=True)
-             for bn, bk, it in [(512, 64, 1), (1024, 32, 2)]]  # one atomic per row run
-    if M <= 64:  # 128-wide tiles with 8 warps: with 4, the dequantized tile goes to shared
-        # memory 2 bytes at a time (STS.U16 in scripts/compile_kernels.py; Triton's layout);
-        # swap: the weight tile as tl.dot's first operand (fewest instructions per weight at
-        # M = 16 in compile_kernels.py, on 64-row wgmma tiles)
-        return [dict(path="gemm", BLOCK_M=max(16, min(M, 64)), BLOCK_N=bn, BLOCK_K=bk,
-                     SPLIT_K=sk, num_warps=w, num_stages=st, swap=sw)
-                for bn, bk, sk, w, st, sw in [
-                    (64, 64, 4, 4, 3, False), (64, 128, 4, 4, 3, False),
-                    (128, 64, 4, 8, 3, False), (64, 64, 8, 4, 3, False),
-                    (128, 128, 2, 8, 3, False), (64, 64, 1, 4, 4, False),
-                    (32, 64, 8, 4, 3, False), (32, 128, 4, 4, 3, False),
-                    (64, 64, 8, 4, 3, True), (64, 128, 4, 4, 3, True), (64, 128, 8, 4, 3, True),
-                    (128, 128, 4, 8, 3, True)]]
-    return [dict(path="dequant", BLOCK_N=bn, BLOCK_K=bk, num_warps=4)
-            for bn, bk in [(64, 64), (128, 64), (128, 128)]] + \
-        [dict(path="gemm", BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=1, num_warps=8,
-              num_stages=st) for bm, bn, bk, st in [(128, 128, 64, 3), (64, 256, 64, 3),
-                                                    (128, 256, 64, 3), (128, 128, 128, 4),
-                                                    (256, 128, 64, 3)]]  # 256: W once
-
-
-def _bench(shapes, Ms, bit_widths, outlier_share=0.0035, groupsize=128, copies=8, tune=False):
-    """Time quant_matmul against torch's fp16 matmul (cuBLAS) in the same run, both inside CUDA
-    graphs, cycling through `copies` weight copies. GB/s counts the weight bytes moved (codes,
-    statistics, outliers) and % compares it with the device's copy bandwidth. --tune times
-    every candidate tile config and prints the fastest (for config_for)."""
-    dev = "cuda"
-    big = torch.empty(2 ** 30, dtype=torch.uint8, device=dev)  # 1 GiB copy: read + write
-    peak = 2 * big.numel() / _graph_time(lambda: big.clone(), [()], reps=2) / 1e9
-    big = None  # free the 1 GiB
-    print(f"device copy bandwidth: {peak:.0f} GB/s (read + write of 1 GiB); "
-          f"{torch.cuda.get_device_name()}, triton {triton.__version__}, torch {torch.__version__}")
-    print(f"groups of {groupsize}, fp16 activations, {copies} weight copies, CUDA-graph timing")
-    print("| N x K | M | bits | outliers | us | fp16 us | speedup | GB/s | % of copy bw | "
-          "config |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
-    notes = []
-    for N, K in shapes:
-        xs = {M: torch.randn(M, K, device=dev, dtype=torch.float16) for M in Ms}
-        ws = [torch.randn(N, K, device=dev, dtype=torch.float16) for _ in range(copies)]
-        t16 = {M: _graph_time(lambda w: xs[M] @ w.T, [(w,) for w in ws]) for M in Ms}
-        del ws
-        # what split-K costs the GEMM besides its kernel: y's zero-fill and the cast after it
-        # (two launches; the GEMV does without them, see its epilogue)
-        extra = {M: _graph_time(lambda: torch.zeros(M, N, device=dev).to(torch.float16), [()])
-                 for M in Ms if 1 < M <= 64}
-        if extra:  # printed after the table
-            notes.append(f"{N}x{K}: y's zero-fill + cast alone (split-K GEMM): " +
-                         ", ".join(f"M={M} {sec * 1e6:.1f} us" for M, sec in extra.items()))
-        for bits in bit_widths:
-            for share in (0.0, outlier_share):
-                ts = _random_weights(N, K, bits, groupsize, share, copies, dev)
-                scratch = new_workspace(N, dev)  # as a QuantLinear keeps one (calls in sequence)
-                nbytes = sum(v.numel() * v.element_size() for v in ts[0].values())
-                for M in Ms:
-                    x = xs[M]
-                    cands = _tune_candidates(M, groupsize) if tune else \
-                        [config_for(M, N, K, groupsize)]
-                    best = None
-                    for cfg in cands:
-                        try:
-                            sec = _graph_time(
-                                lambda t: quant_matmul(x, t, bits, groupsize, N, K, cfg,
-                                                       scratch),
-                                [(t,) for t in ts])
-                        except Exception as e:  # a tile that does not compile: say so, go on
-                            print(f"  config {cfg}: {type(e).__name__}: {str(e)[-400:]}")
-                            continue
-                        if tune:
-                            print(f"  {N}x{K} M={M} {bits}-bit {share:.2%}: "
-                                  f"{sec * 1e6:.1f} us {cfg}")
-                        if best is None or sec < best[0]:
-                            best = (sec, cfg)
-                    if best is None:
-                        continue
-                    sec, cfg = best
-                    ref = x.float() @ dequantize(ts[0], bits, groupsize, N, K).T
-                    err = (quant_matmul(x, ts[0], bits, groupsize, N, K, cfg, scratch).float() - ref
-                           ).abs().max() / ref.abs().max()
-                    assert err < 1e-2, f"wrong result: relative error {err:.2e}"
-                    c = " ".join(f"{k}={v}" for k, v in cfg.items())
-                    print(f"| {N}x{K} | {M} | {bits} | {share:.2%} | {sec * 1e6:.1f} | "
-                          f"{t16[M] * 1e6:.1f} | {t16[M] / sec:.2f}x | {nbytes / sec / 1e9:.0f} | "
-                          f"{100 * nbytes / sec / 1e9 / peak:.0f}% | {c} |", flush=True)
-                del ts
-    print("\n".join(notes))
-
-
-if __name__ == "__main__":
-    import argparse
-    p = argparse.ArgumentParser(description="Benchmark the packed low-bit GEMM on a CUDA GPU.")
-    p.add_argument("--bench", action="store_true", help="run the Llama-3-8B shape table")
-    p.add_argument("--tune", action="store_true", help="try candidate tile configs, print best")
-    p.add_argument("--groupsize", type=int, default=128)
-    p.add_argument("--M", type=int, nargs="+", default=[1, 16, 64, 256])
-    p.add_argument("--bits", type=int, nargs="+", default=[4, 3, 2])
-    p.add_argument("--shapes", nargs="+", default=["4096x4096", "1024x4096", "14336x4096",
-                                                    "4096x14336"], help="N x K")
-    a = p.parse_args()
-    if not a.bench:
-        p.print_help()
-        raise SystemExit(0)
-    if any(b not in (2, 3, 4, 8) for b in a.bits) or any(m < 1 for m in a.M):
-        raise SystemExit(f"error: --bits {a.bits} --M {a.M}: bits from 2, 3, 4, 8; M >= 1")
-    try:
-        shapes = [tuple(int(d) for d in s.split("x", 1)) for s in a.shapes]
-    except ValueError:
-        raise SystemExit(f"error: --shapes {' '.join(a.shapes)}: write each as NxK, e.g. "
-                         "4096x14336") from None
-    if any(K % 32 or K % a.groupsize for _, K in shapes):
-        raise SystemExit(f"error: every K must be a multiple of 32 and of --groupsize "
-                         f"{a.groupsize}")
-    if not torch.cuda.is_available() or triton is None:
-        raise SystemExit("error: --bench needs a CUDA GPU and triton")
-    _bench(shapes, a.M, a.bits, groupsize=a.groupsize, tune=a.tune)

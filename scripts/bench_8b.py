@@ -11,9 +11,9 @@ on it mean nothing, time and memory do. Calibration: random token ids (seed 0), 
 
 --layers N keeps the first N blocks (load and host peak are still the whole model's); the row
 gives seconds per block, so the full model's time is about that times 32. --resume-check and
---decode replace the method table. --work DIR makes a run resumable: killed (e.g. by a device
-call's time limit) and started again with the same options, it goes on from the saved blocks
-(and TaCQ's saved masks); each call's row then covers only what that call did.
+--decode replace the method table. --work DIR makes a run resumable: interrupted and started
+again with the same options, it goes on from the saved blocks (and TaCQ's saved masks); each
+run's row then covers only what that run did.
 """
 
 import argparse
@@ -53,7 +53,7 @@ def gpu_gb(device, peak=False):
 
 def tacq_masks(model, calib, cfg, device, work, fp, log):
     """TaCQ's 16-bit masks; with a work directory, saved there once (with the run's fingerprint)
-    and reused by the next call, so a run longer than one device call can go on from them."""
+    and reused by the next run, so an interrupted run can go on from them."""
     from safetensors.torch import load_file, save_file
     path = work / "masks.safetensors" if work else None
     if path is not None and path.exists():
@@ -291,7 +291,7 @@ def main():
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--work", default=None,
                    help="keep each method's finished blocks (and TaCQ's masks) here: the same "
-                        "command again goes on from them (runs longer than one device call)")
+                        "command again goes on from them (an interrupted run resumes)")
     for internal in ("--one", "--result", "--resume-dir", "--save-tensors"):
         p.add_argument(internal, default=None, help=argparse.SUPPRESS)
     a = p.parse_args()

@@ -16,7 +16,7 @@ at hand.
 
 Uses Triton's own compiler, ptxas and cuobjdump (shipped in the triton wheel). The kernels'
 configurations are the ones config_for picks for Llama-3-8B shapes (groups of 128), and one
-`--tune` candidate (the swapped GEMM).
+candidate of `scripts/bench_kernels.py --tune` (the swapped GEMM).
 """
 
 import argparse
@@ -103,8 +103,8 @@ def jobs(kernels):
 
 def find_cuobjdump(ptxas: str) -> str:
     """Triton's own cuobjdump (its knobs honour TRITON_CUOBJDUMP_PATH), else the one beside
-    ptxas, else one on the PATH: TRITON_PTXAS_PATH may point into another CUDA install (as on
-    the device machine, where it is torch's), which need not ship cuobjdump."""
+    ptxas, else one on the PATH: TRITON_PTXAS_PATH may point into another CUDA install (torch's,
+    say), which need not ship cuobjdump."""
     knobs = getattr(getattr(triton, "knobs", None), "nvidia", None)  # Triton >= 3.4
     for path in [getattr(getattr(knobs, "cuobjdump", None), "path", None),
                  str(Path(ptxas).with_name("cuobjdump")), shutil.which("cuobjdump")]:

@@ -45,6 +45,25 @@ def test_kernel_equals_reference_on_odd_shapes(bits, M, N, k_words, grouped, out
     check(bits, M, N, Kd, 32 if grouped else -1, outliers, torch.float16, seed)
 
 
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])  # each width every run (3: the two planes)
+@given(M=st.integers(1, 20), N=st.integers(1, 70), k_words=st.sampled_from([1, 2, 3]),
+       grouped=st.booleans(), outliers=st.sampled_from([0.0, 0.05]), seed=st.integers(0, 1000))
+def test_simple_kernel_equals_reference_and_fast_path(bits, M, N, k_words, grouped, outliers,
+                                                      seed):
+    # the readable kernel against the torch oracle (dequantize) and against the fast path
+    # config_for picks for M (GEMV at M = 1, the GEMM above); K = 32, 64, 96: tiles cut by K
+    Kd, groupsize = 32 * k_words, 32 if grouped else -1
+    t = random_packed(bits, N, Kd, groupsize, outliers, seed)
+    x = torch.randn(M, Kd, generator=torch.Generator().manual_seed(seed + 1)).to(DEVICE)
+    y = kernels.simple_quant_matmul(x, t, bits, groupsize, N, Kd)
+    ref = x.double() @ kernels.dequantize(t, bits, groupsize, N, Kd).double().T
+    assert y.dtype == x.dtype and y.shape == (M, N)
+    scale = ref.abs().max()
+    assert (y.double() - ref).abs().max() / scale < 1e-5  # fp32 products and sums
+    fast = kernels.quant_matmul(x.half(), t, bits, groupsize, N, Kd)
+    assert (fast.double() - y.double()).abs().max() / scale < 2e-3  # fp16 output
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("bits", [2, 3, 4])
 def test_kernel_dtypes(bits, dtype):
