@@ -85,10 +85,10 @@ class QuantConfig:
     outlier_threshold: float = float("inf")  # SpQR-style: relative error threshold (0.2 in SpQR)
     stat_bits: int = 16  # bits per stored scale and zero; SpQR-style quantizes them to 3
     ratio: float = 0.0035  # TaCQ: fraction of all linear weights kept in 16 bits
-    # ResQ: activation bits (the low slice), per token; 16 = not quantized. (The CLI passes 4
-    # for --method resq: W4A4KV4; a QuantConfig left at 16 runs ResQ weight-only.)
-    abits: int = 16
-    kvbits: int = 16  # ResQ: KV-cache bits (the low slice), per token and head; 16 likewise
+    # ResQ: activation bits (the low slice), per token; 16 = not quantized (W4A16). The other
+    # methods quantize weights only (method_config sets 16 for them)
+    abits: int = 4
+    kvbits: int = 4  # ResQ: KV-cache bits (the low slice), per token and head; 16 likewise
     high_bits: int = 8  # ResQ: bits of the high-variance slice (weights and activations)
     high_fraction: float = 0.125  # ResQ: fraction of channels in the high slice
     rotation: str = "pca"  # ResQ: "pca" (ResQ), "random" (QuaRot-style), "none" (plain RTN/GPTQ)
@@ -215,8 +215,8 @@ def fit_group(w, cfg: QuantConfig, mask=None):
 
 
 def quantize_stats(v, bits: int, group: int = 16):
-    """SpQR's second level (arXiv 2306.03078, its bilevel statistics): a column of first-level statistics v (m, 1) is quantized to
-    `bits` in groups of `group` rows, each group with its own 16-bit scale and zero."""
+    """SpQR's second level (its bilevel statistics): a column of first-level statistics v (m, 1)
+    is quantized to `bits` in groups of `group` rows, each group with its own 16-bit scale and zero."""
     m = v.shape[0]
     pad = (-m) % group
     x = torch.cat([v.flatten(), v.flatten()[-1:].expand(pad)]).view(-1, group)  # (m/16, 16)
@@ -1395,6 +1395,15 @@ def odd_factor(n: int, gen: torch.Generator) -> Optional[torch.Tensor]:
     return None if m == 1 else random_orthogonal(m, gen)
 
 
+def resq_basis(cov: torch.Tensor, r: int, gen: torch.Generator) -> torch.Tensor:
+    """ResQ's basis of one space from the second moment cov (n, n) of its activations:
+        U = [U_l R_l | U_h R_h]   (n, n)
+    U_h: the eigenvectors of the r largest eigenvalues (the high slice, kept at 8 bits), U_l the
+    others; R_l, R_h random rotations inside each subspace. Channels n - r .. n - 1 of x U are
+    the high slice."""
+    return subspace_rotation(pca_basis(cov), r, gen)  # pca_basis: ascending, so U_h is last
+
+
 @dataclass
 class ResQBases:
     U_A: torch.Tensor  # (d, d) the residual stream's basis, shared by all layers
@@ -1417,7 +1426,7 @@ def resq_bases(cov: dict, args: llama.ModelArgs, high_fraction: float = 0.125,
             return torch.eye(n, dtype=torch.float64)
         if rotation == "random":
             return random_orthogonal(n, gen)
-        return subspace_rotation(pca_basis(c), int(high_fraction * n), gen)
+        return resq_basis(c, int(high_fraction * n), gen)
     U_V = torch.stack([torch.stack([basis(cov["value"][li, h]) for h in range(args.n_kv_heads)])
                        for li in range(L)])
     return ResQBases(basis(cov["resid"]), U_V, torch.stack([basis(cov["key"][li])
@@ -1445,49 +1454,75 @@ class KeyRotation:
         return q, (k if self.quantize_keys is None else self.quantize_keys(k))
 
 
+def weight_on(lin, device) -> torch.Tensor:
+    """A linear's weight in fp32 on `device` (a copy when it moves)."""
+    return lin.weight.data.to(device).float()
+
+
+def set_weight(lin, W: torch.Tensor):
+    """Put W back where the linear lives, in its dtype."""
+    lin.weight.data = W.to(lin.weight.device, lin.weight.dtype)
+
+
 @torch.no_grad()
+def fuse_residual_basis(model: llama.Transformer, U: torch.Tensor, device):
+    """The residual stream in the basis U_A (d, d): x -> x U everywhere. Embedding rows and the
+    inputs of q/k/v/gate/up/lm_head: W -> W U; outputs of o/down: W -> U^T W."""
+    U = U.float().to(device)
+    for lin in (model.embed_tokens, model.lm_head):
+        set_weight(lin, weight_on(lin, device) @ U)
+    for b in model.layers:
+        att, mlp = b.self_attn, b.mlp
+        for lin in (att.q_proj, att.k_proj, att.v_proj, mlp.gate_proj, mlp.up_proj):
+            set_weight(lin, weight_on(lin, device) @ U)  # inputs in the U_A basis
+        for lin in (att.o_proj, mlp.down_proj):
+            set_weight(lin, U.T @ weight_on(lin, device))  # outputs into it
+
+
+@torch.no_grad()
+def fuse_value_bases(model: llama.Transformer, U_V: torch.Tensor, device):
+    """Each KV head's values in its own basis U_V[layer, head] (hd, hd): v_proj's rows of that
+    head W -> U_V^T W, and o_proj's columns of every query head that reads it W -> W U_V."""
+    a = model.args
+    hd, rep = a.head_dim, a.n_heads // a.n_kv_heads
+    for li, b in enumerate(model.layers):
+        att = b.self_attn
+        Wv, Wo = weight_on(att.v_proj, device), weight_on(att.o_proj, device)
+        for h in range(a.n_kv_heads):
+            UV = U_V[li, h].float().to(device)
+            Wv[h * hd:(h + 1) * hd] = UV.T @ Wv[h * hd:(h + 1) * hd]
+            for j in range(h * rep, (h + 1) * rep):  # the query heads that read KV head h
+                Wo[:, j * hd:(j + 1) * hd] = Wo[:, j * hd:(j + 1) * hd] @ UV
+        set_weight(att.v_proj, Wv)
+        set_weight(att.o_proj, Wo)
+
+
+@torch.no_grad()
+def install_online_rotations(model: llama.Transformer, bases: ResQBases, device):
+    """The two changes of basis that cannot be fused: the keys after RoPE (q, k -> q U_K, k U_K,
+    so q k^T is unchanged) and, with bases.hadamard, down_proj's input (h -> h H, with W H
+    fused: (h H)(W H)^T = h W^T for orthonormal H)."""
+    for li, b in enumerate(model.layers):
+        b.self_attn.post_rope = KeyRotation(bases.U_K[li])
+        if bases.hadamard:
+            down = b.mlp.down_proj
+            set_weight(down, hadamard_transform(weight_on(down, device), bases.odd))
+            down.register_forward_pre_hook(
+                lambda mod, args, odd=bases.odd: (hadamard_transform(args[0], odd),))
+
+
 def fuse_resq(model: llama.Transformer, bases: ResQBases, device=None):
-    """Write every fixed change of basis into the weights of a model whose norms are folded
-    (x W^T with x -> x U is W -> W U on the input side; W -> U^T W on the output side), and
-    install the two online ones: the key rotation after RoPE and the Hadamard before down_proj.
-    The products run on `device`, one weight there at a time."""
+    """Write every fixed change of basis into the weights of a model whose norms are folded,
+    and install the online ones. The fp logits do not change (tests/test_resq.py). The products
+    run on `device`, one weight there at a time."""
     norms = [model.norm] + [n for b in model.layers
                             for n in (b.input_layernorm, b.post_attention_layernorm)]
     if any((n.weight != 1).any() for n in norms):  # RMSNorm(x U) = RMSNorm(x) U needs g = 1
         raise ValueError("fuse_resq: fold_norms(model) first, and compute the bases after it")
-    a = model.args
-    hd, rep = a.head_dim, a.n_heads // a.n_kv_heads
     device = torch.device(device or model.device)
-    U = bases.U_A.float().to(device)
-
-    def w(lin):  # the weight, in fp32 on the device
-        return lin.weight.data.to(device).float()
-
-    def put(lin, W):  # back where the module lives, in its dtype
-        lin.weight.data = W.to(lin.weight.device, lin.weight.dtype)
-    put(model.embed_tokens, w(model.embed_tokens) @ U)
-    put(model.lm_head, w(model.lm_head) @ U)
-    for li, b in enumerate(model.layers):
-        att, mlp = b.self_attn, b.mlp
-        for lin in (att.q_proj, att.k_proj, att.v_proj, mlp.gate_proj, mlp.up_proj):
-            put(lin, w(lin) @ U)  # inputs in the U_A basis
-        for lin in (att.o_proj, mlp.down_proj):
-            put(lin, U.T @ w(lin))  # outputs into it
-        Wv, Wo = w(att.v_proj), w(att.o_proj)
-        for h in range(a.n_kv_heads):  # values of KV head h in its U_V basis; o_proj undoes it
-            UV = bases.U_V[li, h].float().to(device)
-            Wv[h * hd:(h + 1) * hd] = UV.T @ Wv[h * hd:(h + 1) * hd]
-            for j in range(h * rep, (h + 1) * rep):  # the query heads that read KV head h
-                Wo[:, j * hd:(j + 1) * hd] = Wo[:, j * hd:(j + 1) * hd] @ UV
-        put(att.v_proj, Wv)
-        put(att.o_proj, Wo)
-        att.post_rope = KeyRotation(bases.U_K[li])
-        if not bases.hadamard:
-            continue
-        # down_proj(h) = (h H)(W H)^T for orthonormal H: fuse W H, transform h online
-        put(mlp.down_proj, hadamard_transform(w(mlp.down_proj), bases.odd))
-        mlp.down_proj.register_forward_pre_hook(
-            lambda mod, args, odd=bases.odd: (hadamard_transform(args[0], odd),))
+    fuse_residual_basis(model, bases.U_A, device)  # embedding, attention and MLP inputs, head
+    fuse_value_bases(model, bases.U_V, device)  # values and o_proj, per KV head
+    install_online_rotations(model, bases, device)  # keys after RoPE, down_proj's input
 
 
 # -----------------------------------------------------------------------------
@@ -1598,6 +1633,25 @@ def resq_prepare(model: llama.Transformer, calib, cfg: QuantConfig, seed: int = 
     fuse_resq(model, resq_bases(cov, model.args, hf, cfg.rotation, seed), device)
     log(f"ResQ bases ({cfg.rotation}, high fraction {hf}) fused in "
         f"{time.perf_counter() - t0:.0f}s")
+
+
+def resq(model: llama.Transformer, calib, cfg: QuantConfig, seed: int = 0, device=None,
+         log=print, resume=None, fingerprint=None) -> dict:
+    """ResQ on a model, in place, step by step -> the results of its GPTQ:
+      1. fold each RMSNorm's gain into the linears it feeds      fold_norms
+      2. second moments of the activations to be quantized      resq_covariances
+      3. bases: PCA, its top 1/8 the high slice, random          resq_bases
+         rotations inside each slice
+      4. the bases written into the weights, and the online      fuse_resq
+         key rotation and Hadamard transform
+      5. GPTQ of the weights, high columns on an 8-bit grid     quantize_model(..., "resq")
+      6. activation and KV-cache quantizers (W4A4KV4)           install_resq_quantizers
+    Steps 1-4 are resq_prepare, which leaves the fp model in the new bases."""
+    resq_prepare(model, calib, cfg, seed, log, device)  # steps 1-4
+    results = quantize_model(model, calib, "resq", cfg, device, log, resume=resume,
+                             fingerprint=fingerprint)  # step 5
+    install_resq_quantizers(model, cfg)  # step 6
+    return results
 
 
 # -----------------------------------------------------------------------------
@@ -1728,28 +1782,33 @@ def calibration_data(spec: str, tok, nsamples: int, seqlen: int, seed: int,
 
 def method_config(method: str, cfg: QuantConfig) -> QuantConfig:
     """The options a method actually runs with."""
+    if method == "resq":  # ResQ's weights: per channel, signed symmetric, MSE clipping
+        return replace(cfg, groupsize=-1, sym=True, signed=True, mse=True)
+    cfg = replace(cfg, abits=16, kvbits=16)  # only ResQ quantizes activations
     if method == "spqr":
         return spqr_config(cfg)
     if method == "tacq":  # TaCQ's GPTQ settings: asymmetric with MSE clipping
         return replace(cfg, mse=True)
-    if method == "resq":  # ResQ's weights: per channel, signed symmetric, MSE clipping
-        return replace(cfg, groupsize=-1, sym=True, signed=True, mse=True)
     return cfg
 
 
-def run(ckpt=None, method="tacq", cfg: QuantConfig = QuantConfig(wbits=3, groupsize=-1),
-        calib="pydoc", nsamples=32, seqlen=512, seed=0, evals=("pydoc", "task:capitals"),
-        eval_seqlen=512, eval_windows=None, task_limit=None, scores_dir=None, save=None,
-        json_out=None, device="cpu", dtype="fp32", resume=None, answer_loss=False) -> dict:
-    """Load, evaluate fp, quantize, evaluate, save. The CLI calls this; so can a notebook."""
+def default_device(device=None, dtype=None):
+    """None means: the GPU in bf16 when torch sees one, else the CPU in fp32."""
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = dtype or ("bf16" if str(device).startswith("cuda") else "fp32")
+    return device, dtype
+
+
+def check_options(method: str, cfg: QuantConfig, save, **counts):
+    """Refuse option values and combinations that cannot run, before any work. counts: the
+    integer options by name (nsamples=32, ...), None where unset."""
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
-    for flag, value, least in [("--nsamples", nsamples, 1), ("--seqlen", seqlen, 2),
-                               ("--eval-seqlen", eval_seqlen, 2),
-                               ("--eval-windows", eval_windows, 1),
-                               ("--task-limit", task_limit, 1)]:
-        if value is not None and value < least:
-            raise ValueError(f"{flag} {value}: want at least {least}")
+    least = {"nsamples": 1, "seqlen": 2, "eval_seqlen": 2, "eval_windows": 1, "task_limit": 1}
+    for name, value in counts.items():
+        if value is not None and value < least[name]:
+            flag = "--" + name.replace("_", "-")
+            raise ValueError(f"{flag} {value}: want at least {least[name]}")
     if cfg.act_order and (method == "rtn" or method == "quantease" and cfg.outliers > 0):
         raise ValueError(f"--act-order: {'RTN' if method == 'rtn' else 'outlier-aware QuantEase'}"
                          " has no column order to change; leave --act-order out")
@@ -1766,11 +1825,15 @@ def run(ckpt=None, method="tacq", cfg: QuantConfig = QuantConfig(wbits=3, groups
     if save and cfg.wbits not in PACKED_BITS:
         raise ValueError(f"--save stores {', '.join(map(str, PACKED_BITS))}-bit codes; "
                          f"--wbits {cfg.wbits} can be evaluated but not saved")
+
+
+def check_paths(method: str, calib: str, evals, save, json_out, scores_dir, resume):
+    """Every data spec readable and every output path writable, before any work."""
     for spec in evals:
         check_spec(spec, "eval", "--eval")
     if json_out:
         metrics.check_output_file(json_out, "--json")
-    if save:  # before the work, not after it
+    if save:
         check_save_dir(save)
     if scores_dir:
         llama.check_replaceable(scores_dir, marker="scores.json", files=llama.SCORES_FILES)
@@ -1778,16 +1841,44 @@ def run(ckpt=None, method="tacq", cfg: QuantConfig = QuantConfig(wbits=3, groups
         check_resume_dir(resume)
     if method != "rtn":
         check_spec(calib, "calib", "--calib")
+
+
+def quantize(model: llama.Transformer, method: str, cfg: QuantConfig, calib, answers, seed=0,
+             device=None, scores_dir=None, scores_fingerprint=None, resume=None,
+             fingerprint=None):
+    """The method on a loaded model, in place -> (results per linear, TaCQ's masks or None)."""
+    if method == "tacq":
+        return tacq(model, calib, answers, cfg, device, print, scores_dir, scores_fingerprint,
+                    resume, fingerprint)
+    if method == "resq":
+        return resq(model, calib, cfg, seed, device, print, resume, fingerprint), None
+    return quantize_model(model, calib, method, cfg, device, resume=resume,
+                          fingerprint=fingerprint), None
+
+
+def run(*, ckpt=None, method="tacq", cfg: Optional[QuantConfig] = None, calib="pydoc",
+        nsamples=32, seqlen=512, seed=0, evals=("pydoc", "task:capitals"), eval_seqlen=512,
+        eval_windows=None, task_limit=None, scores_dir=None, save=None, json_out=None,
+        device=None, dtype=None, resume=None, answer_loss=False) -> dict:
+    """The whole job, as `python mixq.py` runs it: check the options and paths, load the model,
+    tokenize the calibration data, evaluate the fp model, quantize, evaluate again, print a
+    summary table, save. cfg None: QuantConfig()'s defaults; device and dtype None: the GPU
+    in bf16 when there is one, else the CPU in fp32. Returns the summary (also --json)."""
+    cfg = QuantConfig() if cfg is None else cfg
+    device, dtype = default_device(device, dtype)
+    # 1. everything that can be checked before loading: a bad option fails now, not an hour in
+    check_options(method, cfg, save, nsamples=nsamples, seqlen=seqlen, eval_seqlen=eval_seqlen,
+                  eval_windows=eval_windows, task_limit=task_limit)
+    check_paths(method, calib, evals, save, json_out, scores_dir, resume)
     used = method_config(method, cfg)
+    # 2. the model, the calibration data and the fingerprints, still before the fp evaluation
     model, tok = llama.load(ckpt, dtype, device)
     if tok is None:
         raise llama.CheckpointError("the checkpoint has no tokenizer.json")
     for n in (model.args.dim, model.args.hidden_dim):
         group_size(used, n)
     check_finite_weights(model, ckpt)
-    # the calibration data and the fingerprints before the fp evaluation: a short text or a
-    # --resume / --scores directory from other settings fails now, not minutes later
-    calib_tokens = answers = circuit = None
+    calib_tokens = answers = None
     if method != "rtn":
         try:
             calib_tokens, answers = calibration_data(calib, tok, nsamples, seqlen, seed,
@@ -1803,35 +1894,22 @@ def run(ckpt=None, method="tacq", cfg: QuantConfig = QuantConfig(wbits=3, groups
         resume_state(resume, fingerprint)
     if scores_dir and method == "tacq":
         check_scores_dir(scores_dir, scores_fp)
+    # 3. evaluate, quantize, evaluate
     g = "per-channel" if used.groupsize == -1 else f"g{used.groupsize}"
-    print(f"mixq: {method} W{cfg.wbits} {g} on {ckpt or llama.DEFAULT_MODEL}")
+    print(f"mixq: {method} W{cfg.wbits} {g} on {ckpt or llama.DEFAULT_MODEL} ({device}, {dtype})")
     print("fp model:")
     fp = evaluate(model, tok, evals, eval_seqlen, eval_windows, task_limit)
     if calib_tokens is not None:
         print(f"calibration: {len(calib_tokens)} samples, {sum(map(len, calib_tokens)):,} tokens "
               f"from {calib} (seed {seed})")
     t0 = time.perf_counter()
-    masks = None
-    if method == "tacq":  # the scores do not depend on the ratio: a cache serves every ratio
-        scores = cached_tacq_scores(model, calib_tokens, answers, used, scores_fp, scores_dir,
-                                    device)
-        masks = global_top_k_masks(scores, used.ratio)
-        del scores
-        circuit = circuit_location(masks)
-        print(f"TaCQ: keeping {sum(int(m.sum()) for m in masks.values()):,} weights in 16 bits "
-              f"(ratio {used.ratio}):")
-        print_circuit(circuit)
-        print("final GPTQ with that mask:")
-    if method == "resq":
-        resq_prepare(model, calib_tokens, used, seed, device=device)
-    results = quantize_model(model, calib_tokens, method, used, device, masks=masks,
-                             resume=resume, fingerprint=fingerprint)
-    if method == "resq":
-        install_resq_quantizers(model, used)
+    results, masks = quantize(model, method, used, calib_tokens, answers, seed, device,
+                              scores_dir, scores_fp, resume, fingerprint)
     quant_seconds = time.perf_counter() - t0
-    avg = average_bits(results)
     print("quantized model:")
     quant = evaluate(model, tok, evals, eval_seqlen, eval_windows, task_limit)
+    # 4. the summary, the checkpoint, the JSON
+    avg = average_bits(results)
     options = asdict(used) | {"outlier_threshold": str(used.outlier_threshold)}
     summary = {"method": method, "wbits": cfg.wbits, "groupsize": used.groupsize,
                "avg_bits": avg, "act_bits": activation_bits(model.args, used), "fp": fp,
@@ -1840,15 +1918,16 @@ def run(ckpt=None, method="tacq", cfg: QuantConfig = QuantConfig(wbits=3, groups
                "calib": None if method == "rtn" else {"spec": calib, "nsamples": nsamples,
                                                       "seqlen": seqlen, "seed": seed,
                                                       "answer_loss": answers is not None},
-               "kept_weights": sum(r["kept"] for r in results.values()), "circuit": circuit,
+               "kept_weights": sum(r["kept"] for r in results.values()),
+               "circuit": None if masks is None else circuit_location(masks),
                "ckpt": ckpt or llama.DEFAULT_MODEL}
     print_summary(summary)
     if save:
         qconfig = {"quant_method": "mixq", "method": method, "bits": cfg.wbits,
                    "group_size": used.groupsize, "avg_bits": avg, "options": options,
                    "calib": summary["calib"], "modules": sorted(results)}
-        save_quantized(model, results, llama.resolve_ckpt(ckpt) if ckpt else llama.embedded_checkpoint(),
-                       save, qconfig)
+        source = llama.resolve_ckpt(ckpt) if ckpt else llama.embedded_checkpoint()
+        save_quantized(model, results, source, save, qconfig)
         print(f"saved to {save}")
     if json_out:
         metrics.write_json(json_out, summary)
@@ -1904,88 +1983,101 @@ def print_summary(s: dict):
 
 
 def main():
+    """The CLI: every default is QuantConfig's or run()'s, read from them, so they cannot differ."""
     import argparse
+    import inspect
+    q = QuantConfig()
+    r = {name: p.default for name, p in inspect.signature(run).parameters.items()}
     p = argparse.ArgumentParser(
         description="Quantize a Llama checkpoint layer by layer and compare perplexity and task "
                     "accuracy. With no arguments: TaCQ, 3 bits per channel, ratio 0.0035, "
                     "calibrated on pydoc, on the embedded SmolLM2-135M-Instruct.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--ckpt", default=None, help="short name, HF directory or .gguf file; "
+    p.add_argument("--ckpt", default=r["ckpt"], help="short name, HF directory or .gguf file; "
                    "None: the embedded SmolLM2-135M-Instruct")
-    p.add_argument("--method", default="tacq", choices=METHODS, help="quantization algorithm")
-    p.add_argument("--wbits", type=int, default=3, help="bits per weight code (2-8)")
-    p.add_argument("--groupsize", type=int, default=-1, help="input columns per scale/zero; "
-                   "-1 = per output channel")
+    p.add_argument("--method", default=r["method"], choices=METHODS,
+                   help="quantization algorithm")
+    p.add_argument("--wbits", type=int, default=q.wbits, help="bits per weight code (2-8)")
+    p.add_argument("--groupsize", type=int, default=q.groupsize, help="input columns per "
+                   "scale/zero; -1 = per output channel")
     p.add_argument("--sym", action="store_true", help="symmetric grid")
     p.add_argument("--mse", action="store_true", help="MSE clipping search for each grid "
-                   "(always on for tacq)")
+                   "(always on for tacq and resq)")
     p.add_argument("--act-order", action="store_true", help="GPTQ: columns by decreasing "
                    "Hessian diagonal; QuantEase: sweeps in that order")
     p.add_argument("--static-groups", action="store_true", help="GPTQ: fit every group's grid "
                    "up front on the original columns (else each when reached; with --act-order "
                    "dynamic groups cannot be saved)")
-    p.add_argument("--percdamp", type=float, default=0.01, help="GPTQ damping, a fraction of "
-                   "mean(diag H); raised automatically when Cholesky fails")
-    p.add_argument("--iters", type=int, default=QuantConfig.iters,
+    p.add_argument("--percdamp", type=float, default=q.percdamp, help="GPTQ damping, a fraction "
+                   "of mean(diag H); raised automatically when Cholesky fails")
+    p.add_argument("--iters", type=int, default=q.iters,
                    help="QuantEase coordinate-descent sweeps")
-    p.add_argument("--init", default="w", choices=["w", "gptq"], help="QuantEase start")
+    p.add_argument("--init", default=q.init, choices=["w", "gptq"], help="QuantEase start")
     p.add_argument("--rounded", action="store_true", help="QuantEase: round every sweep (f never "
                    "rises) instead of the released code's unrounded sweeps 1, 4, ..., 25")
-    p.add_argument("--outliers", type=float, default=0.0, help="QuantEase: fraction of weights "
-                   "kept in 16 bits (outlier-aware variant when > 0)")
+    p.add_argument("--outliers", type=float, default=q.outliers, help="QuantEase: fraction of "
+                   "weights kept in 16 bits (outlier-aware variant when > 0)")
     p.add_argument("--outlier-threshold", type=float, default=None, help="SpQR-style: relative "
                    "error threshold for 16-bit weights; None: 0.2 for --method spqr")
-    p.add_argument("--ratio", type=float, default=0.0035, help="TaCQ: fraction of all linear "
+    p.add_argument("--ratio", type=float, default=q.ratio, help="TaCQ: fraction of all linear "
                    "weights kept in 16 bits (global top-k of the saliency score)")
-    p.add_argument("--scores", default=None, help="TaCQ: cache the scores in this directory "
-                   "(another --ratio then needs no new gradients)")
-    p.add_argument("--abits", type=int, default=4, help="ResQ: activation bits (low slice); "
-                   "16 for weight-only")
-    p.add_argument("--kvbits", type=int, default=4, help="ResQ: KV-cache bits (low slice)")
-    p.add_argument("--high-fraction", type=float, default=0.125, help="ResQ: fraction of "
-                   "channels in the high-precision (PCA) slice")
-    p.add_argument("--high-bits", type=int, default=8, help="ResQ: bits of the high slice")
-    p.add_argument("--rotation", default="pca", choices=["pca", "random", "none"],
+    p.add_argument("--scores", default=r["scores_dir"], help="TaCQ: cache the scores in this "
+                   "directory (another --ratio then needs no new gradients)")
+    p.add_argument("--abits", type=int, default=q.abits, help="ResQ: activation bits (low "
+                   "slice); 16 for weight-only")
+    p.add_argument("--kvbits", type=int, default=q.kvbits, help="ResQ: KV-cache bits (low slice)")
+    p.add_argument("--high-fraction", type=float, default=q.high_fraction, help="ResQ: fraction "
+                   "of channels in the high-precision (PCA) slice")
+    p.add_argument("--high-bits", type=int, default=q.high_bits, help="ResQ: bits of the high "
+                   "slice")
+    p.add_argument("--rotation", default=q.rotation, choices=["pca", "random", "none"],
                    help="ResQ: pca (ResQ), random (QuaRot-style), none (no rotation)")
     p.add_argument("--w-rtn", action="store_true", help="ResQ: round weights to nearest")
-    p.add_argument("--calib", default="pydoc", help="calibration data: pydoc (its calibration "
-                   "split) | text:PATH | wikitext2:DIR (train file) | task:NAME | jsonl:PATH")
+    p.add_argument("--calib", default=r["calib"], help="calibration data: pydoc (its "
+                   "calibration split) | text:PATH | wikitext2:DIR (train file) | task:NAME | "
+                   "jsonl:PATH. pydoc is narrow (Python documentation): calibrate on text like "
+                   "the text you will run")
     # the papers calibrate on 128 x 2048 tokens (ResQ's bases on 512 x 2048); 32 x 512 keeps
     # the default job to minutes on a CPU
-    p.add_argument("--nsamples", type=int, default=32, help="calibration windows")
-    p.add_argument("--seqlen", type=int, default=512, help="calibration window length")
-    p.add_argument("--seed", type=int, default=0, help="calibration sampling seed")
+    p.add_argument("--nsamples", type=int, default=r["nsamples"], help="calibration samples")
+    p.add_argument("--seqlen", type=int, default=r["seqlen"], help="calibration window length")
+    p.add_argument("--seed", type=int, default=r["seed"], help="calibration sampling seed")
     p.add_argument("--answer-loss", action="store_true", help="TaCQ on a task: mixq's protocol, "
                    "items packed into --seqlen windows and the loss on answer tokens only "
                    "(default: TaCQ's, one item per sample and the loss on every position)")
-    p.add_argument("--eval", nargs="*", default=["pydoc", "task:capitals"],
+    p.add_argument("--eval", nargs="*", default=list(r["evals"]),
                    help="perplexity corpora (pydoc, text:PATH, wikitext2:DIR) and tasks "
                    f"(task:{{{','.join(metrics.TASKS)}}}, jsonl:PATH); none (or no value) to skip")
-    p.add_argument("--eval-seqlen", type=int, default=512, help="perplexity window length")
-    p.add_argument("--eval-windows", type=int, default=None, help="evaluate only N windows")
-    p.add_argument("--task-limit", type=int, default=None, help="score only N task items")
-    p.add_argument("--save", default=None, help="write the quantized checkpoint here")
-    p.add_argument("--resume", default=None, help="save every finished block in this directory "
-                   "and, if it holds an interrupted run with the same settings, continue it")
-    p.add_argument("--json", default=None, help="write the summary here")
-    p.add_argument("--device", default="cpu", help="cpu | cuda")
-    p.add_argument("--dtype", default="fp32", choices=sorted(llama.DTYPES), help="model dtype")
+    p.add_argument("--eval-seqlen", type=int, default=r["eval_seqlen"],
+                   help="perplexity window length")
+    p.add_argument("--eval-windows", type=int, default=r["eval_windows"],
+                   help="evaluate only N windows")
+    p.add_argument("--task-limit", type=int, default=r["task_limit"],
+                   help="score only N task items")
+    p.add_argument("--save", default=r["save"], help="write the quantized checkpoint here")
+    p.add_argument("--resume", default=r["resume"], help="save every finished block in this "
+                   "directory and, if it holds an interrupted run with the same settings, "
+                   "continue it")
+    p.add_argument("--json", default=r["json_out"], help="write the summary here")
+    p.add_argument("--device", default=r["device"], help="cpu | cuda; None: cuda when torch "
+                   "sees a GPU, else cpu")
+    p.add_argument("--dtype", default=r["dtype"], choices=sorted(llama.DTYPES), help="model "
+                   "dtype; None: bf16 on a GPU, fp32 on a CPU")
     a = p.parse_args()
     try:
         cfg = QuantConfig(wbits=a.wbits, groupsize=a.groupsize, sym=a.sym, mse=a.mse,
                           percdamp=a.percdamp, act_order=a.act_order,
-                          static_groups=a.static_groups, iters=a.iters,
-                          init=a.init, relaxed=not a.rounded, outliers=a.outliers,
+                          static_groups=a.static_groups, iters=a.iters, init=a.init,
+                          relaxed=not a.rounded, outliers=a.outliers,
                           outlier_threshold=(math.inf if a.outlier_threshold is None
                                              else a.outlier_threshold), ratio=a.ratio,
-                          abits=a.abits if a.method == "resq" else 16,
-                          kvbits=a.kvbits if a.method == "resq" else 16,
-                          high_bits=a.high_bits, high_fraction=a.high_fraction,
-                          rotation=a.rotation, w_rtn=a.w_rtn)
-        evals = [] if a.eval == ["none"] else a.eval
-        run(a.ckpt, a.method, cfg, a.calib, a.nsamples, a.seqlen, a.seed, evals,
-            a.eval_seqlen, a.eval_windows, a.task_limit, a.scores, a.save, a.json, a.device,
-            a.dtype, a.resume, answer_loss=a.answer_loss)
+                          abits=a.abits, kvbits=a.kvbits, high_bits=a.high_bits,
+                          high_fraction=a.high_fraction, rotation=a.rotation, w_rtn=a.w_rtn)
+        run(ckpt=a.ckpt, method=a.method, cfg=cfg, calib=a.calib, nsamples=a.nsamples,
+            seqlen=a.seqlen, seed=a.seed, evals=[] if a.eval == ["none"] else a.eval,
+            eval_seqlen=a.eval_seqlen, eval_windows=a.eval_windows, task_limit=a.task_limit,
+            scores_dir=a.scores, save=a.save, json_out=a.json, device=a.device, dtype=a.dtype,
+            resume=a.resume, answer_loss=a.answer_loss)
     except (llama.CheckpointError, ValueError, FileNotFoundError) as e:
         raise SystemExit(f"error: {e}")
 

@@ -1,4 +1,5 @@
-"""TaCQ (spec §6.2): the score, the global budget, the gradients, and the masked GPTQ."""
+"""TaCQ: the score, the global budget, the gradients (each against its paper version), and the
+masked GPTQ."""
 
 import sys
 from pathlib import Path
@@ -31,14 +32,10 @@ def random_scores(seed, shapes=((8, 16), (4, 16), (16, 8))):
 
 @given(seed=st.integers(0, 10 ** 6), ratio=st.floats(0, 1))
 def test_mask_is_the_stable_sort_selection(seed, ratio):
-    # the threshold search keeps exactly what a stable descending sort of all scores would
+    # the threshold search keeps exactly what one stable descending sort of all scores keeps
     scores = random_scores(seed)
-    k = int(ratio * sum(s.numel() for s in scores.values()))
-    flat = torch.cat([s.flatten() for s in scores.values()])
-    chosen = torch.zeros(flat.numel(), dtype=torch.bool)
-    chosen[torch.sort(flat, descending=True, stable=True).indices[:k]] = True
-    got = torch.cat([m.flatten() for m in mixq.global_top_k_masks(scores, ratio).values()])
-    assert torch.equal(got, chosen)
+    fast, paper = mixq.global_top_k_masks(scores, ratio), mixq.global_top_k_paper(scores, ratio)
+    assert all(torch.equal(fast[name], paper[name]) for name in scores)
 
 
 @given(seed=st.integers(0, 10 ** 6), ratio=st.floats(0, 1))
@@ -76,17 +73,17 @@ def test_score_is_zero_where_nothing_moves(seed):
 
 
 def test_gradients_equal_autograd_on_the_full_model(tiny):
+    # the block-by-block backward pass = autograd on the whole model, sample by sample
     model, _ = llama.load(str(tiny))
-    x = calib(1)[0]
-    G = mixq.gradient_magnitudes(model, [x], log=lambda s: None)
-    ws = [model.get_submodule(n).weight for n in G]
-    for w in ws:
-        w.requires_grad_(True)
-    loss = mixq.next_token_loss(model(x[None]), x)
-    grads = torch.autograd.grad(loss, ws)
-    for (name, acc), g in zip(G.items(), grads):
-        assert torch.allclose(acc, g.abs(), rtol=1e-5, atol=1e-8), name
-    assert len(G) == 2 * 7  # every q/k/v/o/gate/up/down of both blocks
+    xs = calib(3)
+    answers = [torch.rand(len(x), generator=torch.Generator().manual_seed(i)) < 0.3
+               for i, x in enumerate(xs)]
+    for ans in (None, answers):
+        G = mixq.gradient_magnitudes(model, xs, ans, log=lambda s: None)
+        ref = mixq.gradient_magnitudes_paper(model, xs, ans)
+        assert len(G) == 2 * 7  # every q/k/v/o/gate/up/down of both blocks
+        for name in G:
+            assert torch.allclose(G[name], ref[name], rtol=1e-5, atol=1e-8), name
 
 
 def test_sum_of_abs_bounds_abs_of_sum_and_loss_scale_keeps_the_mask(tiny):
@@ -202,8 +199,8 @@ def test_run_on_a_task_reports_where_the_circuit_is(tmp_path, answer_loss):
     d = tiny_checkpoint(tmp_path / "m", vocab_size=49152)
     shutil.copy(llama.embedded_checkpoint() / "tokenizer.json", d / "tokenizer.json")
     cfg = mixq.QuantConfig(wbits=3, ratio=0.01)
-    s = mixq.run(str(d), "tacq", cfg, calib="task:capitals", nsamples=2, seqlen=32, evals=[],
-              json_out=tmp_path / "s.json", answer_loss=answer_loss)
+    s = mixq.run(ckpt=str(d), method="tacq", cfg=cfg, calib="task:capitals", nsamples=2,
+                 seqlen=32, evals=[], json_out=tmp_path / "s.json", answer_loss=answer_loss)
     assert s["calib"]["answer_loss"] is answer_loss
     where = json.loads((tmp_path / "s.json").read_text())["circuit"]
     model = llama.load(str(d))[0]
