@@ -526,7 +526,7 @@ GGUF_PRE_SPLITS = {
     "llama-bpe": LLAMA3_SPLIT, "llama3": LLAMA3_SPLIT, "llama-v3": LLAMA3_SPLIT,
     "smaug-bpe": LLAMA3_SPLIT,
     # SmolLM's tokenizer.json (and llama.cpp) first cut every digit off on its own. We split it
-    # as GPT-2, as transformers' GGUF loader does, the protocol of ../shared/reference.md: the
+    # as GPT-2, as transformers' GGUF loader does (the perplexity tests compare with it): the
     # two differ only in whitespace before a digit ("\n   2": one token or two), 153 of the
     # 113k pydoc tokens, and in none of the task prompts.
     "smollm": None,

@@ -31,7 +31,7 @@ configs = st.builds(mixq.QuantConfig, wbits=st.integers(2, 8), groupsize=st.samp
                     sym=st.booleans())
 
 
-# -- grid and RTN (§2) ---------------------------------------------------------------------------
+# -- grid and RTN ---------------------------------------------------------------------------------
 
 
 @given(cfg=configs, seed=st.integers(0, 10 ** 6))
@@ -99,7 +99,7 @@ def test_config_refuses_out_of_range_options(option, value):
         mixq.QuantConfig(**{option: value})
 
 
-# -- GPTQ (§3) -----------------------------------------------------------------------------------
+# -- GPTQ --------------------------------------------------------------------------------------
 
 
 @given(cfg=configs, seed=st.integers(0, 10 ** 6), blocksize=st.sampled_from([16, 128]),
@@ -288,7 +288,7 @@ def test_gptq_dead_columns_and_cholesky_retry(capsys):
     assert "Cholesky failed" in capsys.readouterr().out
 
 
-# -- SpQR-style (§5) -----------------------------------------------------------------------------
+# -- SpQR-style --------------------------------------------------------------------------------
 
 
 @given(seed=st.integers(0, 10 ** 6))
@@ -315,7 +315,7 @@ def test_spqr_threshold_outliers(seed):
     assert len(torch.unique(scales)) > 8  # each block of rows has its own second-level grid
 
 
-# -- QuantEase (§4) ------------------------------------------------------------------------------
+# -- QuantEase ---------------------------------------------------------------------------------
 
 
 @given(cfg=configs, seed=st.integers(0, 10 ** 6), iters=st.integers(1, 8),

@@ -1,4 +1,5 @@
-"""ResQ's exact transformations (spec §7.4): every change of basis leaves the fp logits alone."""
+"""ResQ's exact transformations: every change of basis leaves the fp logits alone; then the
+quantizers, the high slice and the pipeline."""
 
 import pytest
 import torch
