@@ -152,9 +152,9 @@ def quant_codes(x, s, z, maxq: int):
     return torch.clamp(torch.round(x / s + z), 0, maxq)
 
 
-# elements in one batch of fit_grid's MSE search, by device: a GPU wants few launches (the
-# search as 80 rounds of small operations was most of GPTQ's time per block there), a CPU
-# wants each pass to stay in cache (one range at a time runs fastest)
+# elements in one batch of fit_grid's MSE search, by device.
+# perf: a GPU wants few launches (80 rounds of small operations were most of GPTQ's time per
+# block there); a CPU wants each pass to stay in cache (one range at a time runs fastest)
 MSE_CHUNK = {"cuda": 2 ** 26, "cpu": 1}
 
 
@@ -216,7 +216,8 @@ def fit_group(w, cfg: QuantConfig, mask=None):
 
 def quantize_stats(v, bits: int, group: int = 16):
     """SpQR's second level (its bilevel statistics): a column of first-level statistics v (m, 1)
-    is quantized to `bits` in groups of `group` rows, each group with its own 16-bit scale and zero."""
+    is quantized to `bits` in groups of `group` rows, each group with its own 16-bit scale and
+    zero."""
     m = v.shape[0]
     pad = (-m) % group
     x = torch.cat([v.flatten(), v.flatten()[-1:].expand(pad)]).view(-1, group)  # (m/16, 16)
@@ -362,7 +363,8 @@ def gptq(W: torch.Tensor, H: torch.Tensor, cfg: QuantConfig,
     mask (m, n) bool: weights kept in 16 bits. The grid fit ignores them; at their column they
     keep their current (error-updated) value, so they inject no error but absorb the updates of
     earlier columns. With cfg.outlier_threshold < inf, a weight also joins the mask when its
-    quantization error e^2 = ((w - q) / U_ii)^2 exceeds tau = threshold * mean_j Var(W[:, j]) / U_jj^2
+    quantization error e^2 = ((w - q) / U_ii)^2 exceeds
+    tau = threshold * mean_j Var(W[:, j]) / U_jj^2
     (SpQR's rule). high (n,) bool: ResQ's high-precision input columns, with their own per-row
     grid at cfg.high_bits (the others at cfg.wbits), both fitted once on the original W, in one
     GPTQ pass. Result.loss = ||E||^2 = tr((W - Q) H_damped (W - Q)^T)."""
@@ -789,9 +791,9 @@ def quantize_model(model: llama.Transformer, calib: Optional[torch.Tensor], meth
     home = model.device
     done = resume_state(resume, fingerprint) if resume else 0
     results = {}
-    xs = park = rope = None  # RTN needs no data
+    xs = store = rope = None  # RTN needs no data
     if method != "rtn":
-        xs, park, rope = block_inputs(model, calib, device)
+        xs, store, rope = block_inputs(model, calib, device)
     t_start = time.perf_counter()
     for li, block in enumerate(model.layers):
         t0 = time.perf_counter()
@@ -804,7 +806,7 @@ def quantize_model(model: llama.Transformer, calib: Optional[torch.Tensor], meth
                 save_block(resume, li, block, block_results, fingerprint)
         results |= block_results
         if xs is not None:  # the quantized block's outputs feed the next block
-            xs = [park(block(x.to(device, non_blocking=True), *rope(x))) for x in xs]
+            xs = [store(block(x.to(device, non_blocking=True), *rope(x))) for x in xs]
         block.to(home)
         dt = time.perf_counter() - t0
         eta = (time.perf_counter() - t_start) / (li + 1 - min(done, li)) * (
@@ -819,9 +821,9 @@ def quantize_model(model: llama.Transformer, calib: Optional[torch.Tensor], meth
 def activation_store(xs: list, device):
     """Where the calibration activations wait between blocks -> a function that puts one there.
     On a GPU: on the GPU itself when both a block's inputs and outputs fit in a quarter of its
-    free memory (2 x 2 GiB for 128 x 2048 tokens of Llama-3-8B in bf16), else in pinned host
-    memory (copies at full PCIe speed, not through a pageable bounce buffer). On a CPU: as
-    they are."""
+    free memory, else in pinned host memory. On a CPU: as they are."""
+    # perf: 128 x 2048 tokens of Llama-3-8B in bf16 are 2 x 2 GiB; pinned memory copies at full
+    # PCIe speed, not through a pageable bounce buffer
     device = torch.device(device)
     if device.type != "cuda":
         return lambda x: x.cpu()
@@ -839,7 +841,7 @@ def block_inputs(model: llama.Transformer, calib, device):
     activations wait between blocks (activation_store), the function that puts a block's outputs
     there, and rope(x) -> (cos, sin) on `device` for x's length (cached; lengths may differ)."""
     xs = [model.embed_tokens(c[None].to(model.device)) for c in calib]
-    park = activation_store(xs, device)
+    store = activation_store(xs, device)
     ropes = {}
 
     def rope(x):
@@ -847,7 +849,7 @@ def block_inputs(model: llama.Transformer, calib, device):
         if T not in ropes:
             ropes[T] = tuple(t.to(device) for t in model.rope(0, T))
         return ropes[T]
-    return [park(x) for x in xs], park, rope
+    return [store(x) for x in xs], store, rope
 
 
 def quantize_block(model, li: int, xs, rope, method: str, cfg: QuantConfig, device,
@@ -984,11 +986,11 @@ def collect_input_stats(block, group, xs, rope, device) -> dict:
 
         def hook(mod, inp, name=name):  # before the linear's forward
             x = inp[0]
-            twin = next((o for o, t in seen.items() if t is x), None)
-            if twin is None:
+            same_input = next((o for o, t in seen.items() if t is x), None)
+            if same_input is None:
                 stats[name].add(x)
             else:  # the same input as an earlier linear of the group: the same Sigma
-                stats[name] = stats[twin]
+                stats[name] = stats[same_input]
             seen[name] = x
             if len(seen) == len(group):
                 raise StopForward
@@ -1084,9 +1086,9 @@ def linear_names(model: llama.Transformer) -> list:
 
 
 def next_token_loss(logits, tokens, answer=None):
-    """Mean cross-entropy of each next token, over all positions (as TaCQ's released code). With `answer` (task
-    data under --answer-loss) only over the answer tokens: mixq's option, not the released
-    code's, so that the task gradients are about the answers alone."""
+    """Mean cross-entropy of each next token, over all positions (as TaCQ's released code).
+    With `answer` (task data under --answer-loss) only over the answer tokens: mixq's option,
+    not the released code's, so that the task gradients are about the answers alone."""
     nll = torch.nn.functional.cross_entropy(logits[0, :-1].float(), tokens[1:], reduction="none")
     if answer is None:
         return nll.mean()
@@ -1313,7 +1315,7 @@ def resq_covariances(model: llama.Transformer, calib, device=None) -> dict:
     cov = {"resid": torch.zeros(a.dim, a.dim, dtype=torch.float64, device=device),
            "value": torch.zeros(L, a.n_kv_heads, hd, hd, dtype=torch.float64, device=device),
            "key": torch.zeros(L, hd, hd, dtype=torch.float64, device=device)}
-    xs, park, rope = block_inputs(model, calib, device)  # each (1, T, d)
+    xs, store, rope = block_inputs(model, calib, device)  # each (1, T, d)
     for li, b in enumerate(model.layers):
         b.to(device)
         for i, x in enumerate(xs):
@@ -1330,7 +1332,7 @@ def resq_covariances(model: llama.Transformer, calib, device=None) -> dict:
             k = b.self_attn.k_proj(h).view(1, T, a.n_kv_heads, hd).transpose(1, 2)
             k = llama.apply_rope(k, cos, sin)[0].double()  # (Hkv, T, hd)
             cov["key"][li] += torch.einsum("hti,htj->ij", k, k)
-            xs[i] = park(b(x, cos, sin))
+            xs[i] = store(b(x, cos, sin))
         b.to(home)
     tokens = sum(x.shape[1] for x in xs)
     cov["resid"] /= 2 * L * tokens
@@ -1629,9 +1631,9 @@ def resq_prepare(model: llama.Transformer, calib, cfg: QuantConfig, seed: int = 
     # calibration windows for both.)
     fold_norms(model)
     cov = resq_covariances(model, calib, device)
-    hf = cfg.high_fraction if cfg.rotation == "pca" else 0.0
-    fuse_resq(model, resq_bases(cov, model.args, hf, cfg.rotation, seed), device)
-    log(f"ResQ bases ({cfg.rotation}, high fraction {hf}) fused in "
+    high_fraction = cfg.high_fraction if cfg.rotation == "pca" else 0.0
+    fuse_resq(model, resq_bases(cov, model.args, high_fraction, cfg.rotation, seed), device)
+    log(f"ResQ bases ({cfg.rotation}, high fraction {high_fraction}) fused in "
         f"{time.perf_counter() - t0:.0f}s")
 
 
@@ -1718,7 +1720,10 @@ def peak_memory_gb(device) -> float:
 def check_spec(spec: str, split: str, flag: str):
     """Fail on a bad corpus or task spec before any long work, naming the flag."""
     try:
-        metrics.load_task(spec, split) if metrics.is_task(spec) else metrics.corpus_text(spec, split)
+        if metrics.is_task(spec):
+            metrics.load_task(spec, split)
+        else:
+            metrics.corpus_text(spec, split)
     except (ValueError, FileNotFoundError) as e:
         raise type(e)(f"{flag} {spec}: {e}") from None
 
@@ -1870,13 +1875,13 @@ def run(*, ckpt=None, method="tacq", cfg: Optional[QuantConfig] = None, calib="p
     check_options(method, cfg, save, nsamples=nsamples, seqlen=seqlen, eval_seqlen=eval_seqlen,
                   eval_windows=eval_windows, task_limit=task_limit)
     check_paths(method, calib, evals, save, json_out, scores_dir, resume)
-    used = method_config(method, cfg)
+    run_cfg = method_config(method, cfg)  # what the method runs with, e.g. TaCQ's MSE clipping
     # 2. the model, the calibration data and the fingerprints, still before the fp evaluation
     model, tok = llama.load(ckpt, dtype, device)
     if tok is None:
         raise llama.CheckpointError("the checkpoint has no tokenizer.json")
     for n in (model.args.dim, model.args.hidden_dim):
-        group_size(used, n)
+        group_size(run_cfg, n)
     check_finite_weights(model, ckpt)
     calib_tokens = answers = None
     if method != "rtn":
@@ -1887,15 +1892,15 @@ def run(*, ckpt=None, method="tacq", cfg: Optional[QuantConfig] = None, calib="p
             raise ValueError(f"--calib {calib}: {e}") from None
     # the protocol is part of what the fingerprints compare: other gradients, other scores
     calib_id = calib + (" (answer loss)" if answers is not None else "")
-    fingerprint = run_fingerprint(ckpt, model, method, used, calib_id, calib_tokens, seed, dtype)
-    scores_fp = run_fingerprint(ckpt, model, "tacq scores", replace(used, ratio=0.0), calib_id,
+    fingerprint = run_fingerprint(ckpt, model, method, run_cfg, calib_id, calib_tokens, seed, dtype)
+    scores_fp = run_fingerprint(ckpt, model, "tacq scores", replace(run_cfg, ratio=0.0), calib_id,
                                 calib_tokens, seed, dtype)
     if resume:
         resume_state(resume, fingerprint)
     if scores_dir and method == "tacq":
         check_scores_dir(scores_dir, scores_fp)
     # 3. evaluate, quantize, evaluate
-    g = "per-channel" if used.groupsize == -1 else f"g{used.groupsize}"
+    g = "per-channel" if run_cfg.groupsize == -1 else f"g{run_cfg.groupsize}"
     print(f"mixq: {method} W{cfg.wbits} {g} on {ckpt or llama.DEFAULT_MODEL} ({device}, {dtype})")
     print("fp model:")
     fp = evaluate(model, tok, evals, eval_seqlen, eval_windows, task_limit)
@@ -1903,16 +1908,16 @@ def run(*, ckpt=None, method="tacq", cfg: Optional[QuantConfig] = None, calib="p
         print(f"calibration: {len(calib_tokens)} samples, {sum(map(len, calib_tokens)):,} tokens "
               f"from {calib} (seed {seed})")
     t0 = time.perf_counter()
-    results, masks = quantize(model, method, used, calib_tokens, answers, seed, device,
+    results, masks = quantize(model, method, run_cfg, calib_tokens, answers, seed, device,
                               scores_dir, scores_fp, resume, fingerprint)
     quant_seconds = time.perf_counter() - t0
     print("quantized model:")
     quant = evaluate(model, tok, evals, eval_seqlen, eval_windows, task_limit)
     # 4. the summary, the checkpoint, the JSON
     avg = average_bits(results)
-    options = asdict(used) | {"outlier_threshold": str(used.outlier_threshold)}
-    summary = {"method": method, "wbits": cfg.wbits, "groupsize": used.groupsize,
-               "avg_bits": avg, "act_bits": activation_bits(model.args, used), "fp": fp,
+    options = asdict(run_cfg) | {"outlier_threshold": str(run_cfg.outlier_threshold)}
+    summary = {"method": method, "wbits": cfg.wbits, "groupsize": run_cfg.groupsize,
+               "avg_bits": avg, "act_bits": activation_bits(model.args, run_cfg), "fp": fp,
                "quant": quant, "quant_seconds": quant_seconds,
                "peak_memory_gb": peak_memory_gb(device), "config": options,
                "calib": None if method == "rtn" else {"spec": calib, "nsamples": nsamples,
@@ -1924,7 +1929,7 @@ def run(*, ckpt=None, method="tacq", cfg: Optional[QuantConfig] = None, calib="p
     print_summary(summary)
     if save:
         qconfig = {"quant_method": "mixq", "method": method, "bits": cfg.wbits,
-                   "group_size": used.groupsize, "avg_bits": avg, "options": options,
+                   "group_size": run_cfg.groupsize, "avg_bits": avg, "options": options,
                    "calib": summary["calib"], "modules": sorted(results)}
         source = llama.resolve_ckpt(ckpt) if ckpt else llama.embedded_checkpoint()
         save_quantized(model, results, source, save, qconfig)
@@ -1939,8 +1944,9 @@ def check_finite_weights(model: llama.Transformer, ckpt):
     turn it into a NaN perplexity or a failed factorisation much later."""
     bad = [name for name, p in model.named_parameters() if not torch.isfinite(p).all()]
     if bad:
-        raise llama.CheckpointError(f"{ckpt or llama.DEFAULT_MODEL}: non-finite weights (NaN or Inf) in "
-                                f"{', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}")
+        raise llama.CheckpointError(f"{ckpt or llama.DEFAULT_MODEL}: non-finite weights (NaN or "
+                                    f"Inf) in {', '.join(bad[:5])}"
+                                    f"{' ...' if len(bad) > 5 else ''}")
 
 
 def run_fingerprint(ckpt, model, method, cfg: QuantConfig, calib_spec, calib_tokens, seed,

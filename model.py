@@ -1014,26 +1014,26 @@ def load(ckpt: Optional[str] = None, dtype="fp32", device="cpu", only=None):
         return load_quantized(path, args, qc, files, dtype, device), load_tokenizer(path, args)
     wanted = args.expected_shapes()
     by_file = {}  # file -> {our name: hf name}, only the tensors the model uses
-    for hf, f in files.items():
-        o = hf_to_ours(hf)
+    for hf_name, f in files.items():
+        o = hf_to_ours(hf_name)
         if o in wanted:
-            by_file.setdefault(f, {})[o] = hf
+            by_file.setdefault(f, {})[o] = hf_name
     shapes = {}
     for f, names in by_file.items():  # headers only: check everything before reading any data
         with open_safetensors(f) as st:
-            shapes |= {o: st.get_slice(hf).get_shape() for o, hf in names.items()}
+            shapes |= {o: st.get_slice(hf_name).get_shape() for o, hf_name in names.items()}
     validate(args, shapes, str(path))
 
     def tensors():  # one shard open at a time, one tensor at a time
         for f, names in by_file.items():
             with open_safetensors(f) as st:
-                for o, hf in names.items():
+                for o, hf_name in names.items():
                     if only is not None and not only(o):
                         continue
                     try:
-                        t = st.get_tensor(hf)
+                        t = st.get_tensor(hf_name)
                     except Exception as e:
-                        raise CheckpointError(f"{f}: cannot read tensor {hf!r} ({e}); the file "
+                        raise CheckpointError(f"{f}: cannot read tensor {hf_name!r} ({e}); the file "
                                               f"may be truncated") from e
                     yield o, t
 
@@ -1064,8 +1064,8 @@ def load_quantized(path: Path, args: ModelArgs, qc: dict, files: dict, dtype, de
     quantized = set(qc["modules"])
     packed = {m: {} for m in quantized}
     plain = {}
-    for hf, f in files.items():
-        o = hf_to_ours(hf)
+    for hf_name, f in files.items():
+        o = hf_to_ours(hf_name)
         if o is None:
             continue
         module, _, leaf = o.rpartition(".")
