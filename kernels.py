@@ -764,8 +764,9 @@ class QuantLinear(nn.Module):
     """y = x @ W^T with W stored in the packed format above.
 
     On CUDA it runs the Triton kernels (quant_matmul, called as the custom operator
-    quant_matmul_op); elsewhere the weight is dequantized on every call and multiplied with
-    F.linear: the same numbers up to summation order, not fast."""
+    quant_matmul_op). Elsewhere (a CPU) the weight is dequantized at the first call, kept, and
+    multiplied with F.linear: the fp model's speed and memory, the same numbers up to summation
+    order."""
 
     def __init__(self, in_features, out_features, bits, groupsize, tensors: dict):
         super().__init__()
@@ -783,6 +784,7 @@ class QuantLinear(nn.Module):
         self.register_buffer("workspace", new_workspace(out_features, dev), persistent=False)
         if "outlier_vals" in tensors:
             self.register_buffer("outlier_rows", outlier_rows(tensors), persistent=False)
+        self.dense = None  # the dequantized W, made at the first call off the GPU
 
     def stored(self) -> dict:
         """The packed tensors (the format above), without what the kernels derive from them."""
@@ -801,7 +803,11 @@ class QuantLinear(nn.Module):
                                    t.get("outlier_vals"), t.get("outlier_rows"), self.workspace,
                                    self.bits, self.groupsize, self.out_features,
                                    self.in_features)
-        return F.linear(x, self.dequantized_weight().to(x.dtype))
+        # perf: dequantizing on every call made decoding 6x slower than the fp model on a CPU;
+        # torch's 4-bit CPU matmul (_weight_int4pack_mm_for_cpu) was slower still (docs/cpu.md)
+        if self.dense is None or (self.dense.device, self.dense.dtype) != (x.device, x.dtype):
+            self.dense = self.dequantized_weight().to(x.device, x.dtype)
+        return F.linear(x, self.dense)
 
     def extra_repr(self):
         g = "per-channel" if self.groupsize in (-1, None) else f"g{self.groupsize}"

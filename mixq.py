@@ -40,6 +40,7 @@ import random
 import re
 import resource
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Optional
@@ -152,6 +153,20 @@ def quant_codes(x, s, z, maxq: int):
     return torch.clamp(torch.round(x / s + z), 0, maxq)
 
 
+@contextmanager
+def one_thread():
+    """Run the enclosed torch CPU operations on one thread, then restore the thread count."""
+    # perf: the column loops of GPTQ and QuantEase are thousands of small operations. On several
+    # threads each one waits for all of them, and while another program holds a core that wait
+    # lasts a scheduler time slice: tens of times slower on a busy machine (docs/cpu.md)
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
+
 # elements in one batch of fit_grid's MSE search, by device.
 # perf: a GPU wants few launches (80 rounds of small operations were most of GPTQ's time per
 # block there); a CPU wants each pass to stay in cache (one range at a time runs fastest)
@@ -171,6 +186,12 @@ def fit_grid(w, bits: int, sym=False, mse=False, zero_in_range=True, signed=Fals
     xmin, xmax = torch.where(flat, xmin - 1, xmin), torch.where(flat, xmax + 1, xmax)
     if not mse:
         return scale_zero(xmin, xmax, maxq, sym, signed)
+    with one_thread():  # perf: 80 rounds of small operations
+        return mse_grid(w, xmin, xmax, maxq, sym, signed)
+
+
+def mse_grid(w, xmin, xmax, maxq: int, sym: bool, signed: bool):
+    """fit_grid's MSE clipping: the grid of each row of w (m, k) over a shrunken range."""
     # shrink the range to [p xmin, p xmax], p = 1.00 ... 0.21, and keep per row the first p with
     # the smallest sum |Q(x) - x|^2.4 (the GPTQ repo's search: norm 2.4, grid 100, 80 steps).
     # c ranges at once, (c, m, k) with c m k <= MSE_CHUNK[device] (at least one range)
@@ -405,19 +426,20 @@ def gptq(W: torch.Tensor, H: torch.Tensor, cfg: QuantConfig,
         W1, U1 = W[:, i1:i2].clone(), U[i1:i2, i1:i2]
         # the block in segments [a, b), each starting where a group's grid is refitted
         starts = [i1] + [i for i in range(i1 + 1, i2) if not static and i % g == 0]
-        for a, b in zip(starts, starts[1:] + [i2]):
-            if not static and a % g == 0:
-                # fit the group's grid on its current weights, updated by every earlier column.
-                # (The reference code reads them from the matrix that is updated only once per
-                # block, so for g < B its grids miss this block's updates; mixq keeps the
-                # up-to-date weights, the method as the paper states it.)
-                k = a // g
-                cur = torch.cat([W1[:, a - i1:], W[:, i2:i2 + g]], dim=1)[:, :g]  # g columns
-                s_all[:, k:k + 1], z_all[:, k:k + 1] = fit_group(cur, cfg, mask[:, a:a + g])
-            cols = group[a:b]
-            codes[:, a:b], Q[:, a:b], Err[:, a:b], mask[:, a:b] = block(
-                W1[:, a - i1:], U1[a - i1:, a - i1:], s_all[:, cols], z_all[:, cols],
-                col_maxq[a:b], mask[:, a:b], tau)
+        with one_thread():  # perf: the column loop; the block's product below is threaded
+            for a, b in zip(starts, starts[1:] + [i2]):
+                if not static and a % g == 0:
+                    # fit the group's grid on its current weights, updated by every earlier column.
+                    # (The reference code reads them from the matrix that is updated only once per
+                    # block, so for g < B its grids miss this block's updates; mixq keeps the
+                    # up-to-date weights, the method as the paper states it.)
+                    k = a // g
+                    cur = torch.cat([W1[:, a - i1:], W[:, i2:i2 + g]], dim=1)[:, :g]  # g columns
+                    s_all[:, k:k + 1], z_all[:, k:k + 1] = fit_group(cur, cfg, mask[:, a:a + g])
+                cols = group[a:b]
+                codes[:, a:b], Q[:, a:b], Err[:, a:b], mask[:, a:b] = block(
+                    W1[:, a - i1:], U1[a - i1:, a - i1:], s_all[:, cols], z_all[:, cols],
+                    col_maxq[a:b], mask[:, a:b], tau)
         W[:, i2:] -= Err[:, i1:i2] @ U[i1:i2, i2:]  # the block's errors, onto later blocks
     inv = torch.argsort(perm)
     codes, Q, mask, group = codes[:, inv], Q[:, inv], mask[:, inv], group[inv]
@@ -562,7 +584,8 @@ def cd_sweep(What, P, S_off, s, z, maxq: int, rounded: bool = True, blocksize: i
     Phat = What @ S_off  # (m, n): sum_k What_k S_off_kj with the values at the sweep's start
     for b1 in range(0, n, blocksize):
         b2 = min(b1 + blocksize, n)
-        D = block(What, P[:, b1:b2] - Phat[:, b1:b2], S_off, s, z, b1, b2, maxq, rounded)
+        with one_thread():  # perf: the column loop (see one_thread)
+            D = block(What, P[:, b1:b2] - Phat[:, b1:b2], S_off, s, z, b1, b2, maxq, rounded)
         Phat[:, b2:] += D @ S_off[b1:b2, b2:]  # this block's changes, for the later columns
     return What
 
@@ -1737,7 +1760,8 @@ def evaluate(model, tok, specs, seqlen, windows=None, task_limit=None) -> dict:
             score = " ".join(f"{k} {v:.3f}" for k, v in r.items() if k != "n")
             print(f"  {metrics.task_protocol(spec, r)}: {score}")
             continue
-        r = metrics.perplexity(model, metrics.corpus_tokens(spec, tok, "eval"), seqlen, windows)
+        r = metrics.perplexity(model, metrics.corpus_tokens(spec, tok, "eval"), seqlen, windows,
+                               progress=True)
         out[spec] = {"ppl": r["ppl"], "tokens": r["tokens"], "windows": r["windows"],
                      "seqlen": seqlen}
         split = "eval" if spec == "pydoc" else "test"

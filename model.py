@@ -442,11 +442,12 @@ class Transformer(nn.Module):
     @torch.no_grad()
     def generate(self, prompt: list, max_new_tokens: int, temperature: float = 0.0,
                  top_p: float = 1.0, stop_ids=None, seed: Optional[int] = None,
-                 static: bool = False, compile: bool = False) -> list:
+                 static: bool = False, compile: bool = False, on_token=None) -> list:
         """Continue one prompt (token ids). temperature 0: greedy; else sample from the
         smallest set of tokens whose probability reaches top_p. Returns the new ids.
         static: decode with static_decoder (a CUDA graph on a GPU); the prompt runs eagerly.
-        compile: the same, the step through torch.compile first (implies static)."""
+        compile: the same, the step through torch.compile first (implies static).
+        on_token: called with each new id as soon as it is chosen (streaming)."""
         check_sampling(max_new_tokens, temperature, top_p)
         stop_ids = set(self.args.eos_ids if stop_ids is None else stop_ids)
         gen = torch.Generator().manual_seed(seed) if seed is not None else None
@@ -464,6 +465,8 @@ class Transformer(nn.Module):
                 pos += tokens.shape[1]
                 nxt = sample(logits, temperature, top_p, gen)
                 out.append(nxt)
+                if on_token is not None:
+                    on_token(nxt)
                 if nxt in stop_ids:
                     break
                 tokens = torch.tensor([[nxt]], device=self.device)
@@ -1195,11 +1198,33 @@ def main():
         model.fuse_projections()
     t0 = time.perf_counter()
     stops = tok.stop_ids()
+    stream = TextStream(tok, stops)
     out = model.generate(ids, a.max_new_tokens, a.temperature, a.top_p, stops, a.seed,
-                         static=a.static, compile=a.compile)
+                         static=a.static, compile=a.compile, on_token=stream.add)
     dt = time.perf_counter() - t0
-    print(tok.decode([i for i in out if i not in stops]))
+    stream.finish()
     print(f"\n[{len(out)} tokens in {dt:.2f}s, {len(out) / dt:.1f} tokens/s]")
+
+
+class TextStream:
+    """Prints generated text as the tokens arrive. A token can end inside a UTF-8 character
+    (byte-level BPE), so the text is decoded from all ids so far and a trailing replacement
+    character waits for the next token."""
+
+    def __init__(self, tok: Tokenizer, stop_ids=()):
+        self.tok, self.stop_ids, self.ids, self.printed = tok, set(stop_ids), [], 0
+
+    def add(self, token_id: int):
+        if token_id in self.stop_ids:
+            return
+        self.ids.append(token_id)
+        text = self.tok.decode(self.ids)
+        if not text.endswith("\ufffd"):
+            print(text[self.printed:], end="", flush=True)
+            self.printed = len(text)
+
+    def finish(self):
+        print(self.tok.decode(self.ids)[self.printed:], flush=True)
 
 
 if __name__ == "__main__":

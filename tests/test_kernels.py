@@ -397,3 +397,18 @@ def test_quantized_tiny_llama_generates_the_same_through_the_kernels(tmp_path, m
     assert back.generate(prompt, 6, stop_ids=[]) == via_torch
     for x, ref in zip((one, seven), logits_torch):
         torch.testing.assert_close(back(x), ref, rtol=1e-4, atol=1e-4)
+
+
+def test_quantized_linear_on_the_cpu_dequantizes_once_per_dtype():
+    W = torch.randn(24, 64, generator=torch.Generator().manual_seed(0))
+    qz = mixq.rtn(W, mixq.QuantConfig(wbits=4, groupsize=32))
+    lin = kernels.QuantLinear(64, 24, 4, 32, mixq.packed_tensors(qz))
+    x = torch.randn(3, 64, generator=torch.Generator().manual_seed(1))
+    expected = x @ qz.dequantize().T
+    torch.testing.assert_close(lin(x), expected)
+    kept = lin.dense
+    lin(x)
+    assert lin.dense is kept  # the second call reuses the dequantized weight
+    y = lin(x.double())  # another dtype: dequantized again, in that dtype
+    assert lin.dense.dtype == torch.float64 and y.dtype == torch.float64
+    torch.testing.assert_close(y, expected.double(), rtol=1e-5, atol=1e-5)

@@ -417,3 +417,20 @@ def test_truncated_gguf_is_a_clear_error(tmp_path):
         bad.write_bytes(f.read(1 << 20))
     with pytest.raises(llama.CheckpointError, match="not a readable GGUF"):
         llama.load(str(bad))
+
+
+def test_streamed_text_equals_the_decoded_text(embedded, capsys):
+    # byte-level BPE: a token may end inside a UTF-8 character, which must wait for the next one
+    _, tok = embedded
+    ids = tok.encode("Zürich, 東京 and 🙂: naïve café ☕ — ok")
+    stop = tok.stop_ids()[0]
+    stream = llama.TextStream(tok, [stop])
+    printed = []
+    for i in ids + [stop]:
+        stream.add(i)
+        printed.append(capsys.readouterr().out)
+    stream.finish()
+    printed.append(capsys.readouterr().out)
+    assert "".join(printed) == tok.decode(ids) + "\n"
+    assert not any("\ufffd" in p for p in printed)
+    assert "" in printed[:len(ids)]  # some token did end inside a character, and waited

@@ -489,3 +489,29 @@ def test_packed_form_dequantizes_to_the_same_weights(seed, cfg):
     t = mixq.packed_tensors(qz)
     back = kernels.dequantize(t, cfg.wbits, qz.groupsize, *W.shape)
     assert torch.equal(back, qz.dequantize())
+
+
+def test_solvers_give_the_same_codes_on_one_thread_or_several():
+    # the column loops run on one thread (mixq.one_thread); the result must not depend on it
+    g = torch.Generator().manual_seed(0)
+    W = torch.randn(96, 256, generator=g)
+    X = torch.randn(512, 256, generator=g) * torch.rand(256, generator=g)
+    S = X.T @ X / 512
+    cfg = mixq.QuantConfig(wbits=3, groupsize=64, mse=True, iters=4)
+    before = torch.get_num_threads()
+    runs = []
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        runs.append((mixq.gptq(W, 2 * S, cfg).codes, mixq.quantease(W, S, cfg).codes))
+    torch.set_num_threads(before)
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+
+
+def test_one_thread_restores_the_thread_count_on_errors():
+    before = torch.get_num_threads()
+    with pytest.raises(KeyError):
+        with mixq.one_thread():
+            assert torch.get_num_threads() == 1
+            raise KeyError("inside")
+    assert torch.get_num_threads() == before

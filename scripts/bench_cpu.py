@@ -1,0 +1,175 @@
+"""mixq on a CPU: how long each solver and each method takes, idle and beside a busy program,
+and how fast a quantized checkpoint generates next to the fp model.
+
+    python scripts/bench_cpu.py solvers            # each solver on each matrix shape, idle / busy
+    python scripts/bench_cpu.py methods            # each method on the embedded model (32 x 512)
+    python scripts/bench_cpu.py generate           # decode tokens/s: fp and saved checkpoints
+    python scripts/bench_cpu.py all
+
+`solvers` times every solver on a random W (m, n) with H from 4096 random inputs, for the
+embedded model's shapes and Llama-3-8B's (rows cut to --rows-8b: a solver's cost per column
+grows with the rows, its number of steps with the columns, which stay). "busy" runs the same
+call while another process spins on one core, as on a laptop or a shared server. QuantEase runs
+--qe-sweeps sweeps here (30 in a real run: the time per sweep is the same).
+`methods` quantizes the embedded model with each method on 32 windows of 512 pydoc tokens
+(no evaluation) and prints the seconds of quantization. `generate` measures decode tokens/s
+(batch 1, a 128-token prompt, 64 new tokens, best of 3) of the fp model and of checkpoints saved
+by mixq, loaded as a user loads them, one after the other in this process.
+Threads: torch's default (every core) unless --threads.
+"""
+
+import argparse
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import eval as metrics  # noqa: E402
+import mixq  # noqa: E402
+import model as llama  # noqa: E402
+
+EMBEDDED_SHAPES = {"q/o": (576, 576), "k/v": (192, 576), "gate/up": (1536, 576),
+                   "down": (576, 1536)}
+LLAMA3_8B_SHAPES = {"q/o": (4096, 4096), "k/v": (1024, 4096), "gate/up": (14336, 4096),
+                    "down": (4096, 14336)}
+
+
+class BusyCore:
+    """Another process spinning on one core while the block runs."""
+
+    def __enter__(self):
+        self.proc = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+        time.sleep(0.5)  # let it start
+        return self
+
+    def __exit__(self, *exc):
+        self.proc.kill()
+        self.proc.wait()
+
+
+def solvers(qe_sweeps: int):
+    """name -> function(W, H) for every solver, W3 with groups of 64 unless said."""
+    g64 = mixq.QuantConfig(wbits=3, groupsize=64)
+    return {
+        "rtn W3 g64 (mse)": lambda W, H: mixq.rtn(W, mixq.QuantConfig(wbits=3, groupsize=64,
+                                                                      mse=True)),
+        "gptq W3 g64": lambda W, H: mixq.gptq(W, H, g64),
+        "gptq W3 act-order": lambda W, H: mixq.gptq(W, H, mixq.QuantConfig(act_order=True)),
+        "spqr-style W3 g16": lambda W, H: mixq.gptq(W, H, mixq.spqr_config(
+            mixq.QuantConfig(wbits=3, outlier_threshold=0.2))),
+        f"quantease W3 g64 ({qe_sweeps} sweeps)":
+            lambda W, H: mixq.quantease(W, H / 2, mixq.QuantConfig(wbits=3, groupsize=64,
+                                                                   iters=qe_sweeps)),
+        f"quantease 1% outliers ({qe_sweeps} sweeps)":
+            lambda W, H: mixq.quantease_outliers(W, H / 2, mixq.QuantConfig(
+                wbits=3, groupsize=64, iters=qe_sweeps, outliers=0.01)),
+    }
+
+
+def timed(fn, *args) -> float:
+    t0 = time.perf_counter()
+    fn(*args)
+    return time.perf_counter() - t0
+
+
+def bench_solvers(a):
+    shapes = [("SmolLM2-135M " + k, m, n) for k, (m, n) in EMBEDDED_SHAPES.items()]
+    shapes += [("Llama-3-8B " + k, min(m, a.rows_8b), n) for k, (m, n) in LLAMA3_8B_SHAPES.items()]
+    print(f"\nsolvers, {torch.get_num_threads()} threads; busy = beside one spinning process")
+    print("| shape | W (m x n) | solver | idle s | busy s | busy / idle |")
+    print("|---|---|---|---|---|---|")
+    for name, m, n in shapes:
+        g = torch.Generator().manual_seed(0)
+        X = torch.randn(4096, n, generator=g) * torch.rand(n, generator=g)  # uneven channels
+        H = 2 * X.T @ X / X.shape[0]  # H = 2 X X^T / N
+        W = torch.randn(m, n, generator=g) / n ** 0.5
+        for solver, fn in solvers(a.qe_sweeps).items():
+            if solver.startswith("quantease") and n > 4096 and not a.qe_large:
+                continue  # minutes per sweep on a CPU at n = 14336; --qe-large to include
+            idle = timed(fn, W, H)
+            with BusyCore():
+                busy = timed(fn, W, H)
+            print(f"| {name} | {m} x {n} | {solver} | {idle:.2f} | {busy:.2f} | "
+                  f"{busy / idle:.1f}x |", flush=True)
+
+
+def bench_methods(a):
+    model, tok = llama.load()
+    calib, answers = mixq.calibration_data("pydoc", tok, 32, 512, 0)
+    runs = {"rtn": "rtn W3 g64", "gptq": "gptq W3 g64", "spqr": "spqr-style W3 g16",
+            "quantease": "quantease W3 g64 (30 sweeps)", "tacq": "tacq W3 (the default job)",
+            "resq": "resq W4A4KV4"}
+    print(f"\nmethods on {llama.DEFAULT_MODEL}, 32 x 512 pydoc tokens, "
+          f"{torch.get_num_threads()} threads")
+    print("| method | seconds to quantize |")
+    print("|---|---|")
+    for method in a.methods:
+        model, _ = llama.load()
+        cfg = mixq.QuantConfig(wbits=4 if method == "resq" else 3,
+                               groupsize=-1 if method in ("tacq", "resq") else 64)
+        cfg = mixq.method_config(method, cfg)
+        quiet = (lambda s: None)
+        t0 = time.perf_counter()
+        if method == "tacq":
+            mixq.tacq(model, calib, answers, cfg, log=quiet)
+        elif method == "resq":
+            mixq.resq(model, calib, cfg, log=quiet)
+        else:
+            mixq.quantize_model(model, None if method == "rtn" else calib, method, cfg, log=quiet)
+        print(f"| {runs.get(method, method)} | {time.perf_counter() - t0:.0f} |", flush=True)
+
+
+def decode_speed(model) -> float:
+    return metrics.speed(model, prompt_len=128, new_tokens=64)["decode_tokens_per_s"]
+
+
+def bench_generate(a):
+    model, tok = llama.load()
+    rows = [("fp32 (the embedded model)", decode_speed(model))]
+    with tempfile.TemporaryDirectory() as tmp:
+        for conf in a.checkpoints:
+            bits, _, g = conf[1:].partition("g")
+            cfg = mixq.QuantConfig(wbits=int(bits), groupsize=int(g) if g else -1)
+            model, _ = llama.load()
+            results = mixq.quantize_model(model, None, "rtn", cfg, log=lambda s: None)
+            out = Path(tmp) / conf
+            mixq.save_quantized(model, results, llama.embedded_checkpoint(), out,
+                                {"quant_method": "mixq", "method": "rtn", "bits": cfg.wbits,
+                                 "group_size": cfg.groupsize, "modules": sorted(results)})
+            qmodel, _ = llama.load(str(out))
+            rows.append((f"{conf} RTN, saved and loaded", decode_speed(qmodel)))
+    print(f"\ndecode, batch 1, 128-token prompt, 64 new tokens, {torch.get_num_threads()} threads")
+    print("| model | tokens/s | vs fp |")
+    print("|---|---|---|")
+    for name, tps in rows:
+        print(f"| {name} | {tps:.1f} | {tps / rows[0][1]:.2f}x |")
+
+
+def main():
+    p = argparse.ArgumentParser(formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("part", choices=["solvers", "methods", "generate", "all"])
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: all)")
+    p.add_argument("--rows-8b", type=int, default=1024, help="rows of the Llama-3-8B shapes")
+    p.add_argument("--qe-sweeps", type=int, default=3, help="QuantEase sweeps in `solvers`")
+    p.add_argument("--qe-large", action="store_true", help="QuantEase on n = 14336 too")
+    p.add_argument("--methods", nargs="+", default=["rtn", "gptq", "spqr", "quantease", "tacq",
+                                                    "resq"])
+    p.add_argument("--checkpoints", nargs="+", default=["W4g32", "W4g64", "W3g64", "W2g64"],
+                   help="RTN checkpoints for `generate`")
+    a = p.parse_args()
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    if a.part in ("solvers", "all"):
+        bench_solvers(a)
+    if a.part in ("methods", "all"):
+        bench_methods(a)
+    if a.part in ("generate", "all"):
+        bench_generate(a)
+
+
+if __name__ == "__main__":
+    main()
