@@ -828,7 +828,7 @@ def quantize_model(model: llama.Transformer, calib: Optional[torch.Tensor], meth
             if resume:
                 save_block(resume, li, block, block_results, fingerprint)
         results |= block_results
-        if xs is not None:  # the quantized block's outputs feed the next block
+        if xs is not None and li + 1 < len(model.layers):  # its outputs feed the next block
             xs = [store(block(x.to(device, non_blocking=True), *rope(x))) for x in xs]
         block.to(home)
         dt = time.perf_counter() - t0
