@@ -821,15 +821,17 @@ def quantize_model(model: llama.Transformer, calib: Optional[torch.Tensor], meth
     for li, block in enumerate(model.layers):
         t0 = time.perf_counter()
         block.to(device)
+        outputs = None
         if li < done:  # finished by an earlier run: weights and results from its state
             block_results = load_block(resume, li, block)
         else:
-            block_results = quantize_block(model, li, xs, rope, method, cfg, device, masks)
+            block_results, outputs = quantize_block(model, li, xs, rope, method, cfg, device,
+                                                    store, masks)
             if resume:
                 save_block(resume, li, block, block_results, fingerprint)
         results |= block_results
         if xs is not None and li + 1 < len(model.layers):  # its outputs feed the next block
-            xs = [store(block(x.to(device, non_blocking=True), *rope(x))) for x in xs]
+            xs = outputs or [store(block(x.to(device, non_blocking=True), *rope(x))) for x in xs]
         block.to(home)
         dt = time.perf_counter() - t0
         eta = (time.perf_counter() - t_start) / (li + 1 - min(done, li)) * (
@@ -841,17 +843,18 @@ def quantize_model(model: llama.Transformer, calib: Optional[torch.Tensor], meth
     return results
 
 
-def activation_store(xs: list, device):
+def activation_store(xs: list, device, copies: float = 2):
     """Where the calibration activations wait between blocks -> a function that puts one there.
-    On a GPU: on the GPU itself when both a block's inputs and outputs fit in a quarter of its
-    free memory, else in pinned host memory. On a CPU: as they are."""
-    # perf: 128 x 2048 tokens of Llama-3-8B in bf16 are 2 x 2 GiB; pinned memory copies at full
-    # PCIe speed, not through a pageable bounce buffer
+    On a GPU: on the GPU itself when `copies` times the size of xs (a block's inputs, its outputs,
+    what quantize_block replays) fits in a quarter of its free memory, else in pinned host
+    memory. On a CPU: as they are."""
+    # perf: 128 x 2048 tokens of Llama-3-8B in bf16 are 2 GiB per copy; pinned memory copies at
+    # full PCIe speed, not through a pageable bounce buffer
     device = torch.device(device)
     if device.type != "cuda":
         return lambda x: x.cpu()
     nbytes = sum(x.numel() * x.element_size() for x in xs)
-    if 2 * nbytes <= torch.cuda.mem_get_info(device)[0] / 4:
+    if copies * nbytes <= torch.cuda.mem_get_info(device)[0] / 4:
         return lambda x: x.to(device)
 
     def pinned(x):
@@ -864,7 +867,8 @@ def block_inputs(model: llama.Transformer, calib, device):
     activations wait between blocks (activation_store), the function that puts a block's outputs
     there, and rope(x) -> (cos, sin) on `device` for x's length (cached; lengths may differ)."""
     xs = [model.embed_tokens(c[None].to(model.device)) for c in calib]
-    store = activation_store(xs, device)
+    # the inputs and outputs, o_proj's and down_proj's inputs, the attention's and MLP's outputs
+    store = activation_store(xs, device, copies=5 + model.args.hidden_dim / model.args.dim)
     ropes = {}
 
     def rope(x):
@@ -875,13 +879,53 @@ def block_inputs(model: llama.Transformer, calib, device):
     return [store(x) for x in xs], store, rope
 
 
-def quantize_block(model, li: int, xs, rope, method: str, cfg: QuantConfig, device,
-                   masks=None) -> dict:
-    """The linears of block li, group by group (true sequential), in place."""
+# a sub-module of the block whose last linear is this one: once that linear is quantized, the
+# sub-module's output on each calibration input is final and later passes replay it
+OUTPUT_LINEARS = {"self_attn.o_proj": "self_attn", "mlp.down_proj": "mlp"}
+
+
+class Replay(torch.nn.Module):
+    """Stands in for a sub-module during a pass over the calibration inputs: its i-th call
+    returns outputs[i], the sub-module's output on the i-th input, computed once before."""
+
+    def __init__(self, outputs: list, device):
+        super().__init__()
+        self.outputs, self.device, self.calls = outputs, device, 0
+
+    def forward(self, *args):
+        self.calls += 1
+        return self.outputs[self.calls - 1].to(self.device, non_blocking=True)
+
+
+@contextmanager
+def replaying(block, outputs: dict, device):
+    """Within the block, the sub-modules named in outputs replaced by their Replay."""
+    saved = {name: getattr(block, name) for name in outputs}
+    try:
+        for name, outs in outputs.items():
+            setattr(block, name, Replay(outs, device))
+        yield
+    finally:
+        for name, module in saved.items():
+            setattr(block, name, module)
+
+
+def quantize_block(model, li: int, xs, rope, method: str, cfg: QuantConfig, device, store=None,
+                   masks=None):
+    """The linears of block li, group by group (true sequential), in place -> the results per
+    linear and the block's outputs on the calibration inputs xs (None without xs).
+    Each group's inputs come from one pass over xs; the attention's and the MLP's outputs,
+    final once o_proj and down_proj are quantized, are replayed in the later passes instead of
+    recomputed (the same tensors, so the same numbers)."""
+    # perf: without the replays the attention ran four times per block and the MLP twice
     block = model.layers[li]
-    results = {}
+    results, outputs = {}, {}  # outputs: sub-module name -> its output on each input
     for group in SEQUENTIAL:
-        stats = collect_input_stats(block, group, xs, rope, device) if xs else {}
+        keep = [name for name in group if name in OUTPUT_LINEARS]
+        stats, inputs = {}, {}
+        if xs:
+            with replaying(block, outputs, device):
+                stats, inputs = collect_input_stats(block, group, xs, rope, device, keep, store)
         for name, st in stats.items():
             if not torch.isfinite(st.sigma).all():
                 raise ValueError(f"layers.{li}.{name}: its calibration inputs hold NaN or Inf. "
@@ -904,7 +948,16 @@ def quantize_block(model, li: int, xs, rope, method: str, cfg: QuantConfig, devi
                 else None,
                 "bits": qz.bits, "groupsize": qz.groupsize, "bits_stored": stored_bits(qz),
                 "numel": W.numel(), "kept": qz.n_kept(), "rel_err": rel}
-    return results
+        for name in list(inputs):  # the sub-module's output: its last linear on the inputs it was given
+            lin = block.get_submodule(name)
+            # forward, not __call__: the kept inputs are past the linear's pre-hooks already
+            assert not lin._forward_hooks, f"{name} has forward hooks that a replay would skip"
+            outputs[OUTPUT_LINEARS[name]] = [store(lin.forward(x.to(device, non_blocking=True)))
+                                             for x in inputs.pop(name)]
+    if not xs:
+        return results, None
+    with replaying(block, outputs, device):
+        return results, [store(block(x.to(device, non_blocking=True), *rope(x))) for x in xs]
 
 
 # -- resume: every finished block on disk, with a fingerprint of what produced it --------------
@@ -997,18 +1050,22 @@ def load_block(resume: str, li: int, block) -> dict:
     return results
 
 
-def collect_input_stats(block, group, xs, rope, device) -> dict:
+def collect_input_stats(block, group, xs, rope, device, keep=(), store=None):
     """Run the block on every calibration input with hooks that accumulate Sigma for the linears
     of `group`, stopping each forward as soon as all of them have seen their input (before the
     last one multiplies: its output is not needed). Linears fed the very same tensor (q, k, v;
-    gate, up) share one Sigma: computed once, not three times."""
+    gate, up) share one Sigma: computed once, not three times. -> (stats, inputs): inputs[name]
+    for the names in `keep`, each linear's input on every calibration input (through store)."""
     stats, seen, hooks = {}, {}, []  # seen: name -> its input in the current forward
+    inputs = {name: [] for name in keep}
     for name in group:
         lin = block.get_submodule(name)
         stats[name] = InputStats(lin.in_features, device)
 
         def hook(mod, inp, name=name):  # before the linear's forward
             x = inp[0]
+            if name in inputs:
+                inputs[name].append(store(x))
             same_input = next((o for o, t in seen.items() if t is x), None)
             if same_input is None:
                 stats[name].add(x)
@@ -1028,7 +1085,7 @@ def collect_input_stats(block, group, xs, rope, device) -> dict:
     finally:
         for h in hooks:
             h.remove()
-    return stats
+    return stats, inputs
 
 
 # -----------------------------------------------------------------------------

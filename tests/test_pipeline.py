@@ -116,12 +116,50 @@ def test_input_stats_are_x_xt_over_n_shared_by_linears_that_read_one_input(group
         block(x, *model.rope(0, x.shape[1]))
     for h in hooks:
         h.remove()
-    stats = mixq.collect_input_stats(block, group, xs, lambda x: model.rope(0, x.shape[1]), "cpu")
+    stats, _ = mixq.collect_input_stats(block, group, xs, lambda x: model.rope(0, x.shape[1]),
+                                        "cpu")
     for name in group:
         X = torch.cat(inputs[name])  # (N, n)
         torch.testing.assert_close(stats[name].sigma, X.T @ X / len(X), rtol=1e-5, atol=1e-6)
         assert stats[name].count == len(X)
     assert len({id(s) for s in stats.values()}) == 1  # q, k, v (gate, up): one Sigma
+
+
+def true_sequential_by_full_forwards(model, calib, cfg):
+    """True-sequential GPTQ as plainly as it can be written: for each group of each block, run
+    the whole block on every input with hooks that collect Sigma, then quantize the group."""
+    xs = [model.embed_tokens(c[None]) for c in calib]
+    for block in model.layers:
+        for group in mixq.SEQUENTIAL:
+            stats = {name: mixq.InputStats(block.get_submodule(name).in_features, "cpu")
+                     for name in group}
+            hooks = [block.get_submodule(n).register_forward_pre_hook(
+                lambda m, a, n=n: stats[n].add(a[0])) for n in group]
+            for x in xs:
+                block(x, *model.rope(0, x.shape[1]))
+            for h in hooks:
+                h.remove()
+            for name in group:
+                lin = block.get_submodule(name)
+                lin.weight.data = mixq.gptq(lin.weight.data, 2 * stats[name].sigma, cfg).dequantize()
+        xs = [block(x, *model.rope(0, x.shape[1])) for x in xs]
+
+
+@pytest.mark.parametrize("down_hook", [False, True])
+def test_replayed_passes_give_what_full_forwards_give(tiny_dir, down_hook):
+    # quantize_block replays the attention's and the MLP's outputs instead of recomputing them;
+    # a pre-hook on down_proj (ResQ's online Hadamard is one) must run once, not twice
+    calib = torch.randint(0, 128, (3, 40), generator=torch.Generator().manual_seed(0))
+    cfg = mixq.QuantConfig(wbits=3, groupsize=32)
+    models = [llama.load(str(tiny_dir))[0] for _ in range(2)]
+    if down_hook:
+        for m in models:
+            for b in m.layers:
+                b.mlp.down_proj.register_forward_pre_hook(lambda mod, a: (a[0].flip(-1) * 2,))
+    mixq.quantize_model(models[0], calib, "gptq", cfg, log=lambda s: None)
+    true_sequential_by_full_forwards(models[1], calib, cfg)
+    for (name, a), b in zip(models[0].state_dict().items(), models[1].state_dict().values()):
+        assert torch.equal(a, b), name
 
 
 def test_calibration_never_touches_the_evaluation_split():
