@@ -948,7 +948,7 @@ def quantize_block(model, li: int, xs, rope, method: str, cfg: QuantConfig, devi
                 else None,
                 "bits": qz.bits, "groupsize": qz.groupsize, "bits_stored": stored_bits(qz),
                 "numel": W.numel(), "kept": qz.n_kept(), "rel_err": rel}
-        for name in list(inputs):  # the sub-module's output: its last linear on the inputs it was given
+        for name in list(inputs):  # the sub-module's output: its last linear on its inputs
             lin = block.get_submodule(name)
             # forward, not __call__: the kept inputs are past the linear's pre-hooks already
             assert not lin._forward_hooks, f"{name} has forward hooks that a replay would skip"
