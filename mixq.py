@@ -826,7 +826,7 @@ def quantize_model(model: llama.Transformer, calib: Optional[torch.Tensor], meth
             block_results = load_block(resume, li, block)
         else:
             block_results, outputs = quantize_block(model, li, xs, rope, method, cfg, device,
-                                                    store, masks)
+                                                    store, masks, li + 1 < len(model.layers))
             if resume:
                 save_block(resume, li, block, block_results, fingerprint)
         results |= block_results
@@ -911,9 +911,10 @@ def replaying(block, outputs: dict, device):
 
 
 def quantize_block(model, li: int, xs, rope, method: str, cfg: QuantConfig, device, store=None,
-                   masks=None):
+                   masks=None, want_outputs=True):
     """The linears of block li, group by group (true sequential), in place -> the results per
-    linear and the block's outputs on the calibration inputs xs (None without xs).
+    linear and the block's outputs on the calibration inputs xs (None without xs or when not
+    wanted, e.g. for the last block).
     Each group's inputs come from one pass over xs; the attention's and the MLP's outputs,
     final once o_proj and down_proj are quantized, are replayed in the later passes instead of
     recomputed (the same tensors, so the same numbers)."""
@@ -954,7 +955,7 @@ def quantize_block(model, li: int, xs, rope, method: str, cfg: QuantConfig, devi
             assert not lin._forward_hooks, f"{name} has forward hooks that a replay would skip"
             outputs[OUTPUT_LINEARS[name]] = [store(lin.forward(x.to(device, non_blocking=True)))
                                              for x in inputs.pop(name)]
-    if not xs:
+    if not xs or not want_outputs:
         return results, None
     with replaying(block, outputs, device):
         return results, [store(block(x.to(device, non_blocking=True), *rope(x))) for x in xs]
