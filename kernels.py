@@ -108,6 +108,41 @@ def unpack_codes(t: dict, bits: int, K: int) -> torch.Tensor:
     return unpack(t["qweight"], bits, K)
 
 
+def pack_dense(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """codes (K, N) in [0, 2^bits) -> int32 (K*bits/32, N): each column one little-endian bit
+    stream, code k in bits k*bits .. k*bits + bits-1, so a 3-bit code may straddle two words.
+    This is the packing of other tools' formats (GPTQ's qweight and qzeros, compressed-tensors'
+    weight_packed); for 2, 4 and 8 bits it is `pack`, and mixq's own qweight, word for word."""
+    if 32 % bits == 0:
+        return pack(codes, bits)
+    K, N = codes.shape
+    if K % 32:
+        raise ValueError(f"cannot pack {bits}-bit codes along K={K}: need 32 | K")
+    c = codes.to(torch.int64).reshape(K // 32, 32, N)  # 32 codes fill `bits` whole words
+    words = torch.zeros(K // 32, bits, N, dtype=torch.int64, device=codes.device)
+    for j in range(32):
+        w, shift = divmod(j * bits, 32)  # code j starts at bit `shift` of word w
+        words[:, w] |= (c[:, j] << shift) & 0xFFFFFFFF
+        if shift + bits > 32:  # its high bits open the next word
+            words[:, w + 1] |= c[:, j] >> (32 - shift)
+    words = words.reshape(K * bits // 32, N)
+    return torch.where(words >= 2 ** 31, words - 2 ** 32, words).to(torch.int32)
+
+
+def unpack_dense(packed: torch.Tensor, bits: int, K: int) -> torch.Tensor:
+    """int32 (K*bits/32, N) -> codes (K, N) uint8; the inverse of pack_dense."""
+    if 32 % bits == 0:
+        return unpack(packed, bits, K)
+    w = (packed.to(torch.int64) & 0xFFFFFFFF).reshape(K // 32, bits, -1)
+    codes = torch.zeros(K // 32, 32, w.shape[-1], dtype=torch.int64, device=packed.device)
+    for j in range(32):
+        i, shift = divmod(j * bits, 32)
+        codes[:, j] = w[:, i] >> shift
+        if shift + bits > 32:
+            codes[:, j] |= w[:, i + 1] << (32 - shift)
+    return (codes & ((1 << bits) - 1)).reshape(K, -1).to(torch.uint8)
+
+
 def to_csr(delta: torch.Tensor, mask: torch.Tensor) -> dict:
     """The entries of delta (N, K) where mask is True, as CSR over rows (16-bit values)."""
     rows, cols = mask.nonzero(as_tuple=True)  # row-major order

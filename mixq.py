@@ -39,6 +39,8 @@ import os
 import random
 import re
 import resource
+import sys
+import tempfile
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
@@ -280,6 +282,7 @@ class Quantized:
     loss: float = float("nan")  # the method's own objective, for progress lines
     col_group: Optional[torch.Tensor] = None  # (n,) grid of each column, if not column // g
     col_bits: Optional[torch.Tensor] = None  # (n,) bits of each column, if not all `bits`
+    damping: Optional[float] = None  # GPTQ: the percdamp it used (raised if Cholesky failed)
 
     def dequantize(self) -> torch.Tensor:
         n = self.codes.shape[1]
@@ -344,7 +347,7 @@ def gptq_paper(W: torch.Tensor, H: torch.Tensor, cfg: QuantConfig) -> torch.Tens
     dead = torch.diag(H) == 0  # inputs never active in the calibration data: any value will do
     H[dead, dead] = 1
     W[:, dead] = 0
-    U = inverse_cholesky(H, cfg.percdamp)  # U^T U = (H + lambda I)^-1, U upper triangular
+    U, _ = inverse_cholesky(H, cfg.percdamp)  # U^T U = (H + lambda I)^-1, U upper triangular
     Q = torch.zeros_like(W)
     for j in range(n):
         if j % g == 0:  # the grid of columns j .. j+g-1, on their current weights
@@ -356,8 +359,8 @@ def gptq_paper(W: torch.Tensor, H: torch.Tensor, cfg: QuantConfig) -> torch.Tens
 
 
 def inverse_cholesky(H, percdamp: float, retries: int = 6):
-    """U with U^T U = (H + lambda I)^-1, lambda = percdamp * mean(diag H). When the Cholesky
-    factorisation fails, raise the damping tenfold and retry, saying so."""
+    """(U, the percdamp used): U^T U = (H + lambda I)^-1, lambda = percdamp * mean(diag H).
+    When the Cholesky factorisation fails, raise the damping tenfold and retry, saying so."""
     lam = percdamp * torch.mean(torch.diag(H))
     eye = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
     # on failure GPTQ's reference code stops, TaCQ's adds lambda again (up to 150 times); mixq
@@ -366,7 +369,8 @@ def inverse_cholesky(H, percdamp: float, retries: int = 6):
         try:
             L = torch.linalg.cholesky(H + lam * eye)
             Hinv = torch.cholesky_inverse(L)  # (H + lambda I)^-1
-            return torch.linalg.cholesky(Hinv, upper=True)
+            mean = float(torch.mean(torch.diag(H)))
+            return torch.linalg.cholesky(Hinv, upper=True), float(lam) / mean if mean else 0.0
         except torch.linalg.LinAlgError:
             if attempt == retries:
                 raise RuntimeError("Cholesky of the Hessian failed even with damping "
@@ -406,7 +410,7 @@ def gptq(W: torch.Tensor, H: torch.Tensor, cfg: QuantConfig,
     # dynamic one is the next g columns to quantize
     group = group[perm] if static else torch.arange(n, device=W.device) // g
     col_maxq = torch.tensor(maxqs, dtype=W.dtype, device=W.device)[group]
-    U = inverse_cholesky(H, cfg.percdamp)
+    U, damping = inverse_cholesky(H, cfg.percdamp)
     tau = math.inf
     if cfg.outlier_threshold < math.inf:
         tau = cfg.outlier_threshold * (W.var(dim=0) / torch.diag(U) ** 2).mean().item()
@@ -444,7 +448,7 @@ def gptq(W: torch.Tensor, H: torch.Tensor, cfg: QuantConfig,
     inv = torch.argsort(perm)
     codes, Q, mask, group = codes[:, inv], Q[:, inv], mask[:, inv], group[inv]
     qz = Quantized(codes, s_all, z_all, cfg.wbits, g, stat_bits=bits_per_statistic(cfg),
-                   loss=float((Err ** 2).sum()))
+                   loss=float((Err ** 2).sum()), damping=damping)
     if high is not None:
         qz.col_group = group
         qz.col_bits = torch.where(high, cfg.high_bits, cfg.wbits)
@@ -827,20 +831,42 @@ def quantize_model(model: llama.Transformer, calib: Optional[torch.Tensor], meth
         else:
             block_results, outputs = quantize_block(model, li, xs, rope, method, cfg, device,
                                                     store, masks, li + 1 < len(model.layers))
-            if resume:
-                save_block(resume, li, block, block_results, fingerprint)
-        results |= block_results
         if xs is not None and li + 1 < len(model.layers):  # its outputs feed the next block
             xs = outputs or [store(block(x.to(device, non_blocking=True), *rope(x))) for x in xs]
         block.to(home)
         dt = time.perf_counter() - t0
+        if li >= done:  # the block's record (saved with --resume, listed in --json)
+            for r in block_results.values():
+                r |= {"block_seconds": dt, "peak_memory_gb": peak_memory_gb(device)}
+            if resume:
+                save_block(resume, li, block, block_results, fingerprint)
+        results |= block_results
         eta = (time.perf_counter() - t_start) / (li + 1 - min(done, li)) * (
             len(model.layers) - li - 1)
         errs = " ".join(f"{k.rsplit('.', 1)[1]} {r['rel_err']:.2e}"
                         for k, r in block_results.items())
-        log(f"block {li + 1:2d}/{len(model.layers)}  rel err {errs}  {dt:5.1f}s  ETA {eta:5.0f}s"
+        log(f"{clock()} block {li + 1:2d}/{len(model.layers)}  rel err {errs}  {dt:5.1f}s  "
+            f"ETA {eta:5.0f}s"
             + ("  (resumed)" if li < done else ""))
     return results
+
+
+def clock() -> str:
+    """The time of day, at the start of progress lines (a long run's log then shows when)."""
+    return time.strftime("%H:%M:%S")
+
+
+def block_records(results: dict) -> list:
+    """One record per block from its linears' results: seconds, peak memory, and per linear
+    the relative output error, the damping GPTQ used, the solver's seconds, the kept weights."""
+    blocks = {}
+    for name, r in results.items():
+        li = int(name.split(".")[1])
+        b = blocks.setdefault(li, {"block": li, "seconds": r.get("block_seconds"),
+                                   "peak_memory_gb": r.get("peak_memory_gb"), "linears": {}})
+        b["linears"][name.split(".", 2)[2]] = {k: r.get(k) for k in
+                                               ("rel_err", "damping", "solve_seconds", "kept")}
+    return [blocks[i] for i in sorted(blocks)]
 
 
 def activation_store(xs: list, device, copies: float = 2):
@@ -937,8 +963,10 @@ def quantize_block(model, li: int, xs, rope, method: str, cfg: QuantConfig, devi
             W = lin.weight.data
             mask = None if masks is None else masks[f"layers.{li}.{name}"].to(device)
             high = resq_high_columns(name, model.args, cfg) if method == "resq" else None
+            t0 = time.perf_counter()
             qz = solve(method, W.to(device), stats[name].sigma if stats else None, cfg, mask,
                        None if high is None else high.to(device))
+            solve_seconds = time.perf_counter() - t0
             W_hat = qz.dequantize()
             # relative output error on the calibration data (weight error for RTN)
             sigma = stats[name].sigma if stats else torch.eye(W.shape[1], device=W.device)
@@ -948,7 +976,8 @@ def quantize_block(model, li: int, xs, rope, method: str, cfg: QuantConfig, devi
                 "tensors": packed_tensors(qz) if qz.bits in PACKED_BITS and qz.col_group is None
                 else None,
                 "bits": qz.bits, "groupsize": qz.groupsize, "bits_stored": stored_bits(qz),
-                "numel": W.numel(), "kept": qz.n_kept(), "rel_err": rel}
+                "numel": W.numel(), "kept": qz.n_kept(), "rel_err": rel,
+                "solve_seconds": solve_seconds, "damping": qz.damping}
         for name in list(inputs):  # the sub-module's output: its last linear on its inputs
             lin = block.get_submodule(name)
             # forward, not __call__: the kept inputs are past the linear's pre-hooks already
@@ -1203,7 +1232,8 @@ def gradient_magnitudes(model: llama.Transformer, calib, answers=None, loss_scal
         for li in reversed(range(len(model.layers))):  # dL/dh_{l+1} -> weight grads, dL/dh_l
             dh = block_gradients(model.layers[li], inputs.pop(), cos, sin, dh, G, li)
         if (i + 1) % max(1, len(calib) // 4) == 0:
-            log(f"  gradients: {i + 1}/{len(calib)} samples, {time.perf_counter() - t0:.0f}s")
+            log(f"{clock()}   gradients: {i + 1}/{len(calib)} samples, "
+                f"{time.perf_counter() - t0:.0f}s")
     return G
 
 
@@ -1761,31 +1791,179 @@ def check_save_dir(out_dir):
     llama.check_replaceable(out_dir)
     cfg = Path(out_dir) / "config.json"
     if cfg.exists() and (json.loads(cfg.read_text()).get("quantization_config") or {}).get(
-            "quant_method") != "mixq":
-        raise ValueError(f"--save {out_dir} holds a checkpoint mixq did not write; "
+            "quant_method") not in ("mixq",) + EXPORT_FORMATS:
+        raise ValueError(f"{out_dir} holds a checkpoint mixq did not write; "
                          "choose a new directory")
 
 
-def save_quantized(model: llama.Transformer, results: dict, tokenizer_dir, out_dir, qconfig: dict):
+# A native checkpoint names an architecture no other tool knows: transformers and vLLM refuse it
+# ("model type `mixq_llama` ... does not recognize this architecture") instead of loading the
+# packed linears as random weights. model.py reads it; --export writes what they read.
+NATIVE_ARCHITECTURE = {"model_type": "mixq_llama", "architectures": ["MixqLlamaForCausalLM"]}
+
+
+def save_quantized(model: llama.Transformer, results: dict, source, out_dir, qconfig: dict,
+                   tok=None):
     """A checkpoint directory: config.json with quantization_config, model.safetensors (packed
-    linears + the 16-bit rest), tokenizer files. Written to a temp dir, then renamed."""
+    linears; the rest in the source checkpoint's dtype), the source's tokenizer, chat template
+    and generation_config.json. Written to a temp dir, then renamed."""
     from safetensors.torch import save_file
     check_save_dir(out_dir)
+    dtype = llama.stored_dtype(source) if source and Path(source).is_dir() else None
     tensors = {}
     for name, p in model.state_dict().items():
         module = name.rsplit(".", 1)[0]
         if module in results or (name == "lm_head.weight" and model.args.tie_embeddings):
             continue
-        tensors[llama.ours_to_hf(name)] = p.contiguous()
+        tensors[llama.ours_to_hf(name)] = (p if dtype is None else p.to(dtype)).contiguous()
     for module, r in results.items():
         for k, v in r["tensors"].items():
             tensors[llama.ours_to_hf(f"{module}.{k}")] = v
-    qconfig = qconfig | {"format": kernels.FORMAT}  # what model.load checks it can read
-    cfg = model.args.to_hf() | {"quantization_config": qconfig}
+    qconfig = qconfig | {"format": kernels.FORMAT,  # what model.load checks it can read
+                         "modules": sorted(llama.ours_to_hf(m) for m in results)}
+    dtype = dtype or next(iter(tensors.values())).dtype
+    cfg = model.args.to_hf() | NATIVE_ARCHITECTURE | {"torch_dtype": str(dtype)[6:],
+                                                      "quantization_config": qconfig}
     with llama.atomic_dir(out_dir) as tmp:
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
-        llama.copy_tokenizer(tokenizer_dir, tmp)
+        if source:
+            write_side_files(source, tok, tmp)
+
+
+def write_side_files(source, tok, out_dir):
+    """The source's tokenizer files, chat template and generation_config.json; from a GGUF
+    source (no such files), the tokenizer as loaded."""
+    if Path(source).is_dir():
+        llama.copy_tokenizer(source, out_dir)
+    if tok is not None and not (Path(out_dir) / "tokenizer.json").exists():
+        tok.tok.save(str(Path(out_dir) / "tokenizer.json"))
+        (Path(out_dir) / "tokenizer_config.json").write_text(json.dumps(
+            {"chat_template": tok.chat_template, **tok.special_tokens}, indent=2))
+
+
+# -- Export: the same codes in the formats other tools serve -----------------------------------
+#
+# GPTQ (AutoGPTQ / GPTQModel, read by transformers through optimum or gptqmodel, and by vLLM),
+# per quantized linear W (N out x K in), group size g:
+#   qweight int32 (K*b/32, N)   codes packed along K (kernels.pack_dense: 3-bit codes straddle
+#                               words, 32 codes in 3 words; 2/4/8 bits are mixq's words as is)
+#   qzeros  int32 (K/g, N*b/32) zero points packed along N the same way, stored as z - 1
+#                               ("gptq", v1) or as z ("gptq_v2", GPTQModel's format)
+#   scales  fp16 (K/g, N);  g_idx int32 (K,) = k // g (no act-order permutation)
+#   W[n, k] = scales[g_idx[k], n] * (q[k, n] - z[g_idx[k], n])
+# v1's z - 1 cannot hold z = 0 (a group whose range starts at 0), so such a model is written as
+# gptq_v2, which transformers reads through gptqmodel and vLLM does not; every other as v1.
+#
+# compressed-tensors "pack-quantized" (llm-compressor's format, vLLM's main one), per linear:
+#   weight_packed int32 (N, K*b/32)  codes packed along K (the transpose of the above)
+#   weight_scale (N, K/g) fp32 (fp16 for an fp16 model);  weight_shape (2,) = [N, K]
+#   weight_zero_point int32 (N*b/32, K/g), asymmetric grids only: z packed along N
+#   W = weight_scale * (q_s - zp_s), with signed q_s = q - 2^(b-1), zp_s = z - 2^(b-1);
+#   symmetric when every z = 2^(b-1) (zp_s = 0, not stored)
+
+EXPORT_FORMATS = ("gptq", "compressed-tensors")
+
+
+def export_layers(tensors: dict, bits: int, g: int, fmt: str, drop_kept: bool, log=print,
+                  scale_dtype=torch.float32):
+    """mixq's packed tensors {hf name: tensor} -> (the tensors of `fmt`, its quantization
+    config). Weights kept in 16 bits have no place in either format: refused, or with
+    drop_kept left at their codes' values (a printed count)."""
+    modules = sorted({n.rsplit(".", 1)[0] for n in tensors if n.endswith(".qweight")})
+    kept = sum(tensors[f"{m}.outlier_vals"].numel() for m in modules
+               if f"{m}.outlier_vals" in tensors)
+    if kept and not drop_kept:
+        raise ValueError(f"the checkpoint keeps {kept:,} weights in 16 bits, which {fmt} cannot "
+                         "store: --export-drop-kept drops them (each becomes its 3-bit code's "
+                         "value; accuracy drops: evaluate the result)")
+    if kept:
+        log(f"export: dropping {kept:,} weights kept in 16 bits (they take their codes' values)")
+    half = 1 << (bits - 1)
+    zeros = {m: tensors[f"{m}.zeros"].float() for m in modules}
+    if any(not torch.equal(z, z.round()) or z.min() < 0 or z.max() >= 2 ** bits
+           for z in zeros.values()):
+        raise ValueError(f"{fmt} stores integer zero points in [0, 2^{bits}); this checkpoint's "
+                         "are not (a signed grid?)")
+    sym = all(bool((z == half).all()) for z in zeros.values())
+    v1 = all(bool((z >= 1).all()) for z in zeros.values())  # GPTQ v1 stores z - 1
+    out = {n: t for n, t in tensors.items() if n.rsplit(".", 1)[0] not in modules}
+    for m in modules:
+        t = {leaf: tensors[f"{m}.{leaf}"] for leaf in ("qweight", "qweight_hi")
+             if f"{m}.{leaf}" in tensors}
+        s = tensors[f"{m}.scales"].half()  # (K/g, N)
+        K, N = kernels_K(tensors[f"{m}.qweight"], bits), s.shape[1]
+        codes = kernels.unpack_codes(t, bits, K)  # (K, N)
+        z = zeros[m].to(torch.uint8)  # (K/g, N)
+        if fmt == "gptq":
+            out[f"{m}.qweight"] = kernels.pack_dense(codes, bits)
+            out[f"{m}.qzeros"] = kernels.pack_dense((z - int(v1)).T, bits).T.contiguous()
+            out[f"{m}.scales"] = s
+            out[f"{m}.g_idx"] = (torch.arange(K) // (K // s.shape[0])).to(torch.int32)
+        else:
+            out[f"{m}.weight_packed"] = kernels.pack_dense(codes, bits).T.contiguous()
+            out[f"{m}.weight_scale"] = s.T.to(scale_dtype).contiguous()
+            out[f"{m}.weight_shape"] = torch.tensor([N, K])
+            if not sym:
+                out[f"{m}.weight_zero_point"] = kernels.pack_dense(z.T, bits)
+    if fmt == "gptq":
+        qc = {"quant_method": "gptq", "bits": bits, "group_size": g, "desc_act": False,
+              "sym": sym, "static_groups": False, "true_sequential": True, "lm_head": False,
+              "checkpoint_format": "gptq" if v1 else "gptq_v2"}
+        if not v1:
+            log("export: some zero points are 0, which GPTQ v1 (z - 1) cannot store: written as "
+                "checkpoint_format gptq_v2 (read by GPTQModel, not by vLLM)")
+    else:
+        strategy = {"strategy": "channel"} if g == -1 else {"strategy": "group", "group_size": g}
+        weights = {"num_bits": bits, "type": "int", "symmetric": sym, "dynamic": False,
+                   "actorder": None, **strategy}
+        qc = {"quant_method": "compressed-tensors", "format": "pack-quantized",
+              "quantization_status": "compressed", "ignore": ["lm_head"],
+              "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights,
+                                            "input_activations": None,
+                                            "output_activations": None,
+                                            "format": "pack-quantized"}},
+              "kv_cache_scheme": None, "sparsity_config": {}}
+    return out, qc
+
+
+def kernels_K(qweight: torch.Tensor, bits: int) -> int:
+    """K (in_features) of mixq's packed qweight: 3-bit codes keep their low 2 bits there."""
+    return qweight.shape[0] * 32 // (2 if bits == 3 else bits)
+
+
+def export_quantized(src, fmt: str, out_dir, drop_kept: bool = False, log=print):
+    """A saved mixq checkpoint directory -> the same weights in `fmt` (EXPORT_FORMATS): a
+    directory transformers (with compressed-tensors or gptqmodel) and vLLM load. Atomic."""
+    from safetensors.torch import load_file, save_file
+    if fmt not in EXPORT_FORMATS:
+        raise ValueError(f"--export {fmt}: choose one of {', '.join(EXPORT_FORMATS)}")
+    src = Path(src)
+    cfg = llama.read_config(src)
+    qc = cfg.get("quantization_config") or {}
+    if qc.get("quant_method") != "mixq":
+        raise ValueError(f"{src}: not a mixq checkpoint (quant_method "
+                         f"{qc.get('quant_method')!r}); quantize with --save first")
+    if Path(out_dir).resolve() == src.resolve():
+        raise ValueError(f"--export {out_dir}: that is the checkpoint it reads")
+    check_save_dir(out_dir)
+    tensors = load_file(str(src / "model.safetensors"))
+    # compressed-tensors dequantizes in the scales' dtype: fp32 (fp16 for an fp16 model) holds
+    # mixq's fp16 scales exactly, so the weights are mixq's to the bit; bf16 would round them
+    scale_dtype = torch.float16 if cfg.get("torch_dtype") == "float16" else torch.float32
+    out, export_qc = export_layers(tensors, qc["bits"], qc["group_size"], fmt, drop_kept, log,
+                                   scale_dtype)
+    args = llama.ModelArgs.from_hf(cfg)
+    new_cfg = args.to_hf() | {"torch_dtype": cfg.get("torch_dtype", "float32"),
+                              "quantization_config": export_qc}
+    with llama.atomic_dir(out_dir) as tmp:
+        save_file({n: t.contiguous() for n, t in out.items()}, str(tmp / "model.safetensors"),
+                  metadata={"format": "pt"})
+        (tmp / "config.json").write_text(json.dumps(new_cfg, indent=2))
+        if fmt == "gptq":  # AutoGPTQ and GPTQModel read the config from this file
+            (tmp / "quantize_config.json").write_text(json.dumps(export_qc, indent=2))
+        llama.copy_tokenizer(src, tmp)
+    log(f"exported to {out_dir} ({fmt}, {export_qc.get('checkpoint_format', 'pack-quantized')})")
 
 
 # -----------------------------------------------------------------------------
@@ -1886,7 +2064,8 @@ def default_device(device=None, dtype=None):
     return device, dtype
 
 
-def check_options(method: str, cfg: QuantConfig, save, **counts):
+def check_options(method: str, cfg: QuantConfig, save, export=None, drop_kept=False,
+                  **counts):
     """Refuse option values and combinations that cannot run, before any work. counts: the
     integer options by name (nsamples=32, ...), None where unset."""
     if method not in METHODS:
@@ -1902,6 +2081,15 @@ def check_options(method: str, cfg: QuantConfig, save, **counts):
     if method == "resq" and cfg.groupsize != -1:  # method_config would drop it silently
         raise ValueError(f"--groupsize {cfg.groupsize}: ResQ quantizes weights per output "
                          "channel; leave --groupsize out")
+    if export is not None:
+        if export[0] not in EXPORT_FORMATS:
+            raise ValueError(f"--export {export[0]}: choose one of {', '.join(EXPORT_FORMATS)}")
+        keeps = method in ("tacq", "spqr") or method == "quantease" and cfg.outliers > 0
+        if keeps and not drop_kept:
+            raise ValueError(f"--export: {method} keeps weights in 16 bits, which {export[0]} "
+                             "cannot store; --export-drop-kept drops them (they take their "
+                             "codes' values), or export a method that keeps none")
+    save = save or export  # an export is a saved checkpoint, converted
     if save and method == "resq":
         raise ValueError("ResQ is fake quantization (W4A4 needs activation-quantized kernels); "
                          "it can be evaluated but not saved")
@@ -1914,8 +2102,12 @@ def check_options(method: str, cfg: QuantConfig, save, **counts):
                          f"--wbits {cfg.wbits} can be evaluated but not saved")
 
 
-def check_paths(method: str, calib: str, evals, save, json_out, scores_dir, resume):
+def check_paths(method: str, calib: str, evals, save, json_out, scores_dir, resume, export=None):
     """Every data spec readable and every output path writable, before any work."""
+    if export is not None:
+        check_save_dir(export[1])
+        if save and Path(save).resolve() == Path(export[1]).resolve():
+            raise ValueError(f"--save and --export name the same directory {save}")
     for spec in evals:
         check_spec(spec, "eval", "--eval")
     if json_out:
@@ -1946,17 +2138,19 @@ def quantize(model: llama.Transformer, method: str, cfg: QuantConfig, calib, ans
 def run(*, ckpt=None, method="tacq", cfg: Optional[QuantConfig] = None, calib="pydoc",
         nsamples=32, seqlen=512, seed=0, evals=("pydoc", "task:capitals"), eval_seqlen=512,
         eval_windows=None, task_limit=None, scores_dir=None, save=None, json_out=None,
-        device=None, dtype=None, resume=None, answer_loss=False) -> dict:
+        device=None, dtype=None, resume=None, answer_loss=False, export=None,
+        drop_kept=False) -> dict:
     """The whole job, as `python mixq.py` runs it: check the options and paths, load the model,
     tokenize the calibration data, evaluate the fp model, quantize, evaluate again, print a
-    summary table, save. cfg None: QuantConfig()'s defaults; device and dtype None: the GPU
-    in bf16 when there is one, else the CPU in fp32. Returns the summary (also --json)."""
+    summary table, save and export. cfg None: QuantConfig()'s defaults; device and dtype None:
+    the GPU in bf16 when there is one, else the CPU in fp32. export: (format, directory).
+    Returns the summary (also --json)."""
     cfg = QuantConfig() if cfg is None else cfg
     device, dtype = default_device(device, dtype)
     # 1. everything that can be checked before loading: a bad option fails now, not an hour in
-    check_options(method, cfg, save, nsamples=nsamples, seqlen=seqlen, eval_seqlen=eval_seqlen,
+    check_options(method, cfg, save, export, drop_kept, nsamples=nsamples, seqlen=seqlen, eval_seqlen=eval_seqlen,
                   eval_windows=eval_windows, task_limit=task_limit)
-    check_paths(method, calib, evals, save, json_out, scores_dir, resume)
+    check_paths(method, calib, evals, save, json_out, scores_dir, resume, export)
     run_cfg = method_config(method, cfg)  # what the method runs with, e.g. TaCQ's MSE clipping
     # 2. the model, the calibration data and the fingerprints, still before the fp evaluation
     model, tok = llama.load(ckpt, dtype, device)
@@ -2007,15 +2201,24 @@ def run(*, ckpt=None, method="tacq", cfg: Optional[QuantConfig] = None, calib="p
                                                       "answer_loss": answers is not None},
                "kept_weights": sum(r["kept"] for r in results.values()),
                "circuit": None if masks is None else circuit_location(masks),
-               "ckpt": ckpt or llama.DEFAULT_MODEL}
+               "ckpt": ckpt or llama.DEFAULT_MODEL, "blocks": block_records(results)}
     print_summary(summary)
-    if save:
+    if save or export:
         qconfig = {"quant_method": "mixq", "method": method, "bits": cfg.wbits,
                    "group_size": run_cfg.groupsize, "avg_bits": avg, "options": options,
-                   "calib": summary["calib"], "modules": sorted(results)}
+                   "calib": summary["calib"]}
         source = llama.resolve_ckpt(ckpt) if ckpt else llama.embedded_checkpoint()
-        save_quantized(model, results, source, save, qconfig)
-        print(f"saved to {save}")
+        if save:
+            save_quantized(model, results, source, save, qconfig, tok)
+            print(f"saved to {save}")
+        if export and save:
+            export_quantized(save, *export, drop_kept)
+        elif export:  # a native checkpoint in a temporary directory beside it, converted
+            parent = Path(export[1]).resolve().parent
+            parent.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryDirectory(dir=parent, prefix=".mixq-native-") as tmp:
+                save_quantized(model, results, source, Path(tmp) / "q", qconfig, tok)
+                export_quantized(Path(tmp) / "q", *export, drop_kept)
     if json_out:
         metrics.write_json(json_out, summary)
     return summary
@@ -2068,6 +2271,25 @@ def print_summary(s: dict):
     print("\n| " + " | ".join(head) + " |")
     print("|" + "---|" * len(head))
     print("| " + " | ".join(row) + " |")
+
+
+class Tee:
+    """A stream that also writes to a file (--log): a long run a person can read afterwards."""
+
+    def __init__(self, stream, file):
+        self.stream, self.file = stream, file
+
+    def write(self, text):
+        self.file.write(text)
+        self.file.flush()
+        return self.stream.write(text)
+
+    def flush(self):
+        self.stream.flush()
+        self.file.flush()
+
+    def __getattr__(self, name):  # isatty, encoding, ...
+        return getattr(self.stream, name)
 
 
 def main():
@@ -2142,17 +2364,40 @@ def main():
                    help="evaluate only N windows")
     p.add_argument("--task-limit", type=int, default=r["task_limit"],
                    help="score only N task items")
-    p.add_argument("--save", default=r["save"], help="write the quantized checkpoint here")
+    p.add_argument("--save", default=r["save"], help="write the quantized checkpoint here "
+                   "(mixq's own format: model.py, eval.py and mixq's kernels read it)")
+    p.add_argument("--export", nargs=2, metavar=("FORMAT", "DIR"), default=r["export"],
+                   help=f"also write the result in another tool's format "
+                   f"({' | '.join(EXPORT_FORMATS)}): transformers and vLLM load it")
+    p.add_argument("--export-drop-kept", action="store_true", help="--export of a method that "
+                   "keeps weights in 16 bits (tacq, spqr, outlier QuantEase): drop them")
+    p.add_argument("--saved", default=None, help="with --export: convert this saved mixq "
+                   "checkpoint and stop (no quantization)")
     p.add_argument("--resume", default=r["resume"], help="save every finished block in this "
                    "directory and, if it holds an interrupted run with the same settings, "
                    "continue it")
-    p.add_argument("--json", default=r["json_out"], help="write the summary here")
+    p.add_argument("--json", default=r["json_out"], help="write the summary here (with a "
+                   "record per block: seconds, memory, each linear's error and damping)")
+    p.add_argument("--log", default=None, help="append everything printed to this file too "
+                   "(progress lines carry the time of day)")
     p.add_argument("--device", default=r["device"], help="cpu | cuda; None: cuda when torch "
                    "sees a GPU, else cpu")
     p.add_argument("--dtype", default=r["dtype"], choices=sorted(llama.DTYPES), help="model "
                    "dtype; None: bf16 on a GPU, fp32 on a CPU")
     a = p.parse_args()
+    if a.log:
+        try:
+            f = open(a.log, "a")
+        except OSError as e:
+            raise SystemExit(f"error: --log {a.log}: {e.strerror}")
+        f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} python mixq.py {' '.join(sys.argv[1:])}\n")
+        sys.stdout, sys.stderr = Tee(sys.stdout, f), Tee(sys.stderr, f)
     try:
+        if a.saved:
+            if not a.export:
+                raise ValueError("--saved converts a checkpoint: give --export FORMAT DIR")
+            export_quantized(a.saved, *a.export, a.export_drop_kept)
+            return
         cfg = QuantConfig(wbits=a.wbits, groupsize=a.groupsize, sym=a.sym, mse=a.mse,
                           percdamp=a.percdamp, act_order=a.act_order,
                           static_groups=a.static_groups, iters=a.iters, init=a.init,
@@ -2165,7 +2410,8 @@ def main():
             seqlen=a.seqlen, seed=a.seed, evals=[] if a.eval == ["none"] else a.eval,
             eval_seqlen=a.eval_seqlen, eval_windows=a.eval_windows, task_limit=a.task_limit,
             scores_dir=a.scores, save=a.save, json_out=a.json, device=a.device, dtype=a.dtype,
-            resume=a.resume, answer_loss=a.answer_loss)
+            resume=a.resume, answer_loss=a.answer_loss,
+            export=tuple(a.export) if a.export else None, drop_kept=a.export_drop_kept)
     except (llama.CheckpointError, ValueError, FileNotFoundError) as e:
         raise SystemExit(f"error: {e}")
 

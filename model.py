@@ -6,8 +6,10 @@ Sections
   3. Generation       KV cache, CUDA-graph decoding step, q/k/v and gate/up fused for decoding,
                       greedy / temperature + top-p sampling
   4. Tokenizer        `tokenizers` from tokenizer.json or from a GGUF vocabulary; chat prompts
+                      from the checkpoint's own Jinja template, rendered as transformers does
   5. Loading          HF directories (one file or shards), GGUF files, short names, the embedded
-                      default model, quantized mixq checkpoints; validation before any long work
+                      default model, quantized mixq checkpoints and GPTQ ones; validation
+                      before any long work
   6. CLI              python model.py [--ckpt X] --prompt "..." [--max-new-tokens N]
 
 Module names follow Hugging Face (`layers.3.self_attn.q_proj`, `layers.3.mlp.down_proj`) without
@@ -79,7 +81,8 @@ class ModelArgs:
     @classmethod
     def from_hf(cls, cfg: dict) -> "ModelArgs":
         """Map Hugging Face config.json names onto ours, explicitly."""
-        if cfg.get("model_type", "llama") != "llama":
+        # mixq_llama: mixq's own quantized checkpoints (named so that other tools refuse them)
+        if cfg.get("model_type", "llama") not in ("llama", "mixq_llama"):
             raise ValueError(f"model_type {cfg.get('model_type')!r} is not a Llama model")
         n_heads = cfg["num_attention_heads"]
         # rope: `rope_scaling` (transformers 4.x) or `rope_parameters` (v5, which also holds theta)
@@ -539,14 +542,21 @@ GGUF_PRE_SPLITS = {
 class Tokenizer:
     """A thin wrapper over a `tokenizers.Tokenizer` with the ids and chat format the model needs."""
 
-    def __init__(self, tok, bos_id=None, eos_ids=(), chat_template: Optional[str] = None):
+    def __init__(self, tok, bos_id=None, eos_ids=(), chat_template: Optional[str] = None,
+                 special_tokens: Optional[dict] = None):
         self.tok = tok
         self.bos_id, self.eos_ids, self.chat_template = bos_id, list(eos_ids), chat_template
+        # the strings a chat template may print: bos_token, eos_token (from the ids unless given)
+        self.special_tokens = {k: tok.id_to_token(i) for k, i in
+                               (("bos_token", bos_id), ("eos_token", (self.eos_ids or [None])[0]))
+                               if i is not None and tok.id_to_token(i) is not None}
+        self.special_tokens |= special_tokens or {}
 
     @classmethod
-    def from_file(cls, path, bos_id=None, eos_ids=(), chat_template=None):
+    def from_file(cls, path, bos_id=None, eos_ids=(), chat_template=None, special_tokens=None):
         from tokenizers import Tokenizer as HFTokenizer
-        return cls(HFTokenizer.from_file(str(path)), bos_id, eos_ids, chat_template)
+        return cls(HFTokenizer.from_file(str(path)), bos_id, eos_ids, chat_template,
+                   special_tokens)
 
     @classmethod
     def from_gguf(cls, meta: dict):
@@ -588,16 +598,15 @@ class Tokenizer:
     def decode(self, ids) -> str:
         return self.tok.decode(list(ids), skip_special_tokens=False)
 
-    def chat_prompt(self, user: str) -> Optional[str]:
-        """The prompt text for one user turn, for the two chat formats we know, else None.
-        (We recognise the format rather than run the Jinja template: no jinja dependency.)"""
-        t = self.chat_template or ""
-        if "<|im_start|>" in t:  # ChatML (SmolLM2, Qwen)
-            return f"<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n"
-        if "<|start_header_id|>" in t:  # Llama-3 instruct
-            return ("<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\n"
-                    f"{user}<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n")
-        return None
+    def chat_prompt(self, user: str, system: Optional[str] = None) -> Optional[str]:
+        """The prompt text for one user turn (after an optional system message), rendered from
+        the checkpoint's own chat template; None if it has none."""
+        if not self.chat_template:
+            return None
+        messages = ([{"role": "system", "content": system}] if system is not None else []) + \
+            [{"role": "user", "content": user}]
+        return render_chat_template(self.chat_template, messages, add_generation_prompt=True,
+                                    **self.special_tokens)
 
     def stop_ids(self) -> list:
         """eos plus the end-of-turn tokens of the chat formats above, where the vocabulary has them."""
@@ -607,6 +616,35 @@ class Tokenizer:
             if i is not None:
                 ids.add(i)
         return sorted(ids)
+
+
+def render_chat_template(template: str, messages: list, add_generation_prompt: bool = True,
+                         **variables) -> str:
+    """A chat template (Jinja) rendered as transformers' `apply_chat_template` renders it: a
+    sandboxed environment with trim_blocks and lstrip_blocks and the loop-control extension, the
+    helpers templates call (raise_exception, strftime_now, a tojson that keeps non-ASCII text),
+    tools=None and documents=None. `variables`: bos_token, eos_token and any template options
+    (e.g. date_string). The text includes the template's own BOS; encode it without another."""
+    from datetime import datetime
+
+    import jinja2
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message):
+        raise jinja2.exceptions.TemplateError(message)
+
+    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators,
+                          sort_keys=sort_keys)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                        extensions=["jinja2.ext.loopcontrols"])
+    env.filters["tojson"] = tojson
+    env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    return env.from_string(template).render(messages=messages, tools=None, documents=None,
+                                            add_generation_prompt=add_generation_prompt,
+                                            **variables)
 
 
 # -----------------------------------------------------------------------------
@@ -683,7 +721,8 @@ def embedded_checkpoint() -> Path:
 
 # the files of the outputs atomic_dir writes: a checkpoint, or TaCQ's score cache
 CHECKPOINT_FILES = r"config\.json|model(-\d+-of-\d+)?\.safetensors|model\.safetensors\.index\.json" \
-    r"|tokenizer(_config)?\.json"
+    r"|tokenizer(_config)?\.json|special_tokens_map\.json|chat_template\.jinja" \
+    r"|generation_config\.json|quantize_config\.json"
 SCORES_FILES = r"scores\.(json|safetensors)"
 
 
@@ -793,9 +832,13 @@ def atomic_dir(final, marker: str = "config.json", files: str = CHECKPOINT_FILES
         shutil.rmtree(old)
 
 
+SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+              "chat_template.jinja", "generation_config.json")
+
+
 def copy_tokenizer(src_dir, dst_dir):
-    """tokenizer.json and tokenizer_config.json, where src_dir has them."""
-    for f in ("tokenizer.json", "tokenizer_config.json"):
+    """The tokenizer, its chat template and generation_config.json, where src_dir has them."""
+    for f in SIDE_FILES:
         if src_dir and (Path(src_dir) / f).exists():
             shutil.copy(Path(src_dir) / f, Path(dst_dir) / f)
 
@@ -879,7 +922,8 @@ def gguf_to_hf_dir(gguf_path: Path, out_dir: Path):
         (tmp / "config.json").write_text(json.dumps(args.to_hf(), indent=2))
         tok.tok.save(str(tmp / "tokenizer.json"))
         (tmp / "tokenizer_config.json").write_text(json.dumps(
-            {"chat_template": tok.chat_template, "source": str(gguf_path)}, indent=2))
+            {"chat_template": tok.chat_template, **tok.special_tokens, "source": str(gguf_path)},
+            indent=2))
 
 
 # -- HF directories -------------------------------------------------------------
@@ -912,6 +956,16 @@ def checkpoint_index(ckpt_dir: Path) -> dict:
         raise CheckpointError(f"{ckpt_dir}: no model.safetensors or model.safetensors.index.json")
     with open_safetensors(single) as f:
         return {k: single for k in f.keys()}
+
+
+SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+
+
+def stored_dtype(ckpt_dir) -> torch.dtype:
+    """The dtype a checkpoint directory stores its token embedding in (a saved copy keeps it)."""
+    name = "model.embed_tokens.weight"
+    with open_safetensors(checkpoint_index(Path(ckpt_dir))[name]) as st:
+        return SAFETENSORS_DTYPES.get(st.get_slice(name).get_dtype(), torch.float32)
 
 
 def open_safetensors(path: Path):
@@ -952,12 +1006,22 @@ def validate(args: ModelArgs, shapes: dict, where: str):
 
 
 def load_tokenizer(ckpt_dir: Path, args: ModelArgs) -> Optional[Tokenizer]:
+    """tokenizer.json, with the chat template and special-token strings of tokenizer_config.json
+    (or chat_template.jinja, where newer transformers saves the template)."""
     path = ckpt_dir / "tokenizer.json"
     if not path.exists():
         return None
-    tc_path = ckpt_dir / "tokenizer_config.json"
-    template = json.loads(tc_path.read_text()).get("chat_template") if tc_path.exists() else None
-    return Tokenizer.from_file(path, args.bos_id, args.eos_ids, template)
+    tc_path, jinja_path = ckpt_dir / "tokenizer_config.json", ckpt_dir / "chat_template.jinja"
+    tc = json.loads(tc_path.read_text()) if tc_path.exists() else {}
+    template = jinja_path.read_text() if jinja_path.exists() else tc.get("chat_template")
+    special = {}
+    for k in ("bos_token", "eos_token", "unk_token", "pad_token"):
+        v = tc.get(k)
+        if isinstance(v, dict):  # older files: {"content": "<s>", "lstrip": false, ...}
+            v = v.get("content")
+        if isinstance(v, str):
+            special[k] = v
+    return Tokenizer.from_file(path, args.bos_id, args.eos_ids, template, special)
 
 
 def set_tensor(model: nn.Module, name: str, value: torch.Tensor):
@@ -1013,7 +1077,12 @@ def load(ckpt: Optional[str] = None, dtype="fp32", device="cpu", only=None):
     args = ModelArgs.from_hf(cfg)
     files = checkpoint_index(path)  # hf name -> file
     qc = cfg.get("quantization_config") or {}
-    if qc.get("quant_method") == "mixq":
+    if not qc and (path / "quantize_config.json").exists():  # older AutoGPTQ checkpoints
+        qc = json.loads((path / "quantize_config.json").read_text()) | {"quant_method": "gptq"}
+    if qc and qc.get("quant_method") not in ("mixq", "gptq"):
+        raise CheckpointError(f"{path}: quantized as {qc.get('quant_method')!r}; mixq reads its "
+                              "own checkpoints and GPTQ ones (quant_method gptq)")
+    if qc.get("quant_method") in ("mixq", "gptq"):
         return load_quantized(path, args, qc, files, dtype, device), load_tokenizer(path, args)
     wanted = args.expected_shapes()
     by_file = {}  # file -> {our name: hf name}, only the tensors the model uses
@@ -1058,13 +1127,23 @@ def import_kernels():
 
 def load_quantized(path: Path, args: ModelArgs, qc: dict, files: dict, dtype, device):
     """A mixq checkpoint: the linears named in quantization_config["modules"] become
-    kernels.QuantLinear (packed codes, scales, zeros, 16-bit outliers); the rest as usual."""
+    kernels.QuantLinear (packed codes, scales, zeros, 16-bit outliers); the rest as usual.
+    A GPTQ checkpoint (quant_method "gptq"): every linear with a qweight, converted on load
+    (gptq_parts)."""
     kernels = import_kernels()  # only quantized checkpoints need it
-    if qc.get("format") != kernels.FORMAT:
-        raise CheckpointError(f"{path}: packed as {qc.get('format')!r}, but this kernels.py "
-                              f"reads {kernels.FORMAT!r}; quantize the model again")
-    bits, g = qc["bits"], qc["group_size"]
-    quantized = set(qc["modules"])
+    gptq = qc.get("quant_method") == "gptq"
+    if gptq:
+        bits, g = qc.get("bits"), None
+        if bits not in (2, 3, 4, 8):
+            raise CheckpointError(f"{path}: GPTQ bits {bits!r}; mixq's kernels read 2, 3, 4 "
+                                  "and 8 bits")
+        quantized = {hf_to_ours(n)[:-len(".qweight")] for n in files if n.endswith(".qweight")}
+    else:
+        if qc.get("format") != kernels.FORMAT:
+            raise CheckpointError(f"{path}: packed as {qc.get('format')!r}, but this kernels.py "
+                                  f"reads {kernels.FORMAT!r}; quantize the model again")
+        bits, g = qc["bits"], qc["group_size"]
+        quantized = {hf_to_ours(m) for m in qc["modules"]}  # the file's names (older: ours)
     packed = {m: {} for m in quantized}
     plain = {}
     for hf_name, f in files.items():
@@ -1100,6 +1179,8 @@ def load_quantized(path: Path, args: ModelArgs, qc: dict, files: dict, dtype, de
                 parts[leaf] = st.get_tensor(ours_to_hf(f"{module}.{leaf}")).to(device)
         lin = model.get_submodule(module)
         K, N = lin.in_features, lin.out_features
+        if gptq:
+            parts, g = gptq_parts(parts, bits, K, N, qc, f"{path}: {module}")
         gs = K if g == -1 else g
         expect = {"qweight": (K * (2 if bits == 3 else bits) // 32, N), "scales": (K // gs, N),
                   "zeros": (K // gs, N)}
@@ -1114,6 +1195,41 @@ def load_quantized(path: Path, args: ModelArgs, qc: dict, files: dict, dtype, de
         parent, _, child = module.rpartition(".")
         setattr(model.get_submodule(parent), child, kernels.QuantLinear(K, N, bits, g, parts))
     return model
+
+
+def gptq_parts(t: dict, bits: int, K: int, N: int, qc: dict, where: str):
+    """One linear of a GPTQ checkpoint (AutoGPTQ / GPTQModel layout) -> (the tensors of
+    kernels.QuantLinear, group size). GPTQ packs codes along K and zero points along N into one
+    bit stream per column (kernels.pack_dense; for 2, 4 and 8 bits mixq's own words), and its
+    v1 format stores z - 1 (read back as (stored + 1) mod 2^b, as AutoGPTQ does), gptq_v2 z."""
+    kernels = import_kernels()
+    for leaf in ("qweight", "qzeros", "scales"):
+        if leaf not in t:
+            raise CheckpointError(f"{where}.{leaf} is missing")
+    G = t["scales"].shape[0]
+    if K % G or t["qweight"].shape != (K * bits // 32, N) or t["scales"].shape != (G, N) \
+            or t["qzeros"].shape != (G, N * bits // 32):
+        raise CheckpointError(f"{where}: qweight {tuple(t['qweight'].shape)}, qzeros "
+                              f"{tuple(t['qzeros'].shape)}, scales {tuple(t['scales'].shape)} "
+                              f"do not fit {bits}-bit codes of a {N}x{K} weight")
+    g = K // G
+    g_idx = t.get("g_idx")
+    if g_idx is not None and not torch.equal(g_idx.long().cpu(), torch.arange(K) // g):
+        raise CheckpointError(f"{where}: g_idx is not k // group_size (act-order, desc_act): "
+                              "its groups are not contiguous columns, which mixq's kernels read; "
+                              "use a checkpoint quantized without act-order or with static groups")
+    if "bias" in t and t["bias"].abs().max() > 0:
+        raise CheckpointError(f"{where}: a nonzero bias (mixq's Llama has none)")
+    codes = kernels.unpack_dense(t["qweight"], bits, K)  # (K, N)
+    z = kernels.unpack_dense(t["qzeros"].T.contiguous(), bits, N).T.long()  # (G, N)
+    fmt = qc.get("checkpoint_format", "gptq")
+    if fmt not in ("gptq", "gptq_v2"):
+        raise CheckpointError(f"{where}: checkpoint_format {fmt!r} (mixq reads gptq, gptq_v2)")
+    if fmt == "gptq":
+        z = (z + 1) % (1 << bits)
+    parts = kernels.pack_codes(codes, bits) | {"scales": t["scales"].half(),
+                                               "zeros": z.half().contiguous()}
+    return parts, (-1 if G == 1 else g)
 
 
 def build(args: ModelArgs, tensors, dtype, device) -> Transformer:

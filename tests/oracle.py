@@ -13,6 +13,7 @@ stdout. Tensors travel through safetensors files in a temporary directory.
     oracle.save_tiny(path, seed=0, num_hidden_layers=3)     # a random Llama, saved by transformers
     out = oracle.forward(path, ids)                         # {"logits", "loss", "inv_freq"}
     oracle.tokenize(gguf_path, ["some text"])               # [[ids]]
+    oracle.chat(tokenizer_dir, [{"role": "user", ...}])     # the chat prompt text
 """
 
 import atexit
@@ -82,18 +83,26 @@ class Oracle:
         self.ask("save_tiny", path=str(path), seed=seed, config={**TINY_CONFIG, **config})
         return Path(path)
 
-    def forward(self, ckpt, ids, gguf_file=None, dtype="float32"):
+    def forward(self, ckpt, ids, gguf_file=None, dtype="float32", dequantize=False):
         """transformers' forward pass of a checkpoint (a directory, or a GGUF file in it) on
-        ids (B, T): logits (B, T, V), the next-token loss of each row (B,), RoPE's inv_freq."""
+        ids (B, T): logits (B, T, V), the next-token loss of each row (B,), RoPE's inv_freq.
+        dequantize: a compressed-tensors checkpoint loaded with CompressedTensorsConfig(
+        dequantize=True) (dense weights, decompressed by compressed-tensors on load)."""
         src, out = self.tensor_file(), self.tensor_file()
         save_file({"ids": ids.contiguous()}, src)
         self.ask("forward", ckpt=str(ckpt), gguf_file=gguf_file, dtype=dtype, ids=str(src),
-                 out=str(out))
+                 out=str(out), dequantize=dequantize)
         return load_file(out)
 
     def tokenize(self, gguf_path, texts):
         """transformers' GGUF tokenizer: the ids of each text, without special tokens."""
         return self.ask("tokenize", gguf=str(gguf_path), texts=list(texts))["ids"]
+
+    def chat(self, tokenizer_dir, messages, **options):
+        """transformers' AutoTokenizer(tokenizer_dir).apply_chat_template(messages, tokenize=False,
+        add_generation_prompt=True, **options): the prompt text."""
+        return self.ask("chat", tokenizer_dir=str(tokenizer_dir), messages=messages,
+                        options=options)["text"]
 
     def close(self):
         if self.proc is not None and self.proc.poll() is None:
@@ -116,11 +125,13 @@ def serve():
     assert kernels is None or Path(kernels.__file__).resolve().parent != ROOT, kernels.__file__
     models, tokenizers = {}, {}
 
-    def load(ckpt, gguf_file, dtype):
+    def load(ckpt, gguf_file, dtype, dequantize=False):
         key = (ckpt, gguf_file, dtype)
+        extra = {"quantization_config": transformers.CompressedTensorsConfig(dequantize=True)} \
+            if dequantize else {}
         if key not in models or gguf_file is None:  # a directory may be rewritten between calls
             models[key] = transformers.AutoModelForCausalLM.from_pretrained(
-                ckpt, gguf_file=gguf_file, dtype=getattr(torch, dtype)).eval()
+                ckpt, gguf_file=gguf_file, dtype=getattr(torch, dtype), **extra).eval()
         return models[key]
 
     def save_tiny(path, seed, config):
@@ -134,8 +145,8 @@ def serve():
         return {}
 
     @torch.no_grad()
-    def forward(ckpt, gguf_file, dtype, ids, out):
-        m = load(ckpt, gguf_file, dtype)
+    def forward(ckpt, gguf_file, dtype, ids, out, dequantize=False):
+        m = load(ckpt, gguf_file, dtype, dequantize)
         ids = load_file(ids)["ids"]
         logits = m(ids).logits
         loss = torch.stack([m(row[None], labels=row[None]).loss for row in ids])
@@ -151,7 +162,12 @@ def serve():
         tok = tokenizers[gguf]
         return {"ids": [tok(t, add_special_tokens=False)["input_ids"] for t in texts]}
 
-    ops = {"save_tiny": save_tiny, "forward": forward, "tokenize": tokenize}
+    def chat(tokenizer_dir, messages, options):
+        tok = transformers.AutoTokenizer.from_pretrained(tokenizer_dir)
+        return {"text": tok.apply_chat_template(messages, tokenize=False,
+                                                add_generation_prompt=True, **options)}
+
+    ops = {"save_tiny": save_tiny, "forward": forward, "tokenize": tokenize, "chat": chat}
     answers = os.fdopen(os.dup(1), "w")  # answers go here; anything printed goes to stderr
     os.dup2(2, 1)
     for line in sys.stdin:

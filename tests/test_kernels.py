@@ -196,7 +196,7 @@ def test_gptq_block_kernel_equals_the_torch_loop(m, width, bits, mixed, spqr, dt
     g = torch.Generator().manual_seed(seed)
     W = torch.randn(m, width, generator=g, dtype=dtype)
     X = torch.randn(width, 2 * width + 4, generator=g, dtype=dtype)
-    U = mixq.inverse_cholesky(2 * X @ X.T, 0.01)
+    U, _ = mixq.inverse_cholesky(2 * X @ X.T, 0.01)
     s, z, _ = mixq.fit_groups(W, mixq.QuantConfig(wbits=bits))
     s, z = s.expand(m, width).contiguous(), z.expand(m, width).contiguous()
     maxq = torch.full((width,), 2.0 ** bits - 1, dtype=dtype)

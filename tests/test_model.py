@@ -2,6 +2,8 @@
 
 import json
 import math
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -434,3 +436,45 @@ def test_streamed_text_equals_the_decoded_text(embedded, capsys):
     assert "".join(printed) == tok.decode(ids) + "\n"
     assert not any("\ufffd" in p for p in printed)
     assert "" in printed[:len(ids)]  # some token did end inside a character, and waited
+
+
+CHATS = [  # (system message or None, user text)
+    (None, "What is the capital of France?"),
+    ("You are terse.", "  Zürich or 東京? Answer in one word.  "),
+]
+LLAMA31_TEMPLATE = (Path(__file__).parent / "data" / "llama3.1_chat_template.jinja").read_text()
+
+
+@pytest.mark.parametrize("template", ["smollm2", "llama3.1"])
+def test_chat_prompts_render_the_templates_as_transformers_does(template, tmp_path):
+    # the checkpoint's own template, rendered with jinja2 by model.py, against transformers'
+    # apply_chat_template on the same tokenizer directory
+    src = llama.embedded_checkpoint()
+    d = tmp_path / "tok"
+    d.mkdir()
+    shutil.copy(src / "tokenizer.json", d)
+    tc = json.loads((src / "tokenizer_config.json").read_text())
+    if template == "llama3.1":  # Llama-3.1-Instruct's template and special-token strings
+        tc |= {"chat_template": LLAMA31_TEMPLATE, "bos_token": "<|begin_of_text|>",
+               "eos_token": "<|eot_id|>"}
+    (d / "tokenizer_config.json").write_text(json.dumps(tc | {
+        "tokenizer_class": "PreTrainedTokenizerFast"}))
+    tok = llama.load_tokenizer(d, llama.ModelArgs())
+    for system, user in CHATS:
+        messages = ([{"role": "system", "content": system}] if system else []) + \
+            [{"role": "user", "content": user}]
+        ours = tok.chat_prompt(user, system)
+        assert ours == ORACLE.chat(d, messages)
+        assert user.strip() in ours and ours.count(user.strip()) == 1
+    if template == "llama3.1":  # the system block the template always emits, and its BOS
+        assert ours.startswith("<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\n"
+                               "Cutting Knowledge Date: December 2023\nToday Date: 26 Jul 2024")
+        assert tok.chat_prompt("hi").count("<|start_header_id|>system") == 1
+
+
+def test_a_tokenizer_without_a_chat_template_gives_no_chat_prompt(tmp_path):
+    shutil.copy(llama.embedded_checkpoint() / "tokenizer.json", tmp_path)
+    (tmp_path / "tokenizer_config.json").write_text('{"bos_token": "<|im_start|>"}')
+    tok = llama.load_tokenizer(tmp_path, llama.ModelArgs())
+    assert tok.special_tokens["bos_token"] == "<|im_start|>"
+    assert tok.chat_prompt("hi") is None  # model.py --prompt then continues the text as is

@@ -1,6 +1,7 @@
 """End to end: the layer-wise pipeline on a tiny random Llama and the CLI on the embedded model."""
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -181,11 +182,16 @@ def test_cli_rtn_on_embedded_saves_a_checkpoint_eval_reproduces(tmp_path):
     out, js = tmp_path / "q", tmp_path / "r.json"
     r = subprocess.run([sys.executable, str(ROOT / "mixq.py"), "--method", "rtn", "--wbits", "4",
                         "--groupsize", "64", "--eval", "pydoc", "--eval-windows", "2", "--save", str(out),
-                        "--json", str(js)], capture_output=True, text=True)
+                        "--json", str(js), "--log", str(tmp_path / "run.log")],
+                       capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert "| rtn W4 g64 | 4.500 | 16.00 |" in r.stdout
+    log = (tmp_path / "run.log").read_text()
+    assert "python mixq.py --method rtn" in log.splitlines()[0] and r.stdout in log
+    assert re.search(r"^\d\d:\d\d:\d\d block 30/30", r.stdout, re.M)  # the time of day
     res = json.loads(js.read_text())
     assert res["avg_bits"] == 4.5 and res["method"] == "rtn"
+    assert [b["block"] for b in res["blocks"]] == list(range(30))
     q_ppl, fp_ppl = res["quant"]["pydoc"]["ppl"], res["fp"]["pydoc"]["ppl"]
     assert fp_ppl < q_ppl < 2 * fp_ppl  # 4-bit g64 on a model whose weights lie on a 4-bit grid
     cfg = json.loads((out / "config.json").read_text())["quantization_config"]
@@ -257,7 +263,7 @@ def test_resume_after_a_kill_reproduces_the_uninterrupted_run(tiny_dir, tmp_path
     ref = mixq.quantize_model(whole, calib, "gptq", cfg, log=lambda s: None)
 
     def killed_after_first_block(line):
-        if line.startswith("block  1/"):
+        if " block  1/" in line:
             raise KeyboardInterrupt  # as if the process were killed once block 0 was saved
 
     model, _ = llama.load(str(tiny_dir))
@@ -308,3 +314,24 @@ print("ok")
 """
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+
+
+def test_block_records_hold_seconds_memory_error_and_damping_and_resume_keeps_them(tiny_dir,
+                                                                                   tmp_path):
+    cfg = mixq.QuantConfig(wbits=3, groupsize=32, percdamp=0.02)
+    calib = torch.randint(0, 128, (4, 48), generator=torch.Generator().manual_seed(0))
+    model, _ = llama.load(str(tiny_dir))
+    res = mixq.quantize_model(model, calib, "gptq", cfg, log=lambda s: None,
+                              resume=str(tmp_path / "st"), fingerprint={"run": 1})
+    records = mixq.block_records(res)
+    assert [r["block"] for r in records] == [0, 1]
+    for r in records:
+        assert r["seconds"] > 0 and r["peak_memory_gb"] > 0
+        assert sorted(r["linears"]) == sorted(mixq.LINEARS)
+        for lin in r["linears"].values():
+            assert lin["damping"] == pytest.approx(0.02) and 0 < lin["rel_err"] < 1
+            assert 0 < lin["solve_seconds"] <= r["seconds"] and lin["kept"] == 0
+    model, _ = llama.load(str(tiny_dir))  # every block done: all read back from --resume
+    again = mixq.quantize_model(model, calib, "gptq", cfg, log=lambda s: None,
+                                resume=str(tmp_path / "st"), fingerprint={"run": 1})
+    assert mixq.block_records(again) == records
