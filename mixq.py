@@ -21,7 +21,8 @@ follows, and a test checks that both give the same result)
   8. ResQ              Saxena et al. 2024, arXiv 2412.14363: resq, the steps in order (norm
                        folding, PCA bases, random rotations fused into the weights, online key
                        rotation and Hadamard; then W4A4KV4 fake quantization, 8-bit high slice)
-  9. Save              packed codes (the format in kernels.py), atomically
+  9. Save, export     packed codes (the format in kernels.py), atomically; the same codes in
+                       the GPTQ and compressed-tensors formats other tools serve
   10. CLI              python mixq.py [--ckpt X] --method gptq --wbits 3 --groupsize 64 ...
 
 Run `python mixq.py --help` for every option; `python mixq.py` runs the default job (TaCQ, 3 bits
@@ -1768,7 +1769,7 @@ def resq(model: llama.Transformer, calib, cfg: QuantConfig, seed: int = 0, devic
 
 
 # -----------------------------------------------------------------------------
-# 9. Save: the packed format of kernels.py, written atomically
+# 9. Save: the packed format of kernels.py, written atomically; export to other tools' formats
 
 
 PACKED_BITS = (2, 3, 4, 8)  # the widths the packed format (and the kernel) stores
@@ -1790,8 +1791,11 @@ def check_save_dir(out_dir):
     (never the source checkpoint, or any other directory with files in it)."""
     llama.check_replaceable(out_dir)
     cfg = Path(out_dir) / "config.json"
-    if cfg.exists() and (json.loads(cfg.read_text()).get("quantization_config") or {}).get(
-            "quant_method") not in ("mixq",) + EXPORT_FORMATS:
+    if not cfg.exists():
+        return
+    written = json.loads(cfg.read_text())
+    if (written.get("quantization_config") or {}).get("quant_method") != "mixq" and \
+            "mixq_export" not in written:
         raise ValueError(f"{out_dir} holds a checkpoint mixq did not write; "
                          "choose a new directory")
 
@@ -1853,7 +1857,7 @@ def write_side_files(source, tok, out_dir):
 #   scales  fp16 (K/g, N);  g_idx int32 (K,) = k // g (no act-order permutation)
 #   W[n, k] = scales[g_idx[k], n] * (q[k, n] - z[g_idx[k], n])
 # v1's z - 1 cannot hold z = 0 (a group whose range starts at 0), so such a model is written as
-# gptq_v2, which transformers reads through gptqmodel and vLLM does not; every other as v1.
+# gptq_v2 (GPTQModel reads it; vLLM reads v1); every other as v1.
 #
 # compressed-tensors "pack-quantized" (llm-compressor's format, vLLM's main one), per linear:
 #   weight_packed int32 (N, K*b/32)  codes packed along K (the transpose of the above)
@@ -1875,8 +1879,8 @@ def export_layers(tensors: dict, bits: int, g: int, fmt: str, drop_kept: bool, l
                if f"{m}.outlier_vals" in tensors)
     if kept and not drop_kept:
         raise ValueError(f"the checkpoint keeps {kept:,} weights in 16 bits, which {fmt} cannot "
-                         "store: --export-drop-kept drops them (each becomes its 3-bit code's "
-                         "value; accuracy drops: evaluate the result)")
+                         "store: --export-drop-kept drops them (each becomes its code's value; "
+                         "accuracy drops: evaluate the result)")
     if kept:
         log(f"export: dropping {kept:,} weights kept in 16 bits (they take their codes' values)")
     half = 1 << (bits - 1)
@@ -1912,7 +1916,7 @@ def export_layers(tensors: dict, bits: int, g: int, fmt: str, drop_kept: bool, l
               "checkpoint_format": "gptq" if v1 else "gptq_v2"}
         if not v1:
             log("export: some zero points are 0, which GPTQ v1 (z - 1) cannot store: written as "
-                "checkpoint_format gptq_v2 (read by GPTQModel, not by vLLM)")
+                "checkpoint_format gptq_v2 (GPTQModel reads it; vLLM reads v1 only)")
     else:
         strategy = {"strategy": "channel"} if g == -1 else {"strategy": "group", "group_size": g}
         weights = {"num_bits": bits, "type": "int", "symmetric": sym, "dynamic": False,
@@ -1955,7 +1959,8 @@ def export_quantized(src, fmt: str, out_dir, drop_kept: bool = False, log=print)
                                    scale_dtype)
     args = llama.ModelArgs.from_hf(cfg)
     new_cfg = args.to_hf() | {"torch_dtype": cfg.get("torch_dtype", "float32"),
-                              "quantization_config": export_qc}
+                              "quantization_config": export_qc,
+                              "mixq_export": {"method": qc.get("method")}}  # mixq wrote it
     with llama.atomic_dir(out_dir) as tmp:
         save_file({n: t.contiguous() for n, t in out.items()}, str(tmp / "model.safetensors"),
                   metadata={"format": "pt"})
@@ -2148,8 +2153,8 @@ def run(*, ckpt=None, method="tacq", cfg: Optional[QuantConfig] = None, calib="p
     cfg = QuantConfig() if cfg is None else cfg
     device, dtype = default_device(device, dtype)
     # 1. everything that can be checked before loading: a bad option fails now, not an hour in
-    check_options(method, cfg, save, export, drop_kept, nsamples=nsamples, seqlen=seqlen, eval_seqlen=eval_seqlen,
-                  eval_windows=eval_windows, task_limit=task_limit)
+    check_options(method, cfg, save, export, drop_kept, nsamples=nsamples, seqlen=seqlen,
+                  eval_seqlen=eval_seqlen, eval_windows=eval_windows, task_limit=task_limit)
     check_paths(method, calib, evals, save, json_out, scores_dir, resume, export)
     run_cfg = method_config(method, cfg)  # what the method runs with, e.g. TaCQ's MSE clipping
     # 2. the model, the calibration data and the fingerprints, still before the fp evaluation

@@ -107,6 +107,8 @@ def test_gptq_export_dequantizes_bit_exactly_to_mixqs_weights(bits, g, sym, tmp_
     for name in ours:  # everything else as it was
         if not name.rsplit(".", 1)[0] in native["modules"]:
             assert torch.equal(ours[name], theirs[name])
+    mixq.export_quantized(q, "compressed-tensors", tmp_path / "gptq", log=lambda s: None)
+    assert not (tmp_path / "gptq" / "quantize_config.json").exists()  # mixq's export, replaced
 
 
 def test_a_zero_point_of_0_is_written_as_gptq_v2(tmp_path):
@@ -206,6 +208,8 @@ def test_a_gptq_directory_from_an_independent_writer_gives_its_dequantized_logit
     assert isinstance(back.layers[0].self_attn.q_proj, kernels.QuantLinear)
     x = torch.randint(0, 128, (2, 20), generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(back(x), fp(x), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="a checkpoint mixq did not write"):  # never replaced
+        mixq.export_quantized(tiny_quantized(tmp_path / "m", mixq.QuantConfig(wbits=4)), "gptq", d)
 
 
 def test_act_order_g_idx_is_refused_clearly(tmp_path):
