@@ -1968,7 +1968,8 @@ def export_quantized(src, fmt: str, out_dir, drop_kept: bool = False, log=print)
         if fmt == "gptq":  # AutoGPTQ and GPTQModel read the config from this file
             (tmp / "quantize_config.json").write_text(json.dumps(export_qc, indent=2))
         llama.copy_tokenizer(src, tmp)
-    log(f"exported to {out_dir} ({fmt}, {export_qc.get('checkpoint_format', 'pack-quantized')})")
+    log(f"exported to {out_dir} ({fmt}: " + (f"checkpoint_format {export_qc['checkpoint_format']}"
+                                             if fmt == "gptq" else "pack-quantized") + ")")
 
 
 # -----------------------------------------------------------------------------
