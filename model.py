@@ -1308,7 +1308,11 @@ def main():
         raise SystemExit(f"error: {e}")
     if tok is None:
         raise SystemExit("error: the checkpoint has no tokenizer.json")
-    text = None if a.raw else tok.chat_prompt(a.prompt)
+    try:
+        text = None if a.raw else tok.chat_prompt(a.prompt)
+    except Exception as e:  # jinja2's errors: a template this renderer cannot run
+        raise SystemExit(f"error: the checkpoint's chat template failed ({type(e).__name__}: "
+                         f"{e}); --raw continues the prompt without it")
     ids = tok.encode(text) if text is not None else tok.encode(a.prompt, bos=True)
     if a.fuse:
         model.fuse_projections()
