@@ -124,6 +124,20 @@ def test_input_stats_are_x_xt_over_n_shared_by_linears_that_read_one_input(group
         torch.testing.assert_close(stats[name].sigma, X.T @ X / len(X), rtol=1e-5, atol=1e-6)
         assert stats[name].count == len(X)
     assert len({id(s) for s in stats.values()}) == 1  # q, k, v (gate, up): one Sigma
+    # the group's products were skipped (their outputs are unread); afterwards every linear
+    # is itself again: the same outputs as before
+    assert all("forward" not in block.get_submodule(n).__dict__ for n in group)
+    x = xs[0]
+    again = {}
+    hooks = [block.get_submodule(n).register_forward_hook(
+        lambda m, i, o, n=n: again.setdefault(n, o)) for n in group]
+    block(x, *model.rope(0, x.shape[1]))
+    for h in hooks:
+        h.remove()
+    for n in group:
+        lin = block.get_submodule(n)
+        torch.testing.assert_close(again[n], torch.nn.functional.linear(
+            inputs[n][0], lin.weight).reshape(again[n].shape))
 
 
 def true_sequential_by_full_forwards(model, calib, cfg):
