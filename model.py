@@ -1057,8 +1057,8 @@ def check_device(device):
 def load(ckpt: Optional[str] = None, dtype="fp32", device="cpu", only=None):
     """Load a checkpoint -> (Transformer in eval mode, Tokenizer or None).
 
-    ckpt: None (embedded SmolLM2), a short name, an HF directory, a .gguf file, or a mixq
-    quantized directory. Memory: the model is built on the meta device and every tensor is read,
+    ckpt: None (embedded SmolLM2), a short name, an HF directory, a .gguf file, a mixq
+    quantized directory or a GPTQ one. Memory: the model is built on the meta device and every tensor is read,
     converted and placed one at a time, so there is never a second copy of the weights.
     only(name) -> bool: read just those tensors of an HF directory (e.g. one pipeline stage's
     blocks); the others stay on the meta device, shapes without storage."""
