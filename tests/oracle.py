@@ -126,7 +126,7 @@ def serve():
     models, tokenizers = {}, {}
 
     def load(ckpt, gguf_file, dtype, dequantize=False):
-        key = (ckpt, gguf_file, dtype)
+        key = (ckpt, gguf_file, dtype, dequantize)
         extra = {"quantization_config": transformers.CompressedTensorsConfig(dequantize=True)} \
             if dequantize else {}
         if key not in models or gguf_file is None:  # a directory may be rewritten between calls
