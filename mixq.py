@@ -1106,11 +1106,13 @@ def collect_input_stats(block, group, xs, rope, device, keep=(), store=None):
             if len(seen) == len(group):
                 raise StopForward
         hooks.append(lin.register_forward_pre_hook(hook))
-        # perf: nothing reads a group member's output before the pass stops at the last one
-        # (q and k before v's hook, gate before up's), so its product is skipped: an empty
-        # tensor of the output's shape stands in (a quarter of the passes' linear FLOPs)
-        lin.forward = lambda x, n=lin.out_features: x.new_empty(*x.shape[:-1], n)
     try:
+        for name in group:
+            # perf: nothing reads a group member's output before the pass stops at the last one
+            # (q and k before v's hook, gate before up's), so its product is skipped: an empty
+            # tensor of the output's shape stands in (a quarter of the passes' linear FLOPs)
+            lin = block.get_submodule(name)
+            lin.forward = lambda x, n=lin.out_features: x.new_empty(*x.shape[:-1], n)
         for x in xs:
             seen.clear()
             try:
@@ -1121,7 +1123,7 @@ def collect_input_stats(block, group, xs, rope, device, keep=(), store=None):
         for h in hooks:
             h.remove()
         for name in group:
-            del block.get_submodule(name).forward  # the class's forward again
+            block.get_submodule(name).__dict__.pop("forward", None)  # the class's forward again
     return stats, inputs
 
 
@@ -1831,7 +1833,7 @@ def save_quantized(model: llama.Transformer, results: dict, source, out_dir, qco
             tensors[llama.ours_to_hf(f"{module}.{k}")] = v
     qconfig = qconfig | {"format": kernels.FORMAT,  # what model.load checks it can read
                          "modules": sorted(llama.ours_to_hf(m) for m in results)}
-    dtype = dtype or next(iter(tensors.values())).dtype
+    dtype = dtype or model.embed_tokens.weight.dtype  # no source directory: as in memory
     cfg = model.args.to_hf() | NATIVE_ARCHITECTURE | {"torch_dtype": str(dtype)[6:],
                                                       "quantization_config": qconfig}
     with llama.atomic_dir(out_dir) as tmp:
