@@ -204,7 +204,10 @@ def mse_grid(w, xmin, xmax, maxq: int, sym: bool, signed: bool):
     for p in ps.split(chunk):
         p = p[:, None, None]  # (c, 1, 1)
         s1, z1 = scale_zero(p * xmin, p * xmax, maxq, sym, signed)  # (c, m, 1)
-        err = (fake_quant(w, s1, z1, maxq) - w).abs().pow(2.4).sum(2, keepdim=True)  # (c, m, 1)
+        # |Q(x) - x|^2.4 with Q = fake_quant's operations, in place on one buffer  (c, m, k)
+        # perf: temporaries of the matrix's size cost more than the arithmetic (2.4x)
+        e = (w / s1).add_(z1).round_().clamp_(0, maxq).sub_(z1).mul_(s1).sub_(w).abs_().pow_(2.4)
+        err = e.sum(2, keepdim=True)  # (c, m, 1)
         err, i = err.min(0)  # the first p with the chunk's smallest error, per row  (m, 1)
         s1, z1 = s1.gather(0, i[None])[0], z1.gather(0, i[None])[0]
         if best is None:
@@ -489,22 +492,28 @@ def gptq_block(W1, U1, s, z, maxq, mask, tau: float):
     none). Returns codes, Q (the dequantized values), Err (the scaled errors) and the mask,
     each (m, c). (kernels.gptq_block is the same loop in one GPU launch, for c = w.)"""
     ncols = s.shape[1]
-    codes, Q, Err = (torch.zeros_like(W1[:, :ncols]) for _ in range(3))
     mask = mask.clone()
+    # perf: a column is a dozen small operations, so everything that does not depend on the
+    # column's updated weights is done once per block, and a block without kept weights skips
+    # the two selects
+    zero_code = torch.round(z).clamp(min=0).minimum(maxq)  # (m, c): the code whose value is 0
+    any_kept = tau < math.inf or bool(mask.any())
+    codes, Q, Err = [], [], []  # per column (m,), stacked at the end
     for i in range(ncols):
         w, d = W1[:, i], U1[i, i]
         c = quant_codes(w, s[:, i], z[:, i], maxq[i])
         q = s[:, i] * (c - z[:, i])
-        if tau < math.inf:  # SpQR-style: weights the grid serves too badly stay 16-bit
-            mask[:, i] |= ((w - q) / d) ** 2 > tau
-        mk = mask[:, i]
-        # kept weights: the code whose value is 0 (so the stored correction is the weight)
-        c = torch.where(mk, torch.clamp(torch.round(z[:, i]), 0, maxq[i]), c)
-        q = torch.where(mk, w, q)
+        if any_kept:
+            if tau < math.inf:  # SpQR-style: weights the grid serves too badly stay 16-bit
+                mask[:, i] |= ((w - q) / d) ** 2 > tau
+            mk = mask[:, i]
+            # kept weights: the code whose value is 0 (so the stored correction is the weight)
+            c = torch.where(mk, zero_code[:, i], c)
+            q = torch.where(mk, w, q)
         err = (w - q) / d  # 0 at kept weights
         W1[:, i:] -= err[:, None] * U1[i, i:][None, :]  # spread the error on later columns
-        codes[:, i], Q[:, i], Err[:, i] = c, q, err
-    return codes, Q, Err, mask
+        codes.append(c), Q.append(q), Err.append(err)
+    return torch.stack(codes, 1), torch.stack(Q, 1), torch.stack(Err, 1), mask
 
 
 def with_kept(qz: Quantized, Q, mask) -> Quantized:
@@ -1216,7 +1225,7 @@ def next_token_loss(logits, tokens, answer=None):
 
 
 def gradient_magnitudes(model: llama.Transformer, calib, answers=None, loss_scale: float = 1.0,
-                        log=print) -> dict:
+                        log=print, keep_graphs: Optional[bool] = None) -> dict:
     """G[name] = sum over samples s of |dL_s/dW| for every linear of every block (fp32, batch
     size 1), by backpropagation written out one block at a time (gradient checkpointing per
     block): a forward pass without a graph keeps each block's input; the head gives dL/dh at the
@@ -1224,25 +1233,53 @@ def gradient_magnitudes(model: llama.Transformer, calib, answers=None, loss_scal
     with autograd, which gives the block's weight gradients (added into G at once) and dL/d(its
     input) for the block below. Memory: the model + G + one sample's block inputs + one block in
     fp32 and its activations; a bf16 model still gets fp32 gradients.
+    keep_graphs (default: for an fp32 model on the CPU): the forward runs the model's own fp32
+    blocks with autograd and keeps each block's graph until the backward, so a block runs once
+    per sample instead of twice; the same G (the same fp32 operations on the same inputs), for
+    the memory of every block's activations of one sample.
     (scripts/tacq_pipeline.py runs the same steps with the blocks split over several GPUs.)"""
+    if keep_graphs is None:
+        keep_graphs = model.embed_tokens.weight.dtype == torch.float32 and \
+            model.device.type == "cpu"
     G = {name: torch.zeros(model.get_submodule(name).weight.shape, device=model.device)
          for name in linear_names(model)}
     head = fp32_head(model)
+    weights = [[block.get_submodule(n).weight for n in LINEARS] for block in model.layers]
+    grad_was = {w: w.requires_grad for ws in weights for w in ws}  # restored at the end
     t0 = time.perf_counter()
-    for i, tokens in enumerate(calib):
-        tokens = tokens.to(model.device)
-        cos, sin = model.rope(0, len(tokens))  # fp32
-        with torch.no_grad():  # forward, keeping each block's input h_l  (1, T, dim)
-            h, inputs = model.embed_tokens(tokens[None]), []
+    try:
+        for w in grad_was:
+            w.requires_grad_(keep_graphs)
+        for i, tokens in enumerate(calib):
+            tokens = tokens.to(model.device)
+            cos, sin = model.rope(0, len(tokens))  # fp32
+            with torch.no_grad():
+                h = model.embed_tokens(tokens[None])  # (1, T, dim)
+            saved = []  # per block: its input h_l, or (h_l, its output with its graph)
             for block in model.layers:
-                inputs.append(h)
-                h = block(h, cos, sin)  # exactly as model.forward runs it
-        dh = head_gradient(head, h, tokens, None if answers is None else answers[i], loss_scale)
-        for li in reversed(range(len(model.layers))):  # dL/dh_{l+1} -> weight grads, dL/dh_l
-            dh = block_gradients(model.layers[li], inputs.pop(), cos, sin, dh, G, li)
-        if (i + 1) % max(1, len(calib) // 4) == 0:
-            log(f"{clock()}   gradients: {i + 1}/{len(calib)} samples, "
-                f"{time.perf_counter() - t0:.0f}s")
+                if keep_graphs:  # the backward will start from this graph
+                    x = h.detach().requires_grad_(True)
+                    with torch.enable_grad():
+                        h = block(x, cos, sin)
+                    saved.append((x, h))
+                else:  # the backward will run the block again, in fp32
+                    saved.append(h)
+                    with torch.no_grad():
+                        h = block(h, cos, sin)  # exactly as model.forward runs it
+            dh = head_gradient(head, h.detach(), tokens,
+                               None if answers is None else answers[i], loss_scale)
+            for li in reversed(range(len(model.layers))):  # dL/dh_{l+1} -> weight grads, dL/dh_l
+                if keep_graphs:
+                    x, out = saved.pop()
+                    dh = weight_gradients(out, x, weights[li], dh, G, li)
+                else:
+                    dh = block_gradients(model.layers[li], saved.pop(), cos, sin, dh, G, li)
+            if (i + 1) % max(1, len(calib) // 4) == 0:
+                log(f"{clock()}   gradients: {i + 1}/{len(calib)} samples, "
+                    f"{time.perf_counter() - t0:.0f}s")
+    finally:
+        for w, was in grad_was.items():
+            w.requires_grad_(was)
     return G
 
 
@@ -1268,12 +1305,20 @@ def block_gradients(block, x, cos, sin, dh, G: dict, li: int):
     ws = [block.get_submodule(n).weight.requires_grad_(True) for n in LINEARS]
     x = x.float().requires_grad_(True)
     with torch.enable_grad():
-        dx, *dws = torch.autograd.grad(block(x, cos, sin), [x, *ws], grad_outputs=dh)
+        out = block(x, cos, sin)
+    return weight_gradients(out, x, ws, dh, G, li)
+
+
+def weight_gradients(out, x, ws: list, dh, G: dict, li: int):
+    """Backpropagate dh = dL/d(out) through the graph of block li's output `out` on its input
+    x: add |dL/dW| for its linears' weights ws (in LINEARS order) into G, return dL/dx."""
+    dx, *dws = torch.autograd.grad(out, [x, *ws], grad_outputs=dh)
     for n, dw in zip(LINEARS, dws):
-        if not torch.isfinite(dw).all():
+        dw = dw.abs()  # |dL_s/dW|: per sample, then the sum
+        if not torch.isfinite(dw.amax()):  # perf: amax carries any NaN or Inf, in one pass
             raise ValueError(f"layers.{li}.{n}: its loss gradient holds NaN or Inf. That comes "
                              "from the data or the model (activations that overflow)")
-        G[f"layers.{li}.{n}"] += dw.abs()  # |dL_s/dW|: per sample, then the sum
+        G[f"layers.{li}.{n}"] += dw
     return dx
 
 

@@ -72,18 +72,32 @@ def test_score_is_zero_where_nothing_moves(seed):
     assert (S[0] == 0).all() and (S[:, 3] == 0).all() and (S[2] == 0).all() and (S >= 0).all()
 
 
-def test_gradients_equal_autograd_on_the_full_model(tiny):
-    # the block-by-block backward pass = autograd on the whole model, sample by sample
+@pytest.mark.parametrize("keep_graphs", [False, True])
+def test_gradients_equal_autograd_on_the_full_model(tiny, keep_graphs):
+    # the block-by-block backward pass = autograd on the whole model, sample by sample, whether
+    # each block runs again in the backward or its graph is kept from the forward
     model, _ = llama.load(str(tiny))
     xs = calib(3)
     answers = [torch.rand(len(x), generator=torch.Generator().manual_seed(i)) < 0.3
                for i, x in enumerate(xs)]
     for ans in (None, answers):
-        G = mixq.gradient_magnitudes(model, xs, ans, log=lambda s: None)
+        G = mixq.gradient_magnitudes(model, xs, ans, log=lambda s: None, keep_graphs=keep_graphs)
         ref = mixq.gradient_magnitudes_paper(model, xs, ans)
         assert len(G) == 2 * 7  # every q/k/v/o/gate/up/down of both blocks
         for name in G:
             assert torch.allclose(G[name], ref[name], rtol=1e-5, atol=1e-8), name
+    assert not any(p.requires_grad for p in model.parameters())  # left as they were
+
+
+def test_kept_graphs_give_the_recomputed_gradients_exactly(tiny):
+    # an fp32 model: the block run once with its graph kept is the very computation the
+    # recomputing backward repeats, so G is the same bit for bit
+    model, _ = llama.load(str(tiny))
+    xs = calib(3)
+    G = {kg: mixq.gradient_magnitudes(model, xs, log=lambda s: None, keep_graphs=kg)
+         for kg in (False, True)}
+    for name in G[False]:
+        assert torch.equal(G[True][name], G[False][name]), name
 
 
 def test_sum_of_abs_bounds_abs_of_sum_and_loss_scale_keeps_the_mask(tiny):
