@@ -4,6 +4,7 @@ and how fast a quantized checkpoint generates next to the fp model.
     python scripts/bench_cpu.py solvers            # each solver on each matrix shape, idle / busy
     python scripts/bench_cpu.py methods            # each method on the embedded model (32 x 512)
     python scripts/bench_cpu.py generate           # decode tokens/s: fp and saved checkpoints
+    python scripts/bench_cpu.py tacq               # the default job's parts, one at a time
     python scripts/bench_cpu.py all
 
 `solvers` times every solver on a random W (m, n) with H from 4096 random inputs, for the
@@ -14,7 +15,13 @@ call while another process spins on one core, as on a laptop or a shared server.
 `methods` quantizes the embedded model with each method on 32 windows of 512 pydoc tokens
 (no evaluation) and prints the seconds of quantization. `generate` measures decode tokens/s
 (batch 1, a 128-token prompt, 64 new tokens, best of 3) of the fp model and of checkpoints saved
-by mixq, loaded as a user loads them, one after the other in this process.
+by mixq, loaded as a user loads them, one after the other in this process. `tacq` times the
+parts of the default job that run most: the gradient pass on --tacq-samples windows of 512
+tokens, each block run again in its backward and with its graph kept from the forward (the G of
+both compared bit for bit), and the GPTQ solves of one block's seven matrices, without and with
+a TaCQ mask (W3 per channel, MSE grid; random inputs); the best of --repeats runs; and the
+machine's fp32 matrix-product rate on the model's shapes. It also runs
+against an older checkout of mixq (copy this file into its scripts/), which has no kept graphs.
 Threads: torch's default (every core) unless --threads.
 """
 
@@ -135,6 +142,57 @@ def bench_methods(a):
         print(f"| {runs.get(method, method)} | {time.perf_counter() - t0:.0f} |", flush=True)
 
 
+def best_of(repeats: int, fn):
+    """(the fastest of `repeats` calls in seconds, the last call's result)"""
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        out = fn()
+        times.append(time.perf_counter() - t0)
+    return min(times), out
+
+
+def bench_tacq(a):
+    import inspect
+    model, tok = llama.load()
+    calib = mixq.calibration_windows("pydoc", tok, a.tacq_samples, 512, 0)
+    print(f"\nTaCQ's parts on {llama.DEFAULT_MODEL}, {torch.get_num_threads()} threads, best of "
+          f"{a.repeats}")
+    print("| part | seconds |")
+    print("|---|---|")
+    modes = [False, True] if "keep_graphs" in inspect.signature(
+        mixq.gradient_magnitudes).parameters else [None]
+    G = {}
+    for keep in modes:
+        kw = {} if keep is None else {"keep_graphs": keep}
+        dt, G[keep] = best_of(a.repeats, lambda: mixq.gradient_magnitudes(
+            model, calib, log=lambda s: None, **kw))
+        how = {None: "", False: ", each block run again", True: ", graphs kept"}[keep]
+        print(f"| gradient pass, {a.tacq_samples} x 512 tokens{how} | {dt:.1f} |", flush=True)
+    if len(modes) == 2:
+        same = all(torch.equal(G[False][k], G[True][k]) for k in G[False])
+        print(f"(the two gradient passes give the same G bit for bit: {same})")
+    rates = []  # the machine's fp32 matrix-product rate on the model's shapes, for 512 tokens
+    for k, n in ((model.args.dim, model.args.hidden_dim), (model.args.hidden_dim, model.args.dim),
+                 (model.args.dim, model.args.vocab_size)):
+        x, w = torch.randn(512, k), torch.randn(n, k)
+        dt, _ = best_of(5, lambda: x @ w.T)
+        rates.append(f"512 x {k} @ {k} x {n}: {2 * 512 * k * n / dt / 1e9:.0f}")
+    print("(fp32 matrix products, GFLOP/s: " + ", ".join(rates) + ")")
+    cfg = mixq.method_config("tacq", mixq.QuantConfig(wbits=3))
+    g = torch.Generator().manual_seed(0)
+    problems = []
+    for name in mixq.LINEARS:  # block 5's weights, inputs with uneven channel scales
+        W = model.layers[5].get_submodule(name).weight.data
+        X = torch.randn(2048, W.shape[1], generator=g) * torch.rand(W.shape[1], generator=g)
+        problems.append((W, X.T @ X / 2048, torch.rand(W.shape, generator=g) < 0.0035))
+    for label, masked in (("reference GPTQ", False), ("GPTQ with a 0.35% mask", True)):
+        dt, _ = best_of(a.repeats, lambda: [mixq.solve("tacq", W, S, cfg, M if masked else None)
+                                            for W, S, M in problems])
+        print(f"| {label}: one block's 7 solves, W3 per channel, MSE grid | {dt:.2f} |",
+              flush=True)
+
+
 def decode_speed(model) -> float:
     return metrics.speed(model, prompt_len=128, new_tokens=64)["decode_tokens_per_s"]
 
@@ -163,7 +221,7 @@ def bench_generate(a):
 
 def main():
     p = argparse.ArgumentParser(formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("part", choices=["solvers", "methods", "generate", "all"])
+    p.add_argument("part", choices=["solvers", "methods", "generate", "tacq", "all"])
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: all)")
     p.add_argument("--models", nargs="+", default=["smollm2", "llama3-8b"],
                    help="whose matrix shapes `solvers` runs")
@@ -174,6 +232,8 @@ def main():
                                                     "resq"])
     p.add_argument("--checkpoints", nargs="+", default=["W4g32", "W4g64", "W3g64", "W2g64"],
                    help="RTN checkpoints for `generate`")
+    p.add_argument("--tacq-samples", type=int, default=8, help="windows for `tacq`'s gradients")
+    p.add_argument("--repeats", type=int, default=2, help="runs of each part of `tacq`")
     a = p.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -183,6 +243,8 @@ def main():
         bench_methods(a)
     if a.part in ("generate", "all"):
         bench_generate(a)
+    if a.part in ("tacq", "all"):
+        bench_tacq(a)
 
 
 if __name__ == "__main__":
