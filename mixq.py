@@ -205,7 +205,7 @@ def mse_grid(w, xmin, xmax, maxq: int, sym: bool, signed: bool):
         p = p[:, None, None]  # (c, 1, 1)
         s1, z1 = scale_zero(p * xmin, p * xmax, maxq, sym, signed)  # (c, m, 1)
         # |Q(x) - x|^2.4 with Q = fake_quant's operations, in place on one buffer  (c, m, k)
-        # perf: temporaries of the matrix's size cost more than the arithmetic (2.4x)
+        # perf: a temporary of the matrix's size per step cost more than the arithmetic
         e = (w / s1).add_(z1).round_().clamp_(0, maxq).sub_(z1).mul_(s1).sub_(w).abs_().pow_(2.4)
         err = e.sum(2, keepdim=True)  # (c, m, 1)
         err, i = err.min(0)  # the first p with the chunk's smallest error, per row  (m, 1)
@@ -1238,9 +1238,12 @@ def gradient_magnitudes(model: llama.Transformer, calib, answers=None, loss_scal
     per sample instead of twice; the same G (the same fp32 operations on the same inputs), for
     the memory of every block's activations of one sample.
     (scripts/tacq_pipeline.py runs the same steps with the blocks split over several GPUs.)"""
+    fp32 = model.embed_tokens.weight.dtype == torch.float32
     if keep_graphs is None:
-        keep_graphs = model.embed_tokens.weight.dtype == torch.float32 and \
-            model.device.type == "cpu"
+        keep_graphs = fp32 and model.device.type == "cpu"
+    if keep_graphs and not fp32:
+        raise ValueError("keep_graphs runs the model's own blocks with autograd: it needs an fp32 "
+                         "model (the gradients are taken in fp32)")
     G = {name: torch.zeros(model.get_submodule(name).weight.shape, device=model.device)
          for name in linear_names(model)}
     head = fp32_head(model)

@@ -94,10 +94,11 @@ def timed(fn, *args) -> float:
 def bench_solvers(a):
     shapes = []
     if "smollm2" in a.models:
-        shapes += [("SmolLM2-135M " + k, m, n) for k, (m, n) in EMBEDDED_SHAPES.items()]
+        shapes += [("SmolLM2-135M " + k, m, n) for k, (m, n) in EMBEDDED_SHAPES.items()
+                   if k in a.shapes]
     if "llama3-8b" in a.models:
         shapes += [("Llama-3-8B " + k, min(m, a.rows_8b), n)
-                   for k, (m, n) in LLAMA3_8B_SHAPES.items()]
+                   for k, (m, n) in LLAMA3_8B_SHAPES.items() if k in a.shapes]
     print(f"\nsolvers, {torch.get_num_threads()} threads; busy = beside one spinning process")
     print("| shape | W (m x n) | solver | idle s | busy s | busy / idle |")
     print("|---|---|---|---|---|---|")
@@ -226,6 +227,8 @@ def main():
     p.add_argument("--models", nargs="+", default=["smollm2", "llama3-8b"],
                    help="whose matrix shapes `solvers` runs")
     p.add_argument("--rows-8b", type=int, default=1024, help="rows of the Llama-3-8B shapes")
+    p.add_argument("--shapes", nargs="+", default=list(EMBEDDED_SHAPES),
+                   choices=list(EMBEDDED_SHAPES), help="which matrices `solvers` runs")
     p.add_argument("--qe-sweeps", type=int, default=3, help="QuantEase sweeps in `solvers`")
     p.add_argument("--qe-large", action="store_true", help="QuantEase on n = 14336 too")
     p.add_argument("--methods", nargs="+", default=["rtn", "gptq", "spqr", "quantease", "tacq",

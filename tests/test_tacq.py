@@ -98,6 +98,9 @@ def test_kept_graphs_give_the_recomputed_gradients_exactly(tiny):
          for kg in (False, True)}
     for name in G[False]:
         assert torch.equal(G[True][name], G[False][name]), name
+    bf16, _ = llama.load(str(tiny), dtype="bf16")  # its blocks are not the fp32 ones
+    with pytest.raises(ValueError, match="keep_graphs .* needs an fp32 model"):
+        mixq.gradient_magnitudes(bf16, xs, log=lambda s: None, keep_graphs=True)
 
 
 def test_sum_of_abs_bounds_abs_of_sum_and_loss_scale_keeps_the_mask(tiny):
