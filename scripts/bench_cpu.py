@@ -26,6 +26,7 @@ Threads: torch's default (every core) unless --threads.
 """
 
 import argparse
+import inspect
 import subprocess
 import sys
 import tempfile
@@ -154,7 +155,6 @@ def best_of(repeats: int, fn):
 
 
 def bench_tacq(a):
-    import inspect
     model, tok = llama.load()
     calib = mixq.calibration_windows("pydoc", tok, a.tacq_samples, 512, 0)
     print(f"\nTaCQ's parts on {llama.DEFAULT_MODEL}, {torch.get_num_threads()} threads, best of "
