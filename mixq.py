@@ -157,17 +157,24 @@ def quant_codes(x, s, z, maxq: int):
 
 
 @contextmanager
-def one_thread():
-    """Run the enclosed torch CPU operations on one thread, then restore the thread count."""
+def one_thread(when: bool = True):
+    """Run the enclosed torch CPU operations on one thread (if `when`), then restore the thread
+    count."""
     # perf: the column loops of GPTQ and QuantEase are thousands of small operations. On several
     # threads each one waits for all of them, and while another program holds a core that wait
     # lasts a scheduler time slice: tens of times slower on a busy machine (docs/cpu.md)
     n = torch.get_num_threads()
-    torch.set_num_threads(1)
+    if when:
+        torch.set_num_threads(1)
     try:
         yield
     finally:
         torch.set_num_threads(n)
+
+
+# multiply-adds under which a product between column blocks also runs on one thread: a few
+# milliseconds of work, where a second thread saves less than one wait for a busy core costs
+SMALL_PRODUCT = 2 ** 27
 
 
 # elements in one batch of fit_grid's MSE search, by device.
@@ -448,7 +455,8 @@ def gptq(W: torch.Tensor, H: torch.Tensor, cfg: QuantConfig,
                 codes[:, a:b], Q[:, a:b], Err[:, a:b], mask[:, a:b] = block(
                     W1[:, a - i1:], U1[a - i1:, a - i1:], s_all[:, cols], z_all[:, cols],
                     col_maxq[a:b], mask[:, a:b], tau)
-        W[:, i2:] -= Err[:, i1:i2] @ U[i1:i2, i2:]  # the block's errors, onto later blocks
+        with one_thread(when=m * (i2 - i1) * (n - i2) < SMALL_PRODUCT):  # perf: SMALL_PRODUCT
+            W[:, i2:] -= Err[:, i1:i2] @ U[i1:i2, i2:]  # the block's errors, onto later blocks
     inv = torch.argsort(perm)
     codes, Q, mask, group = codes[:, inv], Q[:, inv], mask[:, inv], group[inv]
     qz = Quantized(codes, s_all, z_all, cfg.wbits, g, stat_bits=bits_per_statistic(cfg),
@@ -600,7 +608,8 @@ def cd_sweep(What, P, S_off, s, z, maxq: int, rounded: bool = True, blocksize: i
         b2 = min(b1 + blocksize, n)
         with one_thread():  # perf: the column loop (see one_thread)
             D = block(What, P[:, b1:b2] - Phat[:, b1:b2], S_off, s, z, b1, b2, maxq, rounded)
-        Phat[:, b2:] += D @ S_off[b1:b2, b2:]  # this block's changes, for the later columns
+        with one_thread(when=D.numel() * (n - b2) < SMALL_PRODUCT):  # perf: SMALL_PRODUCT
+            Phat[:, b2:] += D @ S_off[b1:b2, b2:]  # this block's changes, for the later columns
     return What
 
 

@@ -508,6 +508,19 @@ def test_solvers_give_the_same_codes_on_one_thread_or_several():
         assert torch.equal(a, b)
 
 
+def test_one_thread_only_when_asked():
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with mixq.one_thread(when=False):  # e.g. a product too large to run on one thread
+            assert torch.get_num_threads() == 2
+        with mixq.one_thread(when=True):
+            assert torch.get_num_threads() == 1
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_one_thread_restores_the_thread_count_on_errors():
     before = torch.get_num_threads()
     with pytest.raises(KeyError):
