@@ -43,7 +43,9 @@ import resource
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from functools import lru_cache
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Optional
@@ -182,9 +184,38 @@ SMALL_PRODUCT = 2 ** 27
 # block there); a CPU wants each pass to stay in cache (one range at a time runs fastest)
 MSE_CHUNK = {"cuda": 2 ** 26, "cpu": 1}
 
+# the CPU's MSE search in slices of rows, each on a thread of its own: at most MSE_SLICE
+# elements per slice, and none below MSE_SPLIT elements (a thread costs more than it saves).
+# perf: the search is 80 rounds of elementwise work on each row, independent of the other rows.
+# No slice waits for another until the end, so a core that another program holds slows one
+# slice, not every operation (see one_thread); a slice stays in cache. Slices start at a
+# multiple of 32 rows, so each elementwise pass is vectorized where the whole matrix's pass is
+# (the last elements of a pass take a scalar path): the same bits, whatever the split
+MSE_SLICE, MSE_SPLIT = 2 ** 20, 2 ** 17
 
-def fit_grid(w, bits: int, sym=False, mse=False, zero_in_range=True, signed=False):
-    """Scale and zero of each row of w (m, k) -> s, z each (m, 1)."""
+
+@lru_cache(maxsize=1)
+def worker_threads(n: int) -> ThreadPoolExecutor:
+    """n threads for work split by rows, each running torch operations on one thread."""
+    return ThreadPoolExecutor(n, initializer=torch.set_num_threads, initargs=(1,))
+
+
+def row_slices(m: int, k: int, threads: int) -> list:
+    """Slices of range(m) for the MSE search on an (m, k) matrix over `threads` threads: one
+    slice below MSE_SPLIT elements, else about one per thread or more, of at most MSE_SLICE
+    elements where 32 rows allow; every slice but the last a multiple of 32 rows."""
+    if threads == 1 or m * k < MSE_SPLIT:
+        return [slice(0, m)]
+    parts = max(threads, -(-m * k // MSE_SLICE))
+    rows = -(-m // parts)
+    rows = -(-rows // 32) * 32
+    return [slice(a, min(a + rows, m)) for a in range(0, m, rows)]
+
+
+def fit_grid(w, bits: int, sym=False, mse=False, zero_in_range=True, signed=False,
+             threads: Optional[int] = None):
+    """Scale and zero of each row of w (m, k) -> s, z each (m, 1). threads: how many the MSE
+    search may use on the CPU (default: torch's thread count)."""
     maxq = 2 ** bits - 1
     xmin, xmax = w.min(1, keepdim=True).values, w.max(1, keepdim=True).values
     if zero_in_range:
@@ -196,8 +227,17 @@ def fit_grid(w, bits: int, sym=False, mse=False, zero_in_range=True, signed=Fals
     xmin, xmax = torch.where(flat, xmin - 1, xmin), torch.where(flat, xmax + 1, xmax)
     if not mse:
         return scale_zero(xmin, xmax, maxq, sym, signed)
-    with one_thread():  # perf: 80 rounds of small operations
-        return mse_grid(w, xmin, xmax, maxq, sym, signed)
+    threads = threads or torch.get_num_threads()
+    if w.device.type != "cpu":
+        threads = 1
+    slices = row_slices(w.shape[0], w.shape[1], threads)
+    with one_thread():  # perf: 80 rounds of small operations; slices of rows on threads
+        if len(slices) == 1:
+            return mse_grid(w, xmin, xmax, maxq, sym, signed)
+        found = worker_threads(threads).map(
+            lambda r: mse_grid(w[r], xmin[r], xmax[r], maxq, sym, signed), slices)
+        s, z = zip(*found)
+    return torch.cat(s), torch.cat(z)
 
 
 def mse_grid(w, xmin, xmax, maxq: int, sym: bool, signed: bool):
@@ -236,10 +276,12 @@ def fill_masked(w, mask):
     return torch.where(mask, mean, w)
 
 
-def fit_group(w, cfg: QuantConfig, mask=None):
+def fit_group(w, cfg: QuantConfig, mask=None, threads: Optional[int] = None):
     """Grid of one group of columns w (m, g), ignoring masked weights; SpQR-style configs
-    (stat_bits < 16) then quantize the statistics themselves (see quantize_stats)."""
-    s, z = fit_grid(fill_masked(w, mask), cfg.wbits, cfg.sym, cfg.mse, signed=cfg.signed)
+    (stat_bits < 16) then quantize the statistics themselves (see quantize_stats). threads: as
+    in fit_grid."""
+    s, z = fit_grid(fill_masked(w, mask), cfg.wbits, cfg.sym, cfg.mse, signed=cfg.signed,
+                    threads=threads)
     if cfg.stat_bits < 16:
         # the zero stays an integer (rounding the second-level value costs no storage), so a
         # kept weight's code still dequantizes to exactly 0
@@ -433,7 +475,7 @@ def gptq(W: torch.Tensor, H: torch.Tensor, cfg: QuantConfig,
     # block's updates only at its end); one of B, g dividing the other guarantees that
     if not static and g < n and g % B and B % g:
         B = math.gcd(B, g)
-    block = gptq_block
+    block, threads = gptq_block, torch.get_num_threads()  # threads: for the grid searches
     if kernels.use_triton(W) and B <= 128:  # one launch per block, which refits no grid inside
         block, B = kernels.gptq_block, (B if static else min(B, g))
     for i1 in range(0, n, B):
@@ -450,7 +492,8 @@ def gptq(W: torch.Tensor, H: torch.Tensor, cfg: QuantConfig,
                     # up-to-date weights, the method as the paper states it.)
                     k = a // g
                     cur = torch.cat([W1[:, a - i1:], W[:, i2:i2 + g]], dim=1)[:, :g]  # g columns
-                    s_all[:, k:k + 1], z_all[:, k:k + 1] = fit_group(cur, cfg, mask[:, a:a + g])
+                    s_all[:, k:k + 1], z_all[:, k:k + 1] = fit_group(cur, cfg, mask[:, a:a + g],
+                                                                     threads)
                 cols = group[a:b]
                 codes[:, a:b], Q[:, a:b], Err[:, a:b], mask[:, a:b] = block(
                     W1[:, a - i1:], U1[a - i1:, a - i1:], s_all[:, cols], z_all[:, cols],

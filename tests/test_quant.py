@@ -248,6 +248,36 @@ def test_mse_search_in_chunks_equals_the_loop(seed, m, k, bits, sym, chunk, dtyp
     assert torch.equal(s, s_ref) and torch.equal(z, z_ref)
 
 
+@given(seed=st.integers(0, 10 ** 6), m=st.integers(1, 140), k=st.integers(1, 45),
+       bits=st.sampled_from([2, 3, 4]), sym=st.booleans(), threads=st.integers(1, 4),
+       slice_elements=st.sampled_from([1, 100, 2000, 10 ** 6]))
+def test_mse_search_in_row_slices_equals_the_whole(seed, m, k, bits, sym, threads,
+                                                    slice_elements):
+    # on the CPU the search runs on slices of rows, each on its own thread: every slice but the
+    # last a multiple of 32 rows, together every row once and in order, and the very grid of the
+    # search on the whole matrix (k odd too: a pass's last elements take a scalar path)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(mixq, "MSE_SPLIT", 0)
+        mp.setattr(mixq, "MSE_SLICE", slice_elements)
+        slices = mixq.row_slices(m, k, threads)
+        g = torch.Generator().manual_seed(seed)
+        w = torch.randn(m, k, generator=g) * torch.rand(m, 1, generator=g) * 10
+        s, z = mixq.fit_grid(w, bits, sym=sym, mse=True, threads=threads)
+    assert [i for r in slices for i in range(m)[r]] == list(range(m))
+    assert all(r.start % 32 == 0 for r in slices)
+    assert len(slices) > 1 or threads == 1 or m <= 32
+    xmin = w.min(1, keepdim=True).values.clamp(max=0)
+    xmax = w.max(1, keepdim=True).values.clamp(min=0)
+    if sym:
+        xmax = torch.maximum(xmin.abs(), xmax)
+        xmin = -xmax
+    flat = xmax == xmin
+    xmin, xmax = torch.where(flat, xmin - 1, xmin), torch.where(flat, xmax + 1, xmax)
+    with mixq.one_thread():
+        s_ref, z_ref = mixq.mse_grid(w, xmin, xmax, 2 ** bits - 1, sym, False)
+    assert torch.equal(s, s_ref) and torch.equal(z, z_ref)
+
+
 @given(seed=st.integers(0, 10 ** 6))
 def test_gptq_mask_kept_weights_and_grid(seed):
     W, S = random_problem(seed)
