@@ -808,19 +808,41 @@ class StopForward(Exception):
     """Raised by a hook once every linear of the current group has seen its input."""
 
 
+# rows per product in InputStats.add on the CPU (perf: see there)
+GRAM_ROWS = 256
+
+
 class InputStats:
     """Running Sigma = X X^T / N of one linear's inputs (fp32, on the block's device)."""
 
     def __init__(self, n: int, device):
-        self.sigma = torch.zeros(n, n, device=device)
+        self.matrix = torch.zeros(n, n, device=device)  # Sigma (see add for the CPU's)
         self.count = 0
+        self.mirrored = True  # the matrix is all of Sigma
 
     def add(self, x):
         x = x.reshape(-1, x.shape[-1]).float()  # (tokens, n)
-        t = x.shape[0]
+        t, n = x.shape
         # running mean: Sigma <- Sigma * N / (N + t) + x^T x / (N + t)
-        self.sigma.mul_(self.count / (self.count + t)).add_(x.T @ x / (self.count + t))
+        # perf: Sigma is symmetric. On the CPU only rows [i, i + GRAM_ROWS) from column i on are
+        # multiplied (about half the product, and in cache) and the rest is mirrored when read.
+        # Each entry is the dot product x.T @ x computes, in the same order, and the CPU's BLAS
+        # makes x.T @ x exactly symmetric: the same numbers (tests/test_pipeline.py checks it)
+        rows = GRAM_ROWS if x.device.type == "cpu" else n
+        for i in range(0, n, rows):
+            self.matrix[i:i + rows, i:].mul_(self.count / (self.count + t)).add_(
+                x[:, i:i + rows].T @ x[:, i:] / (self.count + t))
         self.count += t
+        self.mirrored = rows >= n
+
+    @property
+    def sigma(self) -> torch.Tensor:
+        """Sigma (n, n); on the CPU the upper triangle copied onto the lower one first."""
+        if not self.mirrored:
+            i = torch.arange(self.matrix.shape[0], device=self.matrix.device)
+            self.matrix = torch.where(i[:, None] > i[None, :], self.matrix.T, self.matrix)
+            self.mirrored = True
+        return self.matrix
 
 
 def solve(method: str, W, sigma, cfg: QuantConfig, mask=None, high=None) -> Quantized:

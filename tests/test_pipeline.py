@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import given, settings, strategies as st
 
 import kernels
 import mixq
@@ -158,6 +159,23 @@ def true_sequential_by_full_forwards(model, calib, cfg):
                 lin = block.get_submodule(name)
                 lin.weight.data = mixq.gptq(lin.weight.data, 2 * stats[name].sigma, cfg).dequantize()
         xs = [block(x, *model.rope(0, x.shape[1])) for x in xs]
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 10 ** 6), n=st.integers(1, 700), ts=st.lists(st.integers(1, 40),
+       min_size=1, max_size=3))
+def test_input_stats_from_the_upper_triangle_are_the_full_products_exactly(seed, n, ts):
+    # on the CPU InputStats multiplies only the blocks of rows on and above the diagonal and
+    # mirrors them: the very numbers of the plain running mean of x^T x, and exactly symmetric
+    g = torch.Generator().manual_seed(seed)
+    stats, plain, count = mixq.InputStats(n, "cpu"), torch.zeros(n, n), 0
+    for t in ts:
+        x = torch.randn(1, t, n, generator=g) * torch.rand(n, generator=g)
+        stats.add(x)
+        x = x[0]
+        plain.mul_(count / (count + t)).add_(x.T @ x / (count + t))
+        count += t
+    assert torch.equal(stats.sigma, plain) and torch.equal(stats.sigma, stats.sigma.T)
 
 
 @pytest.mark.parametrize("down_hook", [False, True])
