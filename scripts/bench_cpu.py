@@ -66,6 +66,8 @@ def solvers(qe_sweeps: int):
         "rtn W3 g64 (mse)": lambda W, H: mixq.rtn(W, mixq.QuantConfig(wbits=3, groupsize=64,
                                                                       mse=True)),
         "gptq W3 g64": lambda W, H: mixq.gptq(W, H, g64),
+        "gptq W3 per channel (mse)": lambda W, H: mixq.gptq(W, H, mixq.QuantConfig(wbits=3,
+                                                                                mse=True)),
         "gptq W3 act-order": lambda W, H: mixq.gptq(W, H, mixq.QuantConfig(act_order=True)),
         "spqr-style W3 g16": lambda W, H: mixq.gptq(W, H, mixq.spqr_config(
             mixq.QuantConfig(wbits=3, outlier_threshold=0.2))),
