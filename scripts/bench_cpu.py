@@ -5,6 +5,7 @@ and how fast a quantized checkpoint generates next to the fp model.
     python scripts/bench_cpu.py methods            # each method on the embedded model (32 x 512)
     python scripts/bench_cpu.py generate           # decode tokens/s: fp and saved checkpoints
     python scripts/bench_cpu.py tacq               # the default job's parts, one at a time
+    python scripts/bench_cpu.py sigma              # one sample's update of X X^T / N
     python scripts/bench_cpu.py all
 
 `solvers` times every solver on a random W (m, n) with H from 4096 random inputs, for the
@@ -22,6 +23,9 @@ both compared bit for bit), and the GPTQ solves of one block's seven matrices, w
 a TaCQ mask (W3 per channel, MSE grid; random inputs); the best of --repeats runs; and the
 machine's fp32 matrix-product rate on the model's shapes. It also runs
 against an older checkout of mixq (copy this file into its scripts/), which has no kept graphs.
+`sigma` times one 512-token sample's update of a linear's Sigma = X X^T / N, written out plainly
+and as mixq.InputStats.add does it (the upper triangle only), and checks that both give the
+same Sigma bit for bit.
 Threads: torch's default (every core) unless --threads.
 """
 
@@ -196,6 +200,30 @@ def bench_tacq(a):
               flush=True)
 
 
+def bench_sigma(a):
+    """One 512-token sample's update of Sigma = X X^T / N (four samples in a row, the last three
+    timed): the plain x.T @ x against InputStats.add, at the embedded model's widths and 4096."""
+    print("\nSigma's update for one 512-token sample, ms (the mean of three)")
+    print("| width | plain: Sigma * N / (N + t) + x^T x / (N + t) | InputStats.add | same Sigma |")
+    print("|---|---|---|---|")
+    g = torch.Generator().manual_seed(0)
+    for n in (576, 1536, 4096):
+        xs = [torch.randn(1, 512, n, generator=g) * torch.rand(n, generator=g) for _ in range(4)]
+        plain, stats, count, seconds = torch.zeros(n, n), mixq.InputStats(n, "cpu"), 0, [0, 0]
+        for i, x in enumerate(xs):
+            t0 = time.perf_counter()
+            plain.mul_(count / (count + 512)).add_(x[0].T @ x[0] / (count + 512))
+            t1 = time.perf_counter()
+            stats.add(x)
+            t2 = time.perf_counter()
+            count += 512
+            if i:
+                seconds[0] += (t1 - t0) / 3
+                seconds[1] += (t2 - t1) / 3
+        print(f"| {n} | {seconds[0] * 1e3:.1f} | {seconds[1] * 1e3:.1f} | "
+              f"{torch.equal(plain, stats.sigma)} |", flush=True)
+
+
 def decode_speed(model) -> float:
     return metrics.speed(model, prompt_len=128, new_tokens=64)["decode_tokens_per_s"]
 
@@ -224,7 +252,7 @@ def bench_generate(a):
 
 def main():
     p = argparse.ArgumentParser(formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("part", choices=["solvers", "methods", "generate", "tacq", "all"])
+    p.add_argument("part", choices=["solvers", "methods", "generate", "tacq", "sigma", "all"])
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: all)")
     p.add_argument("--models", nargs="+", default=["smollm2", "llama3-8b"],
                    help="whose matrix shapes `solvers` runs")
@@ -250,6 +278,8 @@ def main():
         bench_generate(a)
     if a.part in ("tacq", "all"):
         bench_tacq(a)
+    if a.part in ("sigma", "all"):
+        bench_sigma(a)
 
 
 if __name__ == "__main__":
