@@ -209,16 +209,21 @@ def test_signed_symmetric_grid_represents_the_largest_weight(seed, bits):
     assert (err.gather(1, top) <= amax * 2 ** -9).all()
 
 
-def mse_fit_loop(w, bits, sym):
-    """fit_grid's MSE search written as the GPTQ repository's loop, one p at a time."""
-    maxq = 2 ** bits - 1
+def full_range(w, sym):
+    """Each row's range before the search, as fit_grid sets it: 0 inside, a flat row widened."""
     xmin = w.min(1, keepdim=True).values.clamp(max=0)
     xmax = w.max(1, keepdim=True).values.clamp(min=0)
     if sym:
         xmax = torch.maximum(xmin.abs(), xmax)
         xmin = -xmax
     flat = xmax == xmin
-    xmin, xmax = torch.where(flat, xmin - 1, xmin), torch.where(flat, xmax + 1, xmax)
+    return torch.where(flat, xmin - 1, xmin), torch.where(flat, xmax + 1, xmax)
+
+
+def mse_fit_loop(w, bits, sym):
+    """fit_grid's MSE search written as the GPTQ repository's loop, one p at a time."""
+    maxq = 2 ** bits - 1
+    xmin, xmax = full_range(w, sym)
     s, z = mixq.scale_zero(xmin, xmax, maxq, sym)
     best = (mixq.fake_quant(w, s, z, maxq) - w).abs().pow(2.4).sum(1, keepdim=True)
     for i in range(1, 80):
@@ -266,13 +271,7 @@ def test_mse_search_in_row_slices_equals_the_whole(seed, m, k, bits, sym, thread
     assert [i for r in slices for i in range(m)[r]] == list(range(m))
     assert all(r.start % 32 == 0 for r in slices)
     assert len(slices) > 1 or threads == 1 or m <= 32
-    xmin = w.min(1, keepdim=True).values.clamp(max=0)
-    xmax = w.max(1, keepdim=True).values.clamp(min=0)
-    if sym:
-        xmax = torch.maximum(xmin.abs(), xmax)
-        xmin = -xmax
-    flat = xmax == xmin
-    xmin, xmax = torch.where(flat, xmin - 1, xmin), torch.where(flat, xmax + 1, xmax)
+    xmin, xmax = full_range(w, sym)
     with mixq.one_thread():
         s_ref, z_ref = mixq.mse_grid(w, xmin, xmax, 2 ** bits - 1, sym, False)
     assert torch.equal(s, s_ref) and torch.equal(z, z_ref)
