@@ -227,9 +227,7 @@ def fit_grid(w, bits: int, sym=False, mse=False, zero_in_range=True, signed=Fals
     xmin, xmax = torch.where(flat, xmin - 1, xmin), torch.where(flat, xmax + 1, xmax)
     if not mse:
         return scale_zero(xmin, xmax, maxq, sym, signed)
-    threads = threads or torch.get_num_threads()
-    if w.device.type != "cpu":
-        threads = 1
+    threads = (threads or torch.get_num_threads()) if w.device.type == "cpu" else 1
     slices = row_slices(w.shape[0], w.shape[1], threads)
     with one_thread():  # perf: 80 rounds of small operations; slices of rows on threads
         if len(slices) == 1:
