@@ -806,7 +806,7 @@ class StopForward(Exception):
     """Raised by a hook once every linear of the current group has seen its input."""
 
 
-# rows per product in InputStats.add on the CPU (perf: see there)
+# the fewest rows of Sigma per product in InputStats.add on the CPU (perf: see there)
 GRAM_ROWS = 256
 
 
@@ -822,16 +822,18 @@ class InputStats:
         x = x.reshape(-1, x.shape[-1]).float()  # (tokens, n)
         t, n = x.shape
         # running mean: Sigma <- Sigma * N / (N + t) + x^T x / (N + t)
-        # perf: Sigma is symmetric. On the CPU only rows [i, i + GRAM_ROWS) from column i on are
-        # multiplied (about half the product, and in cache) and the rest is mirrored when read.
-        # Each entry is the dot product x.T @ x computes, in the same order, and the CPU's BLAS
-        # makes x.T @ x exactly symmetric: the same numbers (tests/test_pipeline.py checks it)
+        # perf: Sigma is symmetric. On the CPU only rows [a, b) from column a on are multiplied,
+        # GRAM_ROWS at a time, the last block taking the rest (about 2/3 of the product, and in
+        # cache), and the rest is mirrored when read. With blocks this large the CPU's BLAS sums
+        # each entry as in x.T @ x, which it makes exactly symmetric: the same numbers
+        # (tests/test_pipeline.py; a block of a few rows goes to other kernels, other last bits)
         rows = GRAM_ROWS if x.device.type == "cpu" else n
-        for i in range(0, n, rows):
-            self.matrix[i:i + rows, i:].mul_(self.count / (self.count + t)).add_(
-                x[:, i:i + rows].T @ x[:, i:] / (self.count + t))
+        starts = list(range(0, n - rows, rows)) or [0]
+        for a, b in zip(starts, starts[1:] + [n]):
+            self.matrix[a:b, a:].mul_(self.count / (self.count + t)).add_(
+                x[:, a:b].T @ x[:, a:] / (self.count + t))
         self.count += t
-        self.mirrored = rows >= n
+        self.mirrored = len(starts) == 1
 
     @property
     def sigma(self) -> torch.Tensor:

@@ -163,19 +163,24 @@ def true_sequential_by_full_forwards(model, calib, cfg):
 
 @settings(max_examples=25, deadline=None)
 @given(seed=st.integers(0, 10 ** 6), n=st.integers(1, 700), ts=st.lists(st.integers(1, 40),
-       min_size=1, max_size=3))
-def test_input_stats_from_the_upper_triangle_are_the_full_products_exactly(seed, n, ts):
-    # on the CPU InputStats multiplies only the blocks of rows on and above the diagonal and
-    # mirrors them: the very numbers of the plain running mean of x^T x, and exactly symmetric
+       min_size=1, max_size=3), rows=st.sampled_from([256, 64, 32]))
+def test_input_stats_from_the_upper_triangle_are_the_full_products_exactly(seed, n, ts, rows):
+    # on the CPU InputStats multiplies only blocks of at least GRAM_ROWS rows on and above the
+    # diagonal and mirrors them: the very numbers of the plain running mean of x^T x (read
+    # between two updates too), and exactly symmetric once it takes more than one block
     g = torch.Generator().manual_seed(seed)
-    stats, plain, count = mixq.InputStats(n, "cpu"), torch.zeros(n, n), 0
-    for t in ts:
-        x = torch.randn(1, t, n, generator=g) * torch.rand(n, generator=g)
-        stats.add(x)
-        x = x[0]
-        plain.mul_(count / (count + t)).add_(x.T @ x / (count + t))
-        count += t
-    assert torch.equal(stats.sigma, plain) and torch.equal(stats.sigma, stats.sigma.T)
+    plain, count = torch.zeros(n, n), 0
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(mixq, "GRAM_ROWS", rows)
+        stats = mixq.InputStats(n, "cpu")
+        for t in ts:
+            x = torch.randn(1, t, n, generator=g) * torch.rand(n, generator=g)
+            stats.add(x)
+            x = x[0]
+            plain.mul_(count / (count + t)).add_(x.T @ x / (count + t))
+            count += t
+            assert torch.equal(stats.sigma, plain)
+            assert n < 2 * rows or torch.equal(stats.sigma, stats.sigma.T)
 
 
 @pytest.mark.parametrize("down_hook", [False, True])
