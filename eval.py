@@ -331,26 +331,47 @@ def calibration_text(task: Task, item: dict) -> tuple:
 
 
 @torch.no_grad()
-def continuation_logprobs(model, tokenizer, context: str, continuations: list) -> list:
-    """log p(continuation | context) for each continuation: tokenize context + continuation
-    together and score only the continuation's tokens (so the boundary token is the one the model
-    would see). One batch, right-padded: causal attention keeps the padding out of the scores."""
-    ctx_len = len(tokenizer.encode(context))
-    seqs = [tokenizer.encode(context + c) for c in continuations]
-    T = max(len(s) for s in seqs)
-    x = torch.tensor([s + [0] * (T - len(s)) for s in seqs], device=model.device)  # (C, T)
-    logp = torch.log_softmax(model(x).float(), dim=-1)  # (C, T, vocab)
-    return [sum(logp[i, t - 1, s[t]].item() for t in range(ctx_len, len(s)))
-            for i, s in enumerate(seqs)]
+def continuation_logprobs(model, tokenizer, items: list, max_tokens: int = 1024) -> list:
+    """log p(continuation | context) for each continuation of each item (context, continuations)
+    -> one list per item. Context and continuation are tokenized together and only the
+    continuation's tokens are scored (so the boundary token is the one the model would see).
+    An item's sequences are right-padded to its longest, T tokens: causal attention keeps the
+    padding out of the scores. Items of the same T share a forward (up to max_tokens tokens): on
+    the CPU each row then gets exactly the numbers it gets alone, while padding to another
+    length would move the attention's sums in their last bits (tests/test_tasks.py)."""
+    # perf: one forward per item ran the model on a handful of short rows at a time
+    out = [None] * len(items)
+    by_length = {}  # T -> [(item index, context length, its sequences)]
+    for i, (context, continuations) in enumerate(items):
+        seqs = [tokenizer.encode(context + c) for c in continuations]
+        by_length.setdefault(max(map(len, seqs)), []).append(
+            (i, len(tokenizer.encode(context)), seqs))
+    for T, group in by_length.items():
+        batches = [[]]
+        for entry in group:
+            rows = sum(len(seqs) for _, _, seqs in batches[-1]) + len(entry[2])
+            if batches[-1] and rows * T > max_tokens:
+                batches.append([])
+            batches[-1].append(entry)
+        for batch in batches:
+            x = torch.tensor([s + [0] * (T - len(s)) for _, _, seqs in batch for s in seqs],
+                             device=model.device)  # (rows, T)
+            logp = torch.log_softmax(model(x).float(), dim=-1)  # (rows, T, vocab)
+            r = 0
+            for i, n, seqs in batch:
+                out[i] = [sum(logp[r + j, t - 1, s[t]].item() for t in range(n, len(s)))
+                          for j, s in enumerate(seqs)]
+                r += len(seqs)
+    return out
 
 
 def multiple_choice(model, tokenizer, task: Task, limit=None) -> dict:
     """acc: argmax of log p(" " + choice); acc_norm: argmax of that / len(choice) in characters."""
     acc = acc_norm = 0
     items = task.items[:limit]
-    for item in items:
-        lls = continuation_logprobs(model, tokenizer, prompt(task, item),
-                                    [" " + c for c in item["choices"]])
+    scores = continuation_logprobs(model, tokenizer, [
+        (prompt(task, item), [" " + c for c in item["choices"]]) for item in items])
+    for item, lls in zip(items, scores):
         norm = [ll / len(c) for ll, c in zip(lls, item["choices"])]  # lm-eval: the choice text
         acc += max(range(len(lls)), key=lls.__getitem__) == item["answer"]
         acc_norm += max(range(len(norm)), key=norm.__getitem__) == item["answer"]

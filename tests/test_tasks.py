@@ -61,7 +61,7 @@ def tiny_with_tokenizer(tmp_path_factory):
 def test_batched_choice_scores_equal_one_at_a_time(tiny_with_tokenizer):
     model, tok = tiny_with_tokenizer
     ctx, choices = "Question: What is the capital of Peru?\nAnswer:", [" Lima", " Buenos Aires"]
-    batched = metrics.continuation_logprobs(model, tok, ctx, choices)
+    [batched] = metrics.continuation_logprobs(model, tok, [(ctx, choices)])
     for c, got in zip(choices, batched):
         ids, n = tok.encode(ctx + c), len(tok.encode(ctx))
         with torch.no_grad():
@@ -70,11 +70,25 @@ def test_batched_choice_scores_equal_one_at_a_time(tiny_with_tokenizer):
         assert got == pytest.approx(want, abs=1e-4)
 
 
+def test_items_scored_together_get_exactly_their_scores_alone():
+    # items whose longest sequence has the same length share a forward; each keeps its own
+    # padding, so every score is the one it gets alone, bit for bit (on the embedded model:
+    # there, padding to another length does move the attention's last bits)
+    model, tok = llama.load()
+    task = metrics.load_task("task:capitals")
+    items = [(metrics.prompt(task, it), [" " + c for c in it["choices"]]) for it in task.items[:12]]
+    alone = [metrics.continuation_logprobs(model, tok, [item])[0] for item in items]
+    lengths = [max(len(tok.encode(c + x)) for x in xs) for c, xs in items]
+    assert len(set(lengths)) < len(items)  # some items do share a forward
+    for max_tokens in (1024, 40, 1):  # one forward per length, several, one per item
+        assert metrics.continuation_logprobs(model, tok, items, max_tokens) == alone
+
+
 def test_multiple_choice_and_generation_scoring(tiny_with_tokenizer, tmp_path):
     model, tok = tiny_with_tokenizer
     q = "Which?"
     prompt = f"Question: {q}\nAnswer:"
-    lls = metrics.continuation_logprobs(model, tok, prompt, [" alpha", " b"])
+    [lls] = metrics.continuation_logprobs(model, tok, [(prompt, [" alpha", " b"])])
     f = tmp_path / "mc.jsonl"
     f.write_text(json.dumps({"question": q, "choices": ["alpha", "b"],
                              "answer": int(lls[1] > lls[0])}) + "\n")
