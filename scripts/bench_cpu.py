@@ -6,6 +6,7 @@ and how fast a quantized checkpoint generates next to the fp model.
     python scripts/bench_cpu.py generate           # decode tokens/s: fp and saved checkpoints
     python scripts/bench_cpu.py tacq               # the default job's parts, one at a time
     python scripts/bench_cpu.py sigma              # one sample's update of X X^T / N
+    python scripts/bench_cpu.py evaluate           # the default job's evaluation, part by part
     python scripts/bench_cpu.py all
 
 `solvers` times every solver on a random W (m, n) with H from 4096 random inputs, for the
@@ -26,6 +27,10 @@ against an older checkout of mixq (copy this file into its scripts/), which has 
 `sigma` times one 512-token sample's update of a linear's Sigma = X X^T / N, written out plainly
 and as mixq.InputStats.add does it (the upper triangle only), and checks that both give the
 same Sigma bit for bit.
+`evaluate` times the default job's evaluation of the embedded model, part by part: pydoc
+perplexity (22 windows of 512) and each multiple-choice task scored one item per forward
+(max_tokens=1) and with the items of the same padded length together (the default), with the
+scores of both compared bit for bit.
 Threads: torch's default (every core) unless --threads.
 """
 
@@ -224,6 +229,25 @@ def bench_sigma(a):
               f"{torch.equal(plain, stats.sigma)} |", flush=True)
 
 
+def bench_evaluate(a):
+    model, tok = llama.load()
+    print(f"\nthe default job's evaluation of {llama.DEFAULT_MODEL}, seconds, "
+          f"{torch.get_num_threads()} threads, best of {a.repeats}")
+    print("| part | one item per forward | items of one length together | same scores |")
+    print("|---|---|---|---|")
+    dt, _ = best_of(a.repeats, lambda: metrics.perplexity(
+        model, metrics.corpus_tokens("pydoc", tok, "eval"), 512))
+    print(f"| pydoc perplexity, 22 windows of 512 | {dt:.1f} | | |", flush=True)
+    for name in ("capitals", "compare"):
+        task = metrics.load_task(f"task:{name}", "eval")
+        items = [(metrics.prompt(task, it), [" " + c for c in it["choices"]]) for it in task.items]
+        dt1, alone = best_of(a.repeats, lambda: metrics.continuation_logprobs(
+            model, tok, items, max_tokens=1))
+        dt2, together = best_of(a.repeats, lambda: metrics.continuation_logprobs(model, tok, items))
+        print(f"| task:{name}, {len(items)} items | {dt1:.1f} | {dt2:.1f} | {alone == together} |",
+              flush=True)
+
+
 def decode_speed(model) -> float:
     return metrics.speed(model, prompt_len=128, new_tokens=64)["decode_tokens_per_s"]
 
@@ -252,7 +276,8 @@ def bench_generate(a):
 
 def main():
     p = argparse.ArgumentParser(formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("part", choices=["solvers", "methods", "generate", "tacq", "sigma", "all"])
+    p.add_argument("part", choices=["solvers", "methods", "generate", "tacq", "sigma", "evaluate",
+                                    "all"])
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: all)")
     p.add_argument("--models", nargs="+", default=["smollm2", "llama3-8b"],
                    help="whose matrix shapes `solvers` runs")
@@ -266,7 +291,7 @@ def main():
     p.add_argument("--checkpoints", nargs="+", default=["W4g32", "W4g64", "W3g64", "W2g64"],
                    help="RTN checkpoints for `generate`")
     p.add_argument("--tacq-samples", type=int, default=8, help="windows for `tacq`'s gradients")
-    p.add_argument("--repeats", type=int, default=2, help="runs of each part of `tacq`")
+    p.add_argument("--repeats", type=int, default=2, help="runs of each part of `tacq` and `evaluate`")
     a = p.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -280,6 +305,8 @@ def main():
         bench_tacq(a)
     if a.part in ("sigma", "all"):
         bench_sigma(a)
+    if a.part in ("evaluate", "all"):
+        bench_evaluate(a)
 
 
 if __name__ == "__main__":
