@@ -291,7 +291,8 @@ def main():
     p.add_argument("--checkpoints", nargs="+", default=["W4g32", "W4g64", "W3g64", "W2g64"],
                    help="RTN checkpoints for `generate`")
     p.add_argument("--tacq-samples", type=int, default=8, help="windows for `tacq`'s gradients")
-    p.add_argument("--repeats", type=int, default=2, help="runs of each part of `tacq` and `evaluate`")
+    p.add_argument("--repeats", type=int, default=2,
+                   help="runs of each part of `tacq` and `evaluate`")
     a = p.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
