@@ -65,7 +65,9 @@ kernels = llama.import_kernels()  # our kernels.py, not Hugging Face's package o
 #   symmetric:  xmax = max(|xmin|, xmax), xmin = -xmax, z = (maxq + 1) / 2  (unsigned codes)
 # With zero_in_range (the GPTQ convention) the range always contains 0, so 0 is exact.
 # Scales are rounded up to fp16, the precision they are stored in, so the in-memory model and a
-# saved-then-loaded one are the same numbers, and the range is still covered.
+# saved-then-loaded one are the same numbers, and the range is still covered. Every grid does
+# this, the MSE search's candidates and the activation quantizers included, where the papers'
+# codes keep the working precision.
 
 
 @dataclass
@@ -80,7 +82,8 @@ class QuantConfig:
     act_order: bool = False  # GPTQ: columns by decreasing diag(H); QuantEase: sweeps in that order
     # GPTQ: every group's grid fitted up front on the original contiguous columns. Without it
     # each grid is fitted when the sweep reaches it, on the error-updated weights; with
-    # act-order such a group is g consecutive columns of that order (the reference's default)
+    # act-order such a group is g consecutive columns of that order (the reference's default).
+    # QuantEase with act-order: groups of contiguous columns, else of the sweep order
     static_groups: bool = False
     iters: int = 30  # QuantEase sweeps (the released code's default)
     init: str = "w"  # QuantEase start: "w" (the weights) or "gptq"
@@ -443,20 +446,29 @@ def gptq(W: torch.Tensor, H: torch.Tensor, cfg: QuantConfig,
     tau = threshold * mean_j Var(W[:, j]) / U_jj^2
     (SpQR's rule). high (n,) bool: ResQ's high-precision input columns, with their own per-row
     grid at cfg.high_bits (the others at cfg.wbits), both fitted once on the original W, in one
-    GPTQ pass. Result.loss = ||E||^2 = tr((W - Q) H_damped (W - Q)^T)."""
+    GPTQ pass that takes the low columns first and the high ones last (ResQ moves o_proj's
+    high columns, the last hd/8 of each head, to the end before its GPTQ). Result.loss = ||E||^2 = tr((W - Q) H_damped (W - Q)^T)."""
     W, H = as_work(W).clone(), as_work(H).clone()
     m, n = W.shape
     g = group_size(cfg, n)
     mask = torch.zeros_like(W, dtype=torch.bool) if mask is None else mask.clone()
-    # dead inputs (never active in the calibration data): any value is as good, use 0
+    # dead inputs (never active in the calibration data): any value is as good, use 0. The grids
+    # are fitted after this, so a dead input's weights (which never reach the output) take no
+    # part of any range; the reference codes fit per-channel grids before it
     dead = torch.diag(H) == 0
     H[dead, dead] = 1
     W[:, dead] = 0
     s_all, z_all, group, maxqs = initial_grids(W, cfg, g, mask, high)
     static = cfg.static_groups or high is not None  # else each group is fitted when reached
-    perm = torch.argsort(torch.diag(H), descending=True) if cfg.act_order else \
-        torch.arange(n, device=W.device)
-    W, H, mask = W[:, perm], H[perm][:, perm], mask[:, perm]  # act-order: by decreasing diag H
+    if high is not None:  # ResQ: the low columns first, then the high ones, each in their order
+        if cfg.act_order:
+            raise ValueError("act_order: ResQ's GPTQ takes its low columns first, then the high")
+        perm = torch.cat([torch.nonzero(~high).flatten(), torch.nonzero(high).flatten()])
+    elif cfg.act_order:  # by decreasing diag H
+        perm = torch.argsort(torch.diag(H), descending=True)
+    else:
+        perm = torch.arange(n, device=W.device)
+    W, H, mask = W[:, perm], H[perm][:, perm], mask[:, perm]
     # the grid of each column, in quantization order: a static group keeps its columns; a
     # dynamic one is the next g columns to quantize
     group = group[perm] if static else torch.arange(n, device=W.device) // g
@@ -670,21 +682,29 @@ def quantease(W: torch.Tensor, Sigma: torch.Tensor, cfg: QuantConfig,
     from `start` (e.g. a GPTQ result), whose values and grid are then kept. With cfg.relaxed
     (the default, the released code's schedule) sweeps 1, 4, ..., 25 skip rounding and the last
     always rounds; without it every sweep rounds, f never rises, and the result is never worse
-    than the start. cfg.act_order sweeps the columns by decreasing Sigma_jj (the grid stays on
-    the original columns). history receives (rounded, f) after every sweep."""
+    than the start. cfg.act_order sweeps the columns by decreasing Sigma_jj; each group is then
+    g consecutive columns of that order, as in the released code, or with cfg.static_groups g
+    contiguous columns of W. history receives (rounded, f) after every sweep."""
     W, Sigma = as_work(W), as_work(Sigma)
+    n = W.shape[1]
     col_group = None
+    perm = torch.argsort(torch.diag(Sigma), descending=True) if cfg.act_order else None
     if start is None:
-        s, z, g = fit_groups(W, cfg)  # QuantEase's grid: fixed from the original W
+        # QuantEase's grid, fixed from the original W; with act-order and dynamic groups each
+        # group is g consecutive columns of the sweep order
+        dynamic = cfg.act_order and not cfg.static_groups and group_size(cfg, n) < n
+        s, z, g = fit_groups(W[:, perm] if dynamic else W, cfg)
+        if dynamic:
+            col_group = torch.empty_like(perm)
+            col_group[perm] = torch.arange(n, device=W.device) // g
         What = W.clone()
     else:
         s, z, g = as_work(start.scales), as_work(start.zeros), start.groupsize
         What = as_work(start.dequantize()).clone()
         col_group = start.col_group  # act-order GPTQ's dynamic groups
-    idx = torch.arange(W.shape[1], device=W.device) // g if col_group is None else col_group
+    idx = torch.arange(n, device=W.device) // g if col_group is None else col_group
     se, ze = s[:, idx], z[:, idx]  # (m, n): each weight's scale and zero
     if cfg.act_order:  # the same problem, its columns permuted (f is unchanged), swept in order
-        perm = torch.argsort(torch.diag(Sigma), descending=True)
         W, Sigma, What, se, ze = (W[:, perm], Sigma[perm][:, perm], What[:, perm], se[:, perm],
                                   ze[:, perm])
     S_off = normalized_offdiag(Sigma)
@@ -733,13 +753,16 @@ def quantease_outliers(W: torch.Tensor, Sigma: torch.Tensor, cfg: QuantConfig,
     """Outlier-aware QuantEase (the paper's outlier-aware variant), from its objective:
         min  f(W_hat, Hs) = tr((W - W_hat - Hs) Sigma (W - W_hat - Hs)^T)
         over W_hat on the grid and Hs with at most k = round(outliers * m * n) nonzeros (16-bit).
-    Alternate (a) one rounded CD sweep on W_hat with target W - Hs, and (b) one iterative hard
-    thresholding step on Hs with step 1/L, L = 2 lambda_max(Sigma) the Lipschitz constant of
-    the gradient 2 (W_hat + Hs - W) Sigma:  Hs <- TopK(Hs - (W_hat + Hs - W) Sigma / lambda_max).
-    Both steps never increase f. Start: Hs = the k largest |W|, W_hat = W without them; the grid
-    is fitted ignoring those k weights. Written from the paper's objective and Algorithm 3, not
-    from the released file, which writes each CD update into P_hat instead of W_hat (so it
-    returns the dense part unquantized) and leaves Sigma_jj out of its Gauss-Seidel term."""
+    Alternate (a) one CD sweep on W_hat with target W - Hs, on QuantEase's schedule (rounds),
+    and (b) one iterative hard thresholding step on Hs with step 1/(2L), L = 2 lambda_max(Sigma)
+    the Lipschitz constant of the gradient 2 (W_hat + Hs - W) Sigma:
+        Hs <- TopK(Hs - (W_hat + Hs - W) Sigma / (2 lambda_max))
+    (the released code's step, alpha / lambda_max / 2 with alpha = 1, on a gradient without the
+    factor 2). A rounded sweep and the IHT step (any step <= 1/L) never increase f. Start:
+    Hs = the k largest |W|, W_hat = W without them; the grid is fitted ignoring those k weights.
+    Written from the paper's objective and Algorithm 3, not from the released file, which writes
+    each CD update into P_hat instead of W_hat (so it returns the dense part unquantized) and
+    leaves Sigma_jj out of its Gauss-Seidel term."""
     if cfg.act_order:
         raise ValueError("act_order: outlier-aware QuantEase sweeps in column order only")
     W, Sigma = as_work(W), as_work(Sigma)
@@ -754,12 +777,13 @@ def quantease_outliers(W: torch.Tensor, Sigma: torch.Tensor, cfg: QuantConfig,
     S_off = normalized_offdiag(Sigma)
     lam = max(largest_eigenvalue(Sigma), 1e-12)  # lambda_max(Sigma), for the step
     What = W - Hs
-    for _ in range(cfg.iters):
+    for it in range(cfg.iters):
         T = W - Hs  # (a) the dense part fits what the outliers leave
-        What = cd_sweep(What, T + T @ S_off, S_off, se, ze, cfg.maxq, True, cfg.blocksize)
+        rounded = rounds(it, cfg)
+        What = cd_sweep(What, T + T @ S_off, S_off, se, ze, cfg.maxq, rounded, cfg.blocksize)
         if history is not None:
-            history.append(("cd", layer_loss(W, What + Hs, Sigma)))
-        Hs = Hs - (What + Hs - W) @ Sigma / lam  # (b) a gradient step, then keep the top k
+            history.append(("cd" if rounded else "cd-unrounded", layer_loss(W, What + Hs, Sigma)))
+        Hs = Hs - (What + Hs - W) @ Sigma / (2 * lam)  # (b) a gradient step, then keep the top k
         Hs = Hs * top_k_mask(Hs, k)
         if history is not None:
             history.append(("iht", layer_loss(W, What + Hs, Sigma)))
@@ -1306,7 +1330,10 @@ def gradient_magnitudes(model: llama.Transformer, calib, answers=None, loss_scal
     top; then, from the last block down, an fp32 copy of the block is run again on its input
     with autograd, which gives the block's weight gradients (added into G at once) and dL/d(its
     input) for the block below. Memory: the model + G + one sample's block inputs + one block in
-    fp32 and its activations; a bf16 model still gets fp32 gradients.
+    fp32 and its activations; a bf16 model still gets fp32 gradients. (For a bf16 model, the
+    default on a GPU, each block's input then comes from the bf16 forward, where TaCQ's code
+    runs the whole model in fp32; bf16 halves the model beside G, 16 instead of 32 GB at 8B
+    next to G's 28 GB. --dtype fp32 gives the released code's arithmetic.)
     keep_graphs (default: for an fp32 model on the CPU): the forward runs the model's own fp32
     blocks with autograd and keeps each block's graph until the backward, so a block runs once
     per sample instead of twice; the same G (the same fp32 operations on the same inputs), for
@@ -1774,15 +1801,20 @@ def fuse_resq(model: llama.Transformer, bases: ResQBases, device=None):
 #
 # Activations per token, asymmetric, the low slice at abits and the high slice (the last
 # r channels: the top-r PCA directions) at high_bits; o_proj inputs and the KV cache per head
-# with the same split; queries per head at high_bits; down_proj inputs (after the Hadamard)
-# uniform at abits; lm_head 16-bit.
+# with the same split; down_proj inputs (after the Hadamard) uniform at abits; lm_head 16-bit.
+# As in ResQ's code, the per-token grids contain 0 and the per-head grids of o_proj's inputs
+# and of the values are plain min-max (the keys' contain 0); with a quantized KV cache, q and k
+# are quantized per token and head to 8 bits before the key rotation, whose U_K is 8-bit too.
 # Weights: GPTQ per channel, symmetric, MSE clipping, high columns on their own 8-bit grid.
 
+QK_BITS = 8  # q, k and U_K before the key rotation (ResQ's code fixes 8)
 
-def quantize_activations(x, bits: int, high_bits: int = 8, r: int = 0):
+
+def quantize_activations(x, bits: int, high_bits: int = 8, r: int = 0, zero_in_range=True):
     """Fake-quantize each row of x (..., n) on its own: channels [0, n - r) at `bits`, the last r
-    at `high_bits`, each slice with its own asymmetric min-max grid (0 inside). bits >= 16 or
-    high_bits >= 16 leave that slice exact. Rows never see each other: batch-independent."""
+    at `high_bits`, each slice with its own asymmetric min-max grid, whose range contains 0
+    unless zero_in_range is False. bits >= 16 or high_bits >= 16 leave that slice exact. Rows
+    never see each other: batch-independent."""
     n = x.shape[-1]
     f = x.reshape(-1, n).float()
     parts = []
@@ -1790,7 +1822,7 @@ def quantize_activations(x, bits: int, high_bits: int = 8, r: int = 0):
         if sl.shape[1] == 0 or b >= 16:
             parts.append(sl)
             continue
-        s, z = fit_grid(sl, b)
+        s, z = fit_grid(sl, b, zero_in_range=zero_in_range)
         parts.append(fake_quant(sl, s, z, 2 ** b - 1))
     return torch.cat(parts, dim=1).reshape(x.shape).to(x.dtype)
 
@@ -1827,27 +1859,24 @@ def install_resq_quantizers(model: llama.Transformer, cfg: QuantConfig) -> list:
     r_res, r_head = n_high(a.dim, cfg), n_high(a.head_dim, cfg)
     act = lambda bits, r: (lambda mod, args: (quantize_activations(args[0], bits,  # noqa: E731
                                                                    cfg.high_bits, r),))
+    heads = lambda bits, zero_in_range: per_head(  # noqa: E731
+        lambda x: quantize_activations(x, bits, cfg.high_bits, r_head, zero_in_range), a.head_dim)
     hooks = []
     for b in model.layers:
         att, mlp = b.self_attn, b.mlp
         if cfg.abits < 16:
             for lin in (att.q_proj, att.k_proj, att.v_proj, mlp.gate_proj, mlp.up_proj):
                 hooks.append(lin.register_forward_pre_hook(act(cfg.abits, r_res)))
-            heads = per_head(lambda x: quantize_activations(x, cfg.abits, cfg.high_bits, r_head),
-                             a.head_dim)
-            hooks.append(att.o_proj.register_forward_pre_hook(lambda mod, args, f=heads:
-                                                              (f(args[0]),)))
+            hooks.append(att.o_proj.register_forward_pre_hook(
+                lambda mod, args, f=heads(cfg.abits, False): (f(args[0]),)))
             hooks.append(mlp.down_proj.register_forward_pre_hook(act(cfg.abits, 0)))
-            if att.post_rope is None:
-                att.post_rope = KeyRotation(torch.eye(a.head_dim))
-            att.post_rope.input_bits = cfg.high_bits  # q, k and U_K at 8 bits, as ResQ's code
         if cfg.kvbits < 16:
-            kv = per_head(lambda x: quantize_activations(x, cfg.kvbits, cfg.high_bits, r_head),
-                          a.head_dim)
-            hooks.append(att.v_proj.register_forward_hook(lambda mod, args, out, f=kv: f(out)))
+            hooks.append(att.v_proj.register_forward_hook(
+                lambda mod, args, out, f=heads(cfg.kvbits, False): f(out)))
             if att.post_rope is None:
                 att.post_rope = KeyRotation(torch.eye(a.head_dim))
-            att.post_rope.quantize_keys = kv
+            att.post_rope.input_bits = QK_BITS
+            att.post_rope.quantize_keys = heads(cfg.kvbits, True)
     return hooks
 
 
@@ -2145,8 +2174,9 @@ def evaluate(model, tok, specs, seqlen, windows=None, task_limit=None) -> dict:
 def calibration_data(spec: str, tok, nsamples: int, seqlen: int, seed: int,
                      answer_loss: bool = False):
     """(samples, answer masks or None). Corpora: random windows (calibration_windows). Tasks, as
-    TaCQ's released code: one item ("prompt answer") per sample, cut at seqlen tokens, in a
-    seeded order, until the samples hold nsamples * seqlen tokens (or the items run out); the
+    TaCQ's released code: one item ("prompt answer") per sample, in a seeded order, cut at
+    seqlen tokens (the released code does not cut; the cut keeps a sample within the memory
+    that --seqlen sets; the bundled tasks' longest item, in arith, has 51 tokens), until the samples hold nsamples * seqlen tokens (or the items run out); the
     loss then covers every position. With answer_loss (mixq's own protocol): the items joined
     by blank lines and cut into consecutive windows of seqlen, fewer than nsamples if the items
     run out, with masks of the answer tokens, the only ones the loss scores."""
@@ -2214,6 +2244,9 @@ def check_options(method: str, cfg: QuantConfig, save, export=None, drop_kept=Fa
     if cfg.act_order and (method == "rtn" or method == "quantease" and cfg.outliers > 0):
         raise ValueError(f"--act-order: {'RTN' if method == 'rtn' else 'outlier-aware QuantEase'}"
                          " has no column order to change; leave --act-order out")
+    if method == "resq" and cfg.act_order:
+        raise ValueError("--act-order: ResQ's GPTQ takes the low columns first and the high "
+                         "columns last; leave --act-order out")
     if method == "resq" and cfg.groupsize != -1:  # method_config would drop it silently
         raise ValueError(f"--groupsize {cfg.groupsize}: ResQ quantizes weights per output "
                          "channel; leave --groupsize out")
@@ -2229,8 +2262,8 @@ def check_options(method: str, cfg: QuantConfig, save, export=None, drop_kept=Fa
     if save and method == "resq":
         raise ValueError("ResQ is fake quantization (W4A4 needs activation-quantized kernels); "
                          "it can be evaluated but not saved")
-    gptq_inside = method in ("gptq", "tacq") or method == "quantease" and cfg.init == "gptq"
-    if save and cfg.act_order and not cfg.static_groups and cfg.groupsize != -1 and gptq_inside:
+    if save and cfg.act_order and not cfg.static_groups and cfg.groupsize != -1 and \
+            method in ("gptq", "tacq", "quantease"):
         raise ValueError("--save with --act-order and groups needs --static-groups: dynamic "
                          "groups are not contiguous columns, which the packed format stores")
     if save and cfg.wbits not in PACKED_BITS:
@@ -2452,8 +2485,9 @@ def main():
     p.add_argument("--act-order", action="store_true", help="GPTQ: columns by decreasing "
                    "Hessian diagonal; QuantEase: sweeps in that order")
     p.add_argument("--static-groups", action="store_true", help="GPTQ: fit every group's grid "
-                   "up front on the original columns (else each when reached; with --act-order "
-                   "dynamic groups cannot be saved)")
+                   "up front on the original columns (else each when reached); GPTQ and "
+                   "QuantEase with --act-order: groups of contiguous columns (else of the sweep "
+                   "order, which cannot be saved)")
     p.add_argument("--percdamp", type=float, default=q.percdamp, help="GPTQ damping, a fraction "
                    "of mean(diag H); raised automatically when Cholesky fails")
     p.add_argument("--iters", type=int, default=q.iters,

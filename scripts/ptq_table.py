@@ -2,7 +2,8 @@
 
     python scripts/ptq_table.py [--ckpt X] [--nsamples 32] [--configs W4g64 W3g64 W2g64 W3]
                                 [--methods rtn gptq gptq-act gptq-act-static gptq-static
-                                           quantease quantease-rounded quantease-1% spqr]
+                                           quantease quantease-rounded quantease-act
+                                           quantease-1% spqr]
                                 [--json results.json]
 
 Calibration: --nsamples random windows of 512 tokens from the pydoc calibration split (seed 0),
@@ -29,6 +30,7 @@ METHODS = {  # name -> (mixq method, option overrides)
     "gptq-static": ("gptq", {"static_groups": True}),
     "quantease": ("quantease", {}),  # the released code's schedule: 30 sweeps, some unrounded
     "quantease-rounded": ("quantease", {"iters": 10, "relaxed": False}),  # 10 rounded sweeps
+    "quantease-act": ("quantease", {"act_order": True}),  # groups along the sweep order
     "quantease-1%": ("quantease", {"iters": 10, "outliers": 0.01}),
     "spqr": ("spqr", {}),
 }

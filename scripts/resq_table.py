@@ -1,7 +1,7 @@
 """The ResQ table: fp, RTN W4A4KV4 (no rotation), QuaRot-style W4A4KV4 (random rotations, no
-high slice), ResQ W4A4KV4 and ResQ W4A16, perplexity on the pydoc evaluation split.
+high slice), ResQ W4A4KV4, W4A16KV16 and W4A16KV4, perplexity on the pydoc evaluation split.
 
-    python scripts/resq_table.py [--nsamples 32] [--runs rtn quarot resq resq-w4a16]
+    python scripts/resq_table.py [--nsamples 32] [--runs rtn quarot resq resq-w4a16 resq-w4a16kv4]
     python scripts/resq_table.py --energy   # the residual basis, norms folded before or after
 
 Calibration: --nsamples windows of 512 tokens from the pydoc calibration split (seed 0), used for
@@ -26,6 +26,7 @@ RUNS = {  # name -> ResQ options (W4, per channel, symmetric, MSE clipping)
     "quarot": dict(rotation="random", abits=4, kvbits=4),
     "resq": dict(rotation="pca", abits=4, kvbits=4),
     "resq-w4a16": dict(rotation="pca", abits=16, kvbits=16),
+    "resq-w4a16kv4": dict(rotation="pca", abits=16, kvbits=4),
 }
 
 
@@ -57,8 +58,9 @@ def main():
     fp = metrics.perplexity(model, ev, 512)
     calib = mixq.calibration_windows("pydoc", tok, a.nsamples, 512, seed=0)
     print(metrics.protocol("pydoc", "eval", 512, fp["windows"], fp["tokens"]))
-    print("| run | W bits | A bits | ppl | seconds | peak RSS GB |\n|---|---|---|---|---|---|")
-    print(f"| fp | 16 | 16 | {fp['ppl']:.2f} | - | - |", flush=True)
+    print("| run | W bits | A bits | KV bits | ppl | seconds | peak RSS GB |\n"
+          "|---|---|---|---|---|---|---|")
+    print(f"| fp | 16 | 16 | 16 | {fp['ppl']:.2f} | - | - |", flush=True)
     for name in a.runs:
         cfg = mixq.method_config("resq", mixq.QuantConfig(wbits=4, **RUNS[name]))
         model, _ = llama.load()
@@ -70,7 +72,7 @@ def main():
         ppl = metrics.perplexity(model, ev, 512)["ppl"]
         rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
         print(f"| {name} | {mixq.average_bits(res):.3f} | {mixq.activation_bits(model.args, cfg):.2f} "
-              f"| {ppl:.2f} | {secs:.0f} | {rss:.1f} |", flush=True)
+              f"| {cfg.kvbits} | {ppl:.2f} | {secs:.0f} | {rss:.1f} |", flush=True)
 
 
 if __name__ == "__main__":

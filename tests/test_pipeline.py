@@ -253,6 +253,9 @@ def test_cli_rtn_on_embedded_saves_a_checkpoint_eval_reproduces(tmp_path):
      "needs --static-groups"),
     (["--method", "quantease", "--outliers", "0.01", "--act-order"],
      "--act-order: outlier-aware QuantEase has no column order"),
+    (["--method", "quantease", "--act-order", "--groupsize", "64", "--save", "/tmp/x"],
+     "needs --static-groups"),
+    (["--method", "resq", "--act-order"], "ResQ's GPTQ takes the low columns first"),
 ])
 def test_cli_bad_input(args, msg):
     r = subprocess.run([sys.executable, str(ROOT / "mixq.py")] + args, capture_output=True,

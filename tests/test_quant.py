@@ -397,19 +397,33 @@ def test_quantease_fixed_point(seed):
     assert torch.equal(again.dequantize(), nxt.dequantize())
 
 
-@given(seed=st.integers(0, 10 ** 6), relaxed=st.booleans())
-def test_quantease_act_order_is_the_permuted_problem(seed, relaxed):
+@given(seed=st.integers(0, 10 ** 6), relaxed=st.booleans(),
+       groupsize=st.sampled_from([-1, 16]))
+def test_quantease_act_order_is_the_permuted_problem(seed, relaxed, groupsize):
     # sweeping by decreasing Sigma_jj = QuantEase on W and Sigma with their columns permuted
-    # that way, on the same per-row grid, permuted back
+    # that way, permuted back; each group is g consecutive columns of that order (the released
+    # code's act-order)
     W, S = random_problem(seed)
-    cfg = mixq.QuantConfig(wbits=3, iters=4, relaxed=relaxed)
+    cfg = mixq.QuantConfig(wbits=3, iters=4, relaxed=relaxed, groupsize=groupsize)
     perm = torch.argsort(torch.diag(S), descending=True)
     ordered = mixq.quantease(W, S, mixq.QuantConfig(**{**vars(cfg), "act_order": True}))
     permuted = mixq.quantease(W[:, perm], S[perm][:, perm], cfg)
     torch.testing.assert_close(ordered.dequantize()[:, perm], permuted.dequantize())
+    assert torch.equal(ordered.codes[:, perm], permuted.codes)
     assert ordered.loss == pytest.approx(permuted.loss, rel=1e-9)
+    if groupsize != -1:  # the grid of column perm[i] is grid i // g
+        assert torch.equal(ordered.col_group[perm], torch.arange(64) // groupsize)
     with pytest.raises(ValueError, match="column order"):
         mixq.quantease_outliers(W, S, mixq.QuantConfig(wbits=3, outliers=0.01, act_order=True))
+
+
+@given(seed=st.integers(0, 10 ** 6))
+def test_quantease_act_order_with_static_groups_keeps_contiguous_groups(seed):
+    W, S = random_problem(seed)
+    cfg = mixq.QuantConfig(wbits=3, iters=3, groupsize=16, act_order=True, static_groups=True)
+    qz = mixq.quantease(W, S, cfg)
+    s, z, _ = mixq.fit_groups(W, cfg)  # one grid per 16 contiguous columns of W
+    assert qz.col_group is None and torch.equal(qz.scales, s) and torch.equal(qz.zeros, z)
 
 
 @given(seed=st.integers(0, 10 ** 6), n=st.sampled_from([8, 64, 300]),
@@ -444,14 +458,45 @@ def test_quantease_relaxed_sweeps_are_unrounded_but_the_last_rounds():
 @given(seed=st.integers(0, 10 ** 6), frac=st.sampled_from([0.01, 0.05, 0.2]))
 def test_quantease_outliers_budget_monotone_and_helpful(seed, frac):
     W, S = random_problem(seed, m=16)
-    cfg = mixq.QuantConfig(wbits=2, iters=4, outliers=frac)
+    cfg = mixq.QuantConfig(wbits=2, iters=4, outliers=frac, relaxed=False)
     hist = []
     qz = mixq.quantease_outliers(W, S, cfg, history=hist)
     assert qz.n_kept() <= round(frac * W.numel())
-    losses = [f for _, f in hist]  # every CD sweep and every IHT step
+    losses = [f for _, f in hist]  # every (rounded) CD sweep and every IHT step
     assert all(b <= a * (1 + 1e-9) for a, b in zip(losses, losses[1:]))
     plain = mixq.quantease(W, S, mixq.QuantConfig(wbits=2, iters=4, relaxed=False))
     assert qz.loss < plain.loss  # the 16-bit weights buy a lower loss
+
+
+def test_quantease_outliers_follow_the_released_schedule():
+    W, S = random_problem(0, m=16)
+    hist = []
+    mixq.quantease_outliers(W, S, mixq.QuantConfig(wbits=2, iters=6, outliers=0.05),
+                            history=hist)
+    assert [kind for kind, _ in hist[::2]] == ["cd", "cd-unrounded", "cd", "cd", "cd-unrounded",
+                                               "cd"]  # QuantEase's relaxed sweeps, the last rounds
+
+
+@given(seed=st.integers(0, 10 ** 6), iters=st.sampled_from([1, 2]))
+def test_quantease_outliers_iht_step_is_the_released_one(seed, iters):
+    # the sweeps, then Hs <- TopK(Hs - (W_hat + Hs - W) Sigma / (2 lambda_max)) after each, by hand
+    W, S = random_problem(seed, m=16)
+    cfg = mixq.QuantConfig(wbits=2, iters=iters, outliers=0.05, relaxed=False)
+    k = round(0.05 * W.numel())
+    Hs = W * mixq.top_k_mask(W, k)
+    s, z, g = mixq.fit_groups(W, cfg, mask=Hs != 0)
+    se, ze = mixq.per_column(s, g), mixq.per_column(z, g)
+    S_off, lam = mixq.normalized_offdiag(S), mixq.largest_eigenvalue(S)
+    What = W - Hs
+    for _ in range(iters):
+        T = W - Hs
+        What = mixq.cd_sweep(What, T + T @ S_off, S_off, se, ze, cfg.maxq)
+        Hs = Hs - (What + Hs - W) @ S / (2 * lam)
+        Hs = Hs * mixq.top_k_mask(Hs, k)
+    qz = mixq.quantease_outliers(W, S, cfg)
+    assert torch.equal(qz.kept, Hs != 0)
+    kept = torch.where(Hs != 0, (What + Hs - What).half().to(DT), 0)  # stored in fp16
+    torch.testing.assert_close(qz.dequantize(), What + kept, rtol=1e-12, atol=1e-12)
 
 
 def test_quantease_all_outliers_is_exact():

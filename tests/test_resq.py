@@ -206,6 +206,60 @@ def test_gptq_high_columns_get_their_own_grid(seed):
     assert mixq.stored_bits(qz) == 8 * (28 * 4 + 4 * 8) + 2 * 8 * 2 * 16
 
 
+@given(seed=st.integers(0, 10 ** 6))
+def test_gptq_takes_the_low_columns_first_then_the_high(seed):
+    # o_proj's high columns (the last 2 of each head of 8) go last, as ResQ moves them to the
+    # end before its GPTQ: the same as GPTQ on the permuted problem, whose high columns are the
+    # last 8, permuted back
+    g = torch.Generator().manual_seed(seed)
+    W = torch.randn(8, 32, generator=g, dtype=torch.float64)
+    X = torch.randn(128, 32, generator=g, dtype=torch.float64) @ \
+        torch.randn(32, 32, generator=g, dtype=torch.float64)
+    H = X.T @ X / 128
+    high = (torch.arange(32) % 8) >= 6
+    perm = torch.cat([torch.nonzero(~high).flatten(), torch.nonzero(high).flatten()])
+    cfg = mixq.QuantConfig(wbits=4, sym=True, signed=True, high_bits=8)
+    a = mixq.gptq(W, H, cfg, high=high)
+    b = mixq.gptq(W[:, perm], H[perm][:, perm], cfg, high=high[perm])
+    assert torch.equal(a.codes[:, perm], b.codes)
+    torch.testing.assert_close(a.dequantize()[:, perm], b.dequantize(), rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="low columns first"):
+        mixq.gptq(W, H, mixq.QuantConfig(**{**vars(cfg), "act_order": True}), high=high)
+
+
+def test_activation_grids_of_o_proj_and_values_are_plain_min_max(tmp_path):
+    # ResQ's code: per-token grids contain 0 (q/k/v/gate/up/down inputs, keys); the per-head
+    # grids of o_proj's inputs and of the values span min..max
+    model = tiny(tmp_path)
+    cfg = mixq.method_config("resq", mixq.QuantConfig(wbits=4, abits=4, kvbits=4))
+    mixq.install_resq_quantizers(model, cfg)
+    att, hd = model.layers[0].self_attn, model.args.head_dim
+    r = mixq.n_high(hd, cfg)
+    x = torch.rand(3, att.o_proj.weight.shape[1], generator=torch.Generator().manual_seed(0)) + 1
+    heads = {zr: mixq.per_head(lambda t: mixq.quantize_activations(t, 4, 8, r, zr), hd)(x)
+             for zr in (True, False)}  # all x > 0: a range from 0 is wider than min..max
+    assert not torch.equal(heads[True], heads[False])
+    (o_in,) = next(iter(att.o_proj._forward_pre_hooks.values()))(att.o_proj, (x,))
+    v_out = next(iter(att.v_proj._forward_hooks.values()))(att.v_proj, (None,), x)
+    keys = att.post_rope.quantize_keys(x)
+    assert torch.equal(o_in, heads[False]) and torch.equal(v_out, heads[False])
+    assert torch.equal(keys, heads[True])
+    d = model.args.dim
+    (q_in,) = next(iter(att.q_proj._forward_pre_hooks.values()))(att.q_proj, (x[:, :d],))
+    assert torch.equal(q_in, mixq.quantize_activations(x[:, :d], 4, 8, mixq.n_high(d, cfg)))
+
+
+@pytest.mark.parametrize("abits,kvbits", [(4, 4), (16, 4), (4, 16)])
+def test_q_and_k_go_to_8_bits_with_a_quantized_kv_cache(tmp_path, abits, kvbits):
+    # ResQ's code quantizes q, k and U_K to a fixed 8 bits when the keys are quantized
+    model = tiny(tmp_path)
+    cfg = mixq.method_config("resq", mixq.QuantConfig(wbits=4, abits=abits, kvbits=kvbits,
+                                                      high_bits=6))
+    mixq.install_resq_quantizers(model, cfg)
+    rot = model.layers[0].self_attn.post_rope
+    assert (16 if rot is None else rot.input_bits) == (8 if kvbits < 16 else 16)
+
+
 @pytest.mark.parametrize("rotation,abits", [("pca", 4), ("pca", 16), ("random", 4),
                                             ("none", 4)])
 def test_resq_pipeline_on_a_tiny_model(tmp_path, rotation, abits):
