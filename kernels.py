@@ -879,6 +879,176 @@ def stack_quant_linears(linears: list) -> Optional[QuantLinear]:
 
 
 # -----------------------------------------------------------------------------
+# ResQ in integer arithmetic: activations and weights both as integer codes
+#
+# A ResQ linear (mixq.py's resq) reads its K input channels in slices, each with bits of its own:
+# for q/k/v/gate/up the low K - r channels at 4 bits and the high r (the top PCA directions) at
+# 8; for o_proj the same split inside every head; down_proj one slice. Inside a slice the input
+# has one asymmetric grid per token and per group of G consecutive channels (G = the slice for
+# q/k/v/gate/up/down, a head's share of it for o_proj), the weight one symmetric grid per row:
+#   x[m, k] = sx[m, j] (cx[m, k] - zx[m, j])     cx in [0, 2^a - 1], k in group j
+#   W[n, k] = sw[n] qw[n, k]                     qw in [-2^(b-1), 2^(b-1) - 1]
+# so that
+#   y[m, n] = sw[n] sum_j sx[m, j] (sum_{k in j} cx[m, k] qw[n, k] - zx[m, j] sum_{k in j} qw[n, k])
+# The inner sums are integer products, exact in int32; the column sums of qw are fixed. Codes
+# go to int8 as cx - 2^(a-1) and zx - 2^(a-1) (the same difference), which fits 8-bit codes too.
+#
+# The stored tensors of one ResQ linear, slice i covering channels [start_i, start_i + K_i):
+#   qweight_i  int32 (K_i*b_i/32, N)  qw + 2^(b_i-1) packed along K (`pack`; b_i in 2, 4, 8)
+#   scale_i    fp16 (N,)              sw of the slice
+#   perm       int64 (K,), optional   the channels in slice order (o_proj: every head's low
+#                                     channels, then every head's high ones)
+# with each slice's (K_i, b_i, a_i, G_i, zero_in_range_i) in the module's config.
+
+
+def round_up_fp16(s: torch.Tensor) -> torch.Tensor:
+    """The smallest fp16 value >= s (s > 0), in s's dtype (mixq.py's grids store scales so)."""
+    h = s.half()
+    h = torch.where(h.to(s.dtype) < s, torch.nextafter(h, torch.full_like(h, float("inf"))), h)
+    return h.to(s.dtype)
+
+
+def activation_codes(x: torch.Tensor, bits: int, zero_in_range: bool = True):
+    """Per-row asymmetric min-max grid of x (R, G) fp32 -> codes (R, G) in [0, 2^bits - 1] (as
+    floats), scales and zeros (R, 1): the numbers of mixq.quantize_activations."""
+    maxq = 2 ** bits - 1
+    xmin, xmax = x.min(1, keepdim=True).values, x.max(1, keepdim=True).values
+    if zero_in_range:
+        xmin, xmax = xmin.clamp(max=0), xmax.clamp(min=0)
+    flat = xmax == xmin  # an all-equal row gets a unit range
+    xmin, xmax = torch.where(flat, xmin - 1, xmin), torch.where(flat, xmax + 1, xmax)
+    s = round_up_fp16((xmax - xmin) / maxq)
+    z = torch.round(-xmin / s)
+    return torch.clamp(torch.round(x / s + z), 0, maxq), s, z
+
+
+def signed_codes(qweight: torch.Tensor, bits: int, K: int) -> torch.Tensor:
+    """The weight codes qw (K, N) int8 of a packed slice: its unsigned codes - 2^(bits-1)."""
+    return (unpack(qweight, bits, K).to(torch.int16) - 2 ** (bits - 1)).to(torch.int8)
+
+
+def int_matmul_reference(a: torch.Tensor, qweight: torch.Tensor, bits: int) -> torch.Tensor:
+    """P = a @ qw (M, N) int32 for a (M, K) int8 and the packed codes of qw (K, N), in int64."""
+    qw = signed_codes(qweight, bits, a.shape[1])
+    return (a.to(torch.int64) @ qw.to(torch.int64)).to(torch.int32)
+
+
+if triton is not None:
+
+    @triton.jit
+    def _int_matmul_kernel(a_ptr, qw_ptr, p_ptr, M, N, K, BITS: tl.constexpr,
+                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        """P (M, N) int32 = a (M, K) int8 @ qw (K, N), qw from its packed unsigned codes: each
+        word's code shifted down and masked, minus 2^(BITS-1), into an int8 tile for tl.dot."""
+        offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        PER: tl.constexpr = 32 // BITS
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+        for k0 in range(0, K, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            a = tl.load(a_ptr + offs_m[:, None] * K + offs_k[None, :],
+                        mask=(offs_m[:, None] < M) & (offs_k[None, :] < K), other=0)
+            word = tl.load(qw_ptr + (offs_k // PER)[:, None] * N + offs_n[None, :],
+                           mask=(offs_k[:, None] < K) & (offs_n[None, :] < N), other=0)
+            q = (word >> ((offs_k % PER) * BITS)[:, None]) & ((1 << BITS) - 1)
+            q = tl.where(offs_k[:, None] < K, q - (1 << (BITS - 1)), 0).to(tl.int8)
+            acc += tl.dot(a, q, out_dtype=tl.int32)
+        tl.store(p_ptr + offs_m[:, None] * N + offs_n[None, :], acc,
+                 mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
+
+
+def int_matmul(a: torch.Tensor, qweight: torch.Tensor, bits: int) -> torch.Tensor:
+    """int_matmul_reference's P with _int_matmul_kernel (Triton: a GPU, or the CPU interpreter)."""
+    if triton is None:
+        raise RuntimeError("the Triton path needs the triton package: pip install triton")
+    a = a.contiguous()
+    M, K = a.shape
+    N = qweight.shape[1]
+    P = torch.empty(M, N, dtype=torch.int32, device=a.device)
+    BLOCK_M, BLOCK_N, BLOCK_K = 16, 64, 64  # int8 tl.dot: tiles of at least 16 (32 along K)
+    grid = (triton.cdiv(M, BLOCK_M), triton.cdiv(N, BLOCK_N))
+    _int_matmul_kernel[grid](a, qweight, P, M, N, K, BITS=bits, BLOCK_M=BLOCK_M,
+                             BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K)
+    return P
+
+
+class ResQLinear(nn.Module):
+    """y = x @ W^T with x quantized per token and W per row, both in slices (the format above),
+    computed as integer products: torch._int_mm on a CPU (exact int8 x int8 -> int32), the
+    Triton kernel on a GPU. slices: one dict per slice, {"width": K_i, "bits": b_i, "act_bits":
+    a_i, "group": G_i, "zero_in_range": bool}; tensors: qweight_i, scale_i and perm (optional)."""
+
+    def __init__(self, in_features, out_features, slices: list, tensors: dict):
+        super().__init__()
+        self.in_features, self.out_features, self.slices = in_features, out_features, slices
+        if sum(sl["width"] for sl in slices) != in_features or any(
+                sl["width"] % sl["group"] or sl["bits"] not in (2, 4, 8) or
+                not 2 <= sl["act_bits"] <= 8 for sl in slices):
+            raise ValueError(f"ResQ slices {slices} do not fit {in_features} input channels "
+                             "(widths summing to it, groups dividing them, 2/4/8-bit weights, "
+                             "2-8-bit activations)")
+        for name, value in tensors.items():
+            self.register_buffer(name, value)
+        self.codes = None  # the int8 weight codes (K_i, N) of each slice, unpacked at first use
+
+    def weight_codes(self) -> list:
+        if self.codes is None:
+            self.codes = [signed_codes(getattr(self, f"qweight_{i}"), sl["bits"], sl["width"])
+                          for i, sl in enumerate(self.slices)]
+        return self.codes
+
+    def dequantized_weight(self) -> torch.Tensor:
+        """W (N, K) fp32 in the input's own channel order."""
+        W = torch.cat([getattr(self, f"scale_{i}").float()[:, None] * qw.T.float()
+                       for i, qw in enumerate(self.weight_codes())], dim=1)
+        if hasattr(self, "perm"):
+            W = W[:, torch.argsort(self.perm)]
+        return W
+
+    def forward(self, x):
+        M, N = x.numel() // self.in_features, self.out_features
+        x2 = x.reshape(M, self.in_features).float()
+        if hasattr(self, "perm"):
+            x2 = x2[:, self.perm]
+        y = torch.zeros(M, N, device=x.device)
+        start = 0
+        for i, (sl, qw) in enumerate(zip(self.slices, self.weight_codes())):
+            K, G, a = sl["width"], sl["group"], sl["act_bits"]
+            xs = x2[:, start:start + K].reshape(M * K // G, G)  # a row per token and group
+            c, s, z = activation_codes(xs, a, sl["zero_in_range"])
+            c = (c - 2 ** (a - 1)).to(torch.int8).reshape(M, K)
+            s, z = s.reshape(M, K // G), (z - 2 ** (a - 1)).reshape(M, K // G)
+            z = z.to(torch.int32)
+            ys = torch.zeros(M, N, device=x.device)
+            for j in range(K // G):  # y_j = sx_j (sum cx qw - zx_j sum qw), the sums exact
+                cols = slice(j * G, (j + 1) * G)
+                P = self.product(c[:, cols], qw[cols], i, j)
+                P -= z[:, j:j + 1] * qw[cols].sum(0, dtype=torch.int32)
+                ys += s[:, j:j + 1] * P  # one rounding: int32 -> fp32
+            y += ys * getattr(self, f"scale_{i}").float()
+            start += K
+        return y.to(x.dtype).reshape(*x.shape[:-1], N)
+
+    def product(self, c, qw, i: int, j: int) -> torch.Tensor:
+        """The int32 sums of group j of slice i: c (M, G) int8 @ qw (G, N) int8."""
+        if use_triton(c):
+            sl = self.slices[i]
+            words, part = divmod(sl["group"] * sl["bits"], 32)  # the group's packed rows
+            if part:
+                raise ValueError(f"{sl['bits']}-bit codes of a {sl['group']}-channel group do "
+                                 "not fill whole words, which the Triton kernel reads")
+            qweight = getattr(self, f"qweight_{i}")[j * words:(j + 1) * words]
+            return int_matmul(c, qweight, sl["bits"])
+        return torch._int_mm(c, qw)
+
+    def extra_repr(self):
+        parts = ", ".join(f"{sl['width']} x W{sl['bits']}A{sl['act_bits']}" +
+                          (f" g{sl['group']}" if sl["group"] < sl["width"] else "")
+                          for sl in self.slices)
+        return f"in={self.in_features}, out={self.out_features}, {parts}"
+
+
+# -----------------------------------------------------------------------------
 # Calibration on the GPU: the column loops of QuantEase and GPTQ (mixq.cd_block and
 # mixq.gptq_block are the readable torch versions of the same numbers)
 #

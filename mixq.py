@@ -1880,6 +1880,43 @@ def install_resq_quantizers(model: llama.Transformer, cfg: QuantConfig) -> list:
     return hooks
 
 
+def resq_slices(name: str, args: llama.ModelArgs, cfg: QuantConfig):
+    """How a ResQ linear reads its input, for kernels.ResQLinear -> (slices, perm or None): the
+    low channels at abits then the high at high_bits, each with a per-token grid (o_proj: per
+    head, plain min-max; perm puts every head's low channels before every head's high ones);
+    down_proj one slice at abits."""
+    high = resq_high_columns(name, args, cfg)
+    K = args.hidden_dim if name.endswith("down_proj") else \
+        args.n_heads * args.head_dim if name.endswith("o_proj") else args.dim
+    if high is None:
+        return [dict(width=K, bits=cfg.wbits, act_bits=cfg.abits, group=K,
+                     zero_in_range=True)], None
+    r = int(high.sum())
+    o_proj = name.endswith("o_proj")
+    heads = args.n_heads if o_proj else 1
+    slices = [dict(width=K - r, bits=cfg.wbits, act_bits=cfg.abits, group=(K - r) // heads,
+                   zero_in_range=not o_proj),
+              dict(width=r, bits=cfg.high_bits, act_bits=cfg.high_bits, group=r // heads,
+                   zero_in_range=not o_proj)]
+    perm = torch.cat([torch.nonzero(~high).flatten(), torch.nonzero(high).flatten()])
+    return slices, (perm if o_proj else None)
+
+
+def resq_linear(qz: Quantized, name: str, args: llama.ModelArgs, cfg: QuantConfig):
+    """A ResQ result as kernels.ResQLinear, the integer form of the fake-quantized linear:
+    signed weight codes (codes - 2^(b-1) on ResQ's signed grid) packed per slice."""
+    slices, perm = resq_slices(name, args, cfg)
+    high = resq_high_columns(name, args, cfg)
+    cols = [torch.arange(qz.codes.shape[1])] if high is None else \
+        [torch.nonzero(~high).flatten(), torch.nonzero(high).flatten()]
+    tensors = {} if perm is None else {"perm": perm}
+    for i, (sl, c) in enumerate(zip(slices, cols)):
+        codes = qz.codes[:, c].T.to(torch.int64)  # (K_i, N) in [0, 2^b), z = 2^(b-1)
+        tensors[f"qweight_{i}"] = kernels.pack(codes, sl["bits"])
+        tensors[f"scale_{i}"] = qz.scales[:, i].half()
+    return kernels.ResQLinear(qz.codes.shape[1], qz.codes.shape[0], slices, tensors)
+
+
 def activation_bits(args: llama.ModelArgs, cfg: QuantConfig) -> float:
     """Average activation bits over the inputs of the seven linears (per input channel)."""
     if cfg.abits >= 16:

@@ -412,3 +412,25 @@ def test_quantized_linear_on_the_cpu_dequantizes_once_per_dtype():
     y = lin(x.double())  # another dtype: dequantized again, in that dtype
     assert lin.dense.dtype == torch.float64 and y.dtype == torch.float64
     torch.testing.assert_close(y, expected.double(), rtol=1e-5, atol=1e-5)
+
+
+# -- ResQ's integer product ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@given(M=st.integers(1, 40), N=st.integers(1, 80), k_words=st.sampled_from([1, 2, 3]),
+       seed=st.integers(0, 1000))
+def test_int_matmul_kernel_is_the_exact_integer_product(bits, M, N, k_words, seed):
+    # int8 codes times packed signed weight codes, accumulated in int32: bit for bit the int64
+    # product, with K cut by the tile (32, 64, 96 against BLOCK_K = 64) and the extreme codes in
+    K = 32 * k_words
+    g = torch.Generator().manual_seed(seed)
+    a = torch.randint(-128, 128, (M, K), generator=g, dtype=torch.int8)
+    a[0] = -128
+    codes = torch.randint(0, 2 ** bits, (K, N), generator=g)
+    codes[:, 0] = 0  # qw = -2^(bits-1) against a = -128: the largest products
+    qweight = kernels.pack(codes, bits)
+    ref = kernels.int_matmul_reference(a, qweight, bits)
+    assert torch.equal(ref.long(), a.long() @ (codes - 2 ** (bits - 1)))
+    assert torch.equal(kernels.int_matmul(a.to(DEVICE), qweight.to(DEVICE), bits).cpu(), ref)
+    assert torch.equal(torch._int_mm(a, kernels.signed_codes(qweight, bits, K)), ref)

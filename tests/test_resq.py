@@ -260,6 +260,37 @@ def test_q_and_k_go_to_8_bits_with_a_quantized_kv_cache(tmp_path, abits, kvbits)
     assert (16 if rot is None else rot.input_bits) == (8 if kvbits < 16 else 16)
 
 
+@pytest.mark.parametrize("name", ["layers.0.self_attn.q_proj", "layers.0.self_attn.o_proj",
+                                  "layers.0.mlp.down_proj"])
+@given(seed=st.integers(0, 10 ** 6), abits=st.sampled_from([4, 8]), wbits=st.sampled_from([2, 4]))
+def test_integer_linear_is_the_fake_quantized_one(name, seed, abits, wbits):
+    # kernels.ResQLinear (integer codes, int32 sums, scales once at the end) against the paper's
+    # fake quantization: the activation quantizer of mixq, then x_hat @ W_hat^T in fp64
+    args = llama.ModelArgs(dim=128, n_heads=4, n_kv_heads=2, head_dim=32, hidden_dim=160)
+    cfg = mixq.method_config("resq", mixq.QuantConfig(wbits=wbits, abits=abits, kvbits=4))
+    g = torch.Generator().manual_seed(seed)
+    slices, _ = mixq.resq_slices(name, args, cfg)
+    K = sum(sl["width"] for sl in slices)
+    W = torch.randn(48, K, generator=g)
+    X = torch.randn(256, K, generator=g) @ torch.randn(K, K, generator=g)
+    qz = mixq.gptq(W, X.T @ X / 256, cfg, high=mixq.resq_high_columns(name, args, cfg))
+    lin = mixq.resq_linear(qz, name, args, cfg)
+    assert torch.equal(lin.dequantized_weight(), qz.dequantize().float())
+    x = torch.randn(2, 5, K, generator=g) * torch.rand(K, generator=g) * 4
+    x[..., :K // 2] = x[..., :K // 2].abs() + 1  # groups all above 0: ranges with 0 are wider
+    r_head = mixq.n_high(args.head_dim, cfg)
+    if name.endswith("o_proj"):
+        xq = mixq.per_head(lambda t: mixq.quantize_activations(t, abits, 8, r_head, False),
+                           args.head_dim)(x)
+    else:
+        r = 0 if name.endswith("down_proj") else mixq.n_high(K, cfg)
+        xq = mixq.quantize_activations(x, abits, 8, r)
+    ref = xq.double() @ qz.dequantize().double().T
+    y = lin(x)
+    assert y.dtype == x.dtype and y.shape == (2, 5, 48)
+    assert float((y.double() - ref).abs().max() / ref.abs().max()) < 1e-5
+
+
 @pytest.mark.parametrize("rotation,abits", [("pca", 4), ("pca", 16), ("random", 4),
                                             ("none", 4)])
 def test_resq_pipeline_on_a_tiny_model(tmp_path, rotation, abits):
