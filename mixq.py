@@ -1633,28 +1633,6 @@ def subspace_rotation(P: torch.Tensor, r: int, gen: torch.Generator) -> torch.Te
     return P @ R
 
 
-def hadamard_transform(x: torch.Tensor, odd: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """x H along the last axis, H orthonormal. n = 2^k: the fast Walsh-Hadamard transform
-    (log2 n butterflies, x/sqrt(n)). n = m * 2^k with m odd (1536 = 3 * 512, 14336 = 7 * 2048):
-    H = Q_m (Kronecker) H_{2^k} with Q_m a random orthogonal m x m matrix (`odd`), applied as
-    a reshape (m, 2^k), the FWHT on the last axis, then Q_m on the first."""
-    n = x.shape[-1]
-    m = odd.shape[0] if odd is not None else 1
-    p = n // m
-    lead = (*x.shape[:-1], m)
-    y = x.reshape(*lead, p)
-    h = 1
-    while h < p:  # butterflies: (a, b) -> (a + b, a - b) on pairs h apart
-        y = y.reshape(*lead, p // (2 * h), 2, h)
-        a, b = y[..., 0, :], y[..., 1, :]
-        y = torch.stack([a + b, a - b], dim=-2).reshape(*lead, p)
-        h *= 2
-    y = y / math.sqrt(p)
-    if odd is not None:
-        y = torch.einsum("...ip,ij->...jp", y, odd.to(y.device, y.dtype))  # Q_m, odd factor
-    return y.reshape(x.shape)
-
-
 def odd_factor(n: int, gen: torch.Generator) -> Optional[torch.Tensor]:
     """The random orthogonal m x m matrix for n = m * 2^k, m odd > 1 (None if n is 2^k).
     (ResQ's code takes a known Hadamard matrix of size 12, 20, 28, ... for that factor, e.g.
@@ -1703,26 +1681,6 @@ def resq_bases(cov: dict, args: llama.ModelArgs, high_fraction: float = 0.125,
     return ResQBases(basis(cov["resid"]), U_V, torch.stack([basis(cov["key"][li])
                                                             for li in range(L)]),
                      rotation != "none", odd_factor(args.hidden_dim, gen))
-
-
-class KeyRotation:
-    """Attention.post_rope for one layer: q <- q U_K, k <- k U_K (q k^T is unchanged), then an
-    optional quantizer of the keys (the KV cache). With input_bits < 16, q and k are first
-    quantized per (token, head) and U_K per tensor (signed symmetric) to input_bits, as ResQ's
-    released code does before its online rotation (8 bits)."""
-
-    def __init__(self, U_K, input_bits: int = 16, quantize_keys=None):
-        self.U_K, self.input_bits, self.quantize_keys = U_K, input_bits, quantize_keys
-
-    def __call__(self, q, k):
-        U = self.U_K.to(q.device, torch.float32)
-        if self.input_bits < 16:
-            b = self.input_bits
-            q, k = quantize_activations(q, b, b), quantize_activations(k, b, b)
-            s, z = fit_grid(U.reshape(1, -1), b, sym=True, signed=True)
-            U = fake_quant(U, s, z, 2 ** b - 1)
-        q, k = (q.float() @ U).to(q.dtype), (k.float() @ U).to(k.dtype)
-        return q, (k if self.quantize_keys is None else self.quantize_keys(k))
 
 
 def weight_on(lin, device) -> torch.Tensor:
@@ -1774,12 +1732,12 @@ def install_online_rotations(model: llama.Transformer, bases: ResQBases, device)
     so q k^T is unchanged) and, with bases.hadamard, down_proj's input (h -> h H, with W H
     fused: (h H)(W H)^T = h W^T for orthonormal H)."""
     for li, b in enumerate(model.layers):
-        b.self_attn.post_rope = KeyRotation(bases.U_K[li])
+        where = b.self_attn.o_proj.weight.device
+        b.self_attn.post_rope = llama.KeyRotation(bases.U_K[li]).to(where)
         if bases.hadamard:
             down = b.mlp.down_proj
-            set_weight(down, hadamard_transform(weight_on(down, device), bases.odd))
-            down.register_forward_pre_hook(
-                lambda mod, args, odd=bases.odd: (hadamard_transform(args[0], odd),))
+            set_weight(down, llama.hadamard_transform(weight_on(down, device), bases.odd))
+            b.mlp.online_hadamard = llama.OnlineHadamard(bases.odd).to(where)
 
 
 def fuse_resq(model: llama.Transformer, bases: ResQBases, device=None):
@@ -1854,29 +1812,29 @@ def resq_high_columns(name: str, args: llama.ModelArgs, cfg: QuantConfig):
 
 
 def install_resq_quantizers(model: llama.Transformer, cfg: QuantConfig) -> list:
-    """Forward hooks that fake-quantize activations and the KV cache as ResQ does."""
+    """ResQ's quantizers on the fused model: forward pre-hooks that fake-quantize the linears'
+    inputs (returned), and on each attention the KV-cache grids (model.KVQuantizer) and the
+    8-bit q, k and U_K of the key rotation."""
     a = model.args
     r_res, r_head = n_high(a.dim, cfg), n_high(a.head_dim, cfg)
     act = lambda bits, r: (lambda mod, args: (quantize_activations(args[0], bits,  # noqa: E731
                                                                    cfg.high_bits, r),))
-    heads = lambda bits, zero_in_range: per_head(  # noqa: E731
-        lambda x: quantize_activations(x, bits, cfg.high_bits, r_head, zero_in_range), a.head_dim)
     hooks = []
     for b in model.layers:
         att, mlp = b.self_attn, b.mlp
         if cfg.abits < 16:
             for lin in (att.q_proj, att.k_proj, att.v_proj, mlp.gate_proj, mlp.up_proj):
                 hooks.append(lin.register_forward_pre_hook(act(cfg.abits, r_res)))
-            hooks.append(att.o_proj.register_forward_pre_hook(
-                lambda mod, args, f=heads(cfg.abits, False): (f(args[0]),)))
+            heads = per_head(lambda x: quantize_activations(x, cfg.abits, cfg.high_bits, r_head,
+                                                            zero_in_range=False), a.head_dim)
+            hooks.append(att.o_proj.register_forward_pre_hook(lambda mod, args, f=heads:
+                                                              (f(args[0]),)))
             hooks.append(mlp.down_proj.register_forward_pre_hook(act(cfg.abits, 0)))
         if cfg.kvbits < 16:
-            hooks.append(att.v_proj.register_forward_hook(
-                lambda mod, args, out, f=heads(cfg.kvbits, False): f(out)))
+            att.kv_quant = llama.KVQuantizer(cfg.kvbits, cfg.high_bits, r_head)
             if att.post_rope is None:
-                att.post_rope = KeyRotation(torch.eye(a.head_dim))
+                att.post_rope = llama.KeyRotation(torch.eye(a.head_dim)).to(model.device)
             att.post_rope.input_bits = QK_BITS
-            att.post_rope.quantize_keys = heads(cfg.kvbits, True)
     return hooks
 
 

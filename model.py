@@ -255,6 +255,169 @@ class KVCache(nn.Module):
         return self.k[:, :, :end], self.v[:, :, :end]
 
 
+# -- ResQ's online operations (mixq.py's resq installs them; a saved ResQ checkpoint brings them
+# back): a rotation of q and k after RoPE, the KV cache quantized per (position, head), and a
+# Hadamard transform before down_proj. Their grids are kernels.activation_codes'.
+
+
+def hadamard_transform(x: torch.Tensor, odd: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """x H along the last axis, H orthonormal. n = 2^k: the fast Walsh-Hadamard transform
+    (log2 n butterflies, x/sqrt(n)). n = m * 2^k with m odd (1536 = 3 * 512, 14336 = 7 * 2048):
+    H = Q_m (Kronecker) H_{2^k} with Q_m a random orthogonal m x m matrix (`odd`), applied as
+    a reshape (m, 2^k), the FWHT on the last axis, then Q_m on the first."""
+    n = x.shape[-1]
+    m = odd.shape[0] if odd is not None else 1
+    p = n // m
+    lead = (*x.shape[:-1], m)
+    y = x.reshape(*lead, p)
+    h = 1
+    while h < p:  # butterflies: (a, b) -> (a + b, a - b) on pairs h apart
+        y = y.reshape(*lead, p // (2 * h), 2, h)
+        a, b = y[..., 0, :], y[..., 1, :]
+        y = torch.stack([a + b, a - b], dim=-2).reshape(*lead, p)
+        h *= 2
+    y = y / math.sqrt(p)
+    if odd is not None:
+        y = torch.einsum("...ip,ij->...jp", y, odd.to(y.device, y.dtype))  # Q_m, odd factor
+    return y.reshape(x.shape)
+
+
+class OnlineHadamard(nn.Module):
+    """x -> x H (hadamard_transform), before down_proj, whose weight holds H already."""
+
+    def __init__(self, odd: Optional[torch.Tensor]):
+        super().__init__()
+        self.register_buffer("odd", odd)
+
+    def forward(self, x):
+        return hadamard_transform(x, self.odd)
+
+
+def quantize_slices(x, bits: int, high_bits: int, r: int, zero_in_range: bool = True):
+    """x (..., n) with each row's channels [0, n - r) on a `bits` grid and the last r on a
+    `high_bits` one, quantized and dequantized (the fake quantization of mixq's ResQ)."""
+    kernels = import_kernels()
+    n = x.shape[-1]
+    f = x.reshape(-1, n).float()
+    parts = []
+    for sl, b in ((f[:, :n - r], bits), (f[:, n - r:], high_bits)):
+        if sl.shape[1] == 0 or b >= 16:
+            parts.append(sl)
+            continue
+        c, s, z = kernels.activation_codes(sl, b, zero_in_range)
+        parts.append(s * (c - z))
+    return torch.cat(parts, dim=1).reshape(x.shape).to(x.dtype)
+
+
+class KeyRotation(nn.Module):
+    """Attention.post_rope: q <- q U_K, k <- k U_K (q k^T is unchanged). With input_bits < 16,
+    q and k are first quantized per (token, head) and U_K per tensor (signed symmetric) to
+    input_bits, as ResQ's code does before its online rotation (8 bits)."""
+
+    def __init__(self, U_K: torch.Tensor, input_bits: int = 16):
+        super().__init__()
+        self.register_buffer("U_K", U_K.float())
+        self.input_bits = input_bits
+
+    def rotation(self) -> torch.Tensor:
+        U = self.U_K
+        if self.input_bits >= 16:
+            return U
+        kernels = import_kernels()
+        top = 2 ** (self.input_bits - 1)  # codes -top .. top - 1, scale max|U| / (top - 1)
+        s = kernels.round_up_fp16(U.abs().max().clamp(min=1e-30) / (top - 1))
+        return s * (torch.clamp(torch.round(U / s + top), 0, 2 * top - 1) - top)
+
+    def forward(self, q, k):
+        U = self.rotation().to(q.device)
+        if self.input_bits < 16:
+            b = self.input_bits
+            q, k = quantize_slices(q, b, b, 0), quantize_slices(k, b, b, 0)
+        return (q.float() @ U).to(q.dtype), (k.float() @ U).to(k.dtype)
+
+
+@dataclass
+class KVQuantizer:
+    """ResQ's KV cache grids: per (position, head), channels [0, hd - r) at `bits` and the last r
+    at high_bits; the keys' ranges contain 0, the values' span min..max (ResQ's code)."""
+    bits: int
+    high_bits: int
+    r: int
+
+    def slices(self, hd: int) -> list:
+        """(start, width, bits) of each slice of a head."""
+        return [(0, hd - self.r, self.bits), (hd - self.r, self.r, self.high_bits)][
+            :2 if self.r else 1]
+
+    def fake(self, k, v):
+        """k, v (B, Hkv, T, hd) on their grids and back, as the cache would give them."""
+        return (quantize_slices(k, self.bits, self.high_bits, self.r, True),
+                quantize_slices(v, self.bits, self.high_bits, self.r, False))
+
+
+class QuantKVCache(nn.Module):
+    """The KV cache of a ResQ model: per (position, head) the integer codes of each slice of
+    KVQuantizer, packed 8/bits to a byte (2, 4, 8 bits; others one to a byte), with an fp16
+    scale and an int32 zero per slice; read back as s (c - z), the numbers KVQuantizer.fake
+    gives."""
+
+    def __init__(self, batch, n_kv_heads, max_len, head_dim, quantizer: KVQuantizer, dtype,
+                 device):
+        super().__init__()
+        self.quantizer, self.dtype = quantizer, dtype
+        self.slices = quantizer.slices(head_dim)
+        for kind in ("k", "v"):
+            for i, (_, width, bits) in enumerate(self.slices):
+                per = 8 // bits if 8 % bits == 0 else 1
+                shape = (batch, n_kv_heads, max_len)
+                for name, size, dt in (("codes", width // per, torch.uint8),
+                                       ("scale", 1, torch.float16), ("zero", 1, torch.int32)):
+                    self.register_buffer(f"{kind}_{name}_{i}", torch.zeros(
+                        *shape, size, dtype=dt, device=device), persistent=False)
+
+    def bytes_per_position(self) -> int:
+        """Bytes one position takes in this cache, keys and values, all heads."""
+        return sum(b.numel() * b.element_size() for b in self.buffers()) // self.k_codes_0.shape[2]
+
+    def write(self, kind: str, pos, x):
+        """Quantize x (B, Hkv, T, hd) into positions pos (a tensor of T indices)."""
+        kernels = import_kernels()
+        for i, (start, width, bits) in enumerate(self.slices):
+            part = x[..., start:start + width].float()
+            c, s, z = kernels.activation_codes(part.reshape(-1, width), bits, kind == "k")
+            c = c.to(torch.uint8).reshape(*part.shape)
+            per = 8 // bits if 8 % bits == 0 else 1
+            if per > 1:  # code j of a byte at bits j*bits and up
+                c = c.reshape(*c.shape[:-1], width // per, per).to(torch.int32)
+                c = (c << (torch.arange(per, device=c.device) * bits)).sum(-1).to(torch.uint8)
+            for name, value in (("codes", c), ("scale", s.half()), ("zero", z.to(torch.int32))):
+                value = value.reshape(*part.shape[:-1], -1)
+                getattr(self, f"{kind}_{name}_{i}").index_copy_(2, pos, value)
+
+    def read(self, kind: str, end) -> torch.Tensor:
+        """Positions [0, end) dequantized (B, Hkv, end, hd)."""
+        parts = []
+        for i, (_, width, bits) in enumerate(self.slices):
+            c = getattr(self, f"{kind}_codes_{i}")[:, :, :end].to(torch.int32)
+            per = 8 // bits if 8 % bits == 0 else 1
+            if per > 1:
+                shifts = torch.arange(per, device=c.device) * bits
+                c = ((c[..., None] >> shifts) & ((1 << bits) - 1)).flatten(-2)
+            s = getattr(self, f"{kind}_scale_{i}")[:, :, :end].float()
+            z = getattr(self, f"{kind}_zero_{i}")[:, :, :end]
+            parts.append(s * (c - z))
+        return torch.cat(parts, dim=-1).to(self.dtype)
+
+    def update(self, start, k, v):
+        """As KVCache.update: write positions [start, start+T) and return the keys and values up
+        to start+T (the whole cache with a 0-d tensor start), dequantized."""
+        pos = start + torch.arange(k.shape[2], device=k.device)
+        self.write("k", pos, k)
+        self.write("v", pos, v)
+        end = self.k_codes_0.shape[2] if torch.is_tensor(start) else start + k.shape[2]
+        return self.read("k", end), self.read("v", end)
+
+
 class Attention(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -265,9 +428,10 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
         self.cache: Optional[KVCache] = None  # set by Transformer.setup_cache for generation
         self.qkv_proj = None  # q, k and v in one linear: Transformer.fuse_projections
-        # optional f(q, k) -> (q, k) after RoPE, before the cache (ResQ's online key rotation and
-        # KV-cache quantization live there); None: nothing
+        # optional f(q, k) -> (q, k) after RoPE, before the cache (ResQ's online key rotation
+        # lives there); None: nothing
         self.post_rope = None
+        self.kv_quant: Optional[KVQuantizer] = None  # ResQ's quantized KV cache
 
     def forward(self, x, cos, sin, start_pos=0):  # start_pos: int, or a 0-d tensor (static)
         B, T, _ = x.shape
@@ -285,6 +449,8 @@ class Attention(nn.Module):
         if self.cache is not None:
             # (B, Hkv, S, hd): S = start_pos + T, or the whole max_len with a tensor start_pos
             k, v = self.cache.update(start_pos, k, v)
+        elif self.kv_quant is not None:  # no cache: the numbers a quantized cache would give
+            k, v = self.kv_quant.fake(k, v)
         # grouped-query attention: each key/value head serves n_heads / n_kv_heads query heads
         rep = self.n_heads // self.n_kv_heads
         k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)  # (B, H, S, hd)
@@ -306,6 +472,7 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(args.dim, args.hidden_dim, bias=False)
         self.down_proj = nn.Linear(args.hidden_dim, args.dim, bias=False)
         self.gate_up_proj = None  # gate and up in one linear: Transformer.fuse_projections
+        self.online_hadamard: Optional[OnlineHadamard] = None  # ResQ: before down_proj
 
     def forward(self, x):
         if self.gate_up_proj is not None:  # one weight read for both (decoding)
@@ -313,7 +480,10 @@ class MLP(nn.Module):
         else:
             gate, up = self.gate_proj(x), self.up_proj(x)
         # SwiGLU: down(silu(gate(x)) * up(x))
-        return self.down_proj(F.silu(gate) * up)
+        h = F.silu(gate) * up
+        if self.online_hadamard is not None:
+            h = self.online_hadamard(h)
+        return self.down_proj(h)
 
 
 class Block(nn.Module):
@@ -396,11 +566,17 @@ class Transformer(nn.Module):
 
     def setup_cache(self, batch: int, max_len: int):
         """Give every attention layer a KV cache for `max_len` positions (None: remove them)."""
+        a, dtype = self.args, self.embed_tokens.weight.dtype
         for layer in self.layers:
             attn = layer.self_attn
-            attn.cache = None if max_len is None else KVCache(
-                batch, self.args.n_kv_heads, max_len, self.args.head_dim,
-                self.embed_tokens.weight.dtype, self.device)
+            if max_len is None:
+                attn.cache = None
+            elif attn.kv_quant is not None:  # ResQ: integer codes
+                attn.cache = QuantKVCache(batch, a.n_kv_heads, max_len, a.head_dim,
+                                          attn.kv_quant, dtype, self.device)
+            else:
+                attn.cache = KVCache(batch, a.n_kv_heads, max_len, a.head_dim, dtype,
+                                     self.device)
 
     def static_decoder(self, compile: bool = False):
         """f(token id, position) -> logits (1, 1, vocab) of one decoding step with static shapes:

@@ -130,10 +130,10 @@ def test_key_rotation_keeps_attention_scores():
     g = torch.Generator().manual_seed(0)
     q, k = torch.randn(1, 4, 10, 16, generator=g), torch.randn(1, 4, 10, 16, generator=g)
     U = mixq.random_orthogonal(16, g)
-    q2, k2 = mixq.KeyRotation(U)(q, k)
+    q2, k2 = llama.KeyRotation(U)(q, k)
     assert torch.allclose(q2 @ k2.transpose(-1, -2), q @ k.transpose(-1, -2), atol=1e-5)
     # ResQ's code at 8 bits: q and k per (token, head), then a rotation by an 8-bit U_K
-    q8, k8 = mixq.KeyRotation(U, input_bits=8)(q, k)
+    q8, k8 = llama.KeyRotation(U, input_bits=8)(q, k)
     step = mixq.round_up_fp16(U.abs().max() / 127)  # U_K's grid: steps of max|U| / 127 (fp16)
     U8 = torch.round(U / step) * step
     assert torch.allclose(U8.float(), U.float(), atol=float(step) / 2 * 1.001)
@@ -163,7 +163,7 @@ def test_pca_subspace_has_the_most_energy(seed, n):
 def test_hadamard_transform_is_orthogonal(n):
     g = torch.Generator().manual_seed(n)
     odd = mixq.odd_factor(n, g)
-    H = mixq.hadamard_transform(torch.eye(n, dtype=torch.float64), odd)  # rows: e_i H
+    H = llama.hadamard_transform(torch.eye(n, dtype=torch.float64), odd)  # rows: e_i H
     assert torch.allclose(H @ H.T, torch.eye(n, dtype=torch.float64), atol=1e-10)
     if odd is None:  # a power of two: the Sylvester Hadamard matrix / sqrt(n)
         assert torch.allclose(H.abs(), torch.full((n, n), n ** -0.5, dtype=torch.float64))
@@ -240,10 +240,9 @@ def test_activation_grids_of_o_proj_and_values_are_plain_min_max(tmp_path):
              for zr in (True, False)}  # all x > 0: a range from 0 is wider than min..max
     assert not torch.equal(heads[True], heads[False])
     (o_in,) = next(iter(att.o_proj._forward_pre_hooks.values()))(att.o_proj, (x,))
-    v_out = next(iter(att.v_proj._forward_hooks.values()))(att.v_proj, (None,), x)
-    keys = att.post_rope.quantize_keys(x)
-    assert torch.equal(o_in, heads[False]) and torch.equal(v_out, heads[False])
-    assert torch.equal(keys, heads[True])
+    keys, values = att.kv_quant.fake(x.reshape(3, -1, hd), x.reshape(3, -1, hd))
+    assert torch.equal(o_in, heads[False]) and torch.equal(values.reshape(x.shape), heads[False])
+    assert torch.equal(keys.reshape(x.shape), heads[True])
     d = model.args.dim
     (q_in,) = next(iter(att.q_proj._forward_pre_hooks.values()))(att.q_proj, (x[:, :d],))
     assert torch.equal(q_in, mixq.quantize_activations(x[:, :d], 4, 8, mixq.n_high(d, cfg)))
