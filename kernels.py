@@ -83,6 +83,7 @@ def unpack(packed: torch.Tensor, bits: int, K: int) -> torch.Tensor:
 
 
 FORMAT = "kernels.py packed v2"  # what a checkpoint's quantization_config["format"] names
+RESQ_FORMAT = "kernels.py resq v1"  # the same for ResQ's linears (ResQLinear)
 # (v1 packed the 3-bit high plane as b = 1 in code order)
 
 # 3 bits: bit b of a high-plane word holds the high bit of code HI_ORDER[b] of its 32 codes
@@ -981,15 +982,17 @@ class ResQLinear(nn.Module):
     def __init__(self, in_features, out_features, slices: list, tensors: dict):
         super().__init__()
         self.in_features, self.out_features, self.slices = in_features, out_features, slices
-        if sum(sl["width"] for sl in slices) != in_features or any(
+        acts = {sl["act_bits"] >= 16 for sl in slices}
+        if sum(sl["width"] for sl in slices) != in_features or len(acts) > 1 or any(
                 sl["width"] % sl["group"] or sl["bits"] not in (2, 4, 8) or
-                not 2 <= sl["act_bits"] <= 8 for sl in slices):
+                not (2 <= sl["act_bits"] <= 8 or sl["act_bits"] == 16) for sl in slices):
             raise ValueError(f"ResQ slices {slices} do not fit {in_features} input channels "
                              "(widths summing to it, groups dividing them, 2/4/8-bit weights, "
-                             "2-8-bit activations)")
+                             "2-8-bit activations, or 16 for all)")
         for name, value in tensors.items():
             self.register_buffer(name, value)
         self.codes = None  # the int8 weight codes (K_i, N) of each slice, unpacked at first use
+        self.dense = None  # W (N, K), for unquantized (16-bit) activations
 
     def weight_codes(self) -> list:
         if self.codes is None:
@@ -1003,29 +1006,34 @@ class ResQLinear(nn.Module):
                        for i, qw in enumerate(self.weight_codes())], dim=1)
         if hasattr(self, "perm"):
             W = W[:, torch.argsort(self.perm)]
-        return W
+        return W.contiguous()  # row-major, as an nn.Linear's weight (the same BLAS sums)
 
     def forward(self, x):
+        if self.slices[0]["act_bits"] >= 16:  # W4A16: the weight dequantized once, F.linear
+            if self.dense is None or (self.dense.device, self.dense.dtype) != (x.device, x.dtype):
+                self.dense = self.dequantized_weight().to(x.device, x.dtype)
+            return F.linear(x, self.dense)
         M, N = x.numel() // self.in_features, self.out_features
         x2 = x.reshape(M, self.in_features).float()
         if hasattr(self, "perm"):
             x2 = x2[:, self.perm]
-        y = torch.zeros(M, N, device=x.device)
+        # the scales in fp64: each group's term sx sw (P - zx sum qw) is then exact and y is
+        # rounded once, to the fp32 value that mixq's fake quantization (FakeQuantLinear) gives
+        y = torch.zeros(M, N, device=x.device, dtype=torch.float64)
         start = 0
         for i, (sl, qw) in enumerate(zip(self.slices, self.weight_codes())):
             K, G, a = sl["width"], sl["group"], sl["act_bits"]
             xs = x2[:, start:start + K].reshape(M * K // G, G)  # a row per token and group
             c, s, z = activation_codes(xs, a, sl["zero_in_range"])
             c = (c - 2 ** (a - 1)).to(torch.int8).reshape(M, K)
-            s, z = s.reshape(M, K // G), (z - 2 ** (a - 1)).reshape(M, K // G)
-            z = z.to(torch.int32)
-            ys = torch.zeros(M, N, device=x.device)
-            for j in range(K // G):  # y_j = sx_j (sum cx qw - zx_j sum qw), the sums exact
+            s = s.reshape(M, K // G).double()
+            z = (z - 2 ** (a - 1)).reshape(M, K // G).to(torch.int32)
+            sw = getattr(self, f"scale_{i}").double()
+            for j in range(K // G):  # sx_j sw (sum cx qw - zx_j sum qw), the sums exact
                 cols = slice(j * G, (j + 1) * G)
                 P = self.product(c[:, cols], qw[cols], i, j)
                 P -= z[:, j:j + 1] * qw[cols].sum(0, dtype=torch.int32)
-                ys += s[:, j:j + 1] * P  # one rounding: int32 -> fp32
-            y += ys * getattr(self, f"scale_{i}").float()
+                y += (s[:, j:j + 1] * sw) * P
             start += K
         return y.to(x.dtype).reshape(*x.shape[:-1], N)
 

@@ -51,6 +51,7 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 
 import eval as metrics
 import model as llama
@@ -1080,9 +1081,16 @@ def quantize_block(model, li: int, xs, rope, method: str, cfg: QuantConfig, devi
             sigma = stats[name].sigma if stats else torch.eye(W.shape[1], device=W.device)
             rel = layer_loss(W, W_hat, sigma) / max(layer_loss(W, 0 * W, sigma), 1e-30)
             lin.weight.data = W_hat.to(W.dtype)
+            if method == "resq":
+                try:
+                    tensors = resq_tensors(qz, name, model.args, cfg)
+                except ValueError:  # widths that do not pack (check_resq_saveable says which)
+                    tensors = None
+            else:
+                tensors = packed_tensors(qz) if qz.bits in PACKED_BITS and \
+                    qz.col_group is None else None
             results[f"layers.{li}.{name}"] = {
-                "tensors": packed_tensors(qz) if qz.bits in PACKED_BITS and qz.col_group is None
-                else None,
+                "tensors": tensors,
                 "bits": qz.bits, "groupsize": qz.groupsize, "bits_stored": stored_bits(qz),
                 "numel": W.numel(), "kept": qz.n_kept(), "rel_err": rel,
                 "solve_seconds": solve_seconds, "damping": qz.damping}
@@ -1811,31 +1819,45 @@ def resq_high_columns(name: str, args: llama.ModelArgs, cfg: QuantConfig):
     return torch.arange(args.dim) >= args.dim - n_high(args.dim, cfg)
 
 
-def install_resq_quantizers(model: llama.Transformer, cfg: QuantConfig) -> list:
-    """ResQ's quantizers on the fused model: forward pre-hooks that fake-quantize the linears'
-    inputs (returned), and on each attention the KV-cache grids (model.KVQuantizer) and the
+class FakeQuantLinear(torch.nn.Module):
+    """y = Q(x) W^T: the input fake-quantized by `quantize`, then the product in fp64. Q(x) and
+    the ResQ weights are exact in fp32 (fp16 scales times small integers), so in fp64 every
+    product and each group's sum is exact and the result is rounded once, as the integer path
+    (kernels.ResQLinear: exact int32 sums, scaled in fp64) rounds it: the same numbers."""
+
+    def __init__(self, linear: torch.nn.Linear, quantize):
+        super().__init__()
+        self.weight, self.quantize = linear.weight, quantize
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+
+    def forward(self, x):
+        return F.linear(self.quantize(x).double(), self.weight.double()).to(x.dtype)
+
+
+def install_resq_quantizers(model: llama.Transformer, cfg: QuantConfig):
+    """ResQ's quantizers on the fused model: each linear's input fake-quantized
+    (FakeQuantLinear), and on each attention the KV-cache grids (model.KVQuantizer) and the
     8-bit q, k and U_K of the key rotation."""
     a = model.args
     r_res, r_head = n_high(a.dim, cfg), n_high(a.head_dim, cfg)
-    act = lambda bits, r: (lambda mod, args: (quantize_activations(args[0], bits,  # noqa: E731
-                                                                   cfg.high_bits, r),))
-    hooks = []
+    tokens = lambda r: lambda x: quantize_activations(x, cfg.abits, cfg.high_bits, r)  # noqa
+    heads = per_head(lambda x: quantize_activations(x, cfg.abits, cfg.high_bits, r_head,
+                                                    zero_in_range=False), a.head_dim)
     for b in model.layers:
         att, mlp = b.self_attn, b.mlp
         if cfg.abits < 16:
-            for lin in (att.q_proj, att.k_proj, att.v_proj, mlp.gate_proj, mlp.up_proj):
-                hooks.append(lin.register_forward_pre_hook(act(cfg.abits, r_res)))
-            heads = per_head(lambda x: quantize_activations(x, cfg.abits, cfg.high_bits, r_head,
-                                                            zero_in_range=False), a.head_dim)
-            hooks.append(att.o_proj.register_forward_pre_hook(lambda mod, args, f=heads:
-                                                              (f(args[0]),)))
-            hooks.append(mlp.down_proj.register_forward_pre_hook(act(cfg.abits, 0)))
+            for parent, name, quantize in ((att, "q_proj", tokens(r_res)),
+                                           (att, "k_proj", tokens(r_res)),
+                                           (att, "v_proj", tokens(r_res)), (att, "o_proj", heads),
+                                           (mlp, "gate_proj", tokens(r_res)),
+                                           (mlp, "up_proj", tokens(r_res)),
+                                           (mlp, "down_proj", tokens(0))):
+                setattr(parent, name, FakeQuantLinear(getattr(parent, name), quantize))
         if cfg.kvbits < 16:
             att.kv_quant = llama.KVQuantizer(cfg.kvbits, cfg.high_bits, r_head)
             if att.post_rope is None:
                 att.post_rope = llama.KeyRotation(torch.eye(a.head_dim)).to(model.device)
             att.post_rope.input_bits = QK_BITS
-    return hooks
 
 
 def resq_slices(name: str, args: llama.ModelArgs, cfg: QuantConfig):
@@ -1846,33 +1868,66 @@ def resq_slices(name: str, args: llama.ModelArgs, cfg: QuantConfig):
     high = resq_high_columns(name, args, cfg)
     K = args.hidden_dim if name.endswith("down_proj") else \
         args.n_heads * args.head_dim if name.endswith("o_proj") else args.dim
-    if high is None:
-        return [dict(width=K, bits=cfg.wbits, act_bits=cfg.abits, group=K,
-                     zero_in_range=True)], None
-    r = int(high.sum())
+    a_low, a_high = (16, 16) if cfg.abits >= 16 else (cfg.abits, cfg.high_bits)  # 16: fp
     o_proj = name.endswith("o_proj")
     heads = args.n_heads if o_proj else 1
-    slices = [dict(width=K - r, bits=cfg.wbits, act_bits=cfg.abits, group=(K - r) // heads,
+    if high is None:
+        return [dict(width=K, bits=cfg.wbits, act_bits=a_low, group=K // heads,
+                     zero_in_range=not o_proj)], None
+    r = int(high.sum())
+    slices = [dict(width=K - r, bits=cfg.wbits, act_bits=a_low, group=(K - r) // heads,
                    zero_in_range=not o_proj),
-              dict(width=r, bits=cfg.high_bits, act_bits=cfg.high_bits, group=r // heads,
+              dict(width=r, bits=cfg.high_bits, act_bits=a_high, group=r // heads,
                    zero_in_range=not o_proj)]
     perm = torch.cat([torch.nonzero(~high).flatten(), torch.nonzero(high).flatten()])
     return slices, (perm if o_proj else None)
 
 
-def resq_linear(qz: Quantized, name: str, args: llama.ModelArgs, cfg: QuantConfig):
-    """A ResQ result as kernels.ResQLinear, the integer form of the fake-quantized linear:
-    signed weight codes (codes - 2^(b-1) on ResQ's signed grid) packed per slice."""
+def resq_tensors(qz: Quantized, name: str, args: llama.ModelArgs, cfg: QuantConfig) -> dict:
+    """The stored form of one ResQ linear (kernels.ResQLinear's format), on the CPU: the
+    weight codes of each slice (codes - 2^(b-1) is ResQ's signed code) packed, its scales."""
     slices, perm = resq_slices(name, args, cfg)
     high = resq_high_columns(name, args, cfg)
     cols = [torch.arange(qz.codes.shape[1])] if high is None else \
         [torch.nonzero(~high).flatten(), torch.nonzero(high).flatten()]
     tensors = {} if perm is None else {"perm": perm}
     for i, (sl, c) in enumerate(zip(slices, cols)):
-        codes = qz.codes[:, c].T.to(torch.int64)  # (K_i, N) in [0, 2^b), z = 2^(b-1)
+        codes = qz.codes[:, c.to(qz.codes.device)].T.to(torch.int64).cpu()  # (K_i, N)
         tensors[f"qweight_{i}"] = kernels.pack(codes, sl["bits"])
-        tensors[f"scale_{i}"] = qz.scales[:, i].half()
-    return kernels.ResQLinear(qz.codes.shape[1], qz.codes.shape[0], slices, tensors)
+        tensors[f"scale_{i}"] = qz.scales[:, i].half().cpu()
+    return tensors
+
+
+def resq_linear(qz: Quantized, name: str, args: llama.ModelArgs, cfg: QuantConfig):
+    """A ResQ result as kernels.ResQLinear, the integer form of the fake-quantized linear."""
+    slices, _ = resq_slices(name, args, cfg)
+    return kernels.ResQLinear(qz.codes.shape[1], qz.codes.shape[0], slices,
+                              resq_tensors(qz, name, args, cfg))
+
+
+def resq_config(args: llama.ModelArgs, cfg: QuantConfig, modules) -> dict:
+    """What a saved ResQ model needs beside its tensors to run: the activation, KV and q/k bits,
+    the KV cache's high slice, and how each linear reads its input (resq_slices)."""
+    return {"abits": cfg.abits, "kvbits": cfg.kvbits, "high_bits": cfg.high_bits,
+            "kv_high": n_high(args.head_dim, cfg), "qk_bits": QK_BITS if cfg.kvbits < 16 else 16,
+            "hadamard": cfg.rotation != "none",
+            "slices": {llama.ours_to_hf(m): resq_slices(m, args, cfg)[0] for m in sorted(modules)}}
+
+
+def check_resq_saveable(args: llama.ModelArgs, cfg: QuantConfig):
+    """Refuse a ResQ run whose result kernels.ResQLinear cannot store, before any work."""
+    if cfg.wbits not in (2, 4, 8) or cfg.high_bits not in (2, 4, 8):
+        raise ValueError(f"--save of ResQ stores 2-, 4- or 8-bit weight codes; --wbits "
+                         f"{cfg.wbits} --high-bits {cfg.high_bits} can be evaluated but not saved")
+    if not (2 <= cfg.abits <= 8 or cfg.abits == 16):
+        raise ValueError(f"--save of ResQ runs its activations as int8 codes: --abits 2-8 (or "
+                         f"16, unquantized), not {cfg.abits}")
+    for name in ("self_attn.q_proj", "self_attn.o_proj", "mlp.down_proj"):
+        for sl in resq_slices(name, args, cfg)[0]:
+            if sl["width"] * sl["bits"] % 32:
+                raise ValueError(f"--save of ResQ: {sl['width']} input channels of {name} at "
+                                 f"{sl['bits']} bits do not fill whole 32-bit words; choose "
+                                 "other --wbits / --high-bits")
 
 
 def activation_bits(args: llama.ModelArgs, cfg: QuantConfig) -> float:
@@ -1968,19 +2023,28 @@ def save_quantized(model: llama.Transformer, results: dict, source, out_dir, qco
     from safetensors.torch import save_file
     check_save_dir(out_dir)
     dtype = llama.stored_dtype(source) if source and Path(source).is_dir() else None
+    tied = model.lm_head.weight is model.embed_tokens.weight  # (ResQ unties them)
     tensors = {}
     for name, p in model.state_dict().items():
         module = name.rsplit(".", 1)[0]
-        if module in results or (name == "lm_head.weight" and model.args.tie_embeddings):
+        if module in results or (name == "lm_head.weight" and tied):
+            continue
+        if name.endswith((".U_K", ".odd")):  # ResQ's online rotations: fp32, as they run
+            tensors[llama.ours_to_hf(name)] = p.float().contiguous()
             continue
         tensors[llama.ours_to_hf(name)] = (p if dtype is None else p.to(dtype)).contiguous()
     for module, r in results.items():
+        if r["tensors"] is None:
+            raise ValueError(f"{module}: its result has no stored form (the options it was "
+                             "quantized with cannot be saved)")
         for k, v in r["tensors"].items():
             tensors[llama.ours_to_hf(f"{module}.{k}")] = v
-    qconfig = qconfig | {"format": kernels.FORMAT,  # what model.load checks it can read
+    fmt = kernels.RESQ_FORMAT if "resq" in qconfig else kernels.FORMAT
+    qconfig = qconfig | {"format": fmt,  # what model.load checks it can read
                          "modules": sorted(llama.ours_to_hf(m) for m in results)}
     dtype = dtype or model.embed_tokens.weight.dtype  # no source directory: as in memory
     cfg = model.args.to_hf() | NATIVE_ARCHITECTURE | {"torch_dtype": str(dtype)[6:],
+                                                      "tie_word_embeddings": tied,
                                                       "quantization_config": qconfig}
     with llama.atomic_dir(out_dir) as tmp:
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
@@ -2254,9 +2318,9 @@ def check_options(method: str, cfg: QuantConfig, save, export=None, drop_kept=Fa
                              "cannot store; --export-drop-kept drops them (they take their "
                              "codes' values), or export a method that keeps none")
     save = save or export  # an export is a saved checkpoint, converted
-    if save and method == "resq":
-        raise ValueError("ResQ is fake quantization (W4A4 needs activation-quantized kernels); "
-                         "it can be evaluated but not saved")
+    if export and method == "resq":
+        raise ValueError("--export: no other tool runs ResQ's 4/8-bit subspaces and quantized "
+                         "activations; --save writes mixq's own ResQ checkpoint")
     if save and cfg.act_order and not cfg.static_groups and cfg.groupsize != -1 and \
             method in ("gptq", "tacq", "quantease"):
         raise ValueError("--save with --act-order and groups needs --static-groups: dynamic "
@@ -2322,6 +2386,8 @@ def run(*, ckpt=None, method="tacq", cfg: Optional[QuantConfig] = None, calib="p
         raise llama.CheckpointError("the checkpoint has no tokenizer.json")
     for n in (model.args.dim, model.args.hidden_dim):
         group_size(run_cfg, n)
+    if save and method == "resq":
+        check_resq_saveable(model.args, run_cfg)
     check_finite_weights(model, ckpt)
     calib_tokens = answers = None
     if method != "rtn":
@@ -2371,6 +2437,8 @@ def run(*, ckpt=None, method="tacq", cfg: Optional[QuantConfig] = None, calib="p
         qconfig = {"quant_method": "mixq", "method": method, "bits": cfg.wbits,
                    "group_size": run_cfg.groupsize, "avg_bits": avg, "options": options,
                    "calib": summary["calib"]}
+        if method == "resq":
+            qconfig["resq"] = resq_config(model.args, run_cfg, results)
         source = llama.resolve_ckpt(ckpt) if ckpt else llama.embedded_checkpoint()
         if save:
             save_quantized(model, results, source, save, qconfig, tok)

@@ -278,7 +278,8 @@ def hadamard_transform(x: torch.Tensor, odd: Optional[torch.Tensor] = None) -> t
         h *= 2
     y = y / math.sqrt(p)
     if odd is not None:
-        y = torch.einsum("...ip,ij->...jp", y, odd.to(y.device, y.dtype))  # Q_m, odd factor
+        # Q_m, the odd factor (row-major: its memory layout would change the sums' last bits)
+        y = torch.einsum("...ip,ij->...jp", y, odd.to(y.device, y.dtype).contiguous())
     return y.reshape(x.shape)
 
 
@@ -1315,9 +1316,11 @@ def load_quantized(path: Path, args: ModelArgs, qc: dict, files: dict, dtype, de
                                   "and 8 bits")
         quantized = {hf_to_ours(n)[:-len(".qweight")] for n in files if n.endswith(".qweight")}
     else:
-        if qc.get("format") != kernels.FORMAT:
+        resq = "resq" in qc
+        fmt = kernels.RESQ_FORMAT if resq else kernels.FORMAT
+        if qc.get("format") != fmt:
             raise CheckpointError(f"{path}: packed as {qc.get('format')!r}, but this kernels.py "
-                                  f"reads {kernels.FORMAT!r}; quantize the model again")
+                                  f"reads {fmt!r}; quantize the model again")
         bits, g = qc["bits"], qc["group_size"]
         quantized = {hf_to_ours(m) for m in qc["modules"]}  # the file's names (older: ours)
     packed = {m: {} for m in quantized}
@@ -1348,6 +1351,9 @@ def load_quantized(path: Path, args: ModelArgs, qc: dict, files: dict, dtype, de
                 yield o, st.get_tensor(ours_to_hf(o))
 
     model = build(args, tensors(), dtype, device)
+    if not gptq and resq:
+        online = {o: f for o, f in plain.items() if o.endswith((".U_K", ".odd"))}
+        install_resq_online(model, qc["resq"], online, str(path), device)
     for module in sorted(quantized):
         parts = {}
         for leaf, f in packed[module].items():
@@ -1355,6 +1361,12 @@ def load_quantized(path: Path, args: ModelArgs, qc: dict, files: dict, dtype, de
                 parts[leaf] = st.get_tensor(ours_to_hf(f"{module}.{leaf}")).to(device)
         lin = model.get_submodule(module)
         K, N = lin.in_features, lin.out_features
+        parent, _, child = module.rpartition(".")
+        if not gptq and resq:
+            slices = qc["resq"]["slices"].get(ours_to_hf(module))
+            setattr(model.get_submodule(parent), child,
+                    resq_linear(parts, slices, K, N, f"{path}: {module}"))
+            continue
         if gptq:
             parts, g = gptq_parts(parts, bits, K, N, qc, f"{path}: {module}")
         gs = K if g == -1 else g
@@ -1368,9 +1380,65 @@ def load_quantized(path: Path, args: ModelArgs, qc: dict, files: dict, dtype, de
                     f"{path}: {module}.{leaf} has shape "
                     f"{tuple(parts[leaf].shape) if leaf in parts else 'missing'}, expected {shape} "
                     f"for {bits}-bit codes of a {N}x{K} weight with group size {gs}")
-        parent, _, child = module.rpartition(".")
         setattr(model.get_submodule(parent), child, kernels.QuantLinear(K, N, bits, g, parts))
     return model
+
+
+def resq_linear(parts: dict, slices, K: int, N: int, where: str):
+    """One linear of a ResQ checkpoint -> kernels.ResQLinear, its tensors checked first."""
+    kernels = import_kernels()
+    if not isinstance(slices, list) or not slices:
+        raise CheckpointError(f"{where}: no input slices in quantization_config['resq']")
+    expect = {}
+    for i, sl in enumerate(slices):
+        if not isinstance(sl, dict) or sl.get("bits") not in (2, 4, 8) or \
+                sl.get("width", 0) * sl["bits"] % 32:
+            raise CheckpointError(f"{where}: slice {i} is {sl!r}, not one ResQLinear stores")
+        expect |= {f"qweight_{i}": (sl["width"] * sl["bits"] // 32, N), f"scale_{i}": (N,)}
+    if "perm" in parts:
+        expect["perm"] = (K,)
+    for leaf, shape in expect.items():
+        if leaf not in parts or tuple(parts[leaf].shape) != shape:
+            got = tuple(parts[leaf].shape) if leaf in parts else "missing"
+            raise CheckpointError(f"{where}.{leaf} has shape {got}, expected {shape} for the "
+                                  f"slices {[(sl['width'], sl['bits']) for sl in slices]} of a "
+                                  f"{N}x{K} weight")
+    if "perm" in parts and not torch.equal(parts["perm"].sort().values.cpu(), torch.arange(K)):
+        raise CheckpointError(f"{where}.perm is not a permutation of its {K} input channels")
+    try:
+        return kernels.ResQLinear(K, N, slices, parts)
+    except (ValueError, KeyError) as e:
+        raise CheckpointError(f"{where}: {e}") from None
+
+
+def install_resq_online(model: Transformer, rc: dict, files: dict, where: str, device):
+    """A ResQ checkpoint's online parts on every layer: the key rotation U_K (q and k at
+    rc["qk_bits"]), the KV cache's grids, the Hadamard transform before down_proj."""
+    a = model.args
+    for key in ("kvbits", "high_bits", "kv_high", "qk_bits", "hadamard"):
+        if key not in rc:
+            raise CheckpointError(f"{where}: quantization_config['resq'] has no {key!r}")
+
+    def read(name):
+        if name not in files:
+            return None
+        with open_safetensors(files[name]) as st:
+            return st.get_tensor(ours_to_hf(name)).float().to(device)
+    odd = read("layers.0.mlp.online_hadamard.odd")
+    if rc["hadamard"] and a.hidden_dim % (odd.shape[0] if odd is not None else 1) != 0:
+        raise CheckpointError(f"{where}: the Hadamard factor {tuple(odd.shape)} does not "
+                              f"divide hidden size {a.hidden_dim}")
+    for li, layer in enumerate(model.layers):
+        U = read(f"layers.{li}.self_attn.post_rope.U_K")
+        if U is None or tuple(U.shape) != (a.head_dim, a.head_dim):
+            raise CheckpointError(f"{where}: layers.{li}.self_attn.post_rope.U_K has shape "
+                                  f"{None if U is None else tuple(U.shape)}, expected "
+                                  f"{(a.head_dim, a.head_dim)}")
+        layer.self_attn.post_rope = KeyRotation(U, rc["qk_bits"])
+        if rc["kvbits"] < 16:
+            layer.self_attn.kv_quant = KVQuantizer(rc["kvbits"], rc["high_bits"], rc["kv_high"])
+        if rc["hadamard"]:
+            layer.mlp.online_hadamard = OnlineHadamard(odd)
 
 
 def gptq_parts(t: dict, bits: int, K: int, N: int, qc: dict, where: str):

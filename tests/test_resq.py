@@ -1,10 +1,14 @@
 """ResQ's exact transformations: every change of basis leaves the fp logits alone; then the
 quantizers, the high slice and the pipeline."""
 
+import json
+import shutil
+
 import pytest
 import torch
 from hypothesis import given, strategies as st
 
+import kernels
 import mixq
 import model as llama
 from conftest import tiny_checkpoint
@@ -239,12 +243,12 @@ def test_activation_grids_of_o_proj_and_values_are_plain_min_max(tmp_path):
     heads = {zr: mixq.per_head(lambda t: mixq.quantize_activations(t, 4, 8, r, zr), hd)(x)
              for zr in (True, False)}  # all x > 0: a range from 0 is wider than min..max
     assert not torch.equal(heads[True], heads[False])
-    (o_in,) = next(iter(att.o_proj._forward_pre_hooks.values()))(att.o_proj, (x,))
+    o_in = att.o_proj.quantize(x)  # mixq.FakeQuantLinear's input quantizer
     keys, values = att.kv_quant.fake(x.reshape(3, -1, hd), x.reshape(3, -1, hd))
     assert torch.equal(o_in, heads[False]) and torch.equal(values.reshape(x.shape), heads[False])
     assert torch.equal(keys.reshape(x.shape), heads[True])
     d = model.args.dim
-    (q_in,) = next(iter(att.q_proj._forward_pre_hooks.values()))(att.q_proj, (x[:, :d],))
+    q_in = att.q_proj.quantize(x[:, :d])
     assert torch.equal(q_in, mixq.quantize_activations(x[:, :d], 4, 8, mixq.n_high(d, cfg)))
 
 
@@ -287,7 +291,11 @@ def test_integer_linear_is_the_fake_quantized_one(name, seed, abits, wbits):
     ref = xq.double() @ qz.dequantize().double().T
     y = lin(x)
     assert y.dtype == x.dtype and y.shape == (2, 5, 48)
-    assert float((y.double() - ref).abs().max() / ref.abs().max()) < 1e-5
+    assert float((y.double() - ref).abs().max() / ref.abs().max()) < 1e-6
+    # the paper's path as mixq runs it: every product exact, one rounding, the same numbers
+    fake = mixq.FakeQuantLinear(torch.nn.Linear(K, 48, bias=False), lambda t: xq)
+    fake.weight.data = qz.dequantize().float()
+    assert torch.equal(fake(x), y)
 
 
 @pytest.mark.parametrize("rotation,abits", [("pca", 4), ("pca", 16), ("random", 4),
@@ -333,3 +341,99 @@ def test_high_fraction_zero_is_the_quarot_style_path(tmp_path):
     R = P.T @ U
     assert torch.allclose(R.T @ R, torch.eye(64, dtype=torch.float64), atol=1e-10)
     assert R[:-8, -8:].abs().max() > 1e-3  # the top-8 directions mix with the rest
+
+
+# -- a saved ResQ model: integer linears, the online parts, the quantized KV cache -----------------
+
+
+@given(seed=st.integers(0, 10 ** 6), bits=st.sampled_from([2, 3, 4]), r=st.sampled_from([0, 4]),
+       T=st.integers(1, 6))
+def test_quantized_kv_cache_stores_codes_and_reads_back_the_fake_quantized_values(seed, bits, r,
+                                                                                  T):
+    g = torch.Generator().manual_seed(seed)
+    quant = llama.KVQuantizer(bits, 8, r)
+    cache = llama.QuantKVCache(2, 3, 16, 32, quant, torch.float32, "cpu")
+    k, v = (torch.randn(2, 3, 10, 32, generator=g) * 3 + 1 for _ in range(2))
+    cache.update(0, k[:, :, :4], v[:, :, :4])  # a prompt, then T positions more
+    k2, v2 = cache.update(4, k[:, :, 4:4 + T], v[:, :, 4:4 + T])
+    fk, fv = quant.fake(k[:, :, :4 + T], v[:, :, :4 + T])
+    assert torch.equal(k2, fk) and torch.equal(v2, fv)
+    assert all(b.dtype in (torch.uint8, torch.float16, torch.int32) for b in cache.buffers())
+    # per batch row, head, keys and values: each slice's codes (8/b to a byte, else one) and
+    # an fp16 scale and int32 zero
+    slices = [(32 - r, bits)] + ([(r, 8)] if r else [])
+    assert cache.bytes_per_position() == 2 * 3 * 2 * sum(w // (8 // b if 8 % b == 0 else 1) + 6
+                                                         for w, b in slices)
+
+
+@pytest.mark.parametrize("abits,kvbits,rotation", [(4, 4, "pca"), (16, 4, "pca"),
+                                                    (4, 16, "pca"), (4, 4, "random")])
+def test_a_saved_resq_model_gives_the_in_memory_logits(tmp_path, abits, kvbits, rotation):
+    model = tiny(tmp_path)
+    calib = torch.randint(0, 128, (4, 32), generator=torch.Generator().manual_seed(4))
+    cfg = mixq.method_config("resq", mixq.QuantConfig(wbits=4, abits=abits, kvbits=kvbits,
+                                                      rotation=rotation))
+    mixq.resq_prepare(model, calib, cfg, log=lambda s: None)
+    res = mixq.quantize_model(model, calib, "resq", cfg, log=lambda s: None)
+    mixq.install_resq_quantizers(model, cfg)
+    qconfig = {"quant_method": "mixq", "method": "resq", "bits": 4, "group_size": -1,
+               "resq": mixq.resq_config(model.args, cfg, res)}
+    mixq.save_quantized(model, res, None, tmp_path / "q", qconfig)
+    loaded, _ = llama.load(str(tmp_path / "q"))
+    assert isinstance(loaded.layers[0].self_attn.o_proj, kernels.ResQLinear)
+    x = torch.randint(0, 128, (2, 40), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))  # integer sums, one rounding: the same numbers
+        # decoding: the cache holds codes and gives back what the forward quantizes
+        loaded.setup_cache(2, 40)
+        last = loaded(x[:, :39])[:, -1:], loaded(x[:, 39:], start_pos=39)
+        loaded.setup_cache(2, None)
+        torch.testing.assert_close(last[1], model(x)[:, -1:], rtol=1e-4, atol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def saved_resq(tmp_path_factory):
+    """ResQ W4A4KV4 of the embedded model (RTN weights, 2 x 64 calibration tokens: quick),
+    evaluated in memory and saved, with a text corpus of its own."""
+    tmp = tmp_path_factory.mktemp("resq")
+    text = tmp / "t.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 200)
+    cfg = mixq.QuantConfig(wbits=4, w_rtn=True)
+    specs = ("pydoc", f"text:{text}")
+    summary = mixq.run(method="resq", cfg=cfg, nsamples=2, seqlen=64, evals=specs,
+                       eval_windows=2, save=str(tmp / "q"))
+    return tmp / "q", specs, summary
+
+
+def test_saved_resq_model_runs_in_integers_with_the_in_memory_perplexity(saved_resq):
+    ckpt, specs, summary = saved_resq
+    model, tok = llama.load(str(ckpt))
+    att, mlp = model.layers[3].self_attn, model.layers[3].mlp
+    assert isinstance(att.q_proj, kernels.ResQLinear)
+    assert isinstance(mlp.down_proj, kernels.ResQLinear) and mlp.online_hadamard is not None
+    assert att.post_rope.input_bits == 8 and att.kv_quant == llama.KVQuantizer(4, 8, 8)
+    assert model.lm_head.weight is not model.embed_tokens.weight  # fused apart
+    loaded = mixq.evaluate(model, tok, specs, 512, 2)
+    for s in specs:
+        assert loaded[s]["ppl"] == pytest.approx(summary["quant"][s]["ppl"], rel=1e-3)
+        assert loaded[s]["ppl"] != pytest.approx(summary["fp"][s]["ppl"], rel=1e-2)
+    assert len(model.generate(tok.encode("def f(x):"), 8)) == 8  # the KV cache in codes
+
+
+def test_a_damaged_resq_checkpoint_is_refused(saved_resq, tmp_path):
+    ck = tmp_path / "q"
+    shutil.copytree(saved_resq[0], ck)
+    cfg = json.loads((ck / "config.json").read_text())
+    name = "model.layers.2.self_attn.q_proj"
+    for change, msg in [(lambda c: c["quantization_config"]["resq"]["slices"].pop(name),
+                         "no input slices"),
+                        (lambda c: c["quantization_config"]["resq"]["slices"][name][0].update(
+                            bits=8), "qweight_0 has shape"),
+                        (lambda c: c["quantization_config"].update(format="other"),
+                         "packed as 'other'"),
+                        (lambda c: c["quantization_config"]["resq"].pop("kvbits"), "kvbits")]:
+        bad = json.loads(json.dumps(cfg))
+        change(bad)
+        (ck / "config.json").write_text(json.dumps(bad))
+        with pytest.raises(llama.CheckpointError, match=msg):
+            llama.load(str(ck))
