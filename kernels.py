@@ -913,7 +913,7 @@ def activation_codes(x: torch.Tensor, bits: int, zero_in_range: bool = True):
     """Per-row asymmetric min-max grid of x (R, G) fp32 -> codes (R, G) in [0, 2^bits - 1] (as
     floats), scales and zeros (R, 1): the numbers of mixq.quantize_activations."""
     maxq = 2 ** bits - 1
-    xmin, xmax = x.min(1, keepdim=True).values, x.max(1, keepdim=True).values
+    xmin, xmax = torch.aminmax(x, dim=1, keepdim=True)
     if zero_in_range:
         xmin, xmax = xmin.clamp(max=0), xmax.clamp(min=0)
     flat = xmax == xmin  # an all-equal row gets a unit range
@@ -973,6 +973,12 @@ def int_matmul(a: torch.Tensor, qweight: torch.Tensor, bits: int) -> torch.Tenso
     return P
 
 
+# perf: below this many rows (tokens x groups) the groups of a slice share one product, each
+# group's codes in a row block of their own (zeros elsewhere): o_proj's per-head groups at
+# decode are one call instead of one per head; above it the zeros would cost more than calls
+SMALL_ROWS = 64
+
+
 class ResQLinear(nn.Module):
     """y = x @ W^T with x quantized per token and W per row, both in slices (the format above),
     computed as integer products: torch._int_mm on a CPU (exact int8 x int8 -> int32), the
@@ -992,12 +998,15 @@ class ResQLinear(nn.Module):
         for name, value in tensors.items():
             self.register_buffer(name, value)
         self.codes = None  # the int8 weight codes (K_i, N) of each slice, unpacked at first use
+        self.colsums = None  # sum_k qw[k, n] over each group of each slice, (K_i/G_i, N) int32
         self.dense = None  # W (N, K), for unquantized (16-bit) activations
 
     def weight_codes(self) -> list:
         if self.codes is None:
             self.codes = [signed_codes(getattr(self, f"qweight_{i}"), sl["bits"], sl["width"])
                           for i, sl in enumerate(self.slices)]
+            self.colsums = [qw.view(sl["width"] // sl["group"], sl["group"], -1).sum(
+                1, dtype=torch.int32) for sl, qw in zip(self.slices, self.codes)]
         return self.codes
 
     def dequantized_weight(self) -> torch.Tensor:
@@ -1019,8 +1028,7 @@ class ResQLinear(nn.Module):
             x2 = x2[:, self.perm]
         # the scales in fp64: each group's term sx sw (P - zx sum qw) is then exact and y is
         # rounded once, to the fp32 value that mixq's fake quantization (FakeQuantLinear) gives
-        y = torch.zeros(M, N, device=x.device, dtype=torch.float64)
-        start = 0
+        y, start = None, 0
         for i, (sl, qw) in enumerate(zip(self.slices, self.weight_codes())):
             K, G, a = sl["width"], sl["group"], sl["act_bits"]
             xs = x2[:, start:start + K].reshape(M * K // G, G)  # a row per token and group
@@ -1028,24 +1036,35 @@ class ResQLinear(nn.Module):
             c = (c - 2 ** (a - 1)).to(torch.int8).reshape(M, K)
             s = s.reshape(M, K // G).double()
             z = (z - 2 ** (a - 1)).reshape(M, K // G).to(torch.int32)
-            sw = getattr(self, f"scale_{i}").double()
-            for j in range(K // G):  # sx_j sw (sum cx qw - zx_j sum qw), the sums exact
-                cols = slice(j * G, (j + 1) * G)
-                P = self.product(c[:, cols], qw[cols], i, j)
-                P -= z[:, j:j + 1] * qw[cols].sum(0, dtype=torch.int32)
-                y += (s[:, j:j + 1] * sw) * P
+            sw, n = getattr(self, f"scale_{i}").double(), K // G  # n groups
+            if M * n <= SMALL_ROWS:  # perf: every group in one product (zeros elsewhere)
+                blocks = c.new_zeros(n, M, n, G)  # row block j holds group j's codes
+                blocks[torch.arange(n), :, torch.arange(n)] = c.view(M, n, G).transpose(0, 1)
+                P = self.product(blocks.view(n * M, K), qw, i).view(n, M, N)
+                P -= z.T[:, :, None] * self.colsums[i][:, None, :]  # (n, M, N) int32
+                term = P.double().mul_(sw).mul_(s.T[:, :, None]).sum(0)
+                y = term if y is None else y.add_(term)
+            else:
+                for j in range(n):  # sx_j sw (sum cx qw - zx_j sum qw), the sums exact
+                    P = self.product(c[:, j * G:(j + 1) * G], qw[j * G:(j + 1) * G], i, j)
+                    P -= z[:, j:j + 1] * self.colsums[i][j]
+                    term = P.double().mul_(sw).mul_(s[:, j:j + 1])  # exact: 31 + 11 + 11 bits
+                    y = term if y is None else y.add_(term)
             start += K
         return y.to(x.dtype).reshape(*x.shape[:-1], N)
 
-    def product(self, c, qw, i: int, j: int) -> torch.Tensor:
-        """The int32 sums of group j of slice i: c (M, G) int8 @ qw (G, N) int8."""
+    def product(self, c, qw, i: int, j: Optional[int] = None) -> torch.Tensor:
+        """The int32 sums c (M, G) int8 @ qw (G, N) int8 of group j of slice i (j None: the
+        whole slice)."""
         if use_triton(c):
             sl = self.slices[i]
-            words, part = divmod(sl["group"] * sl["bits"], 32)  # the group's packed rows
-            if part:
-                raise ValueError(f"{sl['bits']}-bit codes of a {sl['group']}-channel group do "
-                                 "not fill whole words, which the Triton kernel reads")
-            qweight = getattr(self, f"qweight_{i}")[j * words:(j + 1) * words]
+            qweight = getattr(self, f"qweight_{i}")
+            if j is not None:
+                words, part = divmod(sl["group"] * sl["bits"], 32)  # the group's packed rows
+                if part:
+                    raise ValueError(f"{sl['bits']}-bit codes of a {sl['group']}-channel group "
+                                     "do not fill whole words, which the Triton kernel reads")
+                qweight = qweight[j * words:(j + 1) * words]
             return int_matmul(c, qweight, sl["bits"])
         return torch._int_mm(c, qw)
 
