@@ -3,7 +3,7 @@
     python scripts/ptq_table.py [--ckpt X] [--nsamples 32] [--configs W4g64 W3g64 W2g64 W3]
                                 [--methods rtn gptq gptq-act gptq-act-static gptq-static
                                            quantease quantease-rounded quantease-act
-                                           quantease-1% spqr]
+                                           quantease-act-static quantease-1% spqr]
                                 [--json results.json]
 
 Calibration: --nsamples random windows of 512 tokens from the pydoc calibration split (seed 0),
@@ -31,6 +31,7 @@ METHODS = {  # name -> (mixq method, option overrides)
     "quantease": ("quantease", {}),  # the released code's schedule: 30 sweeps, some unrounded
     "quantease-rounded": ("quantease", {"iters": 10, "relaxed": False}),  # 10 rounded sweeps
     "quantease-act": ("quantease", {"act_order": True}),  # groups along the sweep order
+    "quantease-act-static": ("quantease", {"act_order": True, "static_groups": True}),
     "quantease-1%": ("quantease", {"iters": 10, "outliers": 0.01}),
     "spqr": ("spqr", {}),
 }
