@@ -1778,19 +1778,12 @@ QK_BITS = 8  # q, k and U_K before the key rotation (ResQ's code fixes 8)
 
 def quantize_activations(x, bits: int, high_bits: int = 8, r: int = 0, zero_in_range=True):
     """Fake-quantize each row of x (..., n) on its own: channels [0, n - r) at `bits`, the last r
-    at `high_bits`, each slice with its own asymmetric min-max grid, whose range contains 0
-    unless zero_in_range is False. bits >= 16 or high_bits >= 16 leave that slice exact. Rows
-    never see each other: batch-independent."""
-    n = x.shape[-1]
-    f = x.reshape(-1, n).float()
-    parts = []
-    for sl, b in ((f[:, :n - r], bits), (f[:, n - r:], high_bits)):
-        if sl.shape[1] == 0 or b >= 16:
-            parts.append(sl)
-            continue
-        s, z = fit_grid(sl, b, zero_in_range=zero_in_range)
-        parts.append(fake_quant(sl, s, z, 2 ** b - 1))
-    return torch.cat(parts, dim=1).reshape(x.shape).to(x.dtype)
+    at `high_bits`, each slice with its own asymmetric min-max grid (fit_grid's, without MSE),
+    whose range contains 0 unless zero_in_range is False. bits >= 16 or high_bits >= 16 leave
+    that slice exact. Rows never see each other: batch-independent. (model.quantize_slices, which
+    a saved ResQ model runs too; its grid is kernels.activation_codes, tied to fit_grid by a
+    test.)"""
+    return llama.quantize_slices(x, bits, high_bits, r, zero_in_range)
 
 
 def per_head(fn, hd: int):

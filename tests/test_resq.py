@@ -193,6 +193,19 @@ def test_activation_error_at_most_half_a_step_and_batch_independent(seed, bits, 
     assert torch.equal(mixq.quantize_activations(x, 16, 16, r), x)  # 16 bits: exact
 
 
+@given(seed=st.integers(0, 10 ** 6), bits=st.sampled_from([2, 4, 8]), zero=st.booleans())
+def test_activation_codes_are_fit_grids_codes(seed, bits, zero):
+    # kernels.py's per-token grid (it imports nothing of ours) is mixq's fit_grid without MSE
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(12, 24, generator=g) * torch.rand(12, 1, generator=g) * 5 + \
+        torch.randn(12, 1, generator=g) * 3
+    x[0] = 1.5  # a flat row
+    c, s, z = kernels.activation_codes(x, bits, zero)
+    s2, z2 = mixq.fit_grid(x, bits, zero_in_range=zero)
+    assert torch.equal(s, s2) and torch.equal(z, z2)
+    assert torch.equal(c, mixq.quant_codes(x, s2, z2, 2 ** bits - 1))
+
+
 @given(seed=st.integers(0, 10 ** 6))
 def test_gptq_high_columns_get_their_own_grid(seed):
     g = torch.Generator().manual_seed(seed)
