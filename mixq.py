@@ -2159,6 +2159,9 @@ def export_quantized(src, fmt: str, out_dir, drop_kept: bool = False, log=print)
     if qc.get("quant_method") != "mixq":
         raise ValueError(f"{src}: not a mixq checkpoint (quant_method "
                          f"{qc.get('quant_method')!r}); quantize with --save first")
+    if "resq" in qc:
+        raise ValueError(f"{src}: a ResQ checkpoint; no other tool runs ResQ's 4/8-bit subspaces "
+                         "and quantized activations, so it has no export")
     if Path(out_dir).resolve() == src.resolve():
         raise ValueError(f"--export {out_dir}: that is the checkpoint it reads")
     check_save_dir(out_dir)

@@ -256,6 +256,8 @@ def test_cli_rtn_on_embedded_saves_a_checkpoint_eval_reproduces(tmp_path):
     (["--method", "quantease", "--act-order", "--groupsize", "64", "--save", "/tmp/x"],
      "needs --static-groups"),
     (["--method", "resq", "--act-order"], "ResQ's GPTQ takes the low columns first"),
+    (["--method", "resq", "--wbits", "3", "--save", "/tmp/x"], "can be evaluated but not saved"),
+    (["--method", "resq", "--export", "gptq", "/tmp/x"], "no other tool runs ResQ"),
 ])
 def test_cli_bad_input(args, msg):
     r = subprocess.run([sys.executable, str(ROOT / "mixq.py")] + args, capture_output=True,

@@ -433,6 +433,13 @@ def test_saved_resq_model_runs_in_integers_with_the_in_memory_perplexity(saved_r
     assert len(model.generate(tok.encode("def f(x):"), 8)) == 8  # the KV cache in codes
 
 
+def test_a_resq_checkpoint_has_no_export(saved_resq, tmp_path):
+    with pytest.raises(ValueError, match="no other tool runs ResQ"):
+        mixq.export_quantized(saved_resq[0], "gptq", tmp_path / "x")
+    with pytest.raises(ValueError, match="no other tool runs ResQ"):
+        mixq.check_options("resq", mixq.QuantConfig(), None, ("gptq", str(tmp_path / "y")))
+
+
 def test_a_damaged_resq_checkpoint_is_refused(saved_resq, tmp_path):
     ck = tmp_path / "q"
     shutil.copytree(saved_resq[0], ck)
