@@ -920,7 +920,7 @@ def activation_codes(x: torch.Tensor, bits: int, zero_in_range: bool = True):
     xmin, xmax = torch.where(flat, xmin - 1, xmin), torch.where(flat, xmax + 1, xmax)
     s = round_up_fp16((xmax - xmin) / maxq)
     z = torch.round(-xmin / s)
-    return torch.clamp(torch.round(x / s + z), 0, maxq), s, z
+    return (x / s).add_(z).round_().clamp_(0, maxq), s, z  # clamp(round(x/s + z), 0, maxq)
 
 
 def signed_codes(qweight: torch.Tensor, bits: int, K: int) -> torch.Tensor:
@@ -1033,7 +1033,7 @@ class ResQLinear(nn.Module):
             K, G, a = sl["width"], sl["group"], sl["act_bits"]
             xs = x2[:, start:start + K].reshape(M * K // G, G)  # a row per token and group
             c, s, z = activation_codes(xs, a, sl["zero_in_range"])
-            c = (c - 2 ** (a - 1)).to(torch.int8).reshape(M, K)
+            c = c.sub_(2 ** (a - 1)).to(torch.int8).reshape(M, K)
             s = s.reshape(M, K // G).double()
             z = (z - 2 ** (a - 1)).reshape(M, K // G).to(torch.int32)
             sw, n = getattr(self, f"scale_{i}").double(), K // G  # n groups
@@ -1042,14 +1042,14 @@ class ResQLinear(nn.Module):
                 blocks[torch.arange(n), :, torch.arange(n)] = c.view(M, n, G).transpose(0, 1)
                 P = self.product(blocks.view(n * M, K), qw, i).view(n, M, N)
                 P -= z.T[:, :, None] * self.colsums[i][:, None, :]  # (n, M, N) int32
-                term = P.double().mul_(sw).mul_(s.T[:, :, None]).sum(0)
+                term = torch.mul(P, s.T[:, :, None]).mul_(sw).sum(0)
                 y = term if y is None else y.add_(term)
             else:
                 for j in range(n):  # sx_j sw (sum cx qw - zx_j sum qw), the sums exact
                     P = self.product(c[:, j * G:(j + 1) * G], qw[j * G:(j + 1) * G], i, j)
-                    P -= z[:, j:j + 1] * self.colsums[i][j]
-                    term = P.double().mul_(sw).mul_(s[:, j:j + 1])  # exact: 31 + 11 + 11 bits
-                    y = term if y is None else y.add_(term)
+                    P.addr_(z[:, j], self.colsums[i][j], alpha=-1)  # P -= zx_j sum qw
+                    term = torch.mul(P, s[:, j:j + 1])  # fp64, exact: 31 + 11 + 11 bits
+                    y = term.mul_(sw) if y is None else y.addcmul_(term, sw)
             start += K
         return y.to(x.dtype).reshape(*x.shape[:-1], N)
 
