@@ -86,9 +86,16 @@ def linears(a):
                   flush=True)
 
 
+def peak_rss_gb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 2 ** 20
+    return float("nan")
+
+
 def one_model(ckpt: str, repeats: int) -> dict:
-    """Prefill and decode speed of one checkpoint, with this process's peak memory."""
-    import resource
+    """Prefill and decode speed of one checkpoint, with this process's peak memory (VmHWM:
+    getrusage's maxrss would count the parent's memory at the fork)."""
     model, tok = llama.load(ckpt)
     x = torch.randint(0, model.args.vocab_size, (1, 512), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -102,7 +109,7 @@ def one_model(ckpt: str, repeats: int) -> dict:
     cache = model.layers[0].self_attn.cache
     per_layer = sum(b.numel() * b.element_size() for b in cache.buffers()) / 2048
     return {"prefill_tps": 512 / prefill, "decode_tps": 1 / decode,
-            "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20,
+            "peak_rss_gb": peak_rss_gb(),
             "kv_bytes_per_token": per_layer * model.args.n_layers,
             "kv_cache_type": type(cache).__name__}
 
