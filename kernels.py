@@ -4,9 +4,11 @@ This file imports torch and triton and nothing of ours, so it can be copied alon
 the format (pack/unpack, dequantize: the torch reference every device runs); one simple Triton
 kernel, simple_quant_matmul, to read first; the fast paths (quant_matmul: a GEMV for decode, a
 dequantize-in-tile GEMM for small batches, dequantize + cuBLAS for prefill, and CSR outlier
-kernels); QuantLinear, which model.py swaps in for a quantized nn.Linear; and the column loops
-of GPTQ and QuantEase that mixq.py runs on a GPU (one launch per block of columns). Tests run
-the kernels on the CPU with TRITON_INTERPRET=1; scripts/bench_kernels.py times them on a GPU.
+kernels); QuantLinear, which model.py swaps in for a quantized nn.Linear; ResQ's integer
+product (int8 activation codes times packed weight codes, exact in int32) and ResQLinear; and
+the column loops of GPTQ and QuantEase that mixq.py runs on a GPU (one launch per block).
+Tests run the kernels on the CPU with TRITON_INTERPRET=1; scripts/bench_kernels.py times them
+on a GPU.
 
 The format, one quantized nn.Linear of weight W (N out_features x K in_features), g = group size
 (g = K for one group per output channel):

@@ -448,7 +448,8 @@ def gptq(W: torch.Tensor, H: torch.Tensor, cfg: QuantConfig,
     (SpQR's rule). high (n,) bool: ResQ's high-precision input columns, with their own per-row
     grid at cfg.high_bits (the others at cfg.wbits), both fitted once on the original W, in one
     GPTQ pass that takes the low columns first and the high ones last (ResQ moves o_proj's
-    high columns, the last hd/8 of each head, to the end before its GPTQ). Result.loss = ||E||^2 = tr((W - Q) H_damped (W - Q)^T)."""
+    high columns, the last hd/8 of each head, to the end before its GPTQ).
+    Result.loss = ||E||^2 = tr((W - Q) H_damped (W - Q)^T)."""
     W, H = as_work(W).clone(), as_work(H).clone()
     m, n = W.shape
     g = group_size(cfg, n)
@@ -2231,8 +2232,9 @@ def calibration_data(spec: str, tok, nsamples: int, seqlen: int, seed: int,
     """(samples, answer masks or None). Corpora: random windows (calibration_windows). Tasks, as
     TaCQ's released code: one item ("prompt answer") per sample, in a seeded order, cut at
     seqlen tokens (the released code does not cut; the cut keeps a sample within the memory
-    that --seqlen sets; the bundled tasks' longest item, in arith, has 51 tokens), until the samples hold nsamples * seqlen tokens (or the items run out); the
-    loss then covers every position. With answer_loss (mixq's own protocol): the items joined
+    that --seqlen sets; the bundled tasks' longest item, in arith, has 51 tokens), until the
+    samples hold nsamples * seqlen tokens (or the items run out); the loss then covers every
+    position. With answer_loss (mixq's own protocol): the items joined
     by blank lines and cut into consecutive windows of seqlen, fewer than nsamples if the items
     run out, with masks of the answer tokens, the only ones the loss scores."""
     if not metrics.is_task(spec):

@@ -2,14 +2,15 @@
 
 Sections
   1. ModelArgs        the hyper-parameters, read from an HF config.json or from GGUF metadata
-  2. The network      RMSNorm, RoPE (HF half-rotation layout), GQA attention, SwiGLU MLP, blocks
+  2. The network      RMSNorm, RoPE (HF half-rotation layout), GQA attention, SwiGLU MLP, blocks;
+                      ResQ's online operations (key rotation, KV cache in codes, Hadamard)
   3. Generation       KV cache, CUDA-graph decoding step, q/k/v and gate/up fused for decoding,
                       greedy / temperature + top-p sampling
   4. Tokenizer        `tokenizers` from tokenizer.json or from a GGUF vocabulary; chat prompts
                       from the checkpoint's own Jinja template, rendered as transformers does
   5. Loading          HF directories (one file or shards), GGUF files, short names, the embedded
-                      default model, quantized mixq checkpoints and GPTQ ones; validation
-                      before any long work
+                      default model, quantized mixq checkpoints (ResQ's too) and GPTQ ones;
+                      validation before any long work
   6. CLI              python model.py [--ckpt X] --prompt "..." [--max-new-tokens N]
 
 Module names follow Hugging Face (`layers.3.self_attn.q_proj`, `layers.3.mlp.down_proj`) without

@@ -97,7 +97,8 @@ def one_model(ckpt: str, repeats: int) -> dict:
     """Prefill and decode speed of one checkpoint, with this process's peak memory (VmHWM:
     getrusage's maxrss would count the parent's memory at the fork)."""
     model, tok = llama.load(ckpt)
-    x = torch.randint(0, model.args.vocab_size, (1, 512), generator=torch.Generator().manual_seed(0))
+    x = torch.randint(0, model.args.vocab_size, (1, 512),
+                      generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         prefill = best(lambda: model(x), repeats)
     prompt = x[0, :128].tolist()
