@@ -1004,7 +1004,7 @@ class ResQLinear(nn.Module):
         self.dense = None  # W (N, K), for unquantized (16-bit) activations
 
     def weight_codes(self) -> list:
-        if self.codes is None:
+        if self.codes is None or self.codes[0].device != self.qweight_0.device:  # (moved)
             self.codes = [signed_codes(getattr(self, f"qweight_{i}"), sl["bits"], sl["width"])
                           for i, sl in enumerate(self.slices)]
             self.colsums = [qw.view(sl["width"] // sl["group"], sl["group"], -1).sum(
