@@ -311,17 +311,22 @@ def test_integer_linear_is_the_fake_quantized_one(name, seed, abits, wbits):
     assert torch.equal(fake(x), y)
 
 
+def resq_weights(model, cfg):
+    """ResQ's bases and GPTQ on a tiny model (4 x 32 random calibration tokens) -> results."""
+    calib = torch.randint(0, 128, (4, 32), generator=torch.Generator().manual_seed(4))
+    mixq.resq_prepare(model, calib, cfg, log=lambda s: None)
+    return mixq.quantize_model(model, calib, "resq", cfg, log=lambda s: None)
+
+
 @pytest.mark.parametrize("rotation,abits", [("pca", 4), ("pca", 16), ("random", 4),
                                             ("none", 4)])
 def test_resq_pipeline_on_a_tiny_model(tmp_path, rotation, abits):
     model = tiny(tmp_path)
     x = torch.randint(0, 128, (1, 40), generator=torch.Generator().manual_seed(3))
     fp = model(x)
-    calib = torch.randint(0, 128, (4, 32), generator=torch.Generator().manual_seed(4))
     cfg = mixq.method_config("resq", mixq.QuantConfig(wbits=4, abits=abits, kvbits=abits,
                                                 rotation=rotation))
-    mixq.resq_prepare(model, calib, cfg, log=lambda s: None)
-    res = mixq.quantize_model(model, calib, "resq", cfg, log=lambda s: None)
+    res = resq_weights(model, cfg)
     w4 = model(x)
     mixq.install_resq_quantizers(model, cfg)
     out = model(x)
@@ -383,11 +388,9 @@ def test_quantized_kv_cache_stores_codes_and_reads_back_the_fake_quantized_value
                                                     (4, 16, "pca"), (4, 4, "random")])
 def test_a_saved_resq_model_gives_the_in_memory_logits(tmp_path, abits, kvbits, rotation):
     model = tiny(tmp_path)
-    calib = torch.randint(0, 128, (4, 32), generator=torch.Generator().manual_seed(4))
     cfg = mixq.method_config("resq", mixq.QuantConfig(wbits=4, abits=abits, kvbits=kvbits,
                                                       rotation=rotation))
-    mixq.resq_prepare(model, calib, cfg, log=lambda s: None)
-    res = mixq.quantize_model(model, calib, "resq", cfg, log=lambda s: None)
+    res = resq_weights(model, cfg)
     mixq.install_resq_quantizers(model, cfg)
     qconfig = {"quant_method": "mixq", "method": "resq", "bits": 4, "group_size": -1,
                "resq": mixq.resq_config(model.args, cfg, res)}
