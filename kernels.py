@@ -975,6 +975,15 @@ def int_matmul(a: torch.Tensor, qweight: torch.Tensor, bits: int) -> torch.Tenso
     return P
 
 
+def scaled(P: torch.Tensor, ss: torch.Tensor) -> torch.Tensor:
+    """P ss rounded once to fp32, for int32 sums P and fp32 scales ss that are products of two
+    fp16 values (so exact): in fp32 when every |P| <= 2^24 (exact as floats), else in fp64."""
+    lo, hi = torch.aminmax(P)
+    if max(-int(lo), int(hi)) <= 2 ** 24:
+        return torch.mul(P, ss)
+    return torch.mul(P.double(), ss.double()).float()
+
+
 # perf: below this many rows (tokens x groups) the groups of a slice share one product, each
 # group's codes in a row block of their own (zeros elsewhere): o_proj's per-head groups at
 # decode are one call instead of one per head; above it the zeros would cost more than calls
@@ -1028,30 +1037,32 @@ class ResQLinear(nn.Module):
         x2 = x.reshape(M, self.in_features).float()
         if hasattr(self, "perm"):
             x2 = x2[:, self.perm]
-        # the scales in fp64: each group's term sx sw (P - zx sum qw) is then exact and y is
-        # rounded once, to the fp32 value that mixq's fake quantization (FakeQuantLinear) gives
+        # y = sum over slices i and groups j of sx sw P, each term rounded once to fp32 (sx sw
+        # is exact in fp32, P too below 2^24) and the terms summed in fp32 in that order: the
+        # numbers of mixq's fake quantization (FakeQuantLinear), bit for bit
         y, start = None, 0
         for i, (sl, qw) in enumerate(zip(self.slices, self.weight_codes())):
             K, G, a = sl["width"], sl["group"], sl["act_bits"]
             xs = x2[:, start:start + K].reshape(M * K // G, G)  # a row per token and group
             c, s, z = activation_codes(xs, a, sl["zero_in_range"])
             c = c.sub_(2 ** (a - 1)).to(torch.int8).reshape(M, K)
-            s = s.reshape(M, K // G).double()
+            s = s.reshape(M, K // G)
             z = (z - 2 ** (a - 1)).reshape(M, K // G).to(torch.int32)
-            sw, n = getattr(self, f"scale_{i}").double(), K // G  # n groups
+            sw, n = getattr(self, f"scale_{i}").float(), K // G  # n groups
             if M * n <= SMALL_ROWS:  # perf: every group in one product (zeros elsewhere)
                 blocks = c.new_zeros(n, M, n, G)  # row block j holds group j's codes
                 blocks[torch.arange(n), :, torch.arange(n)] = c.view(M, n, G).transpose(0, 1)
                 P = self.product(blocks.view(n * M, K), qw, i).view(n, M, N)
                 P -= z.T[:, :, None] * self.colsums[i][:, None, :]  # (n, M, N) int32
-                term = torch.mul(P, s.T[:, :, None]).mul_(sw).sum(0)
-                y = term if y is None else y.add_(term)
+                terms = scaled(P, s.T[:, :, None] * sw).unbind(0)
             else:
+                terms = []
                 for j in range(n):  # sx_j sw (sum cx qw - zx_j sum qw), the sums exact
                     P = self.product(c[:, j * G:(j + 1) * G], qw[j * G:(j + 1) * G], i, j)
                     P.addr_(z[:, j], self.colsums[i][j], alpha=-1)  # P -= zx_j sum qw
-                    term = torch.mul(P, s[:, j:j + 1])  # fp64, exact: 31 + 11 + 11 bits
-                    y = term.mul_(sw) if y is None else y.addcmul_(term, sw)
+                    terms.append(scaled(P, s[:, j:j + 1] * sw))
+            for t in terms:
+                y = t if y is None else y.add_(t)
             start += K
         return y.to(x.dtype).reshape(*x.shape[:-1], N)
 
@@ -1075,6 +1086,25 @@ class ResQLinear(nn.Module):
                           (f" g{sl['group']}" if sl["group"] < sl["width"] else "")
                           for sl in self.slices)
         return f"in={self.in_features}, out={self.out_features}, {parts}"
+
+
+def stack_resq_linears(linears: list) -> Optional[ResQLinear]:
+    """One ResQLinear whose output is the outputs of `linears` (same input) side by side, or
+    None if they read their input differently (slices or perm): weight codes and scales are
+    column blocks (., N), so they stack along N as they are; the input is quantized once."""
+    a = linears[0]
+
+    def same_input(m):
+        p, q = getattr(m, "perm", None), getattr(a, "perm", None)
+        return (m.in_features, m.slices) == (a.in_features, a.slices) and (
+            p is None and q is None or p is not None and q is not None and torch.equal(p, q))
+    if not all(same_input(m) for m in linears):
+        return None
+    t = {"perm": a.perm} if hasattr(a, "perm") else {}
+    for i in range(len(a.slices)):
+        t[f"qweight_{i}"] = torch.cat([getattr(m, f"qweight_{i}") for m in linears], dim=1)
+        t[f"scale_{i}"] = torch.cat([getattr(m, f"scale_{i}") for m in linears])
+    return ResQLinear(a.in_features, sum(m.out_features for m in linears), a.slices, t)
 
 
 # -----------------------------------------------------------------------------

@@ -1814,18 +1814,32 @@ def resq_high_columns(name: str, args: llama.ModelArgs, cfg: QuantConfig):
 
 
 class FakeQuantLinear(torch.nn.Module):
-    """y = Q(x) W^T: the input fake-quantized by `quantize`, then the product in fp64. Q(x) and
-    the ResQ weights are exact in fp32 (fp16 scales times small integers), so in fp64 every
-    product and each group's sum is exact and the result is rounded once, as the integer path
-    (kernels.ResQLinear: exact int32 sums, scaled in fp64) rounds it: the same numbers."""
+    """y = Q(x) W^T: the input fake-quantized by `quantize`, then the product group by group
+    (`groups`: the input columns of each group of each slice, in kernels.ResQLinear's order).
+    Q(x) and the ResQ weights are exact in fp32 (fp16 scales times small integers) and share one
+    scale pair inside a group, so a group's product in fp64 is exact: each is rounded once to
+    fp32, then the groups are summed in fp32 in order, as the integer path does: the same
+    numbers, bit for bit."""
 
-    def __init__(self, linear: torch.nn.Linear, quantize):
+    def __init__(self, linear: torch.nn.Linear, quantize, groups: list):
         super().__init__()
-        self.weight, self.quantize = linear.weight, quantize
+        self.weight, self.quantize, self.groups = linear.weight, quantize, groups
         self.in_features, self.out_features = linear.in_features, linear.out_features
 
     def forward(self, x):
-        return F.linear(self.quantize(x).double(), self.weight.double()).to(x.dtype)
+        xq, W, y = self.quantize(x).double(), self.weight.double(), None
+        for cols in self.groups:
+            t = F.linear(xq[..., cols], W[:, cols]).float()  # exact, then rounded once
+            y = t if y is None else y + t
+        return y.to(x.dtype)
+
+
+def resq_groups(name: str, args: llama.ModelArgs, cfg: QuantConfig) -> list:
+    """The input columns of each activation group of a ResQ linear, slice after slice."""
+    slices, perm = resq_slices(name, args, cfg)
+    order = torch.arange(sum(sl["width"] for sl in slices)) if perm is None else perm
+    return list(order.split([sl["group"] for sl in slices
+                             for _ in range(sl["width"] // sl["group"])]))
 
 
 def install_resq_quantizers(model: llama.Transformer, cfg: QuantConfig):
@@ -1846,7 +1860,8 @@ def install_resq_quantizers(model: llama.Transformer, cfg: QuantConfig):
                                            (mlp, "gate_proj", tokens(r_res)),
                                            (mlp, "up_proj", tokens(r_res)),
                                            (mlp, "down_proj", tokens(0))):
-                setattr(parent, name, FakeQuantLinear(getattr(parent, name), quantize))
+                groups = resq_groups(name, a, cfg)
+                setattr(parent, name, FakeQuantLinear(getattr(parent, name), quantize, groups))
         if cfg.kvbits < 16:
             att.kv_quant = llama.KVQuantizer(cfg.kvbits, cfg.high_bits, r_head)
             if att.post_rope is None:

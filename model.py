@@ -271,12 +271,14 @@ def hadamard_transform(x: torch.Tensor, odd: Optional[torch.Tensor] = None) -> t
     p = n // m
     lead = (*x.shape[:-1], m)
     y = x.reshape(*lead, p)
-    h = 1
-    while h < p:  # butterflies: (a, b) -> (a + b, a - b) on pairs h apart
-        y = y.reshape(*lead, p // (2 * h), 2, h)
-        a, b = y[..., 0, :], y[..., 1, :]
-        y = torch.stack([a + b, a - b], dim=-2).reshape(*lead, p)
-        h *= 2
+    bufs = (torch.empty_like(y), torch.empty_like(y))  # perf: each stage writes the other one
+    for i in range(p.bit_length() - 1):  # butterflies: (a, b) -> (a + b, a - b), pairs h apart
+        h = 2 ** i
+        a, b = y.view(*lead, p // (2 * h), 2, h).unbind(-2)
+        y = bufs[i % 2]
+        out = y.view(*lead, p // (2 * h), 2, h)
+        torch.add(a, b, out=out[..., 0, :])
+        torch.sub(a, b, out=out[..., 1, :])
     y = y / math.sqrt(p)
     if odd is not None:
         # Q_m, the odd factor (row-major: its memory layout would change the sums' last bits)
@@ -541,8 +543,8 @@ class Transformer(nn.Module):
         """For decoding: q, k and v become one linear, and gate and up another, so a token reads
         those weights in one launch each instead of three and two (small decode launches are
         latency-bound). The outputs are the same; the separate linears are dropped, so quantize
-        and save before, not after. Quantized layers stack only when they share bits and group
-        size (model.stack_linears); a pair that cannot stays split."""
+        and save before, not after. Quantized layers stack only when they read their input alike
+        (bits and group size; ResQ's slices) (model.stack_linears); others stay split."""
         for layer in self.layers:
             attn, mlp = layer.self_attn, layer.mlp
             qkv = stack_linears([attn.q_proj, attn.k_proj, attn.v_proj])
@@ -659,7 +661,8 @@ class Transformer(nn.Module):
 def stack_linears(linears: list) -> Optional[nn.Module]:
     """One linear whose output is the outputs of `linears` (same input) side by side, or None
     when they cannot be stacked: nn.Linear weights are concatenated along the outputs,
-    kernels.QuantLinear ones by kernels.stack_quant_linears."""
+    kernels.QuantLinear and ResQLinear ones by kernels.stack_quant_linears and
+    stack_resq_linears."""
     if all(type(m) is nn.Linear and m.bias is None for m in linears):
         w = torch.cat([m.weight.detach() for m in linears])  # (sum N, K)
         out = nn.Linear(w.shape[1], w.shape[0], bias=False, device=w.device, dtype=w.dtype)
@@ -667,6 +670,8 @@ def stack_linears(linears: list) -> Optional[nn.Module]:
         return out
     if all(type(m).__name__ == "QuantLinear" for m in linears):
         return import_kernels().stack_quant_linears(linears)
+    if all(type(m).__name__ == "ResQLinear" for m in linears):
+        return import_kernels().stack_resq_linears(linears)
     return None
 
 

@@ -13,8 +13,9 @@ high slice), down_proj as 14336 at 4 bits. "int8 GEMM" is torch._int_mm alone on
 the rest of the integer column is quantizing the activations and the scales. Best of --repeats.
 `model`: a W4A4KV4 ResQ checkpoint of the embedded model (--resq DIR, or made here: RTN weights
 and 2 x 64 calibration tokens, which set the numbers but not the speed), loaded as a user loads
-it, against the fp model: a 512-token prefill and 64 decoded tokens after a 128-token prompt
-(batch 1), each model in a process of its own for its peak memory.
+it, against the fp model, q/k/v and gate/up stacked in both (model.fuse_projections): a 512-token
+prefill and 64 decoded tokens after a 128-token prompt (batch 1), each model in a process of its
+own for its peak memory.
 Threads: torch's default (every core) unless --threads.
 """
 
@@ -97,6 +98,7 @@ def one_model(ckpt: str, repeats: int) -> dict:
     """Prefill and decode speed of one checkpoint, with this process's peak memory (VmHWM:
     getrusage's maxrss would count the parent's memory at the fork)."""
     model, tok = llama.load(ckpt)
+    model.fuse_projections()  # q/k/v and gate/up as one linear each (both models)
     x = torch.randint(0, model.args.vocab_size, (1, 512),
                       generator=torch.Generator().manual_seed(0))
     with torch.no_grad():

@@ -434,3 +434,16 @@ def test_int_matmul_kernel_is_the_exact_integer_product(bits, M, N, k_words, see
     assert torch.equal(ref.long(), a.long() @ (codes - 2 ** (bits - 1)))
     assert torch.equal(kernels.int_matmul(a.to(DEVICE), qweight.to(DEVICE), bits).cpu(), ref)
     assert torch.equal(torch._int_mm(a, kernels.signed_codes(qweight, bits, K)), ref)
+
+
+@given(seed=st.integers(0, 10 ** 6), big=st.booleans())
+def test_scaled_sums_are_rounded_once(seed, big):
+    # P ss with ss a product of two fp16 values: fp32 while P is exact as a float, fp64 beyond
+    # (big: sums past 2^24); both round the exact product once
+    g = torch.Generator().manual_seed(seed)
+    limit = 2 ** 30 if big else 2 ** 24
+    P = torch.randint(-limit, limit + 1, (7, 9), generator=g, dtype=torch.int32)
+    sx = (torch.rand(7, 1, generator=g) * 1e-2).half().float()
+    sw = (torch.rand(9, generator=g) * 1e-2).half().float()
+    exact = (P.double() * (sx.double() * sw.double())).float()
+    assert torch.equal(kernels.scaled(P, sx * sw), exact)

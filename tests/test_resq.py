@@ -305,8 +305,10 @@ def test_integer_linear_is_the_fake_quantized_one(name, seed, abits, wbits):
     y = lin(x)
     assert y.dtype == x.dtype and y.shape == (2, 5, 48)
     assert float((y.double() - ref).abs().max() / ref.abs().max()) < 1e-6
-    # the paper's path as mixq runs it: every product exact, one rounding, the same numbers
-    fake = mixq.FakeQuantLinear(torch.nn.Linear(K, 48, bias=False), lambda t: xq)
+    # the paper's path as mixq runs it: each group's product exact, rounded once, the groups
+    # summed in fp32 in the same order: the same numbers
+    fake = mixq.FakeQuantLinear(torch.nn.Linear(K, 48, bias=False), lambda t: xq,
+                                mixq.resq_groups(name, args, cfg))
     fake.weight.data = qz.dequantize().float()
     assert torch.equal(fake(x), y)
 
@@ -405,6 +407,10 @@ def test_a_saved_resq_model_gives_the_in_memory_logits(tmp_path, abits, kvbits, 
         last = loaded(x[:, :39])[:, -1:], loaded(x[:, 39:], start_pos=39)
         loaded.setup_cache(2, None)
         torch.testing.assert_close(last[1], model(x)[:, -1:], rtol=1e-4, atol=1e-4)
+        # q/k/v and gate/up stacked (one input quantization each): the same numbers
+        loaded.fuse_projections()
+        assert isinstance(loaded.layers[0].self_attn.qkv_proj, kernels.ResQLinear)
+        assert torch.equal(loaded(x), model(x))
 
 
 @pytest.fixture(scope="module")
