@@ -336,9 +336,9 @@ def continuation_logprobs(model, tokenizer, items: list, max_tokens: int = 1024)
     -> one list per item. Context and continuation are tokenized together and only the
     continuation's tokens are scored (so the boundary token is the one the model would see).
     An item's sequences are right-padded to its longest, T tokens: causal attention keeps the
-    padding out of the scores. Items of the same T share a forward (up to max_tokens tokens): on
-    the CPU each row then gets exactly the numbers it gets alone, while padding to another
-    length would move the attention's sums in their last bits (tests/test_tasks.py)."""
+    padding out of the scores. Items of the same T share a forward (up to max_tokens tokens), so
+    each row gets the numbers it gets alone up to the order of the BLAS's sums, which may
+    change with the number of rows (tests/test_tasks.py)."""
     # perf: one forward per item ran the model on a handful of short rows at a time
     out = [None] * len(items)
     by_length = {}  # T -> [(item index, context length, its sequences)]
