@@ -9,7 +9,9 @@ Sections
                   log-likelihood (acc, acc_norm), generation by greedy exact match
   5. CLI          python eval.py [--ckpt X] [--corpus pydoc] [--seqlen 512] [--windows N] [--json OUT]
 
-Imports flow one way: this file imports only model.py.
+Imports flow one way: this file imports only model.py, and only in its CLI: the functions take
+a model object (anything that maps token ids (1, T) to logits (1, T, vocab) and has a .device),
+so eval.py can be copied alone.
 """
 
 from __future__ import annotations
@@ -26,8 +28,6 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
-
-import model as llama
 
 # -----------------------------------------------------------------------------
 # 1. Corpora
@@ -70,7 +70,7 @@ def corpus_text(spec: str, split: str = "eval") -> str:
     raise ValueError(f"unknown corpus {spec!r}: use pydoc, text:PATH or wikitext2:DIR")
 
 
-def corpus_tokens(spec: str, tokenizer: llama.Tokenizer, split: str = "eval") -> torch.Tensor:
+def corpus_tokens(spec: str, tokenizer, split: str = "eval") -> torch.Tensor:
     """Token ids (1-D), tokenized once without BOS. For pydoc, split='eval' is the last 10% of the
     tokens and split='calib' the first 90%; 'all' is everything."""
     ids = torch.tensor(tokenizer.encode(corpus_text(spec, split)), dtype=torch.long)
@@ -92,7 +92,7 @@ def check_windows(seqlen: int, windows: Optional[int] = None):
 
 
 @torch.no_grad()
-def perplexity(model: llama.Transformer, tokens: torch.Tensor, seqlen: int = 512,
+def perplexity(model: torch.nn.Module, tokens: torch.Tensor, seqlen: int = 512,
                windows: Optional[int] = None, progress: bool = False) -> dict:
     """GPTQ-protocol perplexity of `tokens` (1-D): windows [i*seqlen, (i+1)*seqlen), no context
     across windows, the remainder dropped; ppl = exp(sum of NLL / number of predicted tokens)."""
@@ -130,7 +130,7 @@ def protocol(corpus: str, split: str, seqlen: int, windows: int, tokens: int) ->
 
 
 @torch.no_grad()
-def speed(model: llama.Transformer, prompt_len: int = 512, new_tokens: int = 32, repeats: int = 3,
+def speed(model: torch.nn.Module, prompt_len: int = 512, new_tokens: int = 32, repeats: int = 3,
           vocab: Optional[int] = None, static: bool = False, compile: bool = False) -> dict:
     """Prefill tokens/s (one forward of prompt_len tokens) and decode tokens/s (batch 1, KV
     cache, one token per step), best of `repeats`, on random token ids. static: decode with
@@ -453,6 +453,8 @@ def write_json(path, obj):
 
 def main():
     import argparse
+
+    import model as llama
     p = argparse.ArgumentParser(description="Perplexity (GPTQ protocol) and speed of a checkpoint.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--ckpt", default=None, help="short name, HF directory or .gguf file; "

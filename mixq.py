@@ -53,10 +53,38 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-import eval as metrics
-import model as llama
 
-kernels = llama.import_kernels()  # our kernels.py, not Hugging Face's package of the same name
+
+class Missing:
+    """Stands in for a project file that is not beside mixq.py: using it raises the import
+    error. The algorithms (sections 1-5) need torch only, so mixq.py can be copied alone for
+    them; loading models, the pipeline, evaluation and the CLI need model.py, eval.py and
+    kernels.py."""
+
+    def __init__(self, error: ImportError):
+        self.error = error
+
+    def __getattr__(self, name):
+        raise ImportError(f"this part of mixq needs the rest of the project: {self.error}")
+
+
+try:
+    import model as llama
+except ImportError as e:
+    llama = Missing(e)
+try:
+    import eval as metrics
+except ImportError as e:
+    metrics = Missing(e)
+try:
+    kernels = llama.import_kernels()  # our kernels.py, not Hugging Face's package of that name
+except ImportError as e:
+    kernels = Missing(e)
+
+
+def use_triton(x: torch.Tensor) -> bool:
+    """Whether x's device runs kernels.py's Triton loops (a GPU; never without kernels.py)."""
+    return not isinstance(kernels, Missing) and kernels.use_triton(x)
 
 # -----------------------------------------------------------------------------
 # 1. The grid
@@ -488,7 +516,7 @@ def gptq(W: torch.Tensor, H: torch.Tensor, cfg: QuantConfig,
     if not static and g < n and g % B and B % g:
         B = math.gcd(B, g)
     block, threads = gptq_block, torch.get_num_threads()  # threads: for the grid searches
-    if kernels.use_triton(W) and B <= 128:  # one launch per block, which refits no grid inside
+    if use_triton(W) and B <= 128:  # one launch per block, which refits no grid inside
         block, B = kernels.gptq_block, (B if static else min(B, g))
     for i1 in range(0, n, B):
         i2 = min(i1 + B, n)
@@ -656,7 +684,7 @@ def cd_sweep(What, P, S_off, s, z, maxq: int, rounded: bool = True, blocksize: i
     u_j = P_j - sum_k What_k S_off_kj; s, z (m, n) the fixed grid. Returns What."""
     n = What.shape[1]
     block = cd_block
-    if kernels.use_triton(What):  # the same loop as one GPU launch per block (<= 128 columns)
+    if use_triton(What):  # the same loop as one GPU launch per block (<= 128 columns)
         block, blocksize = kernels.cd_block, min(blocksize, 128)
     Phat = What @ S_off  # (m, n): sum_k What_k S_off_kj with the values at the sweep's start
     for b1 in range(0, n, blocksize):

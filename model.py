@@ -36,6 +36,7 @@ import os
 import re
 import shutil
 import signal
+import sys
 import tempfile
 import time
 from contextlib import contextmanager
@@ -1297,14 +1298,19 @@ def load(ckpt: Optional[str] = None, dtype="fp32", device="cpu", only=None):
 
 
 def import_kernels():
-    """mixq's kernels.py. Hugging Face's `kernels` package (which transformers 5.24+ imports with
-    its model classes) has the same import name, and a process keeps whichever it imported first:
-    refuse the other one clearly."""
-    import kernels
+    """mixq's kernels.py (quantized checkpoints need it; it sits beside model.py). Hugging Face's
+    `kernels` package (which transformers 5.24+ imports with its model classes) has the same
+    import name, and a process keeps whichever it imported first: refuse the other one clearly."""
+    imported_before = "kernels" in sys.modules
+    try:
+        import kernels
+    except ImportError as e:
+        raise ImportError("quantized checkpoints need mixq's kernels.py beside model.py") from e
     if not hasattr(kernels, "QuantLinear"):
-        raise ImportError(f"`import kernels` gave {kernels.__file__}, not mixq's kernels.py: "
-                          "transformers imported Hugging Face's `kernels` package first. Run mixq "
-                          "and transformers in separate processes (see the README)")
+        why = ("another `kernels` package was imported first (transformers imports Hugging "
+               "Face's): run mixq and transformers in separate processes (see the README)"
+               if imported_before else "mixq's kernels.py is not beside model.py")
+        raise ImportError(f"`import kernels` gave {kernels.__file__}, not mixq's kernels.py: {why}")
     return kernels
 
 
