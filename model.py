@@ -1238,6 +1238,33 @@ def check_device(device):
                          "(torch.cuda.is_available() is False)")
 
 
+def free_memory(device) -> Optional[int]:
+    """Bytes free for new tensors on `device`: the GPU's free memory, or the host's MemAvailable
+    (Linux); None where it cannot be told."""
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        return torch.cuda.mem_get_info(dev)[0]
+    if dev.type == "cpu":
+        try:
+            for line in Path("/proc/meminfo").read_text().splitlines():
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+        except OSError:
+            pass
+    return None
+
+
+def check_memory(nbytes: int, device, dtype: torch.dtype, where: str):
+    """Refuse, before any data is read, weights that cannot fit: the process would otherwise be
+    killed by the system part-way through the load, with no message."""
+    free = free_memory(device)
+    if free is not None and nbytes > free:
+        cheaper = " (bf16 takes half: --dtype bf16)" if dtype == torch.float32 else ""
+        raise CheckpointError(f"{where}: its weights take {nbytes / 2 ** 30:.1f} GiB in "
+                              f"{str(dtype).replace('torch.', '')}, more than the "
+                              f"{free / 2 ** 30:.1f} GiB free on {device}{cheaper}")
+
+
 def load(ckpt: Optional[str] = None, dtype="fp32", device="cpu", only=None):
     """Load a checkpoint -> (Transformer in eval mode, Tokenizer or None).
 
@@ -1279,6 +1306,8 @@ def load(ckpt: Optional[str] = None, dtype="fp32", device="cpu", only=None):
         with open_safetensors(f) as st:
             shapes |= {o: st.get_slice(hf_name).get_shape() for o, hf_name in names.items()}
     validate(args, shapes, str(path))
+    check_memory(sum(math.prod(s) for o, s in shapes.items() if only is None or only(o)) *
+                 dtype.itemsize, device, dtype, str(path))
 
     def tensors():  # one shard open at a time, one tensor at a time
         for f, names in by_file.items():

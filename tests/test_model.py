@@ -301,6 +301,15 @@ def test_wrong_shape_names_tensor_and_shapes(tiny_ckpt):
         llama.load(str(tiny_ckpt))
 
 
+def test_weights_that_cannot_fit_are_refused_before_loading(tiny_ckpt, monkeypatch):
+    model, _ = llama.load(str(tiny_ckpt))
+    n = sum(p.numel() for p in model.parameters())  # the weights the file holds
+    monkeypatch.setattr(llama, "free_memory", lambda device: 3 * n)  # bf16 fits, fp32 not
+    with pytest.raises(llama.CheckpointError, match=r"GiB in float32, more than .* --dtype bf16"):
+        llama.load(str(tiny_ckpt))
+    assert llama.load(str(tiny_ckpt), dtype="bf16")[0].embed_tokens.weight.dtype == torch.bfloat16
+
+
 def test_missing_tensor_is_named(tiny_ckpt):
     cfg_path = tiny_ckpt / "config.json"
     cfg = json.loads(cfg_path.read_text())
