@@ -286,8 +286,8 @@ def _packed_args(t: dict) -> tuple:
 # or an OR (_fields_dot, _fields). Activations in bf16 are converted at the load; the GEMV's
 # arithmetic is fp32, the GEMM's weights are fp16 arithmetic for fp16 x and fp32 otherwise, each
 # weight rounded once (fp16/bf16 only as tl.dot inputs).
-# perf: int-to-float conversion (I2F) runs at a quarter rate on Hopper; it held the GEMV at
-# ~16 us per MLP matrix whatever the bit width until the bit tricks replaced it.
+# perf: int-to-float conversion (I2F) runs at a quarter rate on Hopper, enough to bound the GEMV
+# whatever the bit width; the bit tricks avoid it.
 
 if triton is not None:
 

@@ -6,9 +6,9 @@ load (BAR: the CTA waits, usually for a layout change through shared memory; MEM
 fence), int-to-float conversions (I2F: quarter rate on Hopper), arithmetic that flushes
 denormals to zero (FTZ; the GEMV's decode needs denormals) and 2-byte shared-memory stores
 (STS.U16: one per weight when a dequantized tile goes to shared memory one element at a
-time). A static view, not a timing: the instruction count once predicted a GEMV speedup
-that the H100 did not show, while the barriers it had missed (until the kernels were compiled
-with the launcher's run-time specialization, as now) were what mattered. The interpreter that
+time). A static view, not a timing: an instruction count does not predict a speedup, and the
+kernels are compiled with the launcher's run-time specialization so that the barriers counted
+are the ones that run. The interpreter that
 runs the tests never compiles; this catches what only the compiler rejects, before a GPU is
 at hand.
 

@@ -70,7 +70,7 @@ def test_batched_choice_scores_equal_one_at_a_time(tiny_with_tokenizer):
         assert got == pytest.approx(want, abs=1e-4)
 
 
-def test_items_scored_together_get_exactly_their_scores_alone():
+def test_items_scored_together_get_their_scores_alone():
     # items whose longest sequence has the same length share a forward; each keeps its own
     # padding, so every score is the one it gets alone, up to the BLAS's summation order (a
     # CPU's GEMM may split its sums differently for more rows)
