@@ -20,6 +20,7 @@ import json
 import math
 import os
 import random
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -103,17 +104,18 @@ def perplexity(model: torch.nn.Module, tokens: torch.Tensor, seqlen: int = 512,
     if n == 0:
         raise ValueError(f"the text has {len(tokens)} tokens, fewer than one window of {seqlen}")
     nll, count, t0 = 0.0, 0, time.perf_counter()
+    live = progress and sys.stdout.isatty()  # a line that rewrites itself: only on a terminal
     for i in range(n):
         x = tokens[i * seqlen:(i + 1) * seqlen].to(model.device)[None]  # (1, seqlen)
         logits = model(x).float()  # (1, seqlen, vocab)
         # each position predicts the next token: seqlen - 1 predictions per window
         nll += F.cross_entropy(logits[0, :-1], x[0, 1:], reduction="sum").item()
         count += seqlen - 1
-        if progress:
+        if live:
             print(f"\r  window {i + 1}/{n}  running ppl {math.exp(nll / count):.3f}", end="",
                   flush=True)
-    if progress:
-        print()
+    if live:  # erased, for the result line that follows
+        print("\r" + " " * 50 + "\r", end="", flush=True)
     return {"ppl": math.exp(nll / count), "nll": nll / count, "tokens": count, "windows": n,
             "seqlen": seqlen, "seconds": time.perf_counter() - t0}
 
@@ -464,6 +466,9 @@ def main():
     p.add_argument("--windows", type=int, default=None, help="evaluate only the first N windows")
     p.add_argument("--tasks", nargs="*", default=[], help="task accuracy too: task:NAME "
                    f"({', '.join(TASKS)}) or jsonl:PATH")
+    p.add_argument("--eval", nargs="+", default=None, metavar="SPEC",
+                   help="as mixq.py's --eval: one corpus and any task:/jsonl: specs, in place "
+                   "of --corpus and --tasks")
     p.add_argument("--speed", action="store_true", help="also measure prefill/decode tokens/s")
     p.add_argument("--static", action="store_true",
                    help="--speed: decode with static shapes (a CUDA graph on a GPU)")
@@ -475,6 +480,11 @@ def main():
     p.add_argument("--device", default="cpu", help="cpu, cuda, ...")
     p.add_argument("--json", default=None, help="write the results to this JSON file")
     a = p.parse_args()
+    if a.eval is not None:  # mixq.py's spelling
+        corpora = [s for s in a.eval if not is_task(s)]
+        if len(corpora) > 1:
+            raise SystemExit(f"error: --eval: one corpus per run, not {corpora}")
+        a.corpus, a.tasks = (corpora or [a.corpus])[0], [s for s in a.eval if is_task(s)]
     try:
         check_windows(a.seqlen, a.windows)
         if a.json:

@@ -2553,8 +2553,9 @@ class Tee:
         self.stream, self.file = stream, file
 
     def write(self, text):
-        self.file.write(text)
-        self.file.flush()
+        if not text.startswith("\r"):  # a progress line rewriting itself stays on the screen
+            self.file.write(text)
+            self.file.flush()
         return self.stream.write(text)
 
     def flush(self):

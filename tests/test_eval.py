@@ -1,5 +1,6 @@
 """eval.py: corpora, splits and the perplexity protocol."""
 
+import io
 import json
 import math
 import subprocess
@@ -10,6 +11,7 @@ import pytest
 import torch
 
 import eval as metrics
+import mixq
 import model as llama
 from conftest import ORACLE
 
@@ -122,7 +124,40 @@ def test_cli_writes_json_on_a_text_file(tmp_path):
     assert res["seqlen"] == 64 and res["tokens"] == res["windows"] * 63
 
 
+def test_cli_takes_mixq_eval_specs(tmp_path):
+    # eval.py --eval reads mixq.py's --eval: a corpus and tasks in one list
+    d = tiny_with_tokenizer(tmp_path / "tiny")
+    text = tmp_path / "t.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 40)
+    out = tmp_path / "r.json"
+    cmd = [sys.executable, str(ROOT / "eval.py"), "--ckpt", str(d), "--seqlen", "64"]
+    r = subprocess.run(cmd + ["--eval", "task:capitals", f"text:{text}", "--json", str(out)],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    res = json.loads(out.read_text())
+    assert res["corpus"] == f"text:{text}" and list(res["tasks"]) == ["task:capitals"]
+    r = subprocess.run(cmd + ["--eval", "pydoc", f"text:{text}"], capture_output=True, text=True)
+    assert r.returncode != 0 and "one corpus per run" in r.stderr
+
+
 def test_cli_bad_corpus_is_one_line_error(tmp_path):
     r = subprocess.run([sys.executable, str(ROOT / "eval.py"), "--corpus", "c4"],
                        capture_output=True, text=True)
     assert r.returncode != 0 and "unknown corpus 'c4'" in r.stderr
+
+
+def test_progress_lines_stay_off_pipes_and_logs(capsys, tmp_path):
+    class Uniform(torch.nn.Module):  # the same logits everywhere
+        device = torch.device("cpu")
+
+        def forward(self, x):
+            return torch.zeros(*x.shape, 50)
+
+    metrics.perplexity(Uniform(), torch.randint(0, 50, (100,)), 32, progress=True)
+    assert capsys.readouterr().out == ""  # not a terminal: no line rewriting itself
+    with open(tmp_path / "run.log", "w") as f:
+        tee = mixq.Tee(io.StringIO(), f)
+        tee.write("\r  window 1/3  running ppl 50.000")
+        tee.write("ppl 50.000\n")
+    assert (tmp_path / "run.log").read_text() == "ppl 50.000\n"
+    assert tee.stream.getvalue().startswith("\r  window 1/3")
