@@ -1320,26 +1320,27 @@ def global_top_k_paper(scores: dict, ratio: float) -> dict:
 
 
 def tacq(model: llama.Transformer, calib, answers, cfg: QuantConfig, device=None, log=print,
-         scores_dir=None, scores_fingerprint=None, resume=None, fingerprint=None):
+         scores: Optional[dict] = None, **pipeline):
     """TaCQ on a model, in place, step by step -> (results of the final GPTQ, masks):
       1. G = sum_s |dL_s/dW| on the fp model                   gradient_magnitudes
       2. Q_ref(W): plain GPTQ of every linear (same bits, data) quantize_model(..., "gptq")
       3. S = |W| * |W - Q_ref(W)| * G, on the fp weights       tacq_score
       4. the k = ratio * N highest S over all linears          global_top_k_masks
       5. GPTQ again, those weights kept in 16 bits             quantize_model(..., masks)
-    Steps 1-3 are `tacq_scores`, cached in scores_dir when one is given (the scores do not
-    depend on the ratio, so another ratio costs only step 5). answers: per sample, the answer
-    tokens the loss scores (--answer-loss), or None for every position."""
-    scores = cached_tacq_scores(model, calib, answers, cfg, scores_fingerprint, scores_dir,
-                                device, log)  # steps 1-3
+    Steps 1-3 are `tacq_scores`; `scores` skips them (the scores do not depend on the ratio:
+    the CLI keeps them in --scores). answers: per sample, the answer tokens the loss scores
+    (--answer-loss), or None for every position. pipeline: options of the final
+    quantize_model (the CLI's resume)."""
+    if scores is None:
+        scores = tacq_scores(model, calib, answers, cfg, device, log)  # steps 1-3
     masks = global_top_k_masks(scores, cfg.ratio)  # step 4
     del scores
     log(f"TaCQ: keeping {sum(int(m.sum()) for m in masks.values()):,} weights in 16 bits "
         f"(ratio {cfg.ratio}):")
     print_circuit(circuit_location(masks), log)
     log("final GPTQ with that mask:")
-    results = quantize_model(model, calib, "tacq", cfg, device, log, masks=masks, resume=resume,
-                             fingerprint=fingerprint)  # step 5
+    results = quantize_model(model, calib, "tacq", cfg, device, log, masks=masks,
+                             **pipeline)  # step 5
     return results, masks
 
 
@@ -1546,37 +1547,6 @@ def tacq_scores(model: llama.Transformer, calib, answers, cfg: QuantConfig, devi
         W = W.to(lin.weight.device)
         scores[name] = tacq_score(W, lin.weight.data, G.pop(name))  # on the model's device
         lin.weight.data = W  # back to the fp weights
-    return scores
-
-
-def check_scores_dir(scores_dir, fingerprint: dict) -> bool:
-    """Whether scores_dir holds scores for these settings (False: none yet); other settings
-    are refused."""
-    path = Path(scores_dir) / "scores.json"
-    if not path.exists():
-        return False
-    saved = json.loads(path.read_text())
-    if saved != fingerprint:
-        raise ValueError(f"--scores {scores_dir} holds scores for other settings (differs in: "
-                         f"{differing_keys(saved, fingerprint)}); use another directory")
-    return True
-
-
-def cached_tacq_scores(model, calib, answers, cfg, fingerprint: dict, scores_dir=None,
-                       device=None, log=print) -> dict:
-    """tacq_scores, cached in scores_dir (safetensors + a JSON fingerprint of the model, the
-    calibration data and the options), so another ratio costs no new gradients."""
-    from safetensors.torch import load_file, save_file
-    if scores_dir is None:
-        return tacq_scores(model, calib, answers, cfg, device, log)
-    d = Path(scores_dir)
-    if check_scores_dir(d, fingerprint):
-        log(f"scores: reusing {d}")
-        return load_file(str(d / "scores.safetensors"))
-    scores = tacq_scores(model, calib, answers, cfg, device, log)
-    with llama.atomic_dir(d, marker="scores.json", files=llama.SCORES_FILES) as tmp:
-        save_file({k: v.cpu() for k, v in scores.items()}, str(tmp / "scores.safetensors"))
-        (tmp / "scores.json").write_text(json.dumps(fingerprint, indent=2))
     return scores
 
 
@@ -1996,7 +1966,7 @@ def resq_prepare(model: llama.Transformer, calib, cfg: QuantConfig, seed: int = 
 
 
 def resq(model: llama.Transformer, calib, cfg: QuantConfig, seed: int = 0, device=None,
-         log=print, resume=None, fingerprint=None) -> dict:
+         log=print, **pipeline) -> dict:
     """ResQ on a model, in place, step by step -> the results of its GPTQ:
       1. fold each RMSNorm's gain into the linears it feeds      fold_norms
       2. second moments of the activations to be quantized      resq_covariances
@@ -2006,10 +1976,10 @@ def resq(model: llama.Transformer, calib, cfg: QuantConfig, seed: int = 0, devic
          key rotation and Hadamard transform
       5. GPTQ of the weights, high columns on an 8-bit grid     quantize_model(..., "resq")
       6. activation and KV-cache quantizers (W4A4KV4)           install_resq_quantizers
-    Steps 1-4 are resq_prepare, which leaves the fp model in the new bases."""
+    Steps 1-4 are resq_prepare, which leaves the fp model in the new bases. pipeline: options
+    of quantize_model (the CLI's resume)."""
     resq_prepare(model, calib, cfg, seed, log, device)  # steps 1-4
-    results = quantize_model(model, calib, "resq", cfg, device, log, resume=resume,
-                             fingerprint=fingerprint)  # step 5
+    results = quantize_model(model, calib, "resq", cfg, device, log, **pipeline)  # step 5
     install_resq_quantizers(model, cfg)  # step 6
     return results
 
@@ -2391,15 +2361,49 @@ def check_paths(method: str, calib: str, evals, save, json_out, scores_dir, resu
         check_spec(calib, "calib", "--calib")
 
 
+def check_scores_dir(scores_dir, fingerprint: dict) -> bool:
+    """Whether scores_dir holds scores for these settings (False: none yet); other settings
+    are refused."""
+    path = Path(scores_dir) / "scores.json"
+    if not path.exists():
+        return False
+    saved = json.loads(path.read_text())
+    if saved != fingerprint:
+        raise ValueError(f"--scores {scores_dir} holds scores for other settings (differs in: "
+                         f"{differing_keys(saved, fingerprint)}); use another directory")
+    return True
+
+
+def cached_tacq_scores(model, calib, answers, cfg, fingerprint: dict, scores_dir=None,
+                       device=None, log=print) -> dict:
+    """tacq_scores, cached in scores_dir (safetensors + a JSON fingerprint of the model, the
+    calibration data and the options), so another ratio costs no new gradients."""
+    from safetensors.torch import load_file, save_file
+    if scores_dir is None:
+        return tacq_scores(model, calib, answers, cfg, device, log)
+    d = Path(scores_dir)
+    if check_scores_dir(d, fingerprint):
+        log(f"scores: reusing {d}")
+        return load_file(str(d / "scores.safetensors"))
+    scores = tacq_scores(model, calib, answers, cfg, device, log)
+    with llama.atomic_dir(d, marker="scores.json", files=llama.SCORES_FILES) as tmp:
+        save_file({k: v.cpu() for k, v in scores.items()}, str(tmp / "scores.safetensors"))
+        (tmp / "scores.json").write_text(json.dumps(fingerprint, indent=2))
+    return scores
+
+
 def quantize(model: llama.Transformer, method: str, cfg: QuantConfig, calib, answers, seed=0,
              device=None, scores_dir=None, scores_fingerprint=None, resume=None,
              fingerprint=None):
     """The method on a loaded model, in place -> (results per linear, TaCQ's masks or None)."""
     if method == "tacq":
-        return tacq(model, calib, answers, cfg, device, print, scores_dir, scores_fingerprint,
-                    resume, fingerprint)
+        scores = None if scores_dir is None else cached_tacq_scores(
+            model, calib, answers, cfg, scores_fingerprint, scores_dir, device)
+        return tacq(model, calib, answers, cfg, device, print, scores, resume=resume,
+                    fingerprint=fingerprint)
     if method == "resq":
-        return resq(model, calib, cfg, seed, device, print, resume, fingerprint), None
+        return resq(model, calib, cfg, seed, device, print, resume=resume,
+                    fingerprint=fingerprint), None
     return quantize_model(model, calib, method, cfg, device, resume=resume,
                           fingerprint=fingerprint), None
 

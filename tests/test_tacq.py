@@ -226,3 +226,28 @@ def test_run_on_a_task_reports_where_the_circuit_is(tmp_path, answer_loss):
     for part in ("by_module", "by_layer"):
         assert sum(v["kept"] for v in where[part].values()) == kept
     assert set(where["by_layer"]) == {"0", "1"}  # JSON keys
+
+
+def test_cached_scores_serve_another_ratio_and_refuse_other_settings(tmp_path, capsys):
+    # --scores: the CLI layer keeps TaCQ's steps 1-3; another ratio reuses them and gives the
+    # masks a fresh run gives; other calibration data is refused before any work
+    import json
+    import shutil
+    d = tiny_checkpoint(tmp_path / "m", vocab_size=49152)
+    shutil.copy(llama.embedded_checkpoint() / "tokenizer.json", d / "tokenizer.json")
+    common = dict(ckpt=str(d), method="tacq", nsamples=2, seqlen=32, evals=[])
+    scores = str(tmp_path / "scores")
+    mixq.run(cfg=mixq.QuantConfig(wbits=3, ratio=0.01), scores_dir=scores, **common)
+    assert "scores: reusing" not in capsys.readouterr().out
+    cached = mixq.run(cfg=mixq.QuantConfig(wbits=3, ratio=0.02), scores_dir=scores,
+                      json_out=tmp_path / "a.json", **common)
+    assert "scores: reusing" in capsys.readouterr().out
+    fresh = mixq.run(cfg=mixq.QuantConfig(wbits=3, ratio=0.02), json_out=tmp_path / "b.json",
+                     **common)
+    assert cached["kept_weights"] == fresh["kept_weights"] > 0
+    assert cached["avg_bits"] == fresh["avg_bits"]
+    circuit = [json.loads((tmp_path / f).read_text())["circuit"] for f in ("a.json", "b.json")]
+    assert circuit[0] == circuit[1]  # the same 16-bit weights, layer by layer
+    with pytest.raises(ValueError, match="holds scores for other settings"):
+        mixq.run(cfg=mixq.QuantConfig(wbits=3, ratio=0.02), scores_dir=scores,
+                 **(common | {"nsamples": 3}))
