@@ -46,7 +46,6 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
-from functools import lru_cache
 from pathlib import Path
 from typing import Optional
 
@@ -190,64 +189,8 @@ def quant_codes(x, s, z, maxq: int):
     return torch.clamp(torch.round(x / s + z), 0, maxq)
 
 
-@contextmanager
-def one_thread(when: bool = True):
-    """Run the enclosed torch CPU operations on one thread (if `when`), then restore the thread
-    count."""
-    # perf: the column loops of GPTQ and QuantEase are thousands of small operations. On several
-    # threads each one waits for all of them, and while another program holds a core that wait
-    # lasts a scheduler time slice: tens of times slower on a busy machine (docs/cpu.md)
-    n = torch.get_num_threads()
-    if when:
-        torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(n)
-
-
-# multiply-adds under which a product between column blocks also runs on one thread: a few
-# milliseconds of work, where a second thread saves less than one wait for a busy core costs
-SMALL_PRODUCT = 2 ** 27
-
-
-# elements in one batch of fit_grid's MSE search, by device.
-# perf: a GPU wants few launches (80 rounds of small operations were most of GPTQ's time per
-# block there); a CPU wants each pass to stay in cache (one range at a time runs fastest)
-MSE_CHUNK = {"cuda": 2 ** 26, "cpu": 1}
-
-# the CPU's MSE search in slices of rows, each on a thread of its own: at most MSE_SLICE
-# elements per slice, and none below MSE_SPLIT elements (a thread costs more than it saves).
-# perf: the search is 80 rounds of elementwise work on each row, independent of the other rows.
-# No slice waits for another until the end, so a core that another program holds slows one
-# slice, not every operation (see one_thread); a slice stays in cache. Slices start at a
-# multiple of 32 rows, so each elementwise pass is vectorized where the whole matrix's pass is
-# (the last elements of a pass take a scalar path): the same bits, whatever the split
-MSE_SLICE, MSE_SPLIT = 2 ** 20, 2 ** 17
-
-
-@lru_cache(maxsize=1)
-def worker_threads(n: int) -> ThreadPoolExecutor:
-    """n threads for work split by rows, each running torch operations on one thread."""
-    return ThreadPoolExecutor(n, initializer=torch.set_num_threads, initargs=(1,))
-
-
-def row_slices(m: int, k: int, threads: int) -> list:
-    """Slices of range(m) for the MSE search on an (m, k) matrix over `threads` threads: one
-    slice below MSE_SPLIT elements, else about one per thread or more, of at most MSE_SLICE
-    elements where 32 rows allow; every slice but the last a multiple of 32 rows."""
-    if threads == 1 or m * k < MSE_SPLIT:
-        return [slice(0, m)]
-    parts = max(threads, -(-m * k // MSE_SLICE))
-    rows = -(-m // parts)
-    rows = -(-rows // 32) * 32
-    return [slice(a, min(a + rows, m)) for a in range(0, m, rows)]
-
-
-def fit_grid(w, bits: int, sym=False, mse=False, zero_in_range=True, signed=False,
-             threads: Optional[int] = None):
-    """Scale and zero of each row of w (m, k) -> s, z each (m, 1). threads: how many the MSE
-    search may use on the CPU (default: torch's thread count)."""
+def fit_grid(w, bits: int, sym=False, mse=False, zero_in_range=True, signed=False):
+    """Scale and zero of each row of w (m, k) -> s, z each (m, 1)."""
     maxq = 2 ** bits - 1
     xmin, xmax = w.min(1, keepdim=True).values, w.max(1, keepdim=True).values
     if zero_in_range:
@@ -259,15 +202,13 @@ def fit_grid(w, bits: int, sym=False, mse=False, zero_in_range=True, signed=Fals
     xmin, xmax = torch.where(flat, xmin - 1, xmin), torch.where(flat, xmax + 1, xmax)
     if not mse:
         return scale_zero(xmin, xmax, maxq, sym, signed)
-    threads = (threads or torch.get_num_threads()) if w.device.type == "cpu" else 1
-    slices = row_slices(w.shape[0], w.shape[1], threads)
-    with one_thread():  # perf: 80 rounds of small operations; slices of rows on threads
-        if len(slices) == 1:
-            return mse_grid(w, xmin, xmax, maxq, sym, signed)
-        found = worker_threads(threads).map(
-            lambda r: mse_grid(w[r], xmin[r], xmax[r], maxq, sym, signed), slices)
-        s, z = zip(*found)
-    return torch.cat(s), torch.cat(z)
+    return mse_grid(w, xmin, xmax, maxq, sym, signed)
+
+
+# elements in one batch of the MSE search, by device. perf: a GPU wants few launches (80 rounds
+# of small operations were most of GPTQ's time per block there); a CPU wants each pass to stay
+# in cache (one range at a time runs fastest)
+MSE_CHUNK = {"cuda": 2 ** 26, "cpu": 1}
 
 
 def mse_grid(w, xmin, xmax, maxq: int, sym: bool, signed: bool):
@@ -306,12 +247,10 @@ def fill_masked(w, mask):
     return torch.where(mask, mean, w)
 
 
-def fit_group(w, cfg: QuantConfig, mask=None, threads: Optional[int] = None):
+def fit_group(w, cfg: QuantConfig, mask=None):
     """Grid of one group of columns w (m, g), ignoring masked weights; SpQR-style configs
-    (stat_bits < 16) then quantize the statistics themselves (see quantize_stats). threads: as
-    in fit_grid."""
-    s, z = fit_grid(fill_masked(w, mask), cfg.wbits, cfg.sym, cfg.mse, signed=cfg.signed,
-                    threads=threads)
+    (stat_bits < 16) then quantize the statistics themselves (see quantize_stats)."""
+    s, z = fit_grid(fill_masked(w, mask), cfg.wbits, cfg.sym, cfg.mse, signed=cfg.signed)
     if cfg.stat_bits < 16:
         # the zero stays an integer (rounding the second-level value costs no storage), so a
         # kept weight's code still dequantizes to exactly 0
@@ -515,7 +454,7 @@ def gptq(W: torch.Tensor, H: torch.Tensor, cfg: QuantConfig,
     # block's updates only at its end); one of B, g dividing the other guarantees that
     if not static and g < n and g % B and B % g:
         B = math.gcd(B, g)
-    block, threads = gptq_block, torch.get_num_threads()  # threads: for the grid searches
+    block = gptq_block
     if use_triton(W) and B <= 128:  # one launch per block, which refits no grid inside
         block, B = kernels.gptq_block, (B if static else min(B, g))
     for i1 in range(0, n, B):
@@ -523,23 +462,20 @@ def gptq(W: torch.Tensor, H: torch.Tensor, cfg: QuantConfig,
         W1, U1 = W[:, i1:i2].clone(), U[i1:i2, i1:i2]
         # the block in segments [a, b), each starting where a group's grid is refitted
         starts = [i1] + [i for i in range(i1 + 1, i2) if not static and i % g == 0]
-        with one_thread():  # perf: the column loop; the block's product below is threaded
-            for a, b in zip(starts, starts[1:] + [i2]):
-                if not static and a % g == 0:
-                    # fit the group's grid on its current weights, updated by every earlier column.
-                    # (The reference code reads them from the matrix that is updated only once per
-                    # block, so for g < B its grids miss this block's updates; mixq keeps the
-                    # up-to-date weights, the method as the paper states it.)
-                    k = a // g
-                    cur = torch.cat([W1[:, a - i1:], W[:, i2:i2 + g]], dim=1)[:, :g]  # g columns
-                    s_all[:, k:k + 1], z_all[:, k:k + 1] = fit_group(cur, cfg, mask[:, a:a + g],
-                                                                     threads)
-                cols = group[a:b]
-                codes[:, a:b], Q[:, a:b], Err[:, a:b], mask[:, a:b] = block(
-                    W1[:, a - i1:], U1[a - i1:, a - i1:], s_all[:, cols], z_all[:, cols],
-                    col_maxq[a:b], mask[:, a:b], tau)
-        with one_thread(when=m * (i2 - i1) * (n - i2) < SMALL_PRODUCT):  # perf: SMALL_PRODUCT
-            W[:, i2:] -= Err[:, i1:i2] @ U[i1:i2, i2:]  # the block's errors, onto later blocks
+        for a, b in zip(starts, starts[1:] + [i2]):
+            if not static and a % g == 0:
+                # fit the group's grid on its current weights, updated by every earlier column.
+                # (The reference code reads them from the matrix that is updated only once per
+                # block, so for g < B its grids miss this block's updates; mixq keeps the
+                # up-to-date weights, the method as the paper states it.)
+                k = a // g
+                cur = torch.cat([W1[:, a - i1:], W[:, i2:i2 + g]], dim=1)[:, :g]  # g columns
+                s_all[:, k:k + 1], z_all[:, k:k + 1] = fit_group(cur, cfg, mask[:, a:a + g])
+            cols = group[a:b]
+            codes[:, a:b], Q[:, a:b], Err[:, a:b], mask[:, a:b] = block(
+                W1[:, a - i1:], U1[a - i1:, a - i1:], s_all[:, cols], z_all[:, cols],
+                col_maxq[a:b], mask[:, a:b], tau)
+        W[:, i2:] -= Err[:, i1:i2] @ U[i1:i2, i2:]  # the block's errors, onto later blocks
     inv = torch.argsort(perm)
     codes, Q, mask, group = codes[:, inv], Q[:, inv], mask[:, inv], group[inv]
     qz = Quantized(codes, s_all, z_all, cfg.wbits, g, stat_bits=bits_per_statistic(cfg),
@@ -689,10 +625,8 @@ def cd_sweep(What, P, S_off, s, z, maxq: int, rounded: bool = True, blocksize: i
     Phat = What @ S_off  # (m, n): sum_k What_k S_off_kj with the values at the sweep's start
     for b1 in range(0, n, blocksize):
         b2 = min(b1 + blocksize, n)
-        with one_thread():  # perf: the column loop (see one_thread)
-            D = block(What, P[:, b1:b2] - Phat[:, b1:b2], S_off, s, z, b1, b2, maxq, rounded)
-        with one_thread(when=D.numel() * (n - b2) < SMALL_PRODUCT):  # perf: SMALL_PRODUCT
-            Phat[:, b2:] += D @ S_off[b1:b2, b2:]  # this block's changes, for the later columns
+        D = block(What, P[:, b1:b2] - Phat[:, b1:b2], S_off, s, z, b1, b2, maxq, rounded)
+        Phat[:, b2:] += D @ S_off[b1:b2, b2:]  # this block's changes, for the later columns
     return What
 
 
@@ -921,6 +855,42 @@ def solve(method: str, W, sigma, cfg: QuantConfig, mask=None, high=None) -> Quan
     raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
 
 
+# The one place where the pipeline decides how the math runs. On a CPU every solve runs on one
+# torch thread, and the linears that read the same input (q/k/v, gate/up) are solved side by
+# side on worker threads, as many as torch has threads. perf: a solver is thousands of small
+# operations (a column at a time); spread over threads, each waits for all of them, and while
+# another program holds a core that wait lasts a scheduler time slice: tens of times slower on
+# a busy machine (docs/cpu.md). On a GPU the solves run one after another (the column loops are
+# Triton kernels there: gptq, cd_sweep).
+
+
+@contextmanager
+def one_thread():
+    """torch's CPU operations on one thread inside, on every Python thread (torch's thread count
+    is the process's); the count restored after."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
+
+def solve_group(problems: list, device) -> list:
+    """(solve(*p), seconds) for each problem p (solve's arguments) of linears that share an
+    input: on a CPU side by side on worker threads, torch on one thread (its thread count is
+    the process's); on a GPU one after another."""
+    def timed(p):
+        t0 = time.perf_counter()
+        qz = solve(*p)
+        return qz, time.perf_counter() - t0
+    if torch.device(device).type != "cpu":
+        return [timed(p) for p in problems]
+    workers = min(len(problems), torch.get_num_threads())
+    with one_thread(), ThreadPoolExecutor(workers) as pool:
+        return list(pool.map(timed, problems))
+
+
 def spqr_config(cfg: QuantConfig) -> QuantConfig:
     """SpQR-style defaults where the user kept the generic ones: groups of 16, 3-bit statistics
     with a 16-bit second level, outlier threshold 0.2, act-order (static groups)."""
@@ -1096,15 +1066,16 @@ def quantize_block(model, li: int, xs, rope, method: str, cfg: QuantConfig, devi
                 raise ValueError(f"layers.{li}.{name}: its calibration inputs hold NaN or Inf. "
                                  "That comes from the data or the model (activations that "
                                  "overflow, e.g. in fp16), not from the damping")
+        problems = []
         for name in group:
-            lin = block.get_submodule(name)
-            W = lin.weight.data
             mask = None if masks is None else masks[f"layers.{li}.{name}"].to(device)
             high = resq_high_columns(name, model.args, cfg) if method == "resq" else None
-            t0 = time.perf_counter()
-            qz = solve(method, W.to(device), stats[name].sigma if stats else None, cfg, mask,
-                       None if high is None else high.to(device))
-            solve_seconds = time.perf_counter() - t0
+            problems.append((method, block.get_submodule(name).weight.data.to(device),
+                             stats[name].sigma if stats else None, cfg, mask,
+                             None if high is None else high.to(device)))
+        for name, (qz, solve_seconds) in zip(group, solve_group(problems, device)):
+            lin = block.get_submodule(name)
+            W = lin.weight.data
             W_hat = qz.dequantize()
             # relative output error on the calibration data (weight error for RTN)
             sigma = stats[name].sigma if stats else torch.eye(W.shape[1], device=W.device)

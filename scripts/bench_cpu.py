@@ -90,12 +90,13 @@ def solvers(qe_sweeps: int):
 
 
 def timed(fn, *args) -> float:
-    """Seconds of one call; for a call under a second, the best of three (a single tenth of a
-    second is mostly noise)."""
+    """Seconds of one call on one torch thread, as the pipeline runs a solve (mixq.solve_group);
+    for a call under a second, the best of three (a single tenth of a second is mostly noise)."""
     best = None
     for _ in range(3):
         t0 = time.perf_counter()
-        fn(*args)
+        with mixq.one_thread():
+            fn(*args)
         dt = time.perf_counter() - t0
         best = dt if best is None else min(best, dt)
         if best >= 1:
@@ -193,15 +194,21 @@ def bench_tacq(a):
     print("(fp32 matrix products, GFLOP/s: " + ", ".join(rates) + ")")
     cfg = mixq.method_config("tacq", mixq.QuantConfig(wbits=3))
     g = torch.Generator().manual_seed(0)
-    problems = []
-    for name in mixq.LINEARS:  # block 5's weights, inputs with uneven channel scales
-        W = model.layers[5].get_submodule(name).weight.data
-        X = torch.randn(2048, W.shape[1], generator=g) * torch.rand(W.shape[1], generator=g)
-        problems.append((W, X.T @ X / 2048, torch.rand(W.shape, generator=g) < 0.0035))
+    groups = []  # block 5's weights in the pipeline's groups, inputs with uneven channel scales
+    for group in mixq.SEQUENTIAL:
+        X = None
+        groups.append([])
+        for name in group:
+            W = model.layers[5].get_submodule(name).weight.data
+            if X is None:  # one input for the group, as in the pipeline
+                X = torch.randn(2048, W.shape[1], generator=g) * torch.rand(W.shape[1],
+                                                                           generator=g)
+            groups[-1].append((W, X.T @ X / 2048, torch.rand(W.shape, generator=g) < 0.0035))
     for label, masked in (("reference GPTQ", False), ("GPTQ with a 0.35% mask", True)):
-        dt, _ = best_of(a.repeats, lambda: [mixq.solve("tacq", W, S, cfg, M if masked else None)
-                                            for W, S, M in problems])
-        print(f"| {label}: one block's 7 solves, W3 per channel, MSE grid | {dt:.2f} |",
+        dt, _ = best_of(a.repeats, lambda: [mixq.solve_group(
+            [("tacq", W, S, cfg, M if masked else None, None) for W, S, M in group], "cpu")
+            for group in groups])
+        print(f"| {label}: one block's 7 solves as the pipeline runs them, W3 per channel, MSE grid | {dt:.2f} |",
               flush=True)
 
 

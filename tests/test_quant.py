@@ -253,30 +253,6 @@ def test_mse_search_in_chunks_equals_the_loop(seed, m, k, bits, sym, chunk, dtyp
     assert torch.equal(s, s_ref) and torch.equal(z, z_ref)
 
 
-@given(seed=st.integers(0, 10 ** 6), m=st.integers(1, 140), k=st.integers(1, 45),
-       bits=st.sampled_from([2, 3, 4]), sym=st.booleans(), threads=st.integers(1, 4),
-       slice_elements=st.sampled_from([1, 100, 2000, 10 ** 6]))
-def test_mse_search_in_row_slices_equals_the_whole(seed, m, k, bits, sym, threads,
-                                                    slice_elements):
-    # on the CPU the search runs on slices of rows, each on its own thread: every slice but the
-    # last a multiple of 32 rows, together every row once and in order, and the very grid of the
-    # search on the whole matrix (k odd too: a pass's last elements take a scalar path)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(mixq, "MSE_SPLIT", 0)
-        mp.setattr(mixq, "MSE_SLICE", slice_elements)
-        slices = mixq.row_slices(m, k, threads)
-        g = torch.Generator().manual_seed(seed)
-        w = torch.randn(m, k, generator=g) * torch.rand(m, 1, generator=g) * 10
-        s, z = mixq.fit_grid(w, bits, sym=sym, mse=True, threads=threads)
-    assert [i for r in slices for i in range(m)[r]] == list(range(m))
-    assert all(r.start % 32 == 0 for r in slices)
-    assert len(slices) > 1 or threads == 1 or m <= 32
-    xmin, xmax = full_range(w, sym)
-    with mixq.one_thread():
-        s_ref, z_ref = mixq.mse_grid(w, xmin, xmax, 2 ** bits - 1, sym, False)
-    assert torch.equal(s, s_ref) and torch.equal(z, z_ref)
-
-
 @given(seed=st.integers(0, 10 ** 6))
 def test_gptq_mask_kept_weights_and_grid(seed):
     W, S = random_problem(seed)
@@ -566,7 +542,7 @@ def test_packed_form_dequantizes_to_the_same_weights(seed, cfg):
 
 
 def test_solvers_give_the_same_codes_on_one_thread_or_several():
-    # the column loops run on one thread (mixq.one_thread); the result must not depend on it
+    # the pipeline solves on one thread (mixq.solve_group); the result must not depend on it
     g = torch.Generator().manual_seed(0)
     W = torch.randn(96, 256, generator=g)
     X = torch.randn(512, 256, generator=g) * torch.rand(256, generator=g)
@@ -582,17 +558,27 @@ def test_solvers_give_the_same_codes_on_one_thread_or_several():
         assert torch.equal(a, b)
 
 
-def test_one_thread_only_when_asked():
+def test_a_group_solved_side_by_side_is_the_group_solved_in_turn():
+    # the pipeline's seam: linears that share an input on worker threads, each solve on one
+    # torch thread; the results are those of solving them one after another, in their order
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(512, 64, generator=g) * torch.rand(64, generator=g)
+    S = X.T @ X / 512
+    cfg = mixq.QuantConfig(wbits=3, groupsize=32, mse=True)
+    problems = [(method, torch.randn(rows, 64, generator=g), S, cfg, None, None)
+                for method, rows in (("gptq", 48), ("quantease", 16), ("rtn", 32))]
     before = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        with mixq.one_thread(when=False):  # e.g. a product too large to run on one thread
-            assert torch.get_num_threads() == 2
-        with mixq.one_thread(when=True):
-            assert torch.get_num_threads() == 1
+        together = mixq.solve_group(problems, "cpu")
         assert torch.get_num_threads() == 2
+        with mixq.one_thread():
+            in_turn = [mixq.solve(*p) for p in problems]
     finally:
         torch.set_num_threads(before)
+    for (qz, seconds), ref in zip(together, in_turn):
+        assert seconds > 0 and torch.equal(qz.codes, ref.codes)
+        assert torch.equal(qz.scales, ref.scales) and torch.equal(qz.zeros, ref.zeros)
 
 
 def test_one_thread_restores_the_thread_count_on_errors():
