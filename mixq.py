@@ -16,7 +16,7 @@ follows, and a test checks that both give the same result)
                        iterative hard thresholding)
   5. Bit count         one function for every method
   6. Pipeline          layer-wise, true-sequential, one block at a time: quantize_model;
-                       solve_group, the one place that decides threads and devices
+                       solve_group, the one place that decides the threads
   7. TaCQ              Xiao et al. 2025, arXiv 2504.07389: tacq, the steps in order (gradient
                        saliency, a global 16-bit budget, GPTQ with that mask)
   8. ResQ              Saxena et al. 2024, arXiv 2412.14363: resq, the steps in order (norm
