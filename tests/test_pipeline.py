@@ -261,7 +261,10 @@ def test_cli_rtn_on_embedded_saves_a_checkpoint_eval_reproduces(tmp_path):
     (["--method", "resq", "--wbits", "3", "--save", "/tmp/x"], "can be evaluated but not saved"),
     (["--method", "resq", "--export", "gptq", "/tmp/x"], "no other tool runs ResQ"),
 ])
-def test_cli_bad_input(args, msg):
+def test_cli_bad_input(args, msg, tmp_path):
+    # "/tmp/x" stands for an output path: a new directory under tmp_path, so that whatever
+    # /tmp/x holds on this machine plays no part
+    args = [str(tmp_path / "out") if a == "/tmp/x" else a for a in args]
     r = subprocess.run([sys.executable, str(ROOT / "mixq.py")] + args, capture_output=True,
                        text=True)
     assert r.returncode != 0 and msg in r.stderr
