@@ -31,8 +31,9 @@ The format, one quantized nn.Linear of weight W (N out_features x K in_features)
                   ((lo >> 2) & 0x33333333) | ((hi >> 1) & 0xCCCCCCCC)   nibble j: code 2j+1
                 lo = word 2r+1: the same with hi << 2 for hi            codes 2j+16, 2j+17
                   (3-bit codes in bits 0-2 of each nibble; bit 3 belongs to another code)
-  scales    fp16 (K/g, N)      s of group k // g, output n
-  zeros     fp16 (K/g, N)      integer zero points z, |z| <= 1024 (mixq's lie in [0, 2^b))
+  scales    fp16 (G, N)        s of group k // g, output n; G = ceil(K/g) (a partial last
+                               group where g does not divide K, as GPTQModel stores it)
+  zeros     fp16 (G, N)        integer zero points z, |z| <= 1024 (mixq's lie in [0, 2^b))
   outliers  CSR over output rows, additive corrections in 16 bits:
               outlier_rowptr int32 (N+1), outlier_cols int16 (nnz), outlier_vals fp16 (nnz)
 
@@ -170,8 +171,8 @@ def dequantize(t: dict, bits: int, groupsize: int, N: int, K: int) -> torch.Tens
     """W (N, K) fp32 from the stored tensors: s * (q - z) + outliers."""
     q = unpack_codes(t, bits, K).float()  # (K, N)
     g = K if groupsize in (-1, None) else groupsize
-    s = t["scales"].float().repeat_interleave(g, dim=0)  # (K, N)
-    z = t["zeros"].float().repeat_interleave(g, dim=0)
+    s = t["scales"].float().repeat_interleave(g, dim=0)[:K]  # (K, N)
+    z = t["zeros"].float().repeat_interleave(g, dim=0)[:K]
     w = (s * (q - z)).T  # (N, K)
     if "outlier_vals" in t and t["outlier_vals"].numel():
         w = w + csr_to_dense(t, N, K)

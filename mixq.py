@@ -274,16 +274,19 @@ def quantize_stats(v, bits: int, group: int = 16):
 
 
 def group_size(cfg: QuantConfig, n: int) -> int:
-    g = n if cfg.groupsize == -1 else cfg.groupsize
-    if n % g:
-        fits = ", ".join(str(d) for d in (16, 32, 64, 128, 256) if n % d == 0)
-        raise ValueError(f"--groupsize {g} does not divide the input dimension {n}; use one that "
-                         f"does ({fits or 'none of 16-256'}) or -1 for per-channel")
-    return g
+    """g for n input columns: column j is in group j // g, and where g does not divide n the
+    last group is partial (n % g columns, as GPTQModel stores it: g128 on 576 inputs gives
+    4 groups of 128 and one of 64)."""
+    return n if cfg.groupsize == -1 else cfg.groupsize
+
+
+def n_groups(n: int, g: int) -> int:
+    return -(-n // g)  # ceil(n / g): the last group may be partial
 
 
 def fit_groups(W, cfg: QuantConfig, mask=None):
-    """The grid of every row and group of W (m, n), fitted once -> s, z each (m, n/g), and g."""
+    """The grid of every row and group of W (m, n), fitted once -> s, z each (m, ceil(n/g)),
+    and g."""
     g = group_size(cfg, W.shape[1])
     stats = [fit_group(W[:, c:c + g], cfg, None if mask is None else mask[:, c:c + g])
              for c in range(0, W.shape[1], g)]
@@ -295,8 +298,8 @@ class Quantized:
     """A quantized weight: W_hat = s * (codes - z) + delta, where delta is nonzero only on `kept`
     (the weights stored in 16 bits) and holds the kept value minus the dequantized code."""
     codes: torch.Tensor  # (m, n) integers in [0, 2^bits)
-    scales: torch.Tensor  # (m, n/g)
-    zeros: torch.Tensor  # (m, n/g)
+    scales: torch.Tensor  # (m, ceil(n/g))
+    zeros: torch.Tensor  # (m, ceil(n/g))
     bits: int
     groupsize: int  # g; n for one group per row
     kept: Optional[torch.Tensor] = None  # (m, n) bool
@@ -319,9 +322,9 @@ class Quantized:
         return 0 if self.kept is None else int(self.kept.sum())
 
 
-def per_column(stat, g: int):
-    """A statistic per row and group (m, n/g) -> one per weight (m, n)."""
-    return stat.repeat_interleave(g, dim=1)
+def per_column(stat, g: int, n: int):
+    """A statistic per row and group (m, ceil(n/g)) -> one per weight (m, n)."""
+    return stat.repeat_interleave(g, dim=1)[:, :n]
 
 
 # -----------------------------------------------------------------------------
@@ -331,8 +334,9 @@ def per_column(stat, g: int):
 def rtn(W: torch.Tensor, cfg: QuantConfig) -> Quantized:
     """Round to nearest on the grid of each row (and group)."""
     W = as_work(W)
-    s, z, g = fit_groups(W, cfg)  # (m, n/g) each
-    codes = quant_codes(W, per_column(s, g), per_column(z, g), cfg.maxq)
+    s, z, g = fit_groups(W, cfg)  # (m, ceil(n/g)) each
+    n = W.shape[1]
+    codes = quant_codes(W, per_column(s, g, n), per_column(z, g, n), cfg.maxq)
     return Quantized(codes, s, z, cfg.wbits, g, stat_bits=bits_per_statistic(cfg))
 
 
@@ -503,13 +507,13 @@ def initial_grids(W, cfg: QuantConfig, g: int, mask, high=None):
         hi = fit_grid(W[:, high], cfg.high_bits, cfg.sym, cfg.mse, signed=cfg.signed)
         s, z = torch.cat([lo[0], hi[0]], 1), torch.cat([lo[1], hi[1]], 1)  # (m, 2)
         return s, z, high.long(), [cfg.maxq, 2 ** cfg.high_bits - 1]
-    s = torch.zeros(m, n // g, dtype=W.dtype, device=W.device)
+    s = torch.zeros(m, n_groups(n, g), dtype=W.dtype, device=W.device)
     z = torch.zeros_like(s)
     if cfg.static_groups:
         for c in range(0, n, g):
             s[:, c // g:c // g + 1], z[:, c // g:c // g + 1] = fit_group(W[:, c:c + g], cfg,
                                                                          mask[:, c:c + g])
-    return s, z, torch.arange(n, device=W.device) // g, [cfg.maxq] * (n // g)
+    return s, z, torch.arange(n, device=W.device) // g, [cfg.maxq] * n_groups(n, g)
 
 
 def gptq_block(W1, U1, s, z, maxq, mask, tau: float):
@@ -587,7 +591,7 @@ def quantease_paper(W: torch.Tensor, Sigma: torch.Tensor, cfg: QuantConfig) -> t
     (`quantease` below: the same W_hat, faster.)"""
     W, Sigma = as_work(W), as_work(Sigma)
     s, z, g = fit_groups(W, cfg)  # the grid, fitted once on the original W
-    s, z = per_column(s, g), per_column(z, g)  # (m, n): each weight's scale and zero
+    s, z = per_column(s, g, W.shape[1]), per_column(z, g, W.shape[1])  # (m, n) each
     d = torch.diag(Sigma).clone()
     d[d == 0] = 1  # a dead input (Sigma_jj = 0, so Sigma_kj = 0): u_j = w_j, simply rounded
     What = W.clone()
@@ -738,7 +742,7 @@ def quantease_outliers(W: torch.Tensor, Sigma: torch.Tensor, cfg: QuantConfig,
     # smallest and largest values); mixq fits it without the k initial outliers themselves,
     # the weights that Hs holds, as TaCQ and SpQR fit grids around their 16-bit weights
     s, z, g = fit_groups(W, cfg, mask=Hs != 0)
-    se, ze = per_column(s, g), per_column(z, g)
+    se, ze = per_column(s, g, n), per_column(z, g, n)
     S_off = normalized_offdiag(Sigma)
     lam = max(largest_eigenvalue(Sigma), 1e-12)  # lambda_max(Sigma), for the step
     What = W - Hs
@@ -1967,7 +1971,7 @@ def packed_tensors(qz: Quantized) -> dict:
     """The stored form of one quantized linear (layout in kernels.py), on the CPU."""
     codes = qz.codes.to(torch.uint8).T.contiguous().cpu()  # (K=n, N=m)
     t = kernels.pack_codes(codes, qz.bits)
-    t["scales"] = qz.scales.T.contiguous().half().cpu()  # (n/g, m)
+    t["scales"] = qz.scales.T.contiguous().half().cpu()  # (ceil(n/g), m)
     t["zeros"] = qz.zeros.T.contiguous().half().cpu()
     if qz.kept is not None:
         t |= kernels.to_csr(qz.delta.cpu(), qz.kept.cpu())
@@ -2046,24 +2050,35 @@ def write_side_files(source, tok, out_dir):
 # -- Export: the same codes in the formats other tools serve -----------------------------------
 #
 # GPTQ (AutoGPTQ / GPTQModel, read by transformers through optimum or gptqmodel, and by vLLM),
-# per quantized linear W (N out x K in), group size g:
+# per quantized linear W (N out x K in), group size g, G = ceil(K/g) groups (the last one
+# partial where g does not divide K):
 #   qweight int32 (K*b/32, N)   codes packed along K (kernels.pack_dense: 3-bit codes straddle
 #                               words, 32 codes in 3 words; 2/4/8 bits are mixq's words as is)
-#   qzeros  int32 (K/g, N*b/32) zero points packed along N the same way, stored as z - 1
+#   qzeros  int32 (G, N*b/32)   zero points packed along N the same way, stored as z - 1
 #                               ("gptq", v1) or as z ("gptq_v2", GPTQModel's format)
-#   scales  fp16 (K/g, N);  g_idx int32 (K,) = k // g (no act-order permutation)
+#   scales  fp16 (G, N);    g_idx int32 (K,) = k // g (no act-order permutation)
 #   W[n, k] = scales[g_idx[k], n] * (q[k, n] - z[g_idx[k], n])
 # v1's z - 1 cannot hold z = 0 (a group whose range starts at 0), so such a model is written as
 # gptq_v2 (GPTQModel reads it; vLLM reads v1); every other as v1.
 #
 # compressed-tensors "pack-quantized" (llm-compressor's format, vLLM's main one), per linear:
 #   weight_packed int32 (N, K*b/32)  codes packed along K (the transpose of the above)
-#   weight_scale (N, K/g) fp32 (fp16 for an fp16 model);  weight_shape (2,) = [N, K]
-#   weight_zero_point int32 (N*b/32, K/g), asymmetric grids only: z packed along N
+#   weight_scale (N, G) fp32 (fp16 for an fp16 model);  weight_shape (2,) = [N, K]
+#   weight_zero_point int32 (N*b/32, G), asymmetric grids only: z packed along N
 #   W = weight_scale * (q_s - zp_s), with signed q_s = q - 2^(b-1), zp_s = z - 2^(b-1);
 #   symmetric when every z = 2^(b-1) (zp_s = 0, not stored)
 
 EXPORT_FORMATS = ("gptq", "compressed-tensors")
+
+
+def check_export_groups(fmt: str, g: int, in_features):
+    """compressed-tensors' group strategy needs g to divide every linear's input size (GPTQ
+    stores a partial last group)."""
+    partial = sorted({K for K in in_features if g != -1 and K % g})
+    if fmt == "compressed-tensors" and partial:
+        raise ValueError(f"--export compressed-tensors: its groups must divide each linear's "
+                         f"inputs, and {g} does not divide {', '.join(map(str, partial))} (a "
+                         f"partial last group); export as gptq, or use a --groupsize that does")
 
 
 def export_layers(tensors: dict, bits: int, g: int, fmt: str, drop_kept: bool, log=print,
@@ -2080,6 +2095,7 @@ def export_layers(tensors: dict, bits: int, g: int, fmt: str, drop_kept: bool, l
                          "accuracy drops: evaluate the result)")
     if kept:
         log(f"export: dropping {kept:,} weights kept in 16 bits (they take their codes' values)")
+    check_export_groups(fmt, g, [kernels_K(tensors[f"{m}.qweight"], bits) for m in modules])
     half = 1 << (bits - 1)
     zeros = {m: tensors[f"{m}.zeros"].float() for m in modules}
     if any(not torch.equal(z, z.round()) or z.min() < 0 or z.max() >= 2 ** bits
@@ -2092,15 +2108,15 @@ def export_layers(tensors: dict, bits: int, g: int, fmt: str, drop_kept: bool, l
     for m in modules:
         t = {leaf: tensors[f"{m}.{leaf}"] for leaf in ("qweight", "qweight_hi")
              if f"{m}.{leaf}" in tensors}
-        s = tensors[f"{m}.scales"].half()  # (K/g, N)
+        s = tensors[f"{m}.scales"].half()  # (G, N)
         K, N = kernels_K(tensors[f"{m}.qweight"], bits), s.shape[1]
         codes = kernels.unpack_codes(t, bits, K)  # (K, N)
-        z = zeros[m].to(torch.uint8)  # (K/g, N)
+        z = zeros[m].to(torch.uint8)  # (G, N)
         if fmt == "gptq":
             out[f"{m}.qweight"] = kernels.pack_dense(codes, bits)
             out[f"{m}.qzeros"] = kernels.pack_dense((z - int(v1)).T, bits).T.contiguous()
             out[f"{m}.scales"] = s
-            out[f"{m}.g_idx"] = (torch.arange(K) // (K // s.shape[0])).to(torch.int32)
+            out[f"{m}.g_idx"] = (torch.arange(K) // (K if g == -1 else g)).to(torch.int32)
         else:
             out[f"{m}.weight_packed"] = kernels.pack_dense(codes, bits).T.contiguous()
             out[f"{m}.weight_scale"] = s.T.to(scale_dtype).contiguous()
@@ -2401,10 +2417,12 @@ def run(*, ckpt=None, method="tacq", cfg: Optional[QuantConfig] = None, calib="p
     model, tok = llama.load(ckpt, dtype, device)
     if tok is None:
         raise llama.CheckpointError("the checkpoint has no tokenizer.json")
-    for n in (model.args.dim, model.args.hidden_dim):
-        group_size(run_cfg, n)
     if save and method == "resq":
         check_resq_saveable(model.args, run_cfg)
+    if export:
+        check_export_groups(export[0], run_cfg.groupsize, (model.args.dim, model.args.hidden_dim))
+    if start_from_dequantized(model, ckpt):
+        print(f"{ckpt}: a quantized checkpoint; the method starts from its dequantized weights")
     check_finite_weights(model, ckpt)
     calib_tokens = answers = None
     if method != "rtn":
@@ -2471,6 +2489,26 @@ def run(*, ckpt=None, method="tacq", cfg: Optional[QuantConfig] = None, calib="p
     if json_out:
         metrics.write_json(json_out, summary)
     return summary
+
+
+def start_from_dequantized(model: llama.Transformer, ckpt) -> int:
+    """A quantized --ckpt (mixq's, GPTQ, compressed-tensors): each quantized linear becomes an
+    nn.Linear holding its dequantized weights, which the method then quantizes -> how many.
+    A ResQ checkpoint (rotated, with quantized activations) is refused."""
+    swaps = []
+    for name, module in model.named_modules():
+        if isinstance(module, kernels.ResQLinear):
+            raise llama.CheckpointError(f"{ckpt}: a ResQ checkpoint (quantized activations); "
+                                        "quantize its source checkpoint instead")
+        if isinstance(module, kernels.QuantLinear):
+            swaps.append((name, module))
+    for name, q in swaps:
+        lin = torch.nn.Linear(q.in_features, q.out_features, bias=False,
+                              device=q.qweight.device, dtype=model.embed_tokens.weight.dtype)
+        lin.weight.data = q.dequantized_weight().to(lin.weight)
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, lin)
+    return len(swaps)
 
 
 def check_finite_weights(model: llama.Transformer, ckpt):

@@ -9,8 +9,8 @@ Sections
   4. Tokenizer        `tokenizers` from tokenizer.json or from a GGUF vocabulary; chat prompts
                       from the checkpoint's own Jinja template, rendered as transformers does
   5. Loading          HF directories (one file or shards), GGUF files, short names, the embedded
-                      default model, quantized mixq checkpoints (ResQ's too) and GPTQ ones;
-                      validation before any long work
+                      default model, quantized mixq checkpoints (ResQ's too), GPTQ and
+                      compressed-tensors ones; validation before any long work
   6. CLI              python model.py [--ckpt X] --prompt "..." [--max-new-tokens N]
 
 Module names follow Hugging Face (`layers.3.self_attn.q_proj`, `layers.3.mlp.down_proj`) without
@@ -1268,8 +1268,8 @@ def check_memory(nbytes: int, device, dtype: torch.dtype, where: str):
 def load(ckpt: Optional[str] = None, dtype="fp32", device="cpu", only=None):
     """Load a checkpoint -> (Transformer in eval mode, Tokenizer or None).
 
-    ckpt: None (embedded SmolLM2), a short name, an HF directory, a .gguf file, a mixq
-    quantized directory or a GPTQ one. Memory: the model is built on the meta device and every tensor is read,
+    ckpt: None (embedded SmolLM2), a short name, an HF directory, a .gguf file, or a quantized
+    directory: mixq's, GPTQ or compressed-tensors (pack-quantized). Memory: the model is built on the meta device and every tensor is read,
     converted and placed one at a time, so there is never a second copy of the weights.
     only(name) -> bool: read just those tensors of an HF directory (e.g. one pipeline stage's
     blocks); the others stay on the meta device, shapes without storage."""
@@ -1290,10 +1290,11 @@ def load(ckpt: Optional[str] = None, dtype="fp32", device="cpu", only=None):
     qc = cfg.get("quantization_config") or {}
     if not qc and (path / "quantize_config.json").exists():  # older AutoGPTQ checkpoints
         qc = json.loads((path / "quantize_config.json").read_text()) | {"quant_method": "gptq"}
-    if qc and qc.get("quant_method") not in ("mixq", "gptq"):
+    readable = ("mixq", "gptq", "compressed-tensors")
+    if qc and qc.get("quant_method") not in readable:
         raise CheckpointError(f"{path}: quantized as {qc.get('quant_method')!r}; mixq reads its "
-                              "own checkpoints and GPTQ ones (quant_method gptq)")
-    if qc.get("quant_method") in ("mixq", "gptq"):
+                              "own checkpoints, GPTQ ones and compressed-tensors' pack-quantized")
+    if qc.get("quant_method") in readable:
         return load_quantized(path, args, qc, files, dtype, device), load_tokenizer(path, args)
     wanted = args.expected_shapes()
     by_file = {}  # file -> {our name: hf name}, only the tensors the model uses
@@ -1347,17 +1348,23 @@ def load_quantized(path: Path, args: ModelArgs, qc: dict, files: dict, dtype, de
     """A mixq checkpoint: the linears named in quantization_config["modules"] become
     kernels.QuantLinear (packed codes, scales, zeros, 16-bit outliers); the rest as usual.
     A GPTQ checkpoint (quant_method "gptq"): every linear with a qweight, converted on load
-    (gptq_parts)."""
+    (gptq_parts); a compressed-tensors one likewise, every linear with a weight_packed
+    (ct_parts)."""
     kernels = import_kernels()  # only quantized checkpoints need it
     gptq = qc.get("quant_method") == "gptq"
+    ct = qc.get("quant_method") == "compressed-tensors"
+    resq = "resq" in qc
     if gptq:
         bits, g = qc.get("bits"), None
         if bits not in (2, 3, 4, 8):
             raise CheckpointError(f"{path}: GPTQ bits {bits!r}; mixq's kernels read 2, 3, 4 "
                                   "and 8 bits")
         quantized = {hf_to_ours(n)[:-len(".qweight")] for n in files if n.endswith(".qweight")}
+    elif ct:
+        bits, g, sym = ct_scheme(qc, str(path))
+        quantized = {hf_to_ours(n)[:-len(".weight_packed")] for n in files
+                     if n.endswith(".weight_packed")}
     else:
-        resq = "resq" in qc
         fmt = kernels.RESQ_FORMAT if resq else kernels.FORMAT
         if qc.get("format") != fmt:
             raise CheckpointError(f"{path}: packed as {qc.get('format')!r}, but this kernels.py "
@@ -1392,7 +1399,7 @@ def load_quantized(path: Path, args: ModelArgs, qc: dict, files: dict, dtype, de
                 yield o, st.get_tensor(ours_to_hf(o))
 
     model = build(args, tensors(), dtype, device)
-    if not gptq and resq:
+    if resq:
         online = {o: f for o, f in plain.items() if o.endswith((".U_K", ".odd"))}
         install_resq_online(model, qc["resq"], online, str(path), device)
     for module in sorted(quantized):
@@ -1403,16 +1410,19 @@ def load_quantized(path: Path, args: ModelArgs, qc: dict, files: dict, dtype, de
         lin = model.get_submodule(module)
         K, N = lin.in_features, lin.out_features
         parent, _, child = module.rpartition(".")
-        if not gptq and resq:
+        if resq:
             slices = qc["resq"]["slices"].get(ours_to_hf(module))
             setattr(model.get_submodule(parent), child,
                     resq_linear(parts, slices, K, N, f"{path}: {module}"))
             continue
         if gptq:
             parts, g = gptq_parts(parts, bits, K, N, qc, f"{path}: {module}")
+        elif ct:
+            parts = ct_parts(parts, bits, g, sym, K, N, f"{path}: {module}")
         gs = K if g == -1 else g
-        expect = {"qweight": (K * (2 if bits == 3 else bits) // 32, N), "scales": (K // gs, N),
-                  "zeros": (K // gs, N)}
+        G = -(-K // gs)  # groups: ceil(K / g), the last one partial where g does not divide K
+        expect = {"qweight": (K * (2 if bits == 3 else bits) // 32, N), "scales": (G, N),
+                  "zeros": (G, N)}
         if bits == 3:  # the high-bit plane, 1 bit per code
             expect["qweight_hi"] = (K // 32, N)
         for leaf, shape in expect.items():
@@ -1420,7 +1430,8 @@ def load_quantized(path: Path, args: ModelArgs, qc: dict, files: dict, dtype, de
                 raise CheckpointError(
                     f"{path}: {module}.{leaf} has shape "
                     f"{tuple(parts[leaf].shape) if leaf in parts else 'missing'}, expected {shape} "
-                    f"for {bits}-bit codes of a {N}x{K} weight with group size {gs}")
+                    f"for {bits}-bit codes of a {N}x{K} weight with group size {gs} "
+                    f"({G} group{'s' if G > 1 else ''})")
         setattr(model.get_submodule(parent), child, kernels.QuantLinear(K, N, bits, g, parts))
     return model
 
@@ -1491,13 +1502,20 @@ def gptq_parts(t: dict, bits: int, K: int, N: int, qc: dict, where: str):
     for leaf in ("qweight", "qzeros", "scales"):
         if leaf not in t:
             raise CheckpointError(f"{where}.{leaf} is missing")
-    G = t["scales"].shape[0]
-    if K % G or t["qweight"].shape != (K * bits // 32, N) or t["scales"].shape != (G, N) \
-            or t["qzeros"].shape != (G, N * bits // 32):
-        raise CheckpointError(f"{where}: qweight {tuple(t['qweight'].shape)}, qzeros "
-                              f"{tuple(t['qzeros'].shape)}, scales {tuple(t['scales'].shape)} "
-                              f"do not fit {bits}-bit codes of a {N}x{K} weight")
-    g = K // G
+    # group_size -1: one group; else G = ceil(K / g) groups, the last partial where g does not
+    # divide K (GPTQModel's g128 on 576 inputs: 5 groups, the last of 64 columns)
+    g = qc.get("group_size", -1)
+    g = K if g == -1 else g
+    if not isinstance(g, int) or g < 1:
+        raise CheckpointError(f"{where}: group_size {qc.get('group_size')!r} in the "
+                              "quantization config; want -1 or a positive integer")
+    G = -(-K // g)
+    want = {"qweight": (K * bits // 32, N), "qzeros": (G, N * bits // 32), "scales": (G, N)}
+    if any(t[leaf].shape != shape for leaf, shape in want.items()):
+        raise CheckpointError(
+            f"{where}: " + ", ".join(f"{leaf} {tuple(t[leaf].shape)}" for leaf in want) +
+            f"; {bits}-bit codes of a {N}x{K} weight in groups of {g} ({G} group"
+            f"{'s' if G > 1 else ''}) want " + ", ".join(f"{leaf} {s}" for leaf, s in want.items()))
     g_idx = t.get("g_idx")
     if g_idx is not None and not torch.equal(g_idx.long().cpu(), torch.arange(K) // g):
         raise CheckpointError(f"{where}: g_idx is not k // group_size (act-order, desc_act): "
@@ -1514,7 +1532,89 @@ def gptq_parts(t: dict, bits: int, K: int, N: int, qc: dict, where: str):
         z = (z + 1) % (1 << bits)
     parts = kernels.pack_codes(codes, bits) | {"scales": t["scales"].half(),
                                                "zeros": z.half().contiguous()}
-    return parts, (-1 if G == 1 else g)
+    return parts, (-1 if g >= K else g)
+
+
+def ct_scheme(qc: dict, where: str):
+    """compressed-tensors' quantization_config -> (bits, group size or -1, symmetric) of its
+    weights. mixq's kernels run pack-quantized integer weights with fp activations
+    (llm-compressor's W4A16 and W8A16 schemes, with or without _ASYM): anything else is refused,
+    naming what the config holds."""
+    groups = list((qc.get("config_groups") or {}).values())
+    weights = [grp.get("weights") or {} for grp in groups]
+    w = weights[0] if weights else {}
+    formats = {qc.get("format")} | {grp.get("format") for grp in groups if grp.get("format")}
+    problems = [f"format {f!r}" for f in sorted(map(str, formats)) if f != "pack-quantized"]
+    if qc.get("quantization_status", "compressed") != "compressed":
+        problems.append(f"quantization_status {qc.get('quantization_status')!r}")
+    if len(groups) != 1 and any(x != w for x in weights) or not groups:
+        problems.append(f"{len(groups)} config groups with different weight schemes")
+    if any(grp.get("input_activations") or grp.get("output_activations") for grp in groups):
+        problems.append("quantized activations")
+    if qc.get("kv_cache_scheme"):
+        problems.append("a quantized KV cache")
+    if qc.get("sparsity_config"):
+        problems.append("a sparsity config")
+    if qc.get("transform_config"):
+        problems.append("transforms (rotations)")
+    for key, ok in (("type", w.get("type") == "int"),
+                    ("num_bits", w.get("num_bits") in (2, 3, 4, 8)),
+                    ("strategy", w.get("strategy") in ("group", "channel")),
+                    ("dynamic", not w.get("dynamic"))):
+        if not ok:
+            problems.append(f"weights {key} {w.get(key)!r}")
+    if problems:
+        raise CheckpointError(f"{where}: compressed-tensors with {', '.join(problems)}; mixq reads "
+                              "pack-quantized int weights (2, 3, 4 or 8 bits, group or channel "
+                              "strategy) with unquantized activations")
+    return w["num_bits"], w.get("group_size") if w["strategy"] == "group" else -1, \
+        w.get("symmetric", True)
+
+
+def unpack_stream(words: torch.Tensor, bits: int, n: int) -> torch.Tensor:
+    """int32 (ceil(n*bits/32), C), one little-endian bit stream per column as compressed-tensors
+    packs it (padded to whole words) -> codes (n, C) uint8."""
+    kernels = import_kernels()
+    n32 = -(-n // 32) * 32  # whole blocks of 32 codes, `bits` words each
+    pad = n32 * bits // 32 - words.shape[0]
+    return kernels.unpack_dense(F.pad(words, (0, 0, 0, pad)), bits, n32)[:n]
+
+
+def ct_parts(t: dict, bits: int, g: int, sym: bool, K: int, N: int, where: str) -> dict:
+    """One linear of a compressed-tensors pack-quantized checkpoint -> the tensors of
+    kernels.QuantLinear. Per linear: weight_packed int32 (N, ceil(K*b/32)), each row a bit
+    stream of the codes q_s + 2^(b-1) (signed codes made unsigned); weight_scale (N, G);
+    weight_zero_point int32 (ceil(N*b/32), G) packed along N the same way (asymmetric only);
+    W = weight_scale * (q_s - zp_s). So mixq's code is the stored one and its zero point
+    zp_s + 2^(b-1) (2^(b-1) when symmetric). The scales are held in fp16, as mixq's format does:
+    bf16 and fp16 scales convert exactly, fp32 ones are rounded to fp16."""
+    kernels = import_kernels()
+    G = 1 if g == -1 else -(-K // g)
+    want = {"weight_packed": (N, -(-K * bits // 32)), "weight_scale": (N, G)}
+    if not sym:
+        want["weight_zero_point"] = (-(-N * bits // 32), G)
+    if any(leaf not in t or tuple(t[leaf].shape) != shape for leaf, shape in want.items()):
+        got = ", ".join(f"{leaf} {tuple(t[leaf].shape) if leaf in t else 'missing'}"
+                        for leaf in want)
+        raise CheckpointError(f"{where}: {got}; {bits}-bit codes of a {N}x{K} weight in {G} "
+                              f"group{'s' if G > 1 else ''} want " +
+                              ", ".join(f"{leaf} {shape}" for leaf, shape in want.items()))
+    if "weight_shape" in t and tuple(t["weight_shape"].tolist()) != (N, K):
+        raise CheckpointError(f"{where}: weight_shape {t['weight_shape'].tolist()}, the model "
+                              f"wants {[N, K]}")
+    g_idx = t.get("weight_g_idx")
+    if g_idx is not None and not torch.equal(g_idx.long().cpu(),
+                                             torch.arange(K) // (K if g == -1 else g)):
+        raise CheckpointError(f"{where}: weight_g_idx is not k // group_size (actorder "
+                              "\"group\"): its groups are not contiguous columns, which mixq's "
+                              "kernels read")
+    codes = unpack_stream(t["weight_packed"].T.contiguous(), bits, K)  # (K, N)
+    if sym:
+        z = torch.full((G, N), 1 << (bits - 1))
+    else:
+        z = unpack_stream(t["weight_zero_point"], bits, N).T  # (G, N)
+    return kernels.pack_codes(codes, bits) | {"scales": t["weight_scale"].T.half().contiguous(),
+                                              "zeros": z.half().contiguous()}
 
 
 def build(args: ModelArgs, tensors, dtype, device) -> Transformer:

@@ -14,6 +14,7 @@ stdout. Tensors travel through safetensors files in a temporary directory.
     out = oracle.forward(path, ids)                         # {"logits", "loss", "inv_freq"}
     oracle.tokenize(gguf_path, ["some text"])               # [[ids]]
     oracle.chat(tokenizer_dir, [{"role": "user", ...}])     # the chat prompt text
+    oracle.compress(src, out, bits=4, group_size=32, symmetric=False)  # compressed-tensors'
 """
 
 import atexit
@@ -104,6 +105,15 @@ class Oracle:
         return self.ask("chat", tokenizer_dir=str(tokenizer_dir), messages=messages,
                         options=options)["text"]
 
+    def compress(self, src, out, bits, group_size, symmetric):
+        """compressed-tensors' own pack-quantized compressor on the checkpoint src (fp32), every
+        linear but lm_head, saved to out: a min-max grid per row and group from its
+        calculate_qparams (scales rounded to fp16 values, which mixq holds them in), codes and
+        packing by its ModelCompressor. group_size -1: the channel strategy."""
+        self.ask("compress", src=str(src), out=str(out), bits=bits, group_size=group_size,
+                 symmetric=symmetric)
+        return Path(out)
+
     def close(self):
         if self.proc is not None and self.proc.poll() is None:
             self.proc.stdin.close()
@@ -167,7 +177,33 @@ def serve():
         return {"text": tok.apply_chat_template(messages, tokenize=False,
                                                 add_generation_prompt=True, **options)}
 
-    ops = {"save_tiny": save_tiny, "forward": forward, "tokenize": tokenize, "chat": chat}
+    @torch.no_grad()
+    def compress(src, out, bits, group_size, symmetric):
+        from compressed_tensors.compressors import ModelCompressor
+        from compressed_tensors.quantization import (QuantizationArgs, QuantizationConfig,
+                                                     QuantizationScheme, apply_quantization_config)
+        from compressed_tensors.quantization.utils import calculate_qparams
+        m = transformers.AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
+        args = QuantizationArgs(num_bits=bits, type="int", symmetric=symmetric,
+                                strategy="channel" if group_size == -1 else "group",
+                                group_size=None if group_size == -1 else group_size)
+        apply_quantization_config(m, QuantizationConfig(config_groups={"group_0": (
+            QuantizationScheme(targets=["Linear"], weights=args))}, ignore=["lm_head"]))
+        for mod in m.modules():
+            if hasattr(mod, "weight_scale"):
+                N, K = mod.weight.shape
+                W = mod.weight.reshape(N, -1, K if group_size == -1 else group_size)
+                scale, zp = calculate_qparams(W.amin(-1), W.amax(-1), args)
+                mod.weight_scale.copy_(scale.half().float().reshape(mod.weight_scale.shape))
+                mod.weight_zero_point.copy_(zp.reshape(mod.weight_zero_point.shape))
+        compressor = ModelCompressor.from_pretrained_model(m, quantization_format="pack-quantized")
+        compressor.compress_model(m)
+        m.save_pretrained(out)
+        compressor.update_config(out)
+        return {}
+
+    ops = {"save_tiny": save_tiny, "forward": forward, "tokenize": tokenize, "chat": chat,
+           "compress": compress}
     answers = os.fdopen(os.dup(1), "w")  # answers go here; anything printed goes to stderr
     os.dup2(2, 1)
     for line in sys.stdin:

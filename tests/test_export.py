@@ -1,9 +1,13 @@
 """Checkpoints other tools run: the dense bit-stream packing, the GPTQ export checked against a
 dequantizer written from the format's definition, GPTQ directories loaded through mixq's
-kernels, compressed-tensors exports loaded by transformers (the oracle), and native mixq
-checkpoints refused by transformers."""
+kernels, compressed-tensors exports loaded by transformers (the oracle), compressed-tensors
+directories (mixq's and compressed-tensors' own) read by mixq, and native mixq checkpoints
+refused by transformers."""
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,6 +19,8 @@ import kernels
 import mixq
 import model as llama
 from conftest import ORACLE, tiny_checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 # -- the packing, from its definition: one little-endian bit stream per column -------------
@@ -79,9 +85,9 @@ def tiny_quantized(tmp_path, cfg: mixq.QuantConfig, seed=0, zero_at=None):
     return tmp_path / "q"
 
 
-GRIDS = [  # bits, group size, symmetric
+GRIDS = [  # bits, group size, symmetric (groups of 48 on 64 and 160 inputs: a partial last one)
     (4, 32, False), (4, -1, True), (3, 32, False), (3, -1, True), (2, 32, True), (8, -1, False),
-    (8, 32, True), (2, -1, False)]
+    (8, 32, True), (2, -1, False), (4, 48, False), (3, 48, True)]
 
 
 @pytest.mark.parametrize("bits,g,sym", GRIDS)
@@ -107,8 +113,9 @@ def test_gptq_export_dequantizes_bit_exactly_to_mixqs_weights(bits, g, sym, tmp_
     for name in ours:  # everything else as it was
         if not name.rsplit(".", 1)[0] in native["modules"]:
             assert torch.equal(ours[name], theirs[name])
-    mixq.export_quantized(q, "compressed-tensors", tmp_path / "gptq", log=lambda s: None)
-    assert not (tmp_path / "gptq" / "quantize_config.json").exists()  # mixq's export, replaced
+    if g == -1 or g == 32:  # groups compressed-tensors can store: mixq's export, replaced
+        mixq.export_quantized(q, "compressed-tensors", tmp_path / "gptq", log=lambda s: None)
+        assert not (tmp_path / "gptq" / "quantize_config.json").exists()
 
 
 def test_a_zero_point_of_0_is_written_as_gptq_v2(tmp_path):
@@ -127,7 +134,7 @@ def test_a_zero_point_of_0_is_written_as_gptq_v2(tmp_path):
     assert torch.equal(back(x), native(x))
 
 
-@pytest.mark.parametrize("bits,g,sym", GRIDS[:4])
+@pytest.mark.parametrize("bits,g,sym", GRIDS[:4] + GRIDS[-2:])
 def test_an_exported_gptq_directory_loads_through_mixqs_kernels(bits, g, sym, tmp_path):
     q = tiny_quantized(tmp_path, mixq.QuantConfig(wbits=bits, groupsize=g, sym=sym))
     mixq.export_quantized(q, "gptq", tmp_path / "gptq", log=lambda s: None)
@@ -173,30 +180,33 @@ def autogptq_style_pack(q: np.ndarray, bits: int) -> np.ndarray:
     return out.astype(np.uint32).view(np.int32)
 
 
-@pytest.mark.parametrize("bits", [3, 4])
-def test_a_gptq_directory_from_an_independent_writer_gives_its_dequantized_logits(bits, tmp_path):
+@pytest.mark.parametrize("bits,g", [(3, 32), (4, 32), (4, 48)])
+def test_a_gptq_directory_from_an_independent_writer_gives_its_dequantized_logits(bits, g,
+                                                                                   tmp_path):
     # random codes, scales and v1 zero points written as AutoGPTQ writes them; mixq's kernels
-    # must give the logits of the plain model holding the dequantized weights
+    # must give the logits of the plain model holding the dequantized weights. Groups of 48 on
+    # 64 and 160 inputs end in a partial group, as GPTQModel writes g128 on 576 inputs
     src = tiny_checkpoint(tmp_path / "fp", 1)
     fp, _ = llama.load(str(src))
     gen = torch.Generator().manual_seed(bits)
     tensors = {n: t for n, t in load_file(str(src / "model.safetensors")).items()
                if not n.endswith("_proj.weight")}
-    g = 32
     for name, lin in fp.named_modules():
         if not name.endswith("_proj"):
             continue
         N, K = lin.weight.shape
         q = torch.randint(0, 2 ** bits, (K, N), generator=gen)
-        z = torch.randint(1, 2 ** bits, (K // g, N), generator=gen)  # v1 stores z - 1
-        s = (torch.rand(K // g, N, generator=gen) * 0.02 + 0.005).half()
+        G = -(-K // g)
+        z = torch.randint(1, 2 ** bits, (G, N), generator=gen)  # v1 stores z - 1
+        s = (torch.rand(G, N, generator=gen) * 0.02 + 0.005).half()
         h = f"model.{name}"
         tensors |= {f"{h}.qweight": torch.from_numpy(autogptq_style_pack(q.numpy(), bits)),
                     f"{h}.qzeros": torch.from_numpy(
                         autogptq_style_pack((z - 1).T.numpy(), bits).T.copy()),
                     f"{h}.scales": s, f"{h}.g_idx": torch.arange(K, dtype=torch.int32) // g,
                     f"{h}.bias": torch.zeros(N, dtype=torch.float16)}  # AutoGPTQ writes one
-        lin.weight.data = (s.float().repeat_interleave(g, 0) * (q - z.repeat_interleave(g, 0))).T
+        group = torch.arange(K) // g
+        lin.weight.data = (s.float()[group] * (q - z[group])).T
     d = tmp_path / "gptq"
     d.mkdir()
     save_file(tensors, str(d / "model.safetensors"), metadata={"format": "pt"})
@@ -210,6 +220,12 @@ def test_a_gptq_directory_from_an_independent_writer_gives_its_dequantized_logit
     torch.testing.assert_close(back(x), fp(x), rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="a checkpoint mixq did not write"):  # never replaced
         mixq.export_quantized(tiny_quantized(tmp_path / "m", mixq.QuantConfig(wbits=4)), "gptq", d)
+    if g == 48:  # a config whose group size does not match the tensors: the groups named
+        (d / "quantize_config.json").write_text(json.dumps(
+            {"bits": bits, "group_size": 64, "desc_act": False, "sym": False}))
+        with pytest.raises(llama.CheckpointError, match=r"scales \(4, 64\); 4-bit codes of a "
+                           r"64x160 weight in groups of 64 \(3 groups\) want .* scales \(3, 64\)"):
+            llama.load(str(d))
 
 
 def test_act_order_g_idx_is_refused_clearly(tmp_path):
@@ -253,6 +269,15 @@ def test_export_options_are_checked_before_any_work(tmp_path):
     (tmp_path / "mine" / "notes.txt").write_text("mine")
     with pytest.raises(ValueError, match="holds other files"):
         mixq.run(method="rtn", export=("gptq", str(tmp_path / "mine")), evals=[])
+    # the embedded model's 576 inputs hold 4.5 groups of 128: GPTQ stores the partial last one,
+    # compressed-tensors cannot (its loader refuses it); refused before quantizing
+    with pytest.raises(ValueError, match="128 does not divide 576 .a partial last group"):
+        mixq.run(method="rtn", cfg=mixq.QuantConfig(groupsize=128), evals=[],
+                 export=("compressed-tensors", str(tmp_path / "ct")))
+    q = tiny_quantized(tmp_path, mixq.QuantConfig(wbits=4, groupsize=48))
+    with pytest.raises(ValueError, match="48 does not divide 64, 160"):
+        mixq.export_quantized(q, "compressed-tensors", tmp_path / "ct")
+    assert not (tmp_path / "ct").exists()
 
 
 # -- compressed-tensors, loaded by transformers ------------------------------------------------
@@ -267,7 +292,7 @@ needs_ct = pytest.mark.skipif(not ct_available(), reason="compressed-tensors (te
 
 
 @needs_ct
-@pytest.mark.parametrize("bits,g,sym", GRIDS)
+@pytest.mark.parametrize("bits,g,sym", GRIDS[:-2])
 def test_compressed_tensors_export_gives_mixqs_logits_in_transformers(bits, g, sym, tmp_path):
     q = tiny_quantized(tmp_path, mixq.QuantConfig(wbits=bits, groupsize=g, sym=sym))
     mixq.export_quantized(q, "compressed-tensors", tmp_path / "ct", log=lambda s: None)
@@ -298,6 +323,71 @@ def test_the_embedded_model_exported_to_compressed_tensors_runs_in_transformers(
     ours = native(x)
     torch.testing.assert_close(theirs, ours, rtol=1e-4, atol=1e-4)
     assert torch.equal(theirs.argmax(-1), ours.argmax(-1))
+    if bits == 4:  # --ckpt reads it in eval.py and mixq.py (which starts from its weights)
+        r = subprocess.run([sys.executable, str(ROOT / "eval.py"), "--ckpt", str(out),
+                            "--windows", "2", "--json", str(tmp_path / "e.json")],
+                           capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
+        ppl = json.loads((tmp_path / "e.json").read_text())["ppl"]
+        assert ppl == pytest.approx(mixq.metrics.perplexity(
+            native, mixq.metrics.corpus_tokens("pydoc", tok, "eval"), 512, 2)["ppl"], rel=1e-6)
+        res = mixq.run(ckpt=str(out), method="rtn", cfg=mixq.QuantConfig(wbits=8),
+                       evals=["pydoc"], eval_windows=2)
+        assert res["fp"]["pydoc"]["ppl"] == pytest.approx(ppl, rel=1e-6)
+        assert ppl < res["quant"]["pydoc"]["ppl"] < 1.01 * ppl  # 8 bits on its 4-bit weights
+
+
+# -- reading compressed-tensors ----------------------------------------------------------------
+
+@pytest.mark.parametrize("bits,g,sym", GRIDS[:-2])
+def test_mixqs_compressed_tensors_export_reads_back_to_the_same_logits(bits, g, sym, tmp_path):
+    q = tiny_quantized(tmp_path, mixq.QuantConfig(wbits=bits, groupsize=g, sym=sym))
+    mixq.export_quantized(q, "compressed-tensors", tmp_path / "ct", log=lambda s: None)
+    back, _ = llama.load(str(tmp_path / "ct"))
+    native, _ = llama.load(str(q))
+    assert isinstance(back.layers[1].mlp.down_proj, kernels.QuantLinear)
+    x = torch.randint(0, 128, (2, 20), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(back(x), native(x))
+
+
+@needs_ct
+@pytest.mark.parametrize("bits,g,sym", [(4, 32, True), (4, 32, False), (8, -1, True),
+                                        (8, -1, False), (4, -1, False)])
+def test_a_checkpoint_from_compressed_tensors_own_compressor_gives_its_logits(bits, g, sym,
+                                                                               tmp_path):
+    # llm-compressor's W4A16 / W8A16 schemes and their _ASYM forms (group and channel
+    # strategies), compressed by compressed-tensors itself; transformers decompresses the same
+    # directory with compressed-tensors' own code
+    ct = ORACLE.compress(tiny_checkpoint(tmp_path / "fp", 2), tmp_path / "ct", bits, g, sym)
+    qc = json.loads((ct / "config.json").read_text())["quantization_config"]
+    assert qc["format"] == "pack-quantized"
+    ours, _ = llama.load(str(ct))
+    assert isinstance(ours.layers[0].self_attn.q_proj, kernels.QuantLinear)
+    x = torch.randint(0, 128, (2, 20), generator=torch.Generator().manual_seed(0))
+    theirs = ORACLE.forward(ct, x, dequantize=True)["logits"]
+    torch.testing.assert_close(ours(x), theirs, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("change,msg", [
+    (lambda qc: qc | {"format": "float-quantized"}, "format 'float-quantized'"),
+    (lambda qc: qc | {"quantization_status": "frozen"}, "quantization_status 'frozen'"),
+    (lambda qc: qc | {"kv_cache_scheme": {"num_bits": 8}}, "a quantized KV cache"),
+    (lambda qc: qc | {"transform_config": {"config_groups": {"u": {}}}}, "transforms"),
+    (lambda qc: json.loads(json.dumps(qc).replace('"input_activations": null',
+                                                  '"input_activations": {"num_bits": 8}')),
+     "quantized activations"),
+    (lambda qc: json.loads(json.dumps(qc).replace('"strategy": "group"', '"strategy": "block"')),
+     "weights strategy 'block'")])
+def test_compressed_tensors_that_mixq_cannot_run_is_refused_naming_it(change, msg, tmp_path):
+    q = tiny_quantized(tmp_path, mixq.QuantConfig(wbits=4, groupsize=32))
+    mixq.export_quantized(q, "compressed-tensors", tmp_path / "ct", log=lambda s: None)
+    path = tmp_path / "ct" / "config.json"
+    cfg = json.loads(path.read_text())
+    cfg["quantization_config"] = change(cfg["quantization_config"])
+    path.write_text(json.dumps(cfg))
+    with pytest.raises(llama.CheckpointError, match=f"compressed-tensors with {msg}.*mixq reads "
+                       "pack-quantized int weights"):
+        llama.load(str(tmp_path / "ct"))
 
 
 # -- native checkpoints ------------------------------------------------------------------------

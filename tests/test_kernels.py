@@ -17,8 +17,9 @@ def random_packed(bits, N, Kd, groupsize, outliers, seed):
     g = torch.Generator().manual_seed(seed)
     gs = Kd if groupsize == -1 else groupsize
     t = kernels.pack_codes(torch.randint(0, 2 ** bits, (Kd, N), generator=g), bits)
-    t["scales"] = (torch.rand(Kd // gs, N, generator=g) * 0.1 + 0.01).half()
-    t["zeros"] = torch.randint(0, 2 ** bits, (Kd // gs, N), generator=g).half()
+    G = -(-Kd // gs)  # ceil: a partial last group where gs does not divide Kd
+    t["scales"] = (torch.rand(G, N, generator=g) * 0.1 + 0.01).half()
+    t["zeros"] = torch.randint(0, 2 ** bits, (G, N), generator=g).half()
     if outliers:
         mask = torch.rand(N, Kd, generator=g) < outliers
         mask[0, :] = True  # one dense row: the skewed case
@@ -38,21 +39,23 @@ def check(bits, M, N, Kd, groupsize, outliers, dtype, seed, config=None):
 
 
 @given(bits=st.sampled_from([2, 3, 4, 8]), M=st.integers(1, 20), N=st.integers(1, 80),
-       k_words=st.sampled_from([1, 3, 5]), grouped=st.booleans(),
+       k_words=st.sampled_from([1, 3, 5]), groupsize=st.sampled_from([-1, 32, 64]),
        outliers=st.sampled_from([0.0, 0.05]), seed=st.integers(0, 1000))
-def test_kernel_equals_reference_on_odd_shapes(bits, M, N, k_words, grouped, outliers, seed):
-    Kd = 32 * k_words  # 32, 96, 160: not multiples of BLOCK_K = 64
-    check(bits, M, N, Kd, 32 if grouped else -1, outliers, torch.float16, seed)
+def test_kernel_equals_reference_on_odd_shapes(bits, M, N, k_words, groupsize, outliers, seed):
+    Kd = 32 * k_words  # 32, 96, 160: not multiples of BLOCK_K = 64 (nor of g = 64: a partial
+    check(bits, M, N, Kd, groupsize, outliers, torch.float16, seed)  # last group)
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])  # each width every run (3: the two planes)
 @given(M=st.integers(1, 20), N=st.integers(1, 70), k_words=st.sampled_from([1, 2, 3]),
-       grouped=st.booleans(), outliers=st.sampled_from([0.0, 0.05]), seed=st.integers(0, 1000))
-def test_simple_kernel_equals_reference_and_fast_path(bits, M, N, k_words, grouped, outliers,
+       groupsize=st.sampled_from([-1, 32, 64]), outliers=st.sampled_from([0.0, 0.05]),
+       seed=st.integers(0, 1000))
+def test_simple_kernel_equals_reference_and_fast_path(bits, M, N, k_words, groupsize, outliers,
                                                       seed):
     # the readable kernel against the torch oracle (dequantize) and against the fast path
-    # config_for picks for M (GEMV at M = 1, the GEMM above); K = 32, 64, 96: tiles cut by K
-    Kd, groupsize = 32 * k_words, 32 if grouped else -1
+    # config_for picks for M (GEMV at M = 1, the GEMM above); K = 32, 64, 96: tiles cut by K,
+    # and at K = 96 groups of 64 leave a partial last group
+    Kd = 32 * k_words
     t = random_packed(bits, N, Kd, groupsize, outliers, seed)
     x = torch.randn(M, Kd, generator=torch.Generator().manual_seed(seed + 1)).to(DEVICE)
     y = kernels.simple_quant_matmul(x, t, bits, groupsize, N, Kd)
@@ -70,7 +73,7 @@ def test_kernel_dtypes(bits, dtype):
     check(bits, 3, 48, 128, 64, 0.01, dtype, seed=bits)
 
 
-@pytest.mark.parametrize("groupsize", [16, 64])
+@pytest.mark.parametrize("groupsize", [16, 64, 80])
 @pytest.mark.parametrize("config", [
     dict(path="gemv", BLOCK_N=32, BLOCK_K=32, ITERS=1),
     dict(path="gemv", BLOCK_N=64, BLOCK_K=64, ITERS=2),
@@ -87,7 +90,8 @@ def test_kernel_dtypes(bits, dtype):
     dict(path="dequant", BLOCK_N=32, BLOCK_K=64)], ids=lambda c: "-".join(map(str, c.values())))
 def test_every_path(config, groupsize):
     # each path forced on a small shape; groups of 16 are smaller than every K-tile (statistics
-    # per element), groups of 64 hold whole tiles (one row of statistics per tile)
+    # per element), groups of 64 hold whole tiles (one row of statistics per tile), groups of
+    # 80 end in a partial one (192 = 80 + 80 + 32)
     M = 1 if config["path"] == "gemv" else 17
     for bits in (2, 3, 4, 8):
         check(bits, M, 40, 192, groupsize, 0.02, torch.float16, seed=M + bits, config=config)
@@ -158,7 +162,7 @@ def test_quantease_block_kernel_equals_the_torch_loop(m, n, data, bits, rounded,
     X = torch.randn(n, 3 * n, generator=g, dtype=dtype)
     S = mixq.normalized_offdiag(X @ X.T)
     s, z, gs = mixq.fit_groups(W, mixq.QuantConfig(wbits=bits))
-    s, z = mixq.per_column(s, gs), mixq.per_column(z, gs)
+    s, z = mixq.per_column(s, gs, n), mixq.per_column(z, gs, n)
     What = W + 0.1 * torch.randn(m, n, generator=g, dtype=dtype)
     R = (W + W @ S - What @ S)[:, b1:b2]
     ref = What.clone()
@@ -216,7 +220,7 @@ def test_gptq_block_kernel_equals_the_torch_loop(m, width, bits, mixed, spqr, dt
             torch.testing.assert_close(a, b, **tol)
 
 
-@pytest.mark.parametrize("name", ["gptq g32", "gptq act-order", "gptq static act-order", "spqr",
+@pytest.mark.parametrize("name", ["gptq g32", "gptq g40", "gptq act-order", "gptq static act-order", "spqr",
                                   "resq high", "tacq", "quantease", "quantease outliers"])
 def test_solvers_through_the_kernels_equal_the_torch_solvers(name, monkeypatch):
     # the glue around the block kernels (grids gathered per column, block sizes, permutations)
@@ -231,6 +235,8 @@ def test_solvers_through_the_kernels_equal_the_torch_solvers(name, monkeypatch):
     def run(dev):
         W_, H_, mask_, high_ = (t.to(dev) for t in (W, H, mask, high))
         return {"gptq g32": lambda: mixq.gptq(W_, H_, mixq.QuantConfig(wbits=3, groupsize=32)),
+                # 96 columns in groups of 40: a partial last group of 16
+                "gptq g40": lambda: mixq.gptq(W_, H_, mixq.QuantConfig(wbits=3, groupsize=40)),
                 "gptq act-order": lambda: mixq.gptq(W_, H_, mixq.QuantConfig(wbits=2, groupsize=32,
                                                                        act_order=True)),
                 "gptq static act-order": lambda: mixq.gptq(W_, H_, mixq.QuantConfig(

@@ -27,8 +27,9 @@ def random_problem(seed, m=8, n=64, tokens=256, correlated=True):
     return W, X.T @ X / tokens
 
 
-configs = st.builds(mixq.QuantConfig, wbits=st.integers(2, 8), groupsize=st.sampled_from([-1, 16, 32]),
-                    sym=st.booleans())
+# groups of 48 on the problems' 64 columns: one of 48 and a partial last group of 16
+configs = st.builds(mixq.QuantConfig, wbits=st.integers(2, 8),
+                    groupsize=st.sampled_from([-1, 16, 32, 48]), sym=st.booleans())
 
 
 # -- grid and RTN ---------------------------------------------------------------------------------
@@ -39,13 +40,13 @@ def test_rtn_error_at_most_half_a_step_and_on_grid(cfg, seed):
     W, _ = random_problem(seed)
     qz = mixq.rtn(W, cfg)
     g = qz.groupsize
-    s = qz.scales.repeat_interleave(g, 1)
+    s = mixq.per_column(qz.scales, g, W.shape[1])  # (m, n)
     Wq = qz.dequantize()
     assert ((W - Wq).abs() <= s / 2 + 1e-12).all()  # |w - Q(w)| <= s/2
     assert torch.equal(qz.codes, qz.codes.round()) and qz.codes.min() >= 0
     assert qz.codes.max() <= cfg.maxq  # every entry is s * (integer in [0, maxq] - z)
     # idempotent with the same grid
-    z = qz.zeros.repeat_interleave(g, 1)
+    z = mixq.per_column(qz.zeros, g, W.shape[1])
     assert torch.equal(mixq.fake_quant(Wq, s, z, cfg.maxq), Wq)
 
 
@@ -61,7 +62,7 @@ def test_scales_are_fp16_and_cover_the_range():
     qz = mixq.rtn(W, mixq.QuantConfig(wbits=4, groupsize=16))
     assert torch.equal(qz.scales, qz.scales.half().to(DT))
     # no clipping without --mse: every weight within half a step of its grid point
-    step = mixq.per_column(qz.scales, 16)
+    step = mixq.per_column(qz.scales, 16, W.shape[1])
     assert ((qz.dequantize() - W).abs() <= step / 2 * (1 + 1e-9)).all()
 
 
@@ -82,10 +83,20 @@ def test_per_channel_rtn_invariant_to_column_permutation():
     assert torch.equal(mixq.rtn(W[:, perm], cfg).dequantize(), mixq.rtn(W, cfg).dequantize()[:, perm])
 
 
-def test_group_size_that_does_not_divide():
-    W, _ = random_problem(0, n=48)
-    with pytest.raises(ValueError, match="does not divide the input dimension 48"):
-        mixq.rtn(W, mixq.QuantConfig(groupsize=32))
+@given(seed=st.integers(0, 10 ** 6), n=st.integers(1, 80), g=st.integers(1, 100),
+       bits=st.integers(2, 4))
+def test_a_partial_last_group_is_a_group_of_its_own(seed, n, g, bits):
+    # where g does not divide n, columns k*g .. n-1 form the last group: each group's grid is
+    # the one RTN fits on its columns alone
+    W, _ = random_problem(seed, n=n, tokens=1)
+    qz = mixq.rtn(W, mixq.QuantConfig(wbits=bits, groupsize=g))
+    assert qz.scales.shape == (W.shape[0], math.ceil(n / g))
+    for c in range(0, n, g):
+        alone = mixq.rtn(W[:, c:c + g], mixq.QuantConfig(wbits=bits))
+        assert torch.equal(qz.dequantize()[:, c:c + g], alone.dequantize())
+
+
+def test_bits_outside_2_to_8_are_refused():
     with pytest.raises(ValueError, match="2-8 bits"):
         mixq.QuantConfig(wbits=1)
 
@@ -133,7 +144,7 @@ def test_gptq_lazy_batches_do_not_change_the_result(seed, groupsize, blocksize, 
     # the block size only reorders the arithmetic (each group's grid is fitted on the same
     # fully updated weights; gptq shrinks a block that a group would straddle to gcd(B, g)):
     # fp64 results agree with one column per block
-    W, S = random_problem(seed, n=96)
+    W, S = random_problem(seed, n=104)  # groups of 16, 24 and 48 with a partial last one
     keep = torch.rand(W.shape, generator=torch.Generator().manual_seed(seed)) < 0.05 \
         if mask else None
     tau = 0.5 if spqr else math.inf
@@ -461,7 +472,7 @@ def test_quantease_outliers_iht_step_is_the_released_one(seed, iters):
     k = round(0.05 * W.numel())
     Hs = W * mixq.top_k_mask(W, k)
     s, z, g = mixq.fit_groups(W, cfg, mask=Hs != 0)
-    se, ze = mixq.per_column(s, g), mixq.per_column(z, g)
+    se, ze = mixq.per_column(s, g, W.shape[1]), mixq.per_column(z, g, W.shape[1])
     S_off, lam = mixq.normalized_offdiag(S), mixq.largest_eigenvalue(S)
     What = W - Hs
     for _ in range(iters):
@@ -492,6 +503,8 @@ def test_bit_count_by_hand():
     qz.kept = torch.zeros(m, n, dtype=torch.bool)
     qz.kept[0, :5] = True
     assert mixq.stored_bits(qz) == 8 * 64 * 3 + 8 * 2 * 2 * 16 + 5 * 32  # + value and index
+    qz = mixq.rtn(torch.randn(8, 72), mixq.QuantConfig(wbits=3, groupsize=32))  # 32 + 32 + 8
+    assert mixq.stored_bits(qz) == 8 * 72 * 3 + 8 * 3 * 2 * 16
     # SpQR's README configuration: w3, groups of 16, 3-bit statistics in groups of 16 -> 3.625
     cfg = mixq.spqr_config(mixq.QuantConfig(wbits=3))
     qz = mixq.Quantized(torch.zeros(16, 64), torch.ones(16, 4), torch.zeros(16, 4), 3, 16,
