@@ -2058,8 +2058,10 @@ def write_side_files(source, tok, out_dir):
 #                               ("gptq", v1) or as z ("gptq_v2", GPTQModel's format)
 #   scales  fp16 (G, N);    g_idx int32 (K,) = k // g (no act-order permutation)
 #   W[n, k] = scales[g_idx[k], n] * (q[k, n] - z[g_idx[k], n])
-# v1's z - 1 cannot hold z = 0 (a group whose range starts at 0), so such a model is written as
-# gptq_v2 (GPTQModel reads it; vLLM reads v1); every other as v1.
+# "gptq" writes v1, which vLLM and transformers read; its z - 1 cannot hold z = 0 (a group whose
+# range starts at 0), so such a model is written as v2. "gptq_v2" always writes v2, which
+# GPTQModel.load needs for an asymmetric grid: it loads asymmetric v1 only from GPTQModel itself
+# (a guard against old AutoGPTQ checkpoints whose z - 1 wrapped around).
 #
 # compressed-tensors "pack-quantized" (llm-compressor's format, vLLM's main one), per linear:
 #   weight_packed int32 (N, K*b/32)  codes packed along K (the transpose of the above)
@@ -2068,7 +2070,7 @@ def write_side_files(source, tok, out_dir):
 #   W = weight_scale * (q_s - zp_s), with signed q_s = q - 2^(b-1), zp_s = z - 2^(b-1);
 #   symmetric when every z = 2^(b-1) (zp_s = 0, not stored)
 
-EXPORT_FORMATS = ("gptq", "compressed-tensors")
+EXPORT_FORMATS = ("gptq", "gptq_v2", "compressed-tensors")
 
 
 def check_export_groups(fmt: str, g: int, in_features):
@@ -2103,7 +2105,7 @@ def export_layers(tensors: dict, bits: int, g: int, fmt: str, drop_kept: bool, l
         raise ValueError(f"{fmt} stores integer zero points in [0, 2^{bits}); this checkpoint's "
                          "are not (a signed grid?)")
     sym = all(bool((z == half).all()) for z in zeros.values())
-    v1 = all(bool((z >= 1).all()) for z in zeros.values())  # GPTQ v1 stores z - 1
+    v1 = fmt == "gptq" and all(bool((z >= 1).all()) for z in zeros.values())  # stores z - 1
     out = {n: t for n, t in tensors.items() if n.rsplit(".", 1)[0] not in modules}
     for m in modules:
         t = {leaf: tensors[f"{m}.{leaf}"] for leaf in ("qweight", "qweight_hi")
@@ -2112,7 +2114,7 @@ def export_layers(tensors: dict, bits: int, g: int, fmt: str, drop_kept: bool, l
         K, N = kernels_K(tensors[f"{m}.qweight"], bits), s.shape[1]
         codes = kernels.unpack_codes(t, bits, K)  # (K, N)
         z = zeros[m].to(torch.uint8)  # (G, N)
-        if fmt == "gptq":
+        if fmt.startswith("gptq"):
             out[f"{m}.qweight"] = kernels.pack_dense(codes, bits)
             out[f"{m}.qzeros"] = kernels.pack_dense((z - int(v1)).T, bits).T.contiguous()
             out[f"{m}.scales"] = s
@@ -2123,11 +2125,11 @@ def export_layers(tensors: dict, bits: int, g: int, fmt: str, drop_kept: bool, l
             out[f"{m}.weight_shape"] = torch.tensor([N, K])
             if not sym:
                 out[f"{m}.weight_zero_point"] = kernels.pack_dense(z.T, bits)
-    if fmt == "gptq":
+    if fmt.startswith("gptq"):
         qc = {"quant_method": "gptq", "bits": bits, "group_size": g, "desc_act": False,
               "sym": sym, "static_groups": False, "true_sequential": True, "lm_head": False,
               "checkpoint_format": "gptq" if v1 else "gptq_v2"}
-        if not v1:
+        if fmt == "gptq" and not v1:
             log("export: some zero points are 0, which GPTQ v1 (z - 1) cannot store: written as "
                 "checkpoint_format gptq_v2 (GPTQModel reads it; vLLM reads v1 only)")
     else:
@@ -2181,11 +2183,12 @@ def export_quantized(src, fmt: str, out_dir, drop_kept: bool = False, log=print)
         save_file({n: t.contiguous() for n, t in out.items()}, str(tmp / "model.safetensors"),
                   metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(new_cfg, indent=2))
-        if fmt == "gptq":  # AutoGPTQ and GPTQModel read the config from this file
+        if fmt.startswith("gptq"):  # AutoGPTQ and GPTQModel read the config from this file
             (tmp / "quantize_config.json").write_text(json.dumps(export_qc, indent=2))
         llama.copy_tokenizer(src, tmp)
-    log(f"exported to {out_dir} ({fmt}: " + (f"checkpoint_format {export_qc['checkpoint_format']}"
-                                             if fmt == "gptq" else "pack-quantized") + ")")
+    kind = f"checkpoint_format {export_qc['checkpoint_format']}" if fmt.startswith("gptq") \
+        else "pack-quantized"
+    log(f"exported to {out_dir} ({fmt}: {kind})")
 
 
 # -----------------------------------------------------------------------------

@@ -15,6 +15,8 @@ stdout. Tensors travel through safetensors files in a temporary directory.
     oracle.tokenize(gguf_path, ["some text"])               # [[ids]]
     oracle.chat(tokenizer_dir, [{"role": "user", ...}])     # the chat prompt text
     oracle.compress(src, out, bits=4, group_size=32, symmetric=False)  # compressed-tensors'
+    oracle.gptq_forward(ckpt, ids, loader="gptqmodel")      # fp16 logits through GPTQModel
+    oracle.gptqmodel_quantize(src, out, texts, bits=4, group_size=128, sym=False)
 """
 
 import atexit
@@ -58,6 +60,7 @@ class Oracle:
             pytest.skip("transformers (the oracle) is not installed")
         env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
         env["TRANSFORMERS_VERBOSITY"] = "error"
+        env.setdefault("GPTQMODEL_CPU_WORKERS", str(min(os.cpu_count() or 1, 2)))
         self.proc = subprocess.Popen([sys.executable, __file__, "--serve"], cwd=self.tmp, env=env,
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
 
@@ -112,6 +115,21 @@ class Oracle:
         packing by its ModelCompressor. group_size -1: the channel strategy."""
         self.ask("compress", src=str(src), out=str(out), bits=bits, group_size=group_size,
                  symmetric=symmetric)
+        return Path(out)
+
+    def gptq_forward(self, ckpt, ids, loader):
+        """The fp16 logits (B, T, V) of a GPTQ checkpoint on ids through GPTQModel's torch
+        kernel (its CPU kernels take fp16 and bf16 only): loader "gptqmodel" is GPTQModel.load,
+        "transformers" AutoModelForCausalLM with GPTQConfig(backend="torch")."""
+        src, out = self.tensor_file(), self.tensor_file()
+        save_file({"ids": ids.contiguous()}, src)
+        self.ask("gptq_forward", ckpt=str(ckpt), ids=str(src), out=str(out), loader=loader)
+        return load_file(out)["logits"]
+
+    def gptqmodel_quantize(self, src, out, texts, bits, group_size, sym):
+        """GPTQModel's own GPTQ of the HF checkpoint src, calibrated on texts, saved to out."""
+        self.ask("gptqmodel_quantize", src=str(src), out=str(out), texts=list(texts), bits=bits,
+                 group_size=group_size, sym=sym)
         return Path(out)
 
     def close(self):
@@ -202,8 +220,29 @@ def serve():
         compressor.update_config(out)
         return {}
 
+    @torch.no_grad()
+    def gptq_forward(ckpt, ids, out, loader):
+        from gptqmodel import BACKEND, GPTQModel
+        if loader == "gptqmodel":
+            m = GPTQModel.load(ckpt, device="cpu", backend=BACKEND.TORCH, dtype=torch.float16).model
+        else:
+            m = transformers.AutoModelForCausalLM.from_pretrained(
+                ckpt, dtype=torch.float16, device_map="cpu",
+                quantization_config=transformers.GPTQConfig(bits=4, backend="torch"))
+        save_file({"logits": m.eval()(load_file(ids)["ids"]).logits.float().contiguous()}, out)
+        return {}
+
+    def gptqmodel_quantize(src, out, texts, bits, group_size, sym):
+        from gptqmodel import GPTQModel, QuantizeConfig
+        m = GPTQModel.load(src, QuantizeConfig(bits=bits, group_size=group_size, sym=sym),
+                           device="cpu")
+        m.quantize(texts, batch_size=1)
+        m.save(out)
+        return {}
+
     ops = {"save_tiny": save_tiny, "forward": forward, "tokenize": tokenize, "chat": chat,
-           "compress": compress}
+           "compress": compress, "gptq_forward": gptq_forward,
+           "gptqmodel_quantize": gptqmodel_quantize}
     answers = os.fdopen(os.dup(1), "w")  # answers go here; anything printed goes to stderr
     os.dup2(2, 1)
     for line in sys.stdin:

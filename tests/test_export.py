@@ -90,12 +90,14 @@ GRIDS = [  # bits, group size, symmetric (groups of 48 on 64 and 160 inputs: a p
     (8, 32, True), (2, -1, False), (4, 48, False), (3, 48, True)]
 
 
+@pytest.mark.parametrize("fmt", ["gptq", "gptq_v2"])
 @pytest.mark.parametrize("bits,g,sym", GRIDS)
-def test_gptq_export_dequantizes_bit_exactly_to_mixqs_weights(bits, g, sym, tmp_path):
+def test_gptq_export_dequantizes_bit_exactly_to_mixqs_weights(bits, g, sym, fmt, tmp_path):
     q = tiny_quantized(tmp_path, mixq.QuantConfig(wbits=bits, groupsize=g, sym=sym))
-    mixq.export_quantized(q, "gptq", tmp_path / "gptq", log=lambda s: None)
+    mixq.export_quantized(q, fmt, tmp_path / "gptq", log=lambda s: None)
     cfg = json.loads((tmp_path / "gptq" / "config.json").read_text())
     qc = cfg["quantization_config"]
+    assert fmt == "gptq" or qc["checkpoint_format"] == "gptq_v2"
     assert qc == json.loads((tmp_path / "gptq" / "quantize_config.json").read_text())
     assert (qc["bits"], qc["group_size"], qc["sym"], qc["desc_act"]) == (bits, g, sym, False)
     assert cfg["model_type"] == "llama"
@@ -134,10 +136,11 @@ def test_a_zero_point_of_0_is_written_as_gptq_v2(tmp_path):
     assert torch.equal(back(x), native(x))
 
 
+@pytest.mark.parametrize("fmt", ["gptq", "gptq_v2"])
 @pytest.mark.parametrize("bits,g,sym", GRIDS[:4] + GRIDS[-2:])
-def test_an_exported_gptq_directory_loads_through_mixqs_kernels(bits, g, sym, tmp_path):
+def test_an_exported_gptq_directory_loads_through_mixqs_kernels(bits, g, sym, fmt, tmp_path):
     q = tiny_quantized(tmp_path, mixq.QuantConfig(wbits=bits, groupsize=g, sym=sym))
-    mixq.export_quantized(q, "gptq", tmp_path / "gptq", log=lambda s: None)
+    mixq.export_quantized(q, fmt, tmp_path / "gptq", log=lambda s: None)
     back, _ = llama.load(str(tmp_path / "gptq"))
     native, _ = llama.load(str(q))
     assert isinstance(back.layers[1].mlp.down_proj, kernels.QuantLinear)
