@@ -399,6 +399,8 @@ def test_a_saved_resq_model_gives_the_in_memory_logits(tmp_path, abits, kvbits, 
     mixq.save_quantized(model, res, None, tmp_path / "q", qconfig)
     loaded, _ = llama.load(str(tmp_path / "q"))
     assert isinstance(loaded.layers[0].self_attn.o_proj, kernels.ResQLinear)
+    with pytest.raises(llama.CheckpointError, match="a ResQ checkpoint"):  # as mixq.py's --ckpt
+        mixq.start_from_dequantized(llama.load(str(tmp_path / "q"))[0], tmp_path / "q")
     x = torch.randint(0, 128, (2, 40), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         assert torch.equal(loaded(x), model(x))  # integer sums, one rounding: the same numbers
