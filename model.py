@@ -1269,8 +1269,9 @@ def load(ckpt: Optional[str] = None, dtype="fp32", device="cpu", only=None):
     """Load a checkpoint -> (Transformer in eval mode, Tokenizer or None).
 
     ckpt: None (embedded SmolLM2), a short name, an HF directory, a .gguf file, or a quantized
-    directory: mixq's, GPTQ or compressed-tensors (pack-quantized). Memory: the model is built on the meta device and every tensor is read,
-    converted and placed one at a time, so there is never a second copy of the weights.
+    directory: mixq's, GPTQ or compressed-tensors (pack-quantized). Memory: the model is built
+    on the meta device and every tensor is read, converted and placed one at a time, so there
+    is never a second copy of the weights.
     only(name) -> bool: read just those tensors of an HF directory (e.g. one pipeline stage's
     blocks); the others stay on the meta device, shapes without storage."""
     dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype

@@ -220,8 +220,8 @@ def test_gptq_block_kernel_equals_the_torch_loop(m, width, bits, mixed, spqr, dt
             torch.testing.assert_close(a, b, **tol)
 
 
-@pytest.mark.parametrize("name", ["gptq g32", "gptq g40", "gptq act-order", "gptq static act-order", "spqr",
-                                  "resq high", "tacq", "quantease", "quantease outliers"])
+@pytest.mark.parametrize("name", ["gptq g32", "gptq g40", "gptq act-order", "gptq static act-order",
+                                  "spqr", "resq high", "tacq", "quantease", "quantease outliers"])
 def test_solvers_through_the_kernels_equal_the_torch_solvers(name, monkeypatch):
     # the glue around the block kernels (grids gathered per column, block sizes, permutations)
     g = torch.Generator().manual_seed(3)
