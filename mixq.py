@@ -16,7 +16,8 @@ follows, and a test checks that both give the same result)
                        iterative hard thresholding)
   5. Bit count         one function for every method
   6. Pipeline          layer-wise, true-sequential, one block at a time: quantize_model;
-                       solve_group, the one place that decides the threads
+                       solve and solve_group, where the column loops (torch or Triton)
+                       and the threads are decided: the math carries neither
   7. TaCQ              Xiao et al. 2025, arXiv 2504.07389: tacq, the steps in order (gradient
                        saliency, a global 16-bit budget, GPTQ with that mask)
   8. ResQ              Saxena et al. 2024, arXiv 2412.14363: resq, the steps in order (norm
@@ -81,10 +82,6 @@ try:
 except ImportError as e:
     kernels = Missing(e)
 
-
-def use_triton(x: torch.Tensor) -> bool:
-    """Whether x's device runs kernels.py's Triton loops (a GPU; never without kernels.py)."""
-    return not isinstance(kernels, Missing) and kernels.use_triton(x)
 
 # -----------------------------------------------------------------------------
 # 1. The grid
@@ -409,7 +406,8 @@ def inverse_cholesky(H, percdamp: float, retries: int = 6):
 
 
 def gptq(W: torch.Tensor, H: torch.Tensor, cfg: QuantConfig,
-         mask: Optional[torch.Tensor] = None, high: Optional[torch.Tensor] = None) -> Quantized:
+         mask: Optional[torch.Tensor] = None, high: Optional[torch.Tensor] = None,
+         block=None) -> Quantized:
     """GPTQ of W (m, n) against H (n, n).
 
     mask (m, n) bool: weights kept in 16 bits. The grid fit ignores them; at their column they
@@ -420,7 +418,9 @@ def gptq(W: torch.Tensor, H: torch.Tensor, cfg: QuantConfig,
     (SpQR's rule). high (n,) bool: ResQ's high-precision input columns, with their own per-row
     grid at cfg.high_bits (the others at cfg.wbits), both fitted once on the original W, in one
     GPTQ pass that takes the low columns first and the high ones last (ResQ moves o_proj's
-    high columns, the last hd/8 of each head, to the end before its GPTQ).
+    high columns, the last hd/8 of each head, to the end before its GPTQ). block: the column
+    loop, gptq_block (default) or kernels.gptq_block (the same loop in one GPU launch per block
+    of at most 128 columns, which refits no grid inside; the pipeline's `solve` picks it).
     Result.loss = ||E||^2 = tr((W - Q) H_damped (W - Q)^T)."""
     W, H = as_work(W).clone(), as_work(H).clone()
     m, n = W.shape
@@ -459,9 +459,9 @@ def gptq(W: torch.Tensor, H: torch.Tensor, cfg: QuantConfig,
     # block's updates only at its end); one of B, g dividing the other guarantees that
     if not static and g < n and g % B and B % g:
         B = math.gcd(B, g)
-    block = gptq_block
-    if use_triton(W) and B <= 128:  # one launch per block, which refits no grid inside
-        block, B = kernels.gptq_block, (B if static else min(B, g))
+    block = block or gptq_block
+    if block is not gptq_block:  # a kernel: blocks of <= 128 columns, no grid refit inside
+        B = min(B, 128) if static else min(B, g, 128)
     for i1 in range(0, n, B):
         i2 = min(i1 + B, n)
         W1, U1 = W[:, i1:i2].clone(), U[i1:i2, i1:i2]
@@ -619,14 +619,16 @@ def cd_block(What, R, S_off, s, z, b1: int, b2: int, maxq: int, rounded: bool = 
     return D
 
 
-def cd_sweep(What, P, S_off, s, z, maxq: int, rounded: bool = True, blocksize: int = 128):
+def cd_sweep(What, P, S_off, s, z, maxq: int, rounded: bool = True, blocksize: int = 128,
+             block=None):
     """One cyclic sweep over the columns of What (m, n), in place, a block of columns at a time.
     P = T + T S_off (T the target, S_off = Sigma / diag(Sigma) off the diagonal, 0 on it), so
-    u_j = P_j - sum_k What_k S_off_kj; s, z (m, n) the fixed grid. Returns What."""
+    u_j = P_j - sum_k What_k S_off_kj; s, z (m, n) the fixed grid. block: cd_block (default) or
+    kernels.cd_block, the same loop as one GPU launch per block of <= 128 columns. Returns What."""
     n = What.shape[1]
-    block = cd_block
-    if use_triton(What):  # the same loop as one GPU launch per block (<= 128 columns)
-        block, blocksize = kernels.cd_block, min(blocksize, 128)
+    block = block or cd_block
+    if block is not cd_block:
+        blocksize = min(blocksize, 128)
     Phat = What @ S_off  # (m, n): sum_k What_k S_off_kj with the values at the sweep's start
     for b1 in range(0, n, blocksize):
         b2 = min(b1 + blocksize, n)
@@ -646,14 +648,15 @@ def normalized_offdiag(Sigma):
 
 
 def quantease(W: torch.Tensor, Sigma: torch.Tensor, cfg: QuantConfig,
-              start: Optional[Quantized] = None, history: Optional[list] = None) -> Quantized:
+              start: Optional[Quantized] = None, history: Optional[list] = None,
+              block=None) -> Quantized:
     """QuantEase: cfg.iters cyclic CD sweeps on the grid fitted to W, starting from W itself, or
     from `start` (e.g. a GPTQ result), whose values and grid are then kept. With cfg.relaxed
     (the default, the released code's schedule) sweeps 1, 4, ..., 25 skip rounding and the last
     always rounds; without it every sweep rounds, f never rises, and the result is never worse
     than the start. cfg.act_order sweeps the columns by decreasing Sigma_jj; each group is then
     g consecutive columns of that order, as in the released code, or with cfg.static_groups g
-    contiguous columns of W. history receives (rounded, f) after every sweep."""
+    contiguous columns of W. history receives (rounded, f) after every sweep; block: cd_sweep's."""
     W, Sigma = as_work(W), as_work(Sigma)
     n = W.shape[1]
     col_group = None
@@ -680,7 +683,7 @@ def quantease(W: torch.Tensor, Sigma: torch.Tensor, cfg: QuantConfig,
     P = W + W @ S_off  # P_j = w_j + sum_{k != j} w_k Sigma_kj / Sigma_jj
     for it in range(cfg.iters):
         rounded = rounds(it, cfg)
-        What = cd_sweep(What, P, S_off, se, ze, cfg.maxq, rounded, cfg.blocksize)
+        What = cd_sweep(What, P, S_off, se, ze, cfg.maxq, rounded, cfg.blocksize, block)
         if history is not None:
             history.append((rounded, layer_loss(W, What, Sigma)))
     loss = layer_loss(W, What, Sigma)
@@ -718,7 +721,7 @@ def largest_eigenvalue(A: torch.Tensor, tol: float = 1e-6, max_iters: int = 10_0
 
 
 def quantease_outliers(W: torch.Tensor, Sigma: torch.Tensor, cfg: QuantConfig,
-                       history: Optional[list] = None) -> Quantized:
+                       history: Optional[list] = None, block=None) -> Quantized:
     """Outlier-aware QuantEase (the paper's outlier-aware variant), from its objective:
         min  f(W_hat, Hs) = tr((W - W_hat - Hs) Sigma (W - W_hat - Hs)^T)
         over W_hat on the grid and Hs with at most k = round(outliers * m * n) nonzeros (16-bit).
@@ -749,7 +752,8 @@ def quantease_outliers(W: torch.Tensor, Sigma: torch.Tensor, cfg: QuantConfig,
     for it in range(cfg.iters):
         T = W - Hs  # (a) the dense part fits what the outliers leave
         rounded = rounds(it, cfg)
-        What = cd_sweep(What, T + T @ S_off, S_off, se, ze, cfg.maxq, rounded, cfg.blocksize)
+        What = cd_sweep(What, T + T @ S_off, S_off, se, ze, cfg.maxq, rounded, cfg.blocksize,
+                        block)
         if history is not None:
             history.append(("cd" if rounded else "cd-unrounded", layer_loss(W, What + Hs, Sigma)))
         Hs = Hs - (What + Hs - W) @ Sigma / (2 * lam)  # (b) a gradient step, then keep the top k
@@ -838,35 +842,45 @@ class InputStats:
         return self.matrix
 
 
+# Where the pipeline decides how the math runs: `solve` picks the column loops for the device
+# (on a GPU kernels.py's, one launch per block of columns), and `solve_group` the threads. On a
+# CPU every solve runs on one torch thread, and the linears that read the same input (q/k/v,
+# gate/up) are solved side by side on worker threads, as many as torch has threads. perf: a
+# solver is thousands of small operations (a column at a time); spread over threads, each
+# waits for all of them, and while another program holds a core that wait lasts a scheduler
+# time slice: tens of times slower on a busy machine (docs/cpu.md). On a GPU the solves run
+# one after another.
+
+
+def use_triton(x: torch.Tensor) -> bool:
+    """Whether x's device runs kernels.py's Triton loops (a GPU; never without kernels.py)."""
+    return not isinstance(kernels, Missing) and kernels.use_triton(x)
+
+
 def solve(method: str, W, sigma, cfg: QuantConfig, mask=None, high=None) -> Quantized:
     """One linear: dispatch to the algorithm. sigma = X X^T / N; GPTQ's H = 2 sigma; mask: the
-    weights TaCQ keeps in 16 bits."""
+    weights TaCQ keeps in 16 bits. On a GPU the column loops are kernels.py's (one launch per
+    block of columns), elsewhere the torch loops: the same numbers."""
+    gpu = use_triton(W)
+    gb = kernels.gptq_block if gpu else gptq_block
+    cb = kernels.cd_block if gpu else cd_block
     if method == "rtn":
         return rtn(W, cfg)
     if method in ("gptq", "tacq"):
-        return gptq(W, 2 * sigma, cfg, mask=mask)
+        return gptq(W, 2 * sigma, cfg, mask=mask, block=gb)
     if method == "resq":  # --w-rtn: GPTQ with H = I and no damping is exactly RTN
         if cfg.w_rtn:
             return gptq(W, torch.eye(W.shape[1], device=W.device), replace(cfg, percdamp=0.0),
-                        high=high)
-        return gptq(W, 2 * sigma, cfg, high=high)
-    if method == "spqr":
-        return gptq(W, 2 * sigma, cfg)  # spqr_config set the groups, threshold and stat bits
+                        high=high, block=gb)
+        return gptq(W, 2 * sigma, cfg, high=high, block=gb)
+    if method == "spqr":  # spqr_config set the groups, threshold and stat bits
+        return gptq(W, 2 * sigma, cfg, block=gb)
     if method == "quantease":
         if cfg.outliers > 0:
-            return quantease_outliers(W, sigma, cfg)
-        start = gptq(W, 2 * sigma, cfg) if cfg.init == "gptq" else None
-        return quantease(W, sigma, cfg, start)
+            return quantease_outliers(W, sigma, cfg, block=cb)
+        start = gptq(W, 2 * sigma, cfg, block=gb) if cfg.init == "gptq" else None
+        return quantease(W, sigma, cfg, start, block=cb)
     raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
-
-
-# The one place where the pipeline decides how the math runs. On a CPU every solve runs on one
-# torch thread, and the linears that read the same input (q/k/v, gate/up) are solved side by
-# side on worker threads, as many as torch has threads. perf: a solver is thousands of small
-# operations (a column at a time); spread over threads, each waits for all of them, and while
-# another program holds a core that wait lasts a scheduler time slice: tens of times slower on
-# a busy machine (docs/cpu.md). On a GPU the solves run one after another (the column loops are
-# Triton kernels there: gptq, cd_sweep).
 
 
 @contextmanager

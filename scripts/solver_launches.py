@@ -21,24 +21,17 @@ import kernels  # noqa: E402
 import mixq  # noqa: E402
 
 
-def count(fn) -> tuple:
-    """(top-level torch operations, Triton block-kernel calls) while fn runs."""
+def count(job, gptq_loop, cd_loop) -> tuple:
+    """(top-level torch operations, column-loop calls) while job(gptq_loop, cd_loop) runs."""
     calls = {"n": 0}
-    wrapped = {name: getattr(kernels, name) for name in ("gptq_block", "cd_block")}
 
     def counting(f):
         def g(*args, **kw):
             calls["n"] += 1
             return f(*args, **kw)
         return g
-    for name, f in wrapped.items():
-        setattr(kernels, name, counting(f))
-    try:
-        with profile(activities=[ProfilerActivity.CPU]) as p:
-            fn()
-    finally:
-        for name, f in wrapped.items():
-            setattr(kernels, name, f)
+    with profile(activities=[ProfilerActivity.CPU]) as p:
+        job(counting(gptq_loop), counting(cd_loop))
     top = [e for e in p.events() if e.cpu_parent is None]
     return len(top), calls["n"]
 
@@ -53,18 +46,15 @@ def main():
     X = torch.randn(a.n, 2 * a.n, generator=g)
     sigma = X @ X.T / (2 * a.n)
     cfg = mixq.QuantConfig(wbits=4, groupsize=128, iters=1)
-    jobs = {"GPTQ (W4 g128)": lambda: mixq.gptq(W, 2 * sigma, cfg),
-            "QuantEase, one sweep (W4 g128)": lambda: mixq.quantease(W, sigma, cfg)}
+    jobs = {"GPTQ (W4 g128)": lambda gb, cb: mixq.gptq(W, 2 * sigma, cfg, block=gb),
+            "QuantEase, one sweep (W4 g128)": lambda gb, cb: mixq.quantease(W, sigma, cfg,
+                                                                           block=cb)}
     print(f"W {a.m} x {a.n}: top-level torch operations and block-kernel launches\n")
     print("| solver | torch loop: ops | per column | block kernels: ops + launches | per column |")
     print("|---|---|---|---|---|")
-    real = kernels.use_triton
     for name, job in jobs.items():
-        kernels.use_triton = lambda x: False
-        torch_ops, _ = count(job)
-        kernels.use_triton = lambda x: True
-        ops, launches = count(job)
-        kernels.use_triton = real
+        torch_ops, _ = count(job, mixq.gptq_block, mixq.cd_block)
+        ops, launches = count(job, kernels.gptq_block, kernels.cd_block)
         print(f"| {name} | {torch_ops:,} | {torch_ops / a.n:.1f} | {ops:,} + {launches} | "
               f"{(ops + launches) / a.n:.2f} |")
 

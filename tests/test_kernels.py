@@ -222,7 +222,7 @@ def test_gptq_block_kernel_equals_the_torch_loop(m, width, bits, mixed, spqr, dt
 
 @pytest.mark.parametrize("name", ["gptq g32", "gptq g40", "gptq act-order", "gptq static act-order",
                                   "spqr", "resq high", "tacq", "quantease", "quantease outliers"])
-def test_solvers_through_the_kernels_equal_the_torch_solvers(name, monkeypatch):
+def test_solvers_through_the_kernels_equal_the_torch_solvers(name):
     # the glue around the block kernels (grids gathered per column, block sizes, permutations)
     g = torch.Generator().manual_seed(3)
     W = torch.randn(24, 96, generator=g, dtype=torch.float64)
@@ -231,28 +231,42 @@ def test_solvers_through_the_kernels_equal_the_torch_solvers(name, monkeypatch):
     mask = torch.rand(W.shape, generator=g) < 0.03
     high = torch.zeros(96, dtype=torch.bool)
     high[::8] = True
+    Q = mixq.QuantConfig
 
-    def run(dev):
+    def run(dev, gb, cb):  # gb, cb: GPTQ's and QuantEase's column loops
         W_, H_, mask_, high_ = (t.to(dev) for t in (W, H, mask, high))
-        return {"gptq g32": lambda: mixq.gptq(W_, H_, mixq.QuantConfig(wbits=3, groupsize=32)),
+        return {"gptq g32": lambda: mixq.gptq(W_, H_, Q(wbits=3, groupsize=32), block=gb),
                 # 96 columns in groups of 40: a partial last group of 16
-                "gptq g40": lambda: mixq.gptq(W_, H_, mixq.QuantConfig(wbits=3, groupsize=40)),
-                "gptq act-order": lambda: mixq.gptq(W_, H_, mixq.QuantConfig(wbits=2, groupsize=32,
-                                                                       act_order=True)),
-                "gptq static act-order": lambda: mixq.gptq(W_, H_, mixq.QuantConfig(
-                    wbits=2, groupsize=32, act_order=True, static_groups=True)),
-                "spqr": lambda: mixq.gptq(W_, H_, mixq.spqr_config(mixq.QuantConfig(wbits=3))),
-                "resq high": lambda: mixq.gptq(W_, H_, mixq.QuantConfig(wbits=4), high=high_),
-                "tacq": lambda: mixq.gptq(W_, H_, mixq.QuantConfig(wbits=2, mse=True), mask=mask_),
-                "quantease": lambda: mixq.quantease(W_, H_, mixq.QuantConfig(
-                    wbits=3, groupsize=32, iters=3, blocksize=40)),
+                "gptq g40": lambda: mixq.gptq(W_, H_, Q(wbits=3, groupsize=40), block=gb),
+                "gptq act-order": lambda: mixq.gptq(W_, H_, Q(wbits=2, groupsize=32,
+                                                              act_order=True), block=gb),
+                "gptq static act-order": lambda: mixq.gptq(W_, H_, Q(
+                    wbits=2, groupsize=32, act_order=True, static_groups=True), block=gb),
+                "spqr": lambda: mixq.gptq(W_, H_, mixq.spqr_config(Q(wbits=3)), block=gb),
+                "resq high": lambda: mixq.gptq(W_, H_, Q(wbits=4), high=high_, block=gb),
+                "tacq": lambda: mixq.gptq(W_, H_, Q(wbits=2, mse=True), mask=mask_, block=gb),
+                "quantease": lambda: mixq.quantease(W_, H_, Q(
+                    wbits=3, groupsize=32, iters=3, blocksize=40), block=cb),
                 "quantease outliers": lambda: mixq.quantease_outliers(
-                    W_, H_, mixq.QuantConfig(wbits=2, iters=2, outliers=0.02))}[name]()
-    ref = run("cpu")  # the torch loops
-    monkeypatch.setattr(kernels, "use_triton", lambda x: True)  # the kernels (interpreted on a CPU)
-    out = run(DEVICE)
+                    W_, H_, Q(wbits=2, iters=2, outliers=0.02), block=cb)}[name]()
+    ref = run("cpu", mixq.gptq_block, mixq.cd_block)  # the torch loops
+    out = run(DEVICE, kernels.gptq_block, kernels.cd_block)  # the kernels (interpreted on a CPU)
     torch.testing.assert_close(out.dequantize().cpu(), ref.dequantize(), rtol=1e-10, atol=1e-10)
     assert out.n_kept() == ref.n_kept() and out.loss == pytest.approx(ref.loss, rel=1e-9)
+
+
+def test_the_pipeline_picks_the_column_loops_by_device(monkeypatch):
+    # mixq.solve, the seam: kernels.py's loops where kernels.use_triton says the device runs
+    # them (a GPU), the torch loops elsewhere
+    picked = []
+    monkeypatch.setattr(mixq, "gptq", lambda *a, block=None, **k: picked.append(block))
+    monkeypatch.setattr(mixq, "quantease", lambda *a, block=None, **k: picked.append(block))
+    W, S = torch.randn(8, 64), torch.eye(64)
+    for gpu in (False, True):
+        monkeypatch.setattr(kernels, "use_triton", lambda x: gpu)
+        mixq.solve("gptq", W, S, mixq.QuantConfig())
+        mixq.solve("quantease", W, S, mixq.QuantConfig())
+    assert picked == [mixq.gptq_block, mixq.cd_block, kernels.gptq_block, kernels.cd_block]
 
 
 @pytest.mark.parametrize("bits,outliers", [(3, 0.05), (4, 0.0)])
