@@ -1544,7 +1544,10 @@ def ct_scheme(qc: dict, where: str):
     groups = list((qc.get("config_groups") or {}).values())
     weights = [grp.get("weights") or {} for grp in groups]
     w = weights[0] if weights else {}
-    formats = {qc.get("format")} | {grp.get("format") for grp in groups if grp.get("format")}
+    # the formats: each config group's, and the top level's (unless "mixed-precision")
+    formats = {grp["format"] for grp in groups if grp.get("format")}
+    if qc.get("format") != "mixed-precision" and (qc.get("format") or not formats):
+        formats.add(qc.get("format"))
     problems = [f"format {f!r}" for f in sorted(map(str, formats)) if f != "pack-quantized"]
     if qc.get("quantization_status", "compressed") != "compressed":
         problems.append(f"quantization_status {qc.get('quantization_status')!r}")
@@ -1585,15 +1588,17 @@ def ct_parts(t: dict, bits: int, g: int, sym: bool, K: int, N: int, where: str) 
     """One linear of a compressed-tensors pack-quantized checkpoint -> the tensors of
     kernels.QuantLinear. Per linear: weight_packed int32 (N, ceil(K*b/32)), each row a bit
     stream of the codes q_s + 2^(b-1) (signed codes made unsigned); weight_scale (N, G);
-    weight_zero_point int32 (ceil(N*b/32), G) packed along N the same way (asymmetric only);
-    W = weight_scale * (q_s - zp_s). So mixq's code is the stored one and its zero point
+    weight_zero_point int32 (ceil(N*b/32), G) packed along N the same way (asymmetric only;
+    older releases stored it unpacked, int8 (N, G)); W = weight_scale * (q_s - zp_s). So mixq's code is the stored one and its zero point
     zp_s + 2^(b-1) (2^(b-1) when symmetric). The scales are held in fp16, as mixq's format does:
     bf16 and fp16 scales convert exactly, fp32 ones are rounded to fp16."""
     kernels = import_kernels()
     G = 1 if g == -1 else -(-K // g)
     want = {"weight_packed": (N, -(-K * bits // 32)), "weight_scale": (N, G)}
+    zp = t.get("weight_zero_point")
+    packed_zp = zp is None or zp.dtype == torch.int32  # older releases: int8 (N, G), unpacked
     if not sym:
-        want["weight_zero_point"] = (-(-N * bits // 32), G)
+        want["weight_zero_point"] = (-(-N * bits // 32), G) if packed_zp else (N, G)
     if any(leaf not in t or tuple(t[leaf].shape) != shape for leaf, shape in want.items()):
         got = ", ".join(f"{leaf} {tuple(t[leaf].shape) if leaf in t else 'missing'}"
                         for leaf in want)
@@ -1612,8 +1617,10 @@ def ct_parts(t: dict, bits: int, g: int, sym: bool, K: int, N: int, where: str) 
     codes = unpack_stream(t["weight_packed"].T.contiguous(), bits, K)  # (K, N)
     if sym:
         z = torch.full((G, N), 1 << (bits - 1))
+    elif packed_zp:
+        z = unpack_stream(zp, bits, N).T  # (G, N)
     else:
-        z = unpack_stream(t["weight_zero_point"], bits, N).T  # (G, N)
+        z = zp.T.long() + (1 << (bits - 1))  # the signed zero point, made unsigned
     return kernels.pack_codes(codes, bits) | {"scales": t["weight_scale"].T.half().contiguous(),
                                               "zeros": z.half().contiguous()}
 
