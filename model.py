@@ -1551,7 +1551,9 @@ def ct_scheme(qc: dict, where: str):
     problems = [f"format {f!r}" for f in sorted(map(str, formats)) if f != "pack-quantized"]
     if qc.get("quantization_status", "compressed") != "compressed":
         problems.append(f"quantization_status {qc.get('quantization_status')!r}")
-    if len(groups) != 1 and any(x != w for x in weights) or not groups:
+    if not groups:
+        problems.append("no config_groups")
+    elif any(x != w for x in weights):
         problems.append(f"{len(groups)} config groups with different weight schemes")
     if any(grp.get("input_activations") or grp.get("output_activations") for grp in groups):
         problems.append("quantized activations")
@@ -1564,6 +1566,8 @@ def ct_scheme(qc: dict, where: str):
     for key, ok in (("type", w.get("type") == "int"),
                     ("num_bits", w.get("num_bits") in (2, 3, 4, 8)),
                     ("strategy", w.get("strategy") in ("group", "channel")),
+                    ("group_size", w.get("strategy") != "group" or
+                     isinstance(w.get("group_size"), int) and w["group_size"] > 0),
                     ("dynamic", not w.get("dynamic"))):
         if not ok:
             problems.append(f"weights {key} {w.get(key)!r}")
@@ -1589,9 +1593,10 @@ def ct_parts(t: dict, bits: int, g: int, sym: bool, K: int, N: int, where: str) 
     kernels.QuantLinear. Per linear: weight_packed int32 (N, ceil(K*b/32)), each row a bit
     stream of the codes q_s + 2^(b-1) (signed codes made unsigned); weight_scale (N, G);
     weight_zero_point int32 (ceil(N*b/32), G) packed along N the same way (asymmetric only;
-    older releases stored it unpacked, int8 (N, G)); W = weight_scale * (q_s - zp_s). So mixq's code is the stored one and its zero point
-    zp_s + 2^(b-1) (2^(b-1) when symmetric). The scales are held in fp16, as mixq's format does:
-    bf16 and fp16 scales convert exactly, fp32 ones are rounded to fp16."""
+    older releases stored it unpacked, int8 (N, G)); W = weight_scale * (q_s - zp_s). So mixq's
+    code is the stored one and its zero point zp_s + 2^(b-1) (2^(b-1) when symmetric). The
+    scales are held in fp16, as mixq's format does: bf16 and fp16 scales convert exactly, fp32
+    ones are rounded to fp16."""
     kernels = import_kernels()
     G = 1 if g == -1 else -(-K // g)
     want = {"weight_packed": (N, -(-K * bits // 32)), "weight_scale": (N, G)}

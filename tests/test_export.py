@@ -390,7 +390,10 @@ def test_a_checkpoint_from_compressed_tensors_own_compressor_gives_its_logits(bi
                                                   '"input_activations": {"num_bits": 8}')),
      "quantized activations"),
     (lambda qc: json.loads(json.dumps(qc).replace('"strategy": "group"', '"strategy": "block"')),
-     "weights strategy 'block'")])
+     "weights strategy 'block'"),
+    (lambda qc: json.loads(json.dumps(qc).replace('"group_size": 32', '"group_size": null')),
+     "weights group_size None"),
+    (lambda qc: qc | {"config_groups": {}}, "no config_groups")])
 def test_compressed_tensors_that_mixq_cannot_run_is_refused_naming_it(change, msg, tmp_path):
     q = tiny_quantized(tmp_path, mixq.QuantConfig(wbits=4, groupsize=32))
     mixq.export_quantized(q, "compressed-tensors", tmp_path / "ct", log=lambda s: None)
