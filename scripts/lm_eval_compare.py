@@ -51,12 +51,12 @@ def lm_eval_child(ckpt: str, include: str, task: str, limit, out: str):
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
     qc = json.loads((Path(ckpt) / "config.json").read_text()).get("quantization_config") or {}
-    if qc.get("quant_method") == "gptq":
-        dtype, extra = torch.float16, {"quantization_config": transformers.GPTQConfig(
-            bits=qc["bits"], backend="torch")}
-    else:
-        dtype, extra = torch.float32, {"quantization_config": transformers.CompressedTensorsConfig(
-            dequantize=True)} if qc.get("quant_method") == "compressed-tensors" else {}
+    dtype, extra = torch.float32, {}
+    if qc.get("quant_method") == "gptq":  # GPTQModel's torch kernel: fp16 and bf16 only
+        dtype = torch.float16
+        extra["quantization_config"] = transformers.GPTQConfig(bits=qc["bits"], backend="torch")
+    elif qc.get("quant_method") == "compressed-tensors":  # asymmetric grids run only dequantized
+        extra["quantization_config"] = transformers.CompressedTensorsConfig(dequantize=True)
     model = transformers.AutoModelForCausalLM.from_pretrained(ckpt, dtype=dtype, **extra)
     tok = transformers.AutoTokenizer.from_pretrained(ckpt)
     res = simple_evaluate(model=HFLM(pretrained=model.eval(), tokenizer=tok, batch_size=8),
