@@ -410,6 +410,31 @@ def task_protocol(spec: str, res: dict) -> str:
     return (f"{spec}: {res['n']} test items, greedy generation to the first newline, exact match")
 
 
+def check_spec(spec: str, split: str = "eval", flag: str = "--eval"):
+    """Fail on a bad corpus or task spec before any long work, naming the flag."""
+    try:
+        load_task(spec, split) if is_task(spec) else corpus_text(spec, split)
+    except (ValueError, FileNotFoundError) as e:
+        raise type(e)(f"{flag} {spec}: {e}") from None
+
+
+def evaluate(model, tokenizer, specs, seqlen=512, windows=None, task_limit=None) -> dict:
+    """Perplexity for corpus specs, accuracy for task specs; each printed with its protocol."""
+    out = {}
+    for spec in specs:
+        if is_task(spec):
+            out[spec] = r = task_accuracy(model, tokenizer, spec, task_limit)
+            score = " ".join(f"{k} {v:.3f}" for k, v in r.items() if k != "n")
+            print(f"  {task_protocol(spec, r)}: {score}")
+            continue
+        r = perplexity(model, corpus_tokens(spec, tokenizer, "eval"), seqlen, windows,
+                       progress=True)
+        out[spec] = {k: r[k] for k in ("ppl", "tokens", "windows")} | {"seqlen": seqlen}
+        split = "eval" if spec == "pydoc" else "test"
+        print(f"  {protocol(spec, split, seqlen, r['windows'], r['tokens'])}: ppl {r['ppl']:.3f}")
+    return out
+
+
 # -----------------------------------------------------------------------------
 # 5. CLI
 
@@ -489,9 +514,9 @@ def main():
         check_windows(a.seqlen, a.windows)
         if a.json:
             check_output_file(a.json, "--json")
-        corpus_text(a.corpus)  # check the specs before the (slow) model load
-        for spec in a.tasks:
-            load_task(spec)
+        for spec in [a.corpus, *a.tasks]:  # the specs, before the (slow) model load
+            check_spec(spec, "eval", "--eval" if a.eval else "--corpus" if spec == a.corpus
+                       else "--tasks")
         model, tok = llama.load(a.ckpt, a.dtype, a.device)
     except (llama.CheckpointError, ValueError, FileNotFoundError) as e:
         raise SystemExit(f"error: {e}")

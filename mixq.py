@@ -34,6 +34,7 @@ calibration split).
 
 from __future__ import annotations
 
+import argparse
 import copy
 import hashlib
 import json
@@ -47,7 +48,7 @@ import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Optional
 
@@ -96,38 +97,52 @@ except ImportError as e:
 # codes keep the working precision.
 
 
+def option(default, help: str, **cli):
+    """A config field that is also a command-line flag (--name, or cli["flag"]): its help text
+    and any other argparse settings (choices, type, action) ride in the field's metadata."""
+    return field(default=default, metadata={"help": help, **cli})
+
+
 @dataclass
 class QuantConfig:
-    wbits: int = 3  # bits per weight code, 2-8
-    groupsize: int = -1  # input columns per scale/zero; -1: one group per output row
-    sym: bool = False  # symmetric grid (GPTQ convention: unsigned codes, fixed mid zero)
+    """The options of every method; those with help are mixq.py's flags."""
+    wbits: int = option(3, "bits per weight code (2-8)")
+    groupsize: int = option(-1, "input columns per scale and zero; -1: one group per output row")
+    sym: bool = option(False, "symmetric grid (GPTQ's convention: unsigned codes, fixed mid zero)")
     signed: bool = False  # with sym: the scale of QuaRot's and ResQ's signed grid (scale_zero)
-    mse: bool = False  # MSE clipping search over shrunken ranges (TaCQ uses it; GPTQ does not)
-    percdamp: float = 0.01  # GPTQ damping: lambda = percdamp * mean(diag H)
+    mse: bool = option(False, "MSE clipping search for each grid (always on for tacq and resq)")
+    percdamp: float = option(0.01, "GPTQ damping: lambda = percdamp * mean(diag H), raised "
+                             "automatically when Cholesky fails")
     blocksize: int = 128  # GPTQ / QuantEase lazy-batch width (results do not depend on it)
-    act_order: bool = False  # GPTQ: columns by decreasing diag(H); QuantEase: sweeps in that order
-    # GPTQ: every group's grid fitted up front on the original contiguous columns. Without it
-    # each grid is fitted when the sweep reaches it, on the error-updated weights; with
-    # act-order such a group is g consecutive columns of that order (the reference's default).
-    # QuantEase with act-order: groups of contiguous columns, else of the sweep order
-    static_groups: bool = False
-    iters: int = 30  # QuantEase sweeps (the released code's default)
-    init: str = "w"  # QuantEase start: "w" (the weights) or "gptq"
-    # QuantEase: unrounded sweeps at iterations 1, 4, ..., 25 as the released code does; False:
-    # every sweep rounds, so f never rises (the monotone schedule)
-    relaxed: bool = True
-    outliers: float = 0.0  # outlier-aware QuantEase: fraction of weights kept in 16 bits
-    outlier_threshold: float = float("inf")  # SpQR-style: relative error threshold (0.2 in SpQR)
+    act_order: bool = option(False, "GPTQ: columns by decreasing diag(H); QuantEase: sweeps in "
+                             "that order")
+    static_groups: bool = option(False, "GPTQ: every group's grid fitted up front on the "
+                                 "original contiguous columns (else each when the sweep reaches "
+                                 "it, on the updated weights; with act-order a group is then g "
+                                 "consecutive columns of that order, which cannot be saved); "
+                                 "QuantEase with act-order: contiguous groups")
+    iters: int = option(30, "QuantEase coordinate-descent sweeps (the released code's default)")
+    init: str = option("w", "QuantEase start: the weights, or a GPTQ result",
+                       choices=["w", "gptq"])
+    relaxed: bool = option(True, "QuantEase: round every sweep, so f never rises (default: the "
+                           "released code's unrounded sweeps 1, 4, ..., 25)", flag="--rounded",
+                           action="store_false")
+    outliers: float = option(0.0, "QuantEase: fraction of weights kept in 16 bits (the "
+                             "outlier-aware variant when > 0)")
+    outlier_threshold: float = option(math.inf, "SpQR-style: relative error threshold for 16-bit "
+                                      "weights (inf: SpQR's 0.2 for --method spqr)")
     stat_bits: int = 16  # bits per stored scale and zero; SpQR-style quantizes them to 3
-    ratio: float = 0.0035  # TaCQ: fraction of all linear weights kept in 16 bits
-    # ResQ: activation bits (the low slice), per token; 16 = not quantized (W4A16). The other
-    # methods quantize weights only (method_config sets 16 for them)
-    abits: int = 4
-    kvbits: int = 4  # ResQ: KV-cache bits (the low slice), per token and head; 16 likewise
-    high_bits: int = 8  # ResQ: bits of the high-variance slice (weights and activations)
-    high_fraction: float = 0.125  # ResQ: fraction of channels in the high slice
-    rotation: str = "pca"  # ResQ: "pca" (ResQ), "random" (QuaRot-style), "none" (plain RTN/GPTQ)
-    w_rtn: bool = False  # ResQ: round the weights to nearest instead of GPTQ
+    ratio: float = option(0.0035, "TaCQ: fraction of all linear weights kept in 16 bits (a "
+                          "global top-k of the saliency score)")
+    # ResQ: activations are quantized per token, the KV cache per token and head; 16 = not
+    # quantized. The other methods quantize weights only (method_config sets 16 for them)
+    abits: int = option(4, "ResQ: activation bits (the low slice); 16 for weight-only")
+    kvbits: int = option(4, "ResQ: KV-cache bits (the low slice)")
+    high_bits: int = option(8, "ResQ: bits of the high-variance slice (weights and activations)")
+    high_fraction: float = option(0.125, "ResQ: fraction of channels in the high slice")
+    rotation: str = option("pca", "ResQ: pca (ResQ), random (QuaRot-style), none (no rotation)",
+                           choices=["pca", "random", "none"])
+    w_rtn: bool = option(False, "ResQ: round the weights to nearest instead of GPTQ")
 
     def __post_init__(self):
         if not 2 <= self.wbits <= 8:
@@ -1129,25 +1144,31 @@ def quantize_block(model, li: int, xs, rope, method: str, cfg: QuantConfig, devi
 
 
 def differing_keys(saved: dict, now: dict) -> str:
-    """The settings on which two fingerprints disagree, with the saved and the current value
-    where they are short; inside the JSON-encoded options and model config, each option."""
-    def short(v):
-        return repr(v) if len(repr(v)) <= 40 else "..."
-    out = []
-    for key in sorted(set(saved) | set(now)):
-        a, b = saved.get(key), now.get(key)
-        if a == b:
-            continue
-        try:
-            a_opts, b_opts = json.loads(a), json.loads(b)
-        except (TypeError, ValueError):
-            a_opts = b_opts = None
-        if isinstance(a_opts, dict) and isinstance(b_opts, dict):
-            out += [f"{key}.{k}: {short(a_opts.get(k))} there, {short(b_opts.get(k))} now"
-                    for k in sorted(set(a_opts) | set(b_opts)) if a_opts.get(k) != b_opts.get(k)]
-        else:
-            out.append(f"{key}: {short(a)} there, {short(b)} now")
-    return "; ".join(out)
+    """The settings on which two fingerprints disagree, with both values where they are short;
+    inside the JSON-encoded options and model config, each option."""
+    def unpack(fp):  # {"options": '{"wbits": 3, ...}'} -> {"options.wbits": 3, ...}
+        out = {}
+        for key, v in fp.items():
+            inner = json.loads(v) if isinstance(v, str) and v.startswith("{") else None
+            out |= {f"{key}.{k}": x for k, x in inner.items()} if inner else {key: v}
+        return out
+    a, b = unpack(saved), unpack(now)
+    short = lambda v: repr(v) if len(repr(v)) <= 40 else "..."  # noqa: E731
+    return "; ".join(f"{k}: {short(a.get(k))} there, {short(b.get(k))} now"
+                     for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k))
+
+
+def saved_state(path: Path, fingerprint: dict, flag: str, what: str) -> Optional[dict]:
+    """The JSON an earlier run left at path (None if there is none), with the fingerprint of
+    what produced it; one with another fingerprint is refused, naming the settings."""
+    if not path.exists():
+        return None
+    state = json.loads(path.read_text())
+    if state.get("fingerprint") != fingerprint:
+        raise ValueError(f"{flag} {path.parent} holds {what} other settings (differs in: "
+                         f"{differing_keys(state.get('fingerprint') or {}, fingerprint)}); use "
+                         "another directory")
+    return state
 
 
 def check_resume_dir(resume):
@@ -1167,15 +1188,8 @@ def check_resume_dir(resume):
 
 def resume_state(resume: str, fingerprint: dict) -> int:
     """How many blocks an earlier run with the same fingerprint finished (0 for a new dir)."""
-    path = Path(resume) / "state.json"
-    if not path.exists():
-        return 0
-    state = json.loads(path.read_text())
-    if state["fingerprint"] != fingerprint:
-        raise ValueError(f"--resume {resume} holds a run with other settings (differs in: "
-                         f"{differing_keys(state['fingerprint'], fingerprint)}); use another "
-                         f"directory or delete it")
-    return state["blocks_done"]
+    state = saved_state(Path(resume) / "state.json", fingerprint, "--resume", "a run with")
+    return 0 if state is None else state["blocks_done"]
 
 
 def save_block(resume: str, li: int, block, block_results: dict, fingerprint: dict):
@@ -2061,28 +2075,17 @@ def write_side_files(source, tok, out_dir):
             {"chat_template": tok.chat_template, **tok.special_tokens}, indent=2))
 
 
-# -- Export: the same codes in the formats other tools serve -----------------------------------
-#
-# GPTQ (AutoGPTQ / GPTQModel, read by transformers through optimum or gptqmodel, and by vLLM),
-# per quantized linear W (N out x K in), group size g, G = ceil(K/g) groups (the last one
-# partial where g does not divide K):
-#   qweight int32 (K*b/32, N)   codes packed along K (kernels.pack_dense: 3-bit codes straddle
-#                               words, 32 codes in 3 words; 2/4/8 bits are mixq's words as is)
-#   qzeros  int32 (G, N*b/32)   zero points packed along N the same way, stored as z - 1
-#                               ("gptq", v1) or as z ("gptq_v2", GPTQModel's format)
-#   scales  fp16 (G, N);    g_idx int32 (K,) = k // g (no act-order permutation)
-#   W[n, k] = scales[g_idx[k], n] * (q[k, n] - z[g_idx[k], n])
-# "gptq" writes v1, which vLLM and transformers read; its z - 1 cannot hold z = 0 (a group whose
-# range starts at 0), so such a model is written as v2. "gptq_v2" always writes v2, which
-# GPTQModel.load needs for an asymmetric grid: it loads asymmetric v1 only from GPTQModel itself
-# (a guard against old AutoGPTQ checkpoints whose z - 1 wrapped around).
-#
-# compressed-tensors "pack-quantized" (llm-compressor's format, vLLM's main one), per linear:
-#   weight_packed int32 (N, K*b/32)  codes packed along K (the transpose of the above)
-#   weight_scale (N, G) fp32 (fp16 for an fp16 model);  weight_shape (2,) = [N, K]
-#   weight_zero_point int32 (N*b/32, G), asymmetric grids only: z packed along N
-#   W = weight_scale * (q_s - zp_s), with signed q_s = q - 2^(b-1), zp_s = z - 2^(b-1);
-#   symmetric when every z = 2^(b-1) (zp_s = 0, not stored)
+# -- Export: the same codes in the formats other tools serve (model.py reads both back:
+# gptq_parts, ct_parts). Per linear W (N out x K in), G = ceil(K/g) groups:
+#   GPTQ (AutoGPTQ / GPTQModel; transformers, vLLM): qweight int32 (K*b/32, N), codes packed
+#     along K (kernels.pack_dense); qzeros int32 (G, N*b/32), zero points packed along N, as
+#     z - 1 ("gptq", v1) or z ("gptq_v2"); scales fp16 (G, N); g_idx int32 (K,) = k // g.
+#     v1 cannot hold z = 0 (a group whose range starts at 0): such a model is written as v2.
+#     GPTQModel.load needs v2 for an asymmetric grid (it takes asymmetric v1 only from itself).
+#   compressed-tensors "pack-quantized" (llm-compressor; vLLM): weight_packed int32 (N, K*b/32),
+#     weight_scale (N, G), weight_shape [N, K], and for asymmetric grids weight_zero_point int32
+#     (N*b/32, G); W = weight_scale * (q_s - zp_s) with signed q_s = q - 2^(b-1),
+#     zp_s = z - 2^(b-1). Its groups must divide K.
 
 EXPORT_FORMATS = ("gptq", "gptq_v2", "compressed-tensors")
 
@@ -2209,40 +2212,66 @@ def export_quantized(src, fmt: str, out_dir, drop_kept: bool = False, log=print)
 # 10. CLI
 
 
+@dataclass
+class Job:
+    """The rest of a `python mixq.py` run: the model, the data, the evaluation and the outputs
+    (QuantConfig holds the method's options). Every field is a flag."""
+    ckpt: Optional[str] = option(None, "short name, HF directory or .gguf file; None: the "
+                                 "embedded SmolLM2-135M-Instruct")
+    method: str = option("tacq", "quantization algorithm", choices=METHODS)
+    calib: str = option("pydoc", "calibration data: pydoc (its calibration split) | text:PATH | "
+                        "wikitext2:DIR (train file) | task:NAME | jsonl:PATH. pydoc is narrow "
+                        "(Python documentation): calibrate on text like the text you will run")
+    # the papers calibrate on 128 x 2048 tokens (ResQ's bases on 512 x 2048); 32 x 512 keeps the
+    # default job to minutes on a CPU
+    nsamples: int = option(32, "calibration samples")
+    seqlen: int = option(512, "calibration window length")
+    seed: int = option(0, "calibration sampling seed")
+    answer_loss: bool = option(False, "TaCQ on a task: mixq's protocol, items packed into "
+                               "--seqlen windows and the loss on answer tokens only (default: "
+                               "TaCQ's, one item per sample and the loss on every position)")
+    evals: tuple = option(("pydoc", "task:capitals"), "perplexity corpora (pydoc, text:PATH, "
+                          "wikitext2:DIR) and tasks (task:capitals|compare|arith, jsonl:PATH); "
+                          "none (or no value) to skip", flag="--eval", nargs="*")
+    eval_seqlen: int = option(512, "perplexity window length")
+    eval_windows: Optional[int] = option(None, "evaluate only N windows", type=int)
+    task_limit: Optional[int] = option(None, "score only N task items", type=int)
+    scores_dir: Optional[str] = option(None, "TaCQ: cache the scores in this directory (another "
+                                       "--ratio then needs no new gradients)", flag="--scores")
+    save: Optional[str] = option(None, "write the quantized checkpoint here (mixq's own format: "
+                                 "model.py, eval.py and mixq's kernels read it)")
+    export: Optional[tuple] = option(None, "also write the result in another tool's format "
+                                     "(gptq | gptq_v2 | compressed-tensors): transformers and "
+                                     "vLLM load it", nargs=2, metavar=("FORMAT", "DIR"))
+    drop_kept: bool = option(False, "--export of a method that keeps weights in 16 bits (tacq, "
+                             "spqr, outlier QuantEase): drop them", flag="--export-drop-kept")
+    resume: Optional[str] = option(None, "save every finished block in this directory and, if it "
+                                   "holds an interrupted run with the same settings, continue it")
+    json_out: Optional[str] = option(None, "write the summary here (with a record per block: "
+                                     "seconds, memory, each linear's error and damping)",
+                                     flag="--json")
+    device: Optional[str] = option(None, "cpu | cuda; None: cuda when torch sees a GPU, else cpu")
+    dtype: Optional[str] = option(None, "model dtype; None: bf16 on a GPU, fp32 on a CPU",
+                                  choices=["fp32", "bf16", "fp16"])
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise ValueError(f"unknown method {self.method!r}; choose from {', '.join(METHODS)}")
+        least = {"nsamples": 1, "seqlen": 2, "eval_seqlen": 2, "eval_windows": 1, "task_limit": 1}
+        for name, low in least.items():
+            value = getattr(self, name)
+            if value is not None and value < low:
+                raise ValueError(f"--{name.replace('_', '-')} {value}: want at least {low}")
+        if self.export is not None and self.export[0] not in EXPORT_FORMATS:
+            raise ValueError(f"--export {self.export[0]}: choose one of {', '.join(EXPORT_FORMATS)}")
+        self.device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.dtype = self.dtype or ("bf16" if str(self.device).startswith("cuda") else "fp32")
+
+
 def peak_memory_gb(device) -> float:
     if str(device).startswith("cuda"):
         return torch.cuda.max_memory_allocated() / 2 ** 30
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # Linux: KiB
-
-
-def check_spec(spec: str, split: str, flag: str):
-    """Fail on a bad corpus or task spec before any long work, naming the flag."""
-    try:
-        if metrics.is_task(spec):
-            metrics.load_task(spec, split)
-        else:
-            metrics.corpus_text(spec, split)
-    except (ValueError, FileNotFoundError) as e:
-        raise type(e)(f"{flag} {spec}: {e}") from None
-
-
-def evaluate(model, tok, specs, seqlen, windows=None, task_limit=None) -> dict:
-    """Perplexity for corpus specs, accuracy for task specs; each printed with its protocol."""
-    out = {}
-    for spec in specs:
-        if metrics.is_task(spec):
-            out[spec] = r = metrics.task_accuracy(model, tok, spec, task_limit)
-            score = " ".join(f"{k} {v:.3f}" for k, v in r.items() if k != "n")
-            print(f"  {metrics.task_protocol(spec, r)}: {score}")
-            continue
-        r = metrics.perplexity(model, metrics.corpus_tokens(spec, tok, "eval"), seqlen, windows,
-                               progress=True)
-        out[spec] = {"ppl": r["ppl"], "tokens": r["tokens"], "windows": r["windows"],
-                     "seqlen": seqlen}
-        split = "eval" if spec == "pydoc" else "test"
-        print(f"  {metrics.protocol(spec, split, seqlen, r['windows'], r['tokens'])}: "
-              f"ppl {r['ppl']:.3f}")
-    return out
 
 
 def calibration_data(spec: str, tok, nsamples: int, seqlen: int, seed: int,
@@ -2298,24 +2327,10 @@ def method_config(method: str, cfg: QuantConfig) -> QuantConfig:
     return cfg
 
 
-def default_device(device=None, dtype=None):
-    """None means: the GPU in bf16 when torch sees one, else the CPU in fp32."""
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = dtype or ("bf16" if str(device).startswith("cuda") else "fp32")
-    return device, dtype
-
-
-def check_options(method: str, cfg: QuantConfig, save, export=None, drop_kept=False,
-                  **counts):
-    """Refuse option values and combinations that cannot run, before any work. counts: the
-    integer options by name (nsamples=32, ...), None where unset."""
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
-    least = {"nsamples": 1, "seqlen": 2, "eval_seqlen": 2, "eval_windows": 1, "task_limit": 1}
-    for name, value in counts.items():
-        if value is not None and value < least[name]:
-            flag = "--" + name.replace("_", "-")
-            raise ValueError(f"{flag} {value}: want at least {least[name]}")
+def check_options(job: Job, cfg: QuantConfig):
+    """Refuse option combinations that cannot run, before any work (Job and QuantConfig check
+    each value on its own)."""
+    method, save, export = job.method, job.save or job.export, job.export
     if cfg.act_order and (method == "rtn" or method == "quantease" and cfg.outliers > 0):
         raise ValueError(f"--act-order: {'RTN' if method == 'rtn' else 'outlier-aware QuantEase'}"
                          " has no column order to change; leave --act-order out")
@@ -2325,15 +2340,11 @@ def check_options(method: str, cfg: QuantConfig, save, export=None, drop_kept=Fa
     if method == "resq" and cfg.groupsize != -1:  # method_config would drop it silently
         raise ValueError(f"--groupsize {cfg.groupsize}: ResQ quantizes weights per output "
                          "channel; leave --groupsize out")
-    if export is not None:
-        if export[0] not in EXPORT_FORMATS:
-            raise ValueError(f"--export {export[0]}: choose one of {', '.join(EXPORT_FORMATS)}")
-        keeps = method in ("tacq", "spqr") or method == "quantease" and cfg.outliers > 0
-        if keeps and not drop_kept:
-            raise ValueError(f"--export: {method} keeps weights in 16 bits, which {export[0]} "
-                             "cannot store; --export-drop-kept drops them (they take their "
-                             "codes' values), or export a method that keeps none")
-    save = save or export  # an export is a saved checkpoint, converted
+    keeps = method in ("tacq", "spqr") or method == "quantease" and cfg.outliers > 0
+    if export and keeps and not job.drop_kept:
+        raise ValueError(f"--export: {method} keeps weights in 16 bits, which {export[0]} cannot "
+                         "store; --export-drop-kept drops them (they take their codes' values), "
+                         "or export a method that keeps none")
     if export and method == "resq":
         raise ValueError("--export: no other tool runs ResQ's 4/8-bit subspaces and quantized "
                          "activations; --save writes mixq's own ResQ checkpoint")
@@ -2346,166 +2357,160 @@ def check_options(method: str, cfg: QuantConfig, save, export=None, drop_kept=Fa
                          f"--wbits {cfg.wbits} can be evaluated but not saved")
 
 
-def check_paths(method: str, calib: str, evals, save, json_out, scores_dir, resume, export=None):
+def check_paths(job: Job):
     """Every data spec readable and every output path writable, before any work."""
-    if export is not None:
-        check_save_dir(export[1])
-        if save and Path(save).resolve() == Path(export[1]).resolve():
-            raise ValueError(f"--save and --export name the same directory {save}")
-    for spec in evals:
-        check_spec(spec, "eval", "--eval")
-    if json_out:
-        metrics.check_output_file(json_out, "--json")
-    if save:
-        check_save_dir(save)
-    if scores_dir:
-        llama.check_replaceable(scores_dir, marker="scores.json", files=llama.SCORES_FILES)
-    if resume:
-        check_resume_dir(resume)
-    if method != "rtn":
-        check_spec(calib, "calib", "--calib")
+    if job.export is not None:
+        check_save_dir(job.export[1])
+        if job.save and Path(job.save).resolve() == Path(job.export[1]).resolve():
+            raise ValueError(f"--save and --export name the same directory {job.save}")
+    for spec in job.evals:
+        metrics.check_spec(spec, "eval", "--eval")
+    if job.method != "rtn":
+        metrics.check_spec(job.calib, "calib", "--calib")
+    if job.json_out:
+        metrics.check_output_file(job.json_out, "--json")
+    if job.save:
+        check_save_dir(job.save)
+    if job.scores_dir:
+        llama.check_replaceable(job.scores_dir, marker="scores.json", files=llama.SCORES_FILES)
+    if job.resume:
+        check_resume_dir(job.resume)
 
 
-def check_scores_dir(scores_dir, fingerprint: dict) -> bool:
-    """Whether scores_dir holds scores for these settings (False: none yet); other settings
-    are refused."""
-    path = Path(scores_dir) / "scores.json"
-    if not path.exists():
-        return False
-    saved = json.loads(path.read_text())
-    if saved != fingerprint:
-        raise ValueError(f"--scores {scores_dir} holds scores for other settings (differs in: "
-                         f"{differing_keys(saved, fingerprint)}); use another directory")
-    return True
+def run_fingerprint(job: Job, model, method: str, cfg: QuantConfig, calib_tokens) -> dict:
+    """What a resumed run (or cached scores) must share with the run that saved them: the model
+    and its dtype, the method and every option, the calibration data (a hash of its tokens and
+    the loss's protocol), the seed, and the packed format the saved blocks are in."""
+    digest = hashlib.sha256()
+    for t in calib_tokens if calib_tokens is not None else []:
+        digest.update(t.to(torch.int64).numpy().tobytes())
+    return {"ckpt": str(job.ckpt or llama.DEFAULT_MODEL), "model": json.dumps(model.args.to_hf()),
+            "method": method, "options": json.dumps(asdict(cfg) | {
+                "outlier_threshold": str(cfg.outlier_threshold)}),
+            "calib": job.calib + (" (answer loss)" if job.answer_loss else ""),
+            "calib_sha256": digest.hexdigest(), "seed": job.seed, "dtype": str(job.dtype),
+            "format": kernels.FORMAT}
 
 
-def cached_tacq_scores(model, calib, answers, cfg, fingerprint: dict, scores_dir=None,
-                       device=None, log=print) -> dict:
-    """tacq_scores, cached in scores_dir (safetensors + a JSON fingerprint of the model, the
-    calibration data and the options), so another ratio costs no new gradients."""
+def cached_tacq_scores(model, calib, answers, cfg, fingerprint: dict, scores_dir, device=None,
+                       log=print) -> dict:
+    """tacq_scores, cached in scores_dir (safetensors + scores.json, the fingerprint of the
+    model, the data and the options), so another ratio costs no new gradients."""
     from safetensors.torch import load_file, save_file
-    if scores_dir is None:
-        return tacq_scores(model, calib, answers, cfg, device, log)
     d = Path(scores_dir)
-    if check_scores_dir(d, fingerprint):
+    if saved_state(d / "scores.json", fingerprint, "--scores", "scores for") is not None:
         log(f"scores: reusing {d}")
         return load_file(str(d / "scores.safetensors"))
     scores = tacq_scores(model, calib, answers, cfg, device, log)
     with llama.atomic_dir(d, marker="scores.json", files=llama.SCORES_FILES) as tmp:
         save_file({k: v.cpu() for k, v in scores.items()}, str(tmp / "scores.safetensors"))
-        (tmp / "scores.json").write_text(json.dumps(fingerprint, indent=2))
+        (tmp / "scores.json").write_text(json.dumps({"fingerprint": fingerprint}, indent=2))
     return scores
 
 
-def quantize(model: llama.Transformer, method: str, cfg: QuantConfig, calib, answers, seed=0,
-             device=None, scores_dir=None, scores_fingerprint=None, resume=None,
-             fingerprint=None):
-    """The method on a loaded model, in place -> (results per linear, TaCQ's masks or None)."""
-    if method == "tacq":
-        scores = None if scores_dir is None else cached_tacq_scores(
-            model, calib, answers, cfg, scores_fingerprint, scores_dir, device)
-        return tacq(model, calib, answers, cfg, device, print, scores, resume=resume,
-                    fingerprint=fingerprint)
-    if method == "resq":
-        return resq(model, calib, cfg, seed, device, print, resume=resume,
-                    fingerprint=fingerprint), None
-    return quantize_model(model, calib, method, cfg, device, resume=resume,
-                          fingerprint=fingerprint), None
-
-
-def run(*, ckpt=None, method="tacq", cfg: Optional[QuantConfig] = None, calib="pydoc",
-        nsamples=32, seqlen=512, seed=0, evals=("pydoc", "task:capitals"), eval_seqlen=512,
-        eval_windows=None, task_limit=None, scores_dir=None, save=None, json_out=None,
-        device=None, dtype=None, resume=None, answer_loss=False, export=None,
-        drop_kept=False) -> dict:
+def run(cfg: Optional[QuantConfig] = None, **options) -> dict:
     """The whole job, as `python mixq.py` runs it: check the options and paths, load the model,
     tokenize the calibration data, evaluate the fp model, quantize, evaluate again, print a
-    summary table, save and export. cfg None: QuantConfig()'s defaults; device and dtype None:
-    the GPU in bf16 when there is one, else the CPU in fp32. export: (format, directory).
-    Returns the summary (also --json)."""
-    cfg = QuantConfig() if cfg is None else cfg
-    device, dtype = default_device(device, dtype)
+    summary table, save and export. cfg None: QuantConfig()'s defaults; options: Job's fields
+    (method="gptq", export=("gptq", DIR), ...). Returns the summary (also --json)."""
+    cfg, job = cfg or QuantConfig(), Job(**options)
+    method = job.method
     # 1. everything that can be checked before loading: a bad option fails now, not an hour in
-    check_options(method, cfg, save, export, drop_kept, nsamples=nsamples, seqlen=seqlen,
-                  eval_seqlen=eval_seqlen, eval_windows=eval_windows, task_limit=task_limit)
-    check_paths(method, calib, evals, save, json_out, scores_dir, resume, export)
+    check_options(job, cfg)
+    check_paths(job)
     run_cfg = method_config(method, cfg)  # what the method runs with, e.g. TaCQ's MSE clipping
     # 2. the model, the calibration data and the fingerprints, still before the fp evaluation
-    model, tok = llama.load(ckpt, dtype, device)
+    model, tok = llama.load(job.ckpt, job.dtype, job.device)
     if tok is None:
         raise llama.CheckpointError("the checkpoint has no tokenizer.json")
-    if save and method == "resq":
+    if job.save and method == "resq":
         check_resq_saveable(model.args, run_cfg)
-    if export:
-        check_export_groups(export[0], run_cfg.groupsize, (model.args.dim, model.args.hidden_dim))
-    if start_from_dequantized(model, ckpt):
-        print(f"{ckpt}: a quantized checkpoint; the method starts from its dequantized weights")
-    check_finite_weights(model, ckpt)
-    calib_tokens = answers = None
+    if job.export:
+        check_export_groups(job.export[0], run_cfg.groupsize,
+                            (model.args.dim, model.args.hidden_dim))
+    if start_from_dequantized(model, job.ckpt):
+        print(f"{job.ckpt}: a quantized checkpoint; the method starts from its dequantized "
+              "weights")
+    check_finite_weights(model, job.ckpt)
+    calib = answers = None
     if method != "rtn":
         try:
-            calib_tokens, answers = calibration_data(calib, tok, nsamples, seqlen, seed,
-                                                     answer_loss)
+            calib, answers = calibration_data(job.calib, tok, job.nsamples, job.seqlen, job.seed,
+                                              job.answer_loss)
         except ValueError as e:
-            raise ValueError(f"--calib {calib}: {e}") from None
-    # the protocol is part of what the fingerprints compare: other gradients, other scores
-    calib_id = calib + (" (answer loss)" if answers is not None else "")
-    fingerprint = run_fingerprint(ckpt, model, method, run_cfg, calib_id, calib_tokens, seed, dtype)
-    scores_fp = run_fingerprint(ckpt, model, "tacq scores", replace(run_cfg, ratio=0.0), calib_id,
-                                calib_tokens, seed, dtype)
-    if resume:
-        resume_state(resume, fingerprint)
-    if scores_dir and method == "tacq":
-        check_scores_dir(scores_dir, scores_fp)
+            raise ValueError(f"--calib {job.calib}: {e}") from None
+    run_fp = run_fingerprint(job, model, method, run_cfg, calib)
+    scores_fp = run_fingerprint(job, model, "tacq scores", replace(run_cfg, ratio=0.0), calib)
+    if job.resume:
+        resume_state(job.resume, run_fp)
+    if job.scores_dir and method == "tacq":
+        saved_state(Path(job.scores_dir) / "scores.json", scores_fp, "--scores", "scores for")
     # 3. evaluate, quantize, evaluate
     g = "per-channel" if run_cfg.groupsize == -1 else f"g{run_cfg.groupsize}"
-    print(f"mixq: {method} W{cfg.wbits} {g} on {ckpt or llama.DEFAULT_MODEL} ({device}, {dtype})")
+    print(f"mixq: {method} W{cfg.wbits} {g} on {job.ckpt or llama.DEFAULT_MODEL} "
+          f"({job.device}, {job.dtype})")
+    evals = (job.evals, job.eval_seqlen, job.eval_windows, job.task_limit)
     print("fp model:")
-    fp = evaluate(model, tok, evals, eval_seqlen, eval_windows, task_limit)
-    if calib_tokens is not None:
-        print(f"calibration: {len(calib_tokens)} samples, {sum(map(len, calib_tokens)):,} tokens "
-              f"from {calib} (seed {seed})")
+    fp = metrics.evaluate(model, tok, *evals)
+    if calib is not None:
+        print(f"calibration: {len(calib)} samples, {sum(map(len, calib)):,} tokens from "
+              f"{job.calib} (seed {job.seed})")
     t0 = time.perf_counter()
-    results, masks = quantize(model, method, run_cfg, calib_tokens, answers, seed, device,
-                              scores_dir, scores_fp, resume, fingerprint)
+    pipeline = dict(resume=job.resume, fingerprint=run_fp)
+    masks = None
+    if method == "tacq":
+        scores = None if job.scores_dir is None else cached_tacq_scores(
+            model, calib, answers, run_cfg, scores_fp, job.scores_dir, job.device)
+        results, masks = tacq(model, calib, answers, run_cfg, job.device, print, scores,
+                              **pipeline)
+    elif method == "resq":
+        results = resq(model, calib, run_cfg, job.seed, job.device, print, **pipeline)
+    else:
+        results = quantize_model(model, calib, method, run_cfg, job.device, **pipeline)
     quant_seconds = time.perf_counter() - t0
     print("quantized model:")
-    quant = evaluate(model, tok, evals, eval_seqlen, eval_windows, task_limit)
+    quant = metrics.evaluate(model, tok, *evals)
     # 4. the summary, the checkpoint, the JSON
     avg = average_bits(results)
     options = asdict(run_cfg) | {"outlier_threshold": str(run_cfg.outlier_threshold)}
     summary = {"method": method, "wbits": cfg.wbits, "groupsize": run_cfg.groupsize,
                "avg_bits": avg, "act_bits": activation_bits(model.args, run_cfg), "fp": fp,
                "quant": quant, "quant_seconds": quant_seconds,
-               "peak_memory_gb": peak_memory_gb(device), "config": options,
-               "calib": None if method == "rtn" else {"spec": calib, "nsamples": nsamples,
-                                                      "seqlen": seqlen, "seed": seed,
-                                                      "answer_loss": answers is not None},
+               "peak_memory_gb": peak_memory_gb(job.device), "config": options,
+               "calib": None if method == "rtn" else {
+                   "spec": job.calib, "nsamples": job.nsamples, "seqlen": job.seqlen,
+                   "seed": job.seed, "answer_loss": answers is not None},
                "kept_weights": sum(r["kept"] for r in results.values()),
                "circuit": None if masks is None else circuit_location(masks),
-               "ckpt": ckpt or llama.DEFAULT_MODEL, "blocks": block_records(results)}
+               "ckpt": job.ckpt or llama.DEFAULT_MODEL, "blocks": block_records(results)}
     print_summary(summary)
-    if save or export:
+    if job.save or job.export:
         qconfig = {"quant_method": "mixq", "method": method, "bits": cfg.wbits,
                    "group_size": run_cfg.groupsize, "avg_bits": avg, "options": options,
                    "calib": summary["calib"]}
         if method == "resq":
             qconfig["resq"] = resq_config(model.args, run_cfg, results)
-        source = llama.resolve_ckpt(ckpt) if ckpt else llama.embedded_checkpoint()
-        if save:
-            save_quantized(model, results, source, save, qconfig, tok)
-            print(f"saved to {save}")
-        if export and save:
-            export_quantized(save, *export, drop_kept)
-        elif export:  # a native checkpoint in a temporary directory beside it, converted
-            parent = Path(export[1]).resolve().parent
-            parent.mkdir(parents=True, exist_ok=True)
-            with tempfile.TemporaryDirectory(dir=parent, prefix=".mixq-native-") as tmp:
-                save_quantized(model, results, source, Path(tmp) / "q", qconfig, tok)
-                export_quantized(Path(tmp) / "q", *export, drop_kept)
-    if json_out:
-        metrics.write_json(json_out, summary)
+        source = llama.resolve_ckpt(job.ckpt) if job.ckpt else llama.embedded_checkpoint()
+        save_and_export(model, results, source, qconfig, tok, job.save, job.export, job.drop_kept)
+    if job.json_out:
+        metrics.write_json(job.json_out, summary)
     return summary
+
+
+def save_and_export(model, results, source, qconfig, tok, save, export, drop_kept):
+    """--save, then --export of what was saved; an export alone converts a native checkpoint
+    written to a temporary directory beside it."""
+    if save:
+        save_quantized(model, results, source, save, qconfig, tok)
+        print(f"saved to {save}")
+    if export and save:
+        export_quantized(save, *export, drop_kept)
+    elif export:
+        parent = Path(export[1]).resolve().parent
+        parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=parent, prefix=".mixq-native-") as tmp:
+            save_quantized(model, results, source, Path(tmp) / "q", qconfig, tok)
+            export_quantized(Path(tmp) / "q", *export, drop_kept)
 
 
 def start_from_dequantized(model: llama.Transformer, ckpt) -> int:
@@ -2538,33 +2543,13 @@ def check_finite_weights(model: llama.Transformer, ckpt):
                                     f"{' ...' if len(bad) > 5 else ''}")
 
 
-def run_fingerprint(ckpt, model, method, cfg: QuantConfig, calib_spec, calib_tokens, seed,
-                    dtype="fp32"):
-    """What a resumed run must share with the run that saved the blocks: the model and its
-    dtype, the method and every option, the calibration data (a hash of its tokens), the seed,
-    and the packed format the saved blocks are in."""
-    digest = hashlib.sha256()
-    for t in calib_tokens if calib_tokens is not None else []:
-        digest.update(t.to(torch.int64).numpy().tobytes())
-    return {"ckpt": str(ckpt or llama.DEFAULT_MODEL), "model": json.dumps(model.args.to_hf()),
-            "method": method, "options": json.dumps(asdict(cfg) | {
-                "outlier_threshold": str(cfg.outlier_threshold)}),
-            "calib": calib_spec, "calib_sha256": digest.hexdigest(), "seed": seed,
-            "dtype": str(dtype), "format": kernels.FORMAT}
-
-
-def headline(result: dict) -> str:
-    """The number a table shows for one eval spec: ppl, acc or exact match."""
-    for k in ("ppl", "acc", "exact_match"):
-        if k in result:
-            return f"{result[k]:.3f}"
-    return "-"
-
-
 def print_summary(s: dict):
     """A markdown row: method, bits, fp and quantized score per eval spec, time, memory."""
+    def headline(r):  # ppl, acc or exact match
+        k = next((k for k in ("ppl", "acc", "exact_match") if k in r), None)
+        return f"{r[k]:.3f}" if k else "-"
     specs = list(s["fp"])
-    kind = lambda m: "ppl" if "ppl" in m else "acc" if "acc" in m else "em"
+    kind = lambda m: "ppl" if "ppl" in m else "acc" if "acc" in m else "em"  # noqa: E731
     head = ["method", "avg W bits", "avg A bits"]
     head += [f"{sp} {kind(s['fp'][sp])} {which}" for sp in specs for which in ("fp", "quant")]
     head += ["quant s", "peak mem GB"]
@@ -2597,127 +2582,54 @@ class Tee:
         return getattr(self.stream, name)
 
 
+def add_flags(parser, config_class):
+    """One flag per field of a config dataclass that carries help (see `option`), with the
+    field's default: the CLI and the Python API cannot differ."""
+    for f in fields(config_class):
+        if "help" not in f.metadata:
+            continue
+        kw = {k: v for k, v in f.metadata.items() if k != "flag"}
+        if isinstance(f.default, bool):
+            kw.setdefault("action", "store_true")
+        elif f.default is not None and "nargs" not in kw:
+            kw.setdefault("type", type(f.default))
+        # a flag that turns an option off (--rounded) shows no default; unset, it is not passed
+        default = argparse.SUPPRESS if kw.get("action") == "store_false" else f.default
+        flag = f.metadata.get("flag", "--" + f.name.replace("_", "-"))
+        parser.add_argument(flag, dest=f.name, default=default, **kw)
+
+
 def main():
-    """The CLI: every default is QuantConfig's or run()'s, read from them, so they cannot differ."""
-    import argparse
-    import inspect
-    q = QuantConfig()
-    r = {name: p.default for name, p in inspect.signature(run).parameters.items()}
     p = argparse.ArgumentParser(
         description="Quantize a Llama checkpoint layer by layer and compare perplexity and task "
                     "accuracy. With no arguments: TaCQ, 3 bits per channel, ratio 0.0035, "
                     "calibrated on pydoc, on the embedded SmolLM2-135M-Instruct.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--ckpt", default=r["ckpt"], help="short name, HF directory or .gguf file; "
-                   "None: the embedded SmolLM2-135M-Instruct")
-    p.add_argument("--method", default=r["method"], choices=METHODS,
-                   help="quantization algorithm")
-    p.add_argument("--wbits", type=int, default=q.wbits, help="bits per weight code (2-8)")
-    p.add_argument("--groupsize", type=int, default=q.groupsize, help="input columns per "
-                   "scale/zero; -1 = per output channel")
-    p.add_argument("--sym", action="store_true", help="symmetric grid")
-    p.add_argument("--mse", action="store_true", help="MSE clipping search for each grid "
-                   "(always on for tacq and resq)")
-    p.add_argument("--act-order", action="store_true", help="GPTQ: columns by decreasing "
-                   "Hessian diagonal; QuantEase: sweeps in that order")
-    p.add_argument("--static-groups", action="store_true", help="GPTQ: fit every group's grid "
-                   "up front on the original columns (else each when reached); GPTQ and "
-                   "QuantEase with --act-order: groups of contiguous columns (else of the sweep "
-                   "order, which cannot be saved)")
-    p.add_argument("--percdamp", type=float, default=q.percdamp, help="GPTQ damping, a fraction "
-                   "of mean(diag H); raised automatically when Cholesky fails")
-    p.add_argument("--iters", type=int, default=q.iters,
-                   help="QuantEase coordinate-descent sweeps")
-    p.add_argument("--init", default=q.init, choices=["w", "gptq"], help="QuantEase start")
-    p.add_argument("--rounded", action="store_true", help="QuantEase: round every sweep (f never "
-                   "rises) instead of the released code's unrounded sweeps 1, 4, ..., 25")
-    p.add_argument("--outliers", type=float, default=q.outliers, help="QuantEase: fraction of "
-                   "weights kept in 16 bits (outlier-aware variant when > 0)")
-    p.add_argument("--outlier-threshold", type=float, default=None, help="SpQR-style: relative "
-                   "error threshold for 16-bit weights; None: 0.2 for --method spqr")
-    p.add_argument("--ratio", type=float, default=q.ratio, help="TaCQ: fraction of all linear "
-                   "weights kept in 16 bits (global top-k of the saliency score)")
-    p.add_argument("--scores", default=r["scores_dir"], help="TaCQ: cache the scores in this "
-                   "directory (another --ratio then needs no new gradients)")
-    p.add_argument("--abits", type=int, default=q.abits, help="ResQ: activation bits (low "
-                   "slice); 16 for weight-only")
-    p.add_argument("--kvbits", type=int, default=q.kvbits, help="ResQ: KV-cache bits (low slice)")
-    p.add_argument("--high-fraction", type=float, default=q.high_fraction, help="ResQ: fraction "
-                   "of channels in the high-precision (PCA) slice")
-    p.add_argument("--high-bits", type=int, default=q.high_bits, help="ResQ: bits of the high "
-                   "slice")
-    p.add_argument("--rotation", default=q.rotation, choices=["pca", "random", "none"],
-                   help="ResQ: pca (ResQ), random (QuaRot-style), none (no rotation)")
-    p.add_argument("--w-rtn", action="store_true", help="ResQ: round weights to nearest")
-    p.add_argument("--calib", default=r["calib"], help="calibration data: pydoc (its "
-                   "calibration split) | text:PATH | wikitext2:DIR (train file) | task:NAME | "
-                   "jsonl:PATH. pydoc is narrow (Python documentation): calibrate on text like "
-                   "the text you will run")
-    # the papers calibrate on 128 x 2048 tokens (ResQ's bases on 512 x 2048); 32 x 512 keeps
-    # the default job to minutes on a CPU
-    p.add_argument("--nsamples", type=int, default=r["nsamples"], help="calibration samples")
-    p.add_argument("--seqlen", type=int, default=r["seqlen"], help="calibration window length")
-    p.add_argument("--seed", type=int, default=r["seed"], help="calibration sampling seed")
-    p.add_argument("--answer-loss", action="store_true", help="TaCQ on a task: mixq's protocol, "
-                   "items packed into --seqlen windows and the loss on answer tokens only "
-                   "(default: TaCQ's, one item per sample and the loss on every position)")
-    p.add_argument("--eval", nargs="*", default=list(r["evals"]),
-                   help="perplexity corpora (pydoc, text:PATH, wikitext2:DIR) and tasks "
-                   f"(task:{{{','.join(metrics.TASKS)}}}, jsonl:PATH); none (or no value) to skip")
-    p.add_argument("--eval-seqlen", type=int, default=r["eval_seqlen"],
-                   help="perplexity window length")
-    p.add_argument("--eval-windows", type=int, default=r["eval_windows"],
-                   help="evaluate only N windows")
-    p.add_argument("--task-limit", type=int, default=r["task_limit"],
-                   help="score only N task items")
-    p.add_argument("--save", default=r["save"], help="write the quantized checkpoint here "
-                   "(mixq's own format: model.py, eval.py and mixq's kernels read it)")
-    p.add_argument("--export", nargs=2, metavar=("FORMAT", "DIR"), default=r["export"],
-                   help=f"also write the result in another tool's format "
-                   f"({' | '.join(EXPORT_FORMATS)}): transformers and vLLM load it")
-    p.add_argument("--export-drop-kept", action="store_true", help="--export of a method that "
-                   "keeps weights in 16 bits (tacq, spqr, outlier QuantEase): drop them")
+    add_flags(p, Job)
+    add_flags(p, QuantConfig)
     p.add_argument("--saved", default=None, help="with --export: convert this saved mixq "
                    "checkpoint and stop (no quantization)")
-    p.add_argument("--resume", default=r["resume"], help="save every finished block in this "
-                   "directory and, if it holds an interrupted run with the same settings, "
-                   "continue it")
-    p.add_argument("--json", default=r["json_out"], help="write the summary here (with a "
-                   "record per block: seconds, memory, each linear's error and damping)")
     p.add_argument("--log", default=None, help="append everything printed to this file too "
                    "(progress lines carry the time of day)")
-    p.add_argument("--device", default=r["device"], help="cpu | cuda; None: cuda when torch "
-                   "sees a GPU, else cpu")
-    p.add_argument("--dtype", default=r["dtype"], choices=sorted(llama.DTYPES), help="model "
-                   "dtype; None: bf16 on a GPU, fp32 on a CPU")
-    a = p.parse_args()
-    if a.log:
+    a = vars(p.parse_args())
+    saved, log = a.pop("saved"), a.pop("log")
+    if log:
         try:
-            f = open(a.log, "a")
+            f = open(log, "a")
         except OSError as e:
-            raise SystemExit(f"error: --log {a.log}: {e.strerror}")
+            raise SystemExit(f"error: --log {log}: {e.strerror}")
         f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} python mixq.py {' '.join(sys.argv[1:])}\n")
         sys.stdout, sys.stderr = Tee(sys.stdout, f), Tee(sys.stderr, f)
+    if a["evals"] == ["none"]:
+        a["evals"] = []
     try:
-        if a.saved:
-            if not a.export:
+        if saved:
+            if not a["export"]:
                 raise ValueError("--saved converts a checkpoint: give --export FORMAT DIR")
-            export_quantized(a.saved, *a.export, a.export_drop_kept)
+            export_quantized(saved, *a["export"], a["drop_kept"])
             return
-        cfg = QuantConfig(wbits=a.wbits, groupsize=a.groupsize, sym=a.sym, mse=a.mse,
-                          percdamp=a.percdamp, act_order=a.act_order,
-                          static_groups=a.static_groups, iters=a.iters, init=a.init,
-                          relaxed=not a.rounded, outliers=a.outliers,
-                          outlier_threshold=(math.inf if a.outlier_threshold is None
-                                             else a.outlier_threshold), ratio=a.ratio,
-                          abits=a.abits, kvbits=a.kvbits, high_bits=a.high_bits,
-                          high_fraction=a.high_fraction, rotation=a.rotation, w_rtn=a.w_rtn)
-        run(ckpt=a.ckpt, method=a.method, cfg=cfg, calib=a.calib, nsamples=a.nsamples,
-            seqlen=a.seqlen, seed=a.seed, evals=[] if a.eval == ["none"] else a.eval,
-            eval_seqlen=a.eval_seqlen, eval_windows=a.eval_windows, task_limit=a.task_limit,
-            scores_dir=a.scores, save=a.save, json_out=a.json, device=a.device, dtype=a.dtype,
-            resume=a.resume, answer_loss=a.answer_loss,
-            export=tuple(a.export) if a.export else None, drop_kept=a.export_drop_kept)
+        cfg = QuantConfig(**{f.name: a.pop(f.name) for f in fields(QuantConfig) if f.name in a})
+        run(cfg, **a)
     except (llama.CheckpointError, ValueError, FileNotFoundError) as e:
         raise SystemExit(f"error: {e}")
 

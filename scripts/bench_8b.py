@@ -81,7 +81,8 @@ def child_method(a):
                                                iters=a.iters, ratio=a.ratio))
     work = Path(a.work) / a.one if a.work else None  # a run split over several calls
     resume = str(work / "blocks") if work else a.resume_dir
-    fp = mixq.run_fingerprint(a.ckpt, model, a.one, cfg, "random-tokens", calib, 0) | {
+    job = mixq.Job(ckpt=a.ckpt, method=a.one, calib="random-tokens", dtype="bf16")
+    fp = mixq.run_fingerprint(job, model, a.one, cfg, calib) | {
         "layers": len(model.layers)} if resume else None
     log = lambda s: print("   ", s, flush=True)  # noqa: E731
     t0 = time.perf_counter()

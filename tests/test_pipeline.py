@@ -97,7 +97,7 @@ def test_fingerprint_covers_what_changes_the_result(tiny_dir):
     calib = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0))
     cfg = mixq.QuantConfig(wbits=3)
     fp = lambda c=cfg, tokens=calib, dtype="fp32": mixq.run_fingerprint(  # noqa: E731
-        "x", model, "tacq", c, "pydoc", tokens, 0, dtype)
+        mixq.Job(ckpt="x", dtype=dtype), model, "tacq", c, tokens)
     assert fp() == fp()
     assert fp()["format"] == kernels.FORMAT  # saved blocks hold packed codes
     for other in [fp(c=mixq.QuantConfig(wbits=3, act_order=True)), fp(dtype="bf16"),
@@ -343,8 +343,8 @@ def test_resume_after_a_kill_reproduces_the_uninterrupted_run(tiny_dir, tmp_path
 def test_cli_resume_refuses_other_settings_before_the_fp_evaluation(tmp_path, embedded):
     st = tmp_path / "st"
     st.mkdir()
-    fingerprint = mixq.run_fingerprint(None, embedded[0], "rtn", mixq.QuantConfig(wbits=4), "pydoc",
-                                    None, 0)
+    fingerprint = mixq.run_fingerprint(mixq.Job(method="rtn"), embedded[0], "rtn",
+                                       mixq.QuantConfig(wbits=4), None)
     (st / "state.json").write_text(json.dumps({"fingerprint": fingerprint, "blocks_done": 3}))
     r = subprocess.run([sys.executable, str(ROOT / "mixq.py"), "--method", "rtn", "--wbits", "3",
                         "--resume", str(st)], capture_output=True, text=True)

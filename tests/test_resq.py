@@ -437,7 +437,7 @@ def test_saved_resq_model_runs_in_integers_with_the_in_memory_perplexity(saved_r
     assert isinstance(mlp.down_proj, kernels.ResQLinear) and mlp.online_hadamard is not None
     assert att.post_rope.input_bits == 8 and att.kv_quant == llama.KVQuantizer(4, 8, 8)
     assert model.lm_head.weight is not model.embed_tokens.weight  # fused apart
-    loaded = mixq.evaluate(model, tok, specs, 512, 2)
+    loaded = mixq.metrics.evaluate(model, tok, specs, 512, 2)
     for s in specs:
         assert loaded[s]["ppl"] == pytest.approx(summary["quant"][s]["ppl"], rel=1e-3)
         assert loaded[s]["ppl"] != pytest.approx(summary["fp"][s]["ppl"], rel=1e-2)
@@ -448,7 +448,8 @@ def test_a_resq_checkpoint_has_no_export(saved_resq, tmp_path):
     with pytest.raises(ValueError, match="no other tool runs ResQ"):
         mixq.export_quantized(saved_resq[0], "gptq", tmp_path / "x")
     with pytest.raises(ValueError, match="no other tool runs ResQ"):
-        mixq.check_options("resq", mixq.QuantConfig(), None, ("gptq", str(tmp_path / "y")))
+        mixq.check_options(mixq.Job(method="resq", export=("gptq", str(tmp_path / "y"))),
+                           mixq.QuantConfig())
 
 
 def test_a_damaged_resq_checkpoint_is_refused(saved_resq, tmp_path):
