@@ -26,6 +26,7 @@ follows, and a test checks that both give the same result)
   9. Save, export     packed codes (the format in kernels.py), atomically; the same codes in
                        the GPTQ and compressed-tensors formats other tools serve
   10. CLI              python mixq.py [--ckpt X] --method gptq --wbits 3 --groupsize 64 ...
+                       (every flag is a field of Job or QuantConfig); run, the whole job
 
 Run `python mixq.py --help` for every option; `python mixq.py` runs the default job (TaCQ, 3 bits
 per channel, ratio 0.0035, on the embedded SmolLM2-135M-Instruct, calibrated on the pydoc
@@ -943,6 +944,47 @@ def calibration_windows(spec: str, tok, nsamples: int, seqlen: int, seed: int) -
     g = torch.Generator().manual_seed(seed)
     starts = torch.randint(0, len(tokens) - seqlen, (nsamples,), generator=g)
     return torch.stack([tokens[s:s + seqlen] for s in starts.tolist()])
+
+
+def calibration_data(spec: str, tok, nsamples: int, seqlen: int, seed: int,
+                     answer_loss: bool = False):
+    """(samples, answer masks or None). Corpora: random windows (calibration_windows). Tasks, as
+    TaCQ's released code: one item ("prompt answer") per sample, in a seeded order, cut at
+    seqlen tokens (the released code does not cut; the cut keeps a sample within the memory
+    that --seqlen sets; the bundled tasks' longest item, in arith, has 51 tokens), until the
+    samples hold nsamples * seqlen tokens (or the items run out); the loss then covers every
+    position. With answer_loss (mixq's own protocol): the items joined
+    by blank lines and cut into consecutive windows of seqlen, fewer than nsamples if the items
+    run out, with masks of the answer tokens, the only ones the loss scores."""
+    if not metrics.is_task(spec):
+        return calibration_windows(spec, tok, nsamples, seqlen, seed), None
+    task = metrics.load_task(spec, "calib")
+    items = list(task.items)
+    random.Random(seed).shuffle(items)
+    if not answer_loss:
+        samples, budget = [], nsamples * seqlen
+        for item in items:
+            ids = torch.tensor(tok.encode("".join(metrics.calibration_text(task, item))))[:seqlen]
+            if len(ids) < 2:  # nothing to predict
+                continue
+            if samples and len(ids) > budget:
+                break
+            samples.append(ids)
+            budget -= len(ids)
+        if not samples:
+            raise ValueError("no item has two tokens to predict")
+        return samples, None
+    ids, answer = [], []
+    for item in items:
+        context, ans = metrics.calibration_text(task, item)
+        a, b = tok.encode(context), tok.encode(context + ans + "\n\n")
+        n_ans = len(tok.encode(context + ans)) - len(a)
+        ids += b
+        answer += [False] * len(a) + [True] * n_ans + [False] * (len(b) - len(a) - n_ans)
+    ids, answer = torch.tensor(ids), torch.tensor(answer)
+    n = max(1, min(nsamples, len(ids) // seqlen))
+    L = min(seqlen, len(ids))
+    return [ids[i * L:(i + 1) * L] for i in range(n)], [answer[i * L:(i + 1) * L] for i in range(n)]
 
 
 @torch.no_grad()
@@ -2274,47 +2316,6 @@ def peak_memory_gb(device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # Linux: KiB
 
 
-def calibration_data(spec: str, tok, nsamples: int, seqlen: int, seed: int,
-                     answer_loss: bool = False):
-    """(samples, answer masks or None). Corpora: random windows (calibration_windows). Tasks, as
-    TaCQ's released code: one item ("prompt answer") per sample, in a seeded order, cut at
-    seqlen tokens (the released code does not cut; the cut keeps a sample within the memory
-    that --seqlen sets; the bundled tasks' longest item, in arith, has 51 tokens), until the
-    samples hold nsamples * seqlen tokens (or the items run out); the loss then covers every
-    position. With answer_loss (mixq's own protocol): the items joined
-    by blank lines and cut into consecutive windows of seqlen, fewer than nsamples if the items
-    run out, with masks of the answer tokens, the only ones the loss scores."""
-    if not metrics.is_task(spec):
-        return calibration_windows(spec, tok, nsamples, seqlen, seed), None
-    task = metrics.load_task(spec, "calib")
-    items = list(task.items)
-    random.Random(seed).shuffle(items)
-    if not answer_loss:
-        samples, budget = [], nsamples * seqlen
-        for item in items:
-            ids = torch.tensor(tok.encode("".join(metrics.calibration_text(task, item))))[:seqlen]
-            if len(ids) < 2:  # nothing to predict
-                continue
-            if samples and len(ids) > budget:
-                break
-            samples.append(ids)
-            budget -= len(ids)
-        if not samples:
-            raise ValueError("no item has two tokens to predict")
-        return samples, None
-    ids, answer = [], []
-    for item in items:
-        context, ans = metrics.calibration_text(task, item)
-        a, b = tok.encode(context), tok.encode(context + ans + "\n\n")
-        n_ans = len(tok.encode(context + ans)) - len(a)
-        ids += b
-        answer += [False] * len(a) + [True] * n_ans + [False] * (len(b) - len(a) - n_ans)
-    ids, answer = torch.tensor(ids), torch.tensor(answer)
-    n = max(1, min(nsamples, len(ids) // seqlen))
-    L = min(seqlen, len(ids))
-    return [ids[i * L:(i + 1) * L] for i in range(n)], [answer[i * L:(i + 1) * L] for i in range(n)]
-
-
 def method_config(method: str, cfg: QuantConfig) -> QuantConfig:
     """The options a method actually runs with."""
     if method == "resq":  # ResQ's weights: per channel, signed symmetric, MSE clipping
@@ -2599,7 +2600,7 @@ def add_flags(parser, config_class):
         parser.add_argument(flag, dest=f.name, default=default, **kw)
 
 
-def main():
+def cli_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description="Quantize a Llama checkpoint layer by layer and compare perplexity and task "
                     "accuracy. With no arguments: TaCQ, 3 bits per channel, ratio 0.0035, "
@@ -2611,6 +2612,11 @@ def main():
                    "checkpoint and stop (no quantization)")
     p.add_argument("--log", default=None, help="append everything printed to this file too "
                    "(progress lines carry the time of day)")
+    return p
+
+
+def main():
+    p = cli_parser()
     a = vars(p.parse_args())
     saved, log = a.pop("saved"), a.pop("log")
     if log:

@@ -1,5 +1,6 @@
 """End to end: the layer-wise pipeline on a tiny random Llama and the CLI on the embedded model."""
 
+import dataclasses
 import json
 import math
 import re
@@ -90,6 +91,30 @@ def test_a_checkpoint_in_another_packed_format_is_refused(tiny_dir, tmp_path):
     (tmp_path / "q" / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(llama.CheckpointError, match="packed as 'kernels.py packed v1'.*again"):
         llama.load(str(tmp_path / "q"))
+
+
+def parse_cli(*argv):
+    """mixq.py's command line -> (QuantConfig, Job), split as main() splits it."""
+    a = vars(mixq.cli_parser().parse_args(argv))
+    del a["saved"], a["log"]
+    names = {f.name for f in dataclasses.fields(mixq.QuantConfig)}
+    return (mixq.QuantConfig(**{k: v for k, v in a.items() if k in names}),
+            mixq.Job(**{k: v for k, v in a.items() if k not in names}))
+
+
+def test_the_cli_flags_are_the_config_fields_with_their_defaults():
+    # no arguments: every default of QuantConfig and Job, as the Python API has them
+    cfg, job = parse_cli()
+    assert cfg == mixq.QuantConfig() and job == mixq.Job()
+    cfg, job = parse_cli("--rounded", "--wbits", "2", "--outlier-threshold", "0.5", "--eval",
+                         "--export", "gptq", "d", "--export-drop-kept", "--scores", "s",
+                         "--eval-windows", "3", "--rotation", "random", "--sym")
+    assert (cfg.relaxed, cfg.wbits, cfg.outlier_threshold, cfg.rotation, cfg.sym) == \
+        (False, 2, 0.5, "random", True)
+    assert (job.evals, job.export, job.drop_kept, job.scores_dir, job.eval_windows) == \
+        ([], ["gptq", "d"], True, "s", 3)
+    with pytest.raises(SystemExit):  # argparse refuses a value outside the field's choices
+        parse_cli("--dtype", "int8")
 
 
 def test_fingerprint_covers_what_changes_the_result(tiny_dir):
