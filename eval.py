@@ -535,11 +535,8 @@ def main():
           f"{res['windows'] * a.seqlen / res['seconds']:.0f} tokens/s)")
     res |= {"corpus": a.corpus, "split": split, "ckpt": a.ckpt or llama.DEFAULT_MODEL,
             "dtype": a.dtype, "device": a.device}
-    for spec in a.tasks:
-        r = task_accuracy(model, tok, spec)
-        print(f"{task_protocol(spec, r)}: " + " ".join(f"{k} {v:.3f}" for k, v in r.items()
-                                                        if k != "n"))
-        res.setdefault("tasks", {})[spec] = r
+    if a.tasks:
+        res["tasks"] = evaluate(model, tok, a.tasks)
     if a.speed:
         s = speed(model, static=a.static, compile=a.compile)
         print(f"speed: prefill {s['prefill_tokens_per_s']:.0f} tokens/s ({s['prompt_len']} tokens), "

@@ -842,8 +842,9 @@ class QuantLinear(nn.Module):
                                    t.get("outlier_vals"), t.get("outlier_rows"), self.workspace,
                                    self.bits, self.groupsize, self.out_features,
                                    self.in_features)
-        # perf: dequantizing on every call made decoding 6x slower than the fp model on a CPU;
-        # torch's 4-bit CPU matmul (_weight_int4pack_mm_for_cpu) was slower still (docs/cpu.md)
+        # perf: on a CPU the weight is dequantized once and kept: dequantizing on every call
+        # makes decoding 6x slower than the fp model, and torch's 4-bit CPU matmul
+        # (_weight_int4pack_mm_for_cpu) is slower still (docs/cpu.md)
         if self.dense is None or (self.dense.device, self.dense.dtype) != (x.device, x.dtype):
             self.dense = self.dequantized_weight().to(x.device, x.dtype)
         return F.linear(x, self.dense)
