@@ -1345,6 +1345,20 @@ def import_kernels():
     return kernels
 
 
+def check_shapes(parts: dict, want: dict, where: str, why: str):
+    """Refuse a quantized linear's tensors unless each of `want` ({name: shape}) is there with
+    its shape, listing what is there against what `why` (the bits, sizes, groups) wants."""
+    if any(leaf not in parts or tuple(parts[leaf].shape) != tuple(s) for leaf, s in want.items()):
+        got = ", ".join(f"{leaf} {tuple(parts[leaf].shape) if leaf in parts else 'missing'}"
+                        for leaf in want)
+        raise CheckpointError(f"{where}: {got}; {why} want " +
+                              ", ".join(f"{leaf} {tuple(s)}" for leaf, s in want.items()))
+
+
+def groups_text(g: int, G: int) -> str:
+    return f"groups of {g} ({G} group{'s' if G > 1 else ''})"
+
+
 def load_quantized(path: Path, args: ModelArgs, qc: dict, files: dict, dtype, device):
     """A mixq checkpoint: the linears named in quantization_config["modules"] become
     kernels.QuantLinear (packed codes, scales, zeros, 16-bit outliers); the rest as usual.
@@ -1426,13 +1440,8 @@ def load_quantized(path: Path, args: ModelArgs, qc: dict, files: dict, dtype, de
                   "zeros": (G, N)}
         if bits == 3:  # the high-bit plane, 1 bit per code
             expect["qweight_hi"] = (K // 32, N)
-        for leaf, shape in expect.items():
-            if leaf not in parts or tuple(parts[leaf].shape) != shape:
-                raise CheckpointError(
-                    f"{path}: {module}.{leaf} has shape "
-                    f"{tuple(parts[leaf].shape) if leaf in parts else 'missing'}, expected {shape} "
-                    f"for {bits}-bit codes of a {N}x{K} weight with group size {gs} "
-                    f"({G} group{'s' if G > 1 else ''})")
+        check_shapes(parts, expect, f"{path}: {module}",
+                     f"{bits}-bit codes of a {N}x{K} weight in {groups_text(gs, G)}")
         setattr(model.get_submodule(parent), child, kernels.QuantLinear(K, N, bits, g, parts))
     return model
 
@@ -1450,12 +1459,8 @@ def resq_linear(parts: dict, slices, K: int, N: int, where: str):
         expect |= {f"qweight_{i}": (sl["width"] * sl["bits"] // 32, N), f"scale_{i}": (N,)}
     if "perm" in parts:
         expect["perm"] = (K,)
-    for leaf, shape in expect.items():
-        if leaf not in parts or tuple(parts[leaf].shape) != shape:
-            got = tuple(parts[leaf].shape) if leaf in parts else "missing"
-            raise CheckpointError(f"{where}.{leaf} has shape {got}, expected {shape} for the "
-                                  f"slices {[(sl['width'], sl['bits']) for sl in slices]} of a "
-                                  f"{N}x{K} weight")
+    check_shapes(parts, expect, where, f"the slices {[(sl['width'], sl['bits']) for sl in slices]}"
+                 f" of a {N}x{K} weight")
     if "perm" in parts and not torch.equal(parts["perm"].sort().values.cpu(), torch.arange(K)):
         raise CheckpointError(f"{where}.perm is not a permutation of its {K} input channels")
     try:
@@ -1500,9 +1505,6 @@ def gptq_parts(t: dict, bits: int, K: int, N: int, qc: dict, where: str):
     bit stream per column (kernels.pack_dense; for 2, 4 and 8 bits mixq's own words), and its
     v1 format stores z - 1 (read back as (stored + 1) mod 2^b, as AutoGPTQ does), gptq_v2 z."""
     kernels = import_kernels()
-    for leaf in ("qweight", "qzeros", "scales"):
-        if leaf not in t:
-            raise CheckpointError(f"{where}.{leaf} is missing")
     # group_size -1: one group; else G = ceil(K / g) groups, the last partial where g does not
     # divide K (GPTQModel's g128 on 576 inputs: 5 groups, the last of 64 columns)
     g = qc.get("group_size", -1)
@@ -1512,11 +1514,7 @@ def gptq_parts(t: dict, bits: int, K: int, N: int, qc: dict, where: str):
                               "quantization config; want -1 or a positive integer")
     G = -(-K // g)
     want = {"qweight": (K * bits // 32, N), "qzeros": (G, N * bits // 32), "scales": (G, N)}
-    if any(t[leaf].shape != shape for leaf, shape in want.items()):
-        raise CheckpointError(
-            f"{where}: " + ", ".join(f"{leaf} {tuple(t[leaf].shape)}" for leaf in want) +
-            f"; {bits}-bit codes of a {N}x{K} weight in groups of {g} ({G} group"
-            f"{'s' if G > 1 else ''}) want " + ", ".join(f"{leaf} {s}" for leaf, s in want.items()))
+    check_shapes(t, want, where, f"{bits}-bit codes of a {N}x{K} weight in {groups_text(g, G)}")
     g_idx = t.get("g_idx")
     if g_idx is not None and not torch.equal(g_idx.long().cpu(), torch.arange(K) // g):
         raise CheckpointError(f"{where}: g_idx is not k // group_size (act-order, desc_act): "
@@ -1604,12 +1602,8 @@ def ct_parts(t: dict, bits: int, g: int, sym: bool, K: int, N: int, where: str) 
     packed_zp = zp is None or zp.dtype == torch.int32  # older releases: int8 (N, G), unpacked
     if not sym:
         want["weight_zero_point"] = (-(-N * bits // 32), G) if packed_zp else (N, G)
-    if any(leaf not in t or tuple(t[leaf].shape) != shape for leaf, shape in want.items()):
-        got = ", ".join(f"{leaf} {tuple(t[leaf].shape) if leaf in t else 'missing'}"
-                        for leaf in want)
-        raise CheckpointError(f"{where}: {got}; {bits}-bit codes of a {N}x{K} weight in {G} "
-                              f"group{'s' if G > 1 else ''} want " +
-                              ", ".join(f"{leaf} {shape}" for leaf, shape in want.items()))
+    check_shapes(t, want, where, f"{bits}-bit codes of a {N}x{K} weight in {G} group"
+                 f"{'s' if G > 1 else ''}")
     if "weight_shape" in t and tuple(t["weight_shape"].tolist()) != (N, K):
         raise CheckpointError(f"{where}: weight_shape {t['weight_shape'].tolist()}, the model "
                               f"wants {[N, K]}")

@@ -460,7 +460,7 @@ def test_a_damaged_resq_checkpoint_is_refused(saved_resq, tmp_path):
     for change, msg in [(lambda c: c["quantization_config"]["resq"]["slices"].pop(name),
                          "no input slices"),
                         (lambda c: c["quantization_config"]["resq"]["slices"][name][0].update(
-                            bits=8), "qweight_0 has shape"),
+                            bits=8), r"q_proj: qweight_0 \("),
                         (lambda c: c["quantization_config"].update(format="other"),
                          "packed as 'other'"),
                         (lambda c: c["quantization_config"]["resq"].pop("kvbits"), "kvbits")]:
